@@ -1,0 +1,1 @@
+"""Model and dataset card templates and the code that renders them."""

@@ -1,0 +1,59 @@
+"""vkood: VK-OOD vision-language models with knowledge gated by an implicit differentiable OOD layer.
+
+Importing the package registers every class with the transformers Auto classes, so `AutoModel...from_pretrained`
+works on a VK-OOD folder with or without `trust_remote_code` (remote code is for users without this package).
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForVisualQuestionAnswering,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
+
+from .configuration_vkood import VKOODConfig
+from .modeling_vkood import (
+    VKOODClassificationOutput,
+    VKOODForImagesAndTextClassification,
+    VKOODForImageTextRetrieval,
+    VKOODForQuestionAnswering,
+    VKOODModel,
+    VKOODModelOutput,
+    VKOODPreTrainedModel,
+    VKOODRetrievalOutput,
+)
+from .ood_vkood import GaussianMixtureOutput, ImplicitOODLayer, ImplicitOODOutput, gem_score
+from .processing_vkood import VKOODProcessor
+
+_TASK_AUTO_CLASSES = (
+    (AutoModel, VKOODModel),
+    (AutoModelForVisualQuestionAnswering, VKOODForQuestionAnswering),
+    (AutoModelForSequenceClassification, VKOODForImagesAndTextClassification),
+    (AutoModelForZeroShotImageClassification, VKOODForImageTextRetrieval),
+)
+
+AutoConfig.register(VKOODConfig.model_type, VKOODConfig, exist_ok=True)
+VKOODConfig.register_for_auto_class("AutoConfig")
+for _auto_class, _model_class in _TASK_AUTO_CLASSES:
+    _auto_class.register(VKOODConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class.__name__)
+AutoProcessor.register(VKOODConfig, VKOODProcessor, exist_ok=True)
+
+__all__ = [
+    "VKOODConfig",
+    "VKOODPreTrainedModel",
+    "VKOODModel",
+    "VKOODForQuestionAnswering",
+    "VKOODForImagesAndTextClassification",
+    "VKOODForImageTextRetrieval",
+    "VKOODModelOutput",
+    "VKOODClassificationOutput",
+    "VKOODRetrievalOutput",
+    "ImplicitOODLayer",
+    "ImplicitOODOutput",
+    "GaussianMixtureOutput",
+    "gem_score",
+    "VKOODProcessor",
+]

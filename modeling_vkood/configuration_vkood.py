@@ -1,0 +1,125 @@
+"""VK-OOD configuration (Hub remote code: imports only transformers, huggingface_hub and the standard library)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+OOD_GRADIENT_MODES = ("last_iterate", "implicit", "unrolled")
+
+# One checkpoint serves every Auto class: the Hub copies these files and `from_pretrained(..., trust_remote_code=True)`
+# resolves the class named here. NLVR2 and retrieval have no dedicated transformers Auto class, so they use the
+# nearest ones (sentence classification given images; CLIP-family image-text matching).
+VKOOD_AUTO_MAP = {
+    "AutoConfig": "configuration_vkood.VKOODConfig",
+    "AutoModel": "modeling_vkood.VKOODModel",
+    "AutoModelForVisualQuestionAnswering": "modeling_vkood.VKOODForQuestionAnswering",
+    "AutoModelForSequenceClassification": "modeling_vkood.VKOODForImagesAndTextClassification",
+    "AutoModelForZeroShotImageClassification": "modeling_vkood.VKOODForImageTextRetrieval",
+    "AutoProcessor": "processing_vkood.VKOODProcessor",
+}
+
+
+@strict
+class VKOODConfig(PreTrainedConfig):
+    r"""
+    Configuration of a VK-OOD model: a vision encoder and a text encoder (any Hugging Face backbones, given as
+    sub-configs), METER-style co-attention fusion over [text ; knowledge] and image tokens, and the implicit
+    differentiable OOD layer that gates knowledge items by how well they fit the image.
+
+    Defaults follow the paper: CLIP-ViT-B/16 vision tower, RoBERTa-base text encoder, 6 fusion layers of width 768.
+
+    Args:
+        vision_config / text_config: backbone configs (dict or `PreTrainedConfig`; `model_type` picks the class).
+        hidden_size, num_fusion_layers, num_attention_heads, intermediate_size: fusion transformer sizes.
+        max_knowledge_items: knowledge items kept per example (M); knowledge_max_length: tokens per item (Lk).
+        ood_projection_dim: width d' of the shared projection in which the mixture is fitted.
+        ood_num_components: K, the Gaussian components fitted to each image's tokens.
+        ood_max_iter, ood_tol: EM fixed-point budget and relative-change tolerance.
+        ood_variance_floor: added to every variance in the M step (scikit-learn's `reg_covar`).
+        ood_gradient: "last_iterate" (paper), "implicit" (implicit function theorem) or "unrolled" (reference).
+        ood_temperature, ood_threshold: gate = sigmoid((score - tau) / temperature), tau initialised to the threshold
+            and learnt; scores are standardised so that one threshold works for any d'.
+        ood_hard_gate: at inference, gate in {0, 1} (score > tau) instead of the soft sigmoid.
+        use_ood_gate: False keeps every knowledge item with gate 1 (the "OOD layer off" ablation).
+        projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
+        classifier_dropout: dropout before task classifiers.
+    """
+
+    model_type = "vkood"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={"patch_size": 16, "image_size": 224, "hidden_size": 768, "projection_dim": 512},
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="roberta"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    hidden_size: int = 768
+    num_fusion_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    classifier_dropout: float = 0.1
+    max_knowledge_items: int = 16
+    knowledge_max_length: int = 32
+    ood_projection_dim: int = 64
+    ood_num_components: int = 4
+    ood_max_iter: int = 50
+    ood_tol: float = 1e-4
+    ood_variance_floor: float = 1e-3
+    ood_gradient: str = "last_iterate"
+    ood_temperature: float = 1.0
+    ood_threshold: float = -3.0
+    ood_hard_gate: bool = False
+    use_ood_gate: bool = True
+    projection_dim: int = 256
+    k_test: int = 128
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        preset = dict(VKOOD_AUTO_MAP)
+        preset.update(getattr(self, "auto_map", None) or {})
+        self.auto_map = preset
+
+    def validate_architecture(self):
+        """Fail at construction, with the field name, instead of deep inside a forward pass."""
+        super().validate_architecture()
+        positive = (
+            "hidden_size",
+            "num_fusion_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_knowledge_items",
+            "knowledge_max_length",
+            "ood_projection_dim",
+            "ood_num_components",
+            "ood_max_iter",
+            "projection_dim",
+            "k_test",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"VKOODConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("ood_tol", "ood_variance_floor", "ood_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"VKOODConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"VKOODConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.ood_gradient not in OOD_GRADIENT_MODES:
+            raise ValueError(f"VKOODConfig.ood_gradient must be one of {OOD_GRADIENT_MODES}, got {self.ood_gradient!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"VKOODConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+__all__ = ["VKOODConfig"]

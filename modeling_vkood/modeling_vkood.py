@@ -1,0 +1,613 @@
+"""VK-OOD models (Hub remote code: imports torch, transformers, the standard library and its two siblings only).
+
+VKOODModel encodes the image, the text and the knowledge items, gates the knowledge with the implicit OOD layer
+and fuses [text ; gated knowledge] with the image through METER-style co-attention layers. Task heads:
+VQA (VKOODForQuestionAnswering), NLVR2 (VKOODForImagesAndTextClassification), retrieval (VKOODForImageTextRetrieval).
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.utils import ModelOutput
+
+from .configuration_vkood import VKOODConfig
+from .ood_vkood import ImplicitOODLayer
+
+TEXT_TYPE, IMAGE_TYPE, KNOWLEDGE_TYPE = 0, 1, 2
+
+
+@dataclass
+class VKOODModelOutput(ModelOutput):
+    """Fused states and the OOD diagnostics.
+
+    last_hidden_state: text stream [text ; knowledge] (B, L + M, H); image_last_hidden_state (B, N, H);
+    pooler_output: concat(pooled text CLS, pooled image CLS) (B, 2H); ood_scores / ood_gate (B, M);
+    ood_iterations (B,) EM steps (the same count for the batch); ood_residual (B,) last relative change.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    image_last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    ood_scores: torch.FloatTensor | None = None
+    ood_gate: torch.FloatTensor | None = None
+    ood_iterations: torch.LongTensor | None = None
+    ood_residual: torch.FloatTensor | None = None
+
+
+@dataclass
+class VKOODClassificationOutput(ModelOutput):
+    """Loss and logits of the VQA and NLVR2 heads, with the pooled output and OOD diagnostics of the fused pass."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    ood_scores: torch.FloatTensor | None = None
+    ood_gate: torch.FloatTensor | None = None
+    ood_iterations: torch.LongTensor | None = None
+    ood_residual: torch.FloatTensor | None = None
+
+
+@dataclass
+class VKOODRetrievalOutput(ModelOutput):
+    """ITC + ITM loss; `logits_per_image` (B, B) ITC similarities; `itm_logits` (B, 2) for the given pairs."""
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    itc_loss: torch.FloatTensor | None = None
+    itm_loss: torch.FloatTensor | None = None
+    ood_scores: torch.FloatTensor | None = None
+    ood_gate: torch.FloatTensor | None = None
+    ood_iterations: torch.LongTensor | None = None
+    ood_residual: torch.FloatTensor | None = None
+
+
+def _backbone_kwargs(config):
+    """Drop the text pooler where the backbone allows it: VK-OOD never uses it, and unused weights break DDP."""
+    model_class = MODEL_MAPPING.get(type(config), None)
+    if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        return {"add_pooling_layer": False}
+    return {}
+
+
+def _key_bias(mask, dtype):
+    """Additive attention bias (B, 1, 1, L): 0 for real keys, the dtype's minimum for padding."""
+    return ((1.0 - mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
+
+
+class VKOODAttention(nn.Module):
+    """Multi-head attention through torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = config.attention_probs_dropout_prob
+
+    def _heads(self, states):
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, queries, keys, bias=None):
+        query, key, value = self._heads(self.query(queries)), self._heads(self.key(keys)), self._heads(self.value(keys))
+        bias = None if bias is None else bias.to(query.dtype)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.output(attended.transpose(1, 2).flatten(2))
+
+
+class VKOODFusionBlock(nn.Module):
+    """One stream of a co-attention layer: self-attention, cross-attention to the other stream, feed-forward."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.self_attention = VKOODAttention(config)
+        self.self_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attention = VKOODAttention(config)
+        self.cross_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, states, self_bias, other, other_bias):
+        states = self.self_norm(states + self.dropout(self.self_attention(states, states, self_bias)))
+        states = self.cross_norm(states + self.dropout(self.cross_attention(states, other, other_bias)))
+        return self.output_norm(states + self.dropout(self.output(self.activation(self.intermediate(states)))))
+
+
+class VKOODFusionLayer(GradientCheckpointingLayer):
+    """Co-attention layer (METER): both streams attend to themselves and to the other stream's input states."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.text_block = VKOODFusionBlock(config)
+        self.image_block = VKOODFusionBlock(config)
+
+    def forward(self, text_states, image_states, text_bias, image_bias):
+        new_text = self.text_block(text_states, text_bias, image_states, image_bias)
+        new_image = self.image_block(image_states, image_bias, text_states, text_bias)
+        return new_text, new_image
+
+
+class VKOODPooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, states):
+        return torch.tanh(self.dense(states[:, 0]))
+
+
+class VKOODPreTrainedModel(PreTrainedModel):
+    config_class = VKOODConfig
+    config: VKOODConfig
+    base_model_prefix = "vkood"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VKOODFusionLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ImplicitOODLayer):
+            init.constant_(module.threshold, self.config.ood_threshold)
+        elif isinstance(module, VKOODForImageTextRetrieval):
+            init.constant_(module.logit_scale, math.log(1 / 0.07))
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, **kwargs):
+        """Build a VK-OOD model around two pretrained backbones (Hub ids or local folders); the rest is new.
+
+        A composite vision checkpoint (e.g. `openai/clip-vit-base-patch16`) contributes its vision tower only.
+        `kwargs` set VKOODConfig fields (`num_labels`, `hidden_size`, `ood_*`, ...).
+        """
+        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
+        vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        vision_model = AutoModel.from_pretrained(vision_model_name_or_path, config=vision_config)
+        text_config = AutoConfig.from_pretrained(text_model_name_or_path)
+        text_model = AutoModel.from_pretrained(
+            text_model_name_or_path, config=text_config, **_backbone_kwargs(text_config)
+        )
+        config = VKOODConfig(vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(), **kwargs)
+        model = cls(config)
+        model.base_model.vision_model = vision_model
+        model.base_model.text_model = text_model
+        vision_model.config = model.config.vision_config
+        text_model.config = model.config.text_config
+        return model
+
+
+class VKOODModel(VKOODPreTrainedModel):
+    """Backbones, knowledge encoder, implicit OOD layer and co-attention fusion; returns fused states (no head)."""
+
+    def __init__(self, config: VKOODConfig):
+        super().__init__(config)
+        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.text_model = AutoModel.from_config(config.text_config, **_backbone_kwargs(config.text_config))
+        vision_width = getattr(config.vision_config, "hidden_size", None) or config.vision_config.hidden_sizes[-1]
+        self.image_projection = nn.Linear(vision_width, config.hidden_size)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.hidden_size)
+        self.knowledge_projection = nn.Linear(config.text_config.hidden_size, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(3, config.hidden_size)
+        self.ood = ImplicitOODLayer(config)
+        self.fusion_layers = nn.ModuleList([VKOODFusionLayer(config) for _ in range(config.num_fusion_layers)])
+        self.text_pooler = VKOODPooler(config)
+        self.image_pooler = VKOODPooler(config)
+        self.post_init()
+
+    def encode_image(self, pixel_values):
+        """Vision tokens projected to the fusion width, (B, N, H); feature maps (B, C, h, w) become h*w tokens."""
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contains NaN or Inf; check the image files and the image processor")
+        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if hidden.dim() == 4:
+            hidden = hidden.flatten(2).transpose(1, 2)
+            hidden = torch.cat([hidden.mean(1, keepdim=True), hidden], dim=1)
+        return self.image_projection(hidden)
+
+    def encode_text(self, input_ids, attention_mask=None):
+        """Text tokens projected to the fusion width, (B, L, H)."""
+        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.text_projection(hidden)
+
+    def encode_knowledge(self, knowledge_input_ids, knowledge_attention_mask=None, knowledge_mask=None):
+        """One vector per knowledge item, (B, M, H): mean-pooled text-encoder states of each item.
+
+        Items repeat a lot within a batch (the same triple for many questions), so each distinct item is encoded
+        once and scattered back.
+        """
+        batch, items, length = knowledge_input_ids.shape
+        if knowledge_attention_mask is None:
+            knowledge_attention_mask = torch.ones_like(knowledge_input_ids)
+        if knowledge_mask is None:
+            knowledge_mask = knowledge_attention_mask.any(-1)
+        width = self.config.text_config.hidden_size
+        dtype = self.knowledge_projection.weight.dtype
+        pooled = knowledge_input_ids.new_zeros(batch * items, width, dtype=dtype)
+        valid = knowledge_mask.reshape(-1).bool()
+        if items and length:
+            flat_ids = knowledge_input_ids.reshape(-1, length)[valid]
+            flat_mask = knowledge_attention_mask.reshape(-1, length)[valid]
+            if flat_ids.shape[0]:
+                keyed = flat_ids.masked_fill(flat_mask == 0, -1)
+                unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+                unique_mask = (unique != -1).long()
+                pad_id = self.config.text_config.pad_token_id or 0
+                states = self.text_model(input_ids=unique.masked_fill(unique == -1, pad_id), attention_mask=unique_mask)
+                weights = unique_mask.unsqueeze(-1).to(states.last_hidden_state.dtype)
+                item_vectors = (states.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+                pooled = pooled.index_put((valid.nonzero().squeeze(-1),), item_vectors[inverse].to(dtype))
+        return self.knowledge_projection(pooled.view(batch, items, width))
+
+    def fuse(self, image_tokens, text_tokens, text_mask, knowledge_tokens=None, knowledge_mask=None):
+        """OOD-gate the knowledge against the image, then run the co-attention layers over both streams."""
+        batch = image_tokens.shape[0]
+        if text_tokens.shape[0] != batch or (knowledge_tokens is not None and knowledge_tokens.shape[0] != batch):
+            raise ValueError(
+                f"batch sizes differ: image {batch}, text {text_tokens.shape[0]}, "
+                f"knowledge {None if knowledge_tokens is None else knowledge_tokens.shape[0]}"
+            )
+        if knowledge_tokens is None:
+            knowledge_tokens = image_tokens.new_zeros(batch, 0, image_tokens.shape[-1])
+            knowledge_mask = torch.zeros(batch, 0, dtype=torch.long, device=image_tokens.device)
+        if knowledge_mask is None:
+            knowledge_mask = torch.ones(knowledge_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
+        ood = self.ood(image_tokens, knowledge_tokens, items_mask=knowledge_mask)
+        dtype = text_tokens.dtype
+        knowledge_tokens = knowledge_tokens * ood.gate.to(dtype).unsqueeze(-1)
+        types = self.token_type_embeddings.weight
+        text_states = torch.cat([text_tokens + types[TEXT_TYPE], knowledge_tokens + types[KNOWLEDGE_TYPE]], dim=1)
+        image_states = image_tokens + types[IMAGE_TYPE]
+        # Gated-out items get an attention bias of log(gate): a hard 0 removes them, a soft gate down-weights them.
+        minimum = torch.finfo(dtype).min
+        log_gate = ood.log_gate.clamp_min(minimum).masked_fill(knowledge_mask == 0, minimum)
+        text_bias = torch.cat([_key_bias(text_mask, dtype), log_gate.to(dtype)[:, None, None, :]], dim=-1)
+        image_bias = None
+        for layer in self.fusion_layers:
+            text_states, image_states = layer(text_states, image_states, text_bias, image_bias)
+        pooled = torch.cat([self.text_pooler(text_states), self.image_pooler(image_states)], dim=-1)
+        return VKOODModelOutput(
+            last_hidden_state=text_states,
+            image_last_hidden_state=image_states,
+            pooler_output=pooled,
+            ood_scores=ood.scores,
+            ood_gate=ood.gate,
+            ood_iterations=ood.iterations.expand(batch),
+            ood_residual=ood.residual,
+        )
+
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        knowledge_input_ids=None,
+        knowledge_attention_mask=None,
+        knowledge_mask=None,
+        **kwargs,
+    ):
+        if pixel_values is None or input_ids is None:
+            raise ValueError("VK-OOD needs both `pixel_values` and `input_ids`")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        knowledge = None
+        if knowledge_input_ids is not None:
+            knowledge = self.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+            if knowledge_mask is None:
+                knowledge_mask = torch.ones(knowledge.shape[:2], dtype=torch.long, device=knowledge.device)
+        return self.fuse(
+            self.encode_image(pixel_values),
+            self.encode_text(input_ids, attention_mask),
+            attention_mask,
+            knowledge,
+            knowledge_mask,
+        )
+
+
+def _classifier(in_features, hidden, num_labels, dropout):
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_labels)
+    )
+
+
+class VKOODForQuestionAnswering(VKOODPreTrainedModel):
+    """VQAv2 / OK-VQA / easy-VQA: a classifier over the answer vocabulary, BCE on the soft VQA scores.
+
+    `labels` (B, num_labels) holds each answer's soft score in [0, 1]; the loss is the mean BCE scaled by the
+    vocabulary size, as in METER and the bottom-up VQA recipe, so its size does not shrink with the vocabulary.
+    """
+
+    def __init__(self, config: VKOODConfig):
+        super().__init__(config)
+        self.vkood = VKOODModel(config)
+        self.classifier = _classifier(2 * config.hidden_size, 2 * config.hidden_size, config.num_labels, config.classifier_dropout)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        knowledge_input_ids=None,
+        knowledge_attention_mask=None,
+        knowledge_mask=None,
+        labels=None,
+        **kwargs,
+    ):
+        outputs = self.vkood(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[-1]
+        return VKOODClassificationOutput(
+            loss=loss,
+            logits=logits,
+            pooler_output=outputs.pooler_output,
+            ood_scores=outputs.ood_scores,
+            ood_gate=outputs.ood_gate,
+            ood_iterations=outputs.ood_iterations,
+            ood_residual=outputs.ood_residual,
+        )
+
+
+class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
+    """NLVR2: one sentence, two images (`pixel_values` (B, 2, C, H, W)); each image is fused with the sentence and
+    its knowledge, the two pooled outputs are concatenated and classified (2 classes: False, True)."""
+
+    def __init__(self, config: VKOODConfig):
+        super().__init__(config)
+        self.vkood = VKOODModel(config)
+        self.num_images = 2
+        width = self.num_images * 2 * config.hidden_size
+        self.classifier = _classifier(width, width, config.num_labels, config.classifier_dropout)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        knowledge_input_ids=None,
+        knowledge_attention_mask=None,
+        knowledge_mask=None,
+        labels=None,
+        **kwargs,
+    ):
+        if pixel_values is None or pixel_values.dim() != 5 or pixel_values.shape[1] != self.num_images:
+            shape = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(f"pixel_values must have shape (B, {self.num_images}, C, H, W), got {shape}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch = pixel_values.shape[0]
+        if input_ids.shape[0] != batch:
+            raise ValueError(f"batch sizes differ: image pairs {batch}, text {input_ids.shape[0]}")
+        base = self.vkood
+        # The sentence and its knowledge are encoded once and shared by both images.
+        text = base.encode_text(input_ids, attention_mask).repeat_interleave(self.num_images, 0)
+        knowledge = None
+        if knowledge_input_ids is not None:
+            knowledge = base.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+            knowledge = knowledge.repeat_interleave(self.num_images, 0)
+            if knowledge_mask is not None:
+                knowledge_mask = knowledge_mask.repeat_interleave(self.num_images, 0)
+        outputs = base.fuse(
+            base.encode_image(pixel_values.flatten(0, 1)),
+            text,
+            attention_mask.repeat_interleave(self.num_images, 0),
+            knowledge,
+            knowledge_mask,
+        )
+        pooled = outputs.pooler_output.reshape(batch, -1)
+        logits = self.classifier(pooled)
+        loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
+        per_pair = lambda tensor: tensor.reshape(batch, self.num_images, *tensor.shape[1:])  # noqa: E731
+        return VKOODClassificationOutput(
+            loss=loss,
+            logits=logits,
+            pooler_output=pooled,
+            ood_scores=per_pair(outputs.ood_scores),
+            ood_gate=per_pair(outputs.ood_gate),
+            ood_iterations=per_pair(outputs.ood_iterations),
+            ood_residual=per_pair(outputs.ood_residual),
+        )
+
+
+class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
+    """Image-text retrieval (COCO, Flickr30k) as in ALBEF/BLIP: ITC on unimodal CLS projections + ITM on fused pairs
+    with hard negatives drawn from the ITC similarities; `rank_gallery` scores a gallery in two stages."""
+
+    def __init__(self, config: VKOODConfig):
+        super().__init__(config)
+        self.vkood = VKOODModel(config)
+        self.image_embedding = nn.Linear(config.hidden_size, config.projection_dim)
+        self.text_embedding = nn.Linear(config.hidden_size, config.projection_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.itm_head = nn.Linear(2 * config.hidden_size, 2)
+        self.post_init()
+
+    def _embed(self, projection, tokens):
+        return F.normalize(projection(tokens[:, 0]).float(), dim=-1)
+
+    def _itm_scores(self, image_tokens, text_tokens, text_mask, knowledge, knowledge_mask):
+        fused = self.vkood.fuse(image_tokens, text_tokens, text_mask, knowledge, knowledge_mask)
+        return self.itm_head(fused.pooler_output), fused
+
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        knowledge_input_ids=None,
+        knowledge_attention_mask=None,
+        knowledge_mask=None,
+        image_ids=None,
+        return_loss=True,
+        **kwargs,
+    ):
+        """`image_ids` (B,) marks pairs that share an image as positives (several captions of one image)."""
+        base = self.vkood
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_tokens = base.encode_image(pixel_values)
+        text_tokens = base.encode_text(input_ids, attention_mask)
+        knowledge = None
+        if knowledge_input_ids is not None:
+            knowledge = base.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+            if knowledge_mask is None:
+                knowledge_mask = torch.ones(knowledge.shape[:2], dtype=torch.long, device=knowledge.device)
+        image_embeds = self._embed(self.image_embedding, image_tokens)
+        text_embeds = self._embed(self.text_embedding, text_tokens)
+        logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        batch = image_tokens.shape[0]
+        if image_ids is None:
+            positives = torch.eye(batch, dtype=torch.bool, device=image_tokens.device)
+        else:
+            positives = image_ids[:, None] == image_ids[None, :]
+        if not return_loss:
+            itm_logits, fused = self._itm_scores(image_tokens, text_tokens, attention_mask, knowledge, knowledge_mask)
+            return VKOODRetrievalOutput(
+                logits_per_image=logits_per_image,
+                logits_per_text=logits_per_image.t(),
+                itm_logits=itm_logits,
+                image_embeds=image_embeds,
+                text_embeds=text_embeds,
+                ood_scores=fused.ood_scores,
+                ood_gate=fused.ood_gate,
+                ood_iterations=fused.ood_iterations,
+                ood_residual=fused.ood_residual,
+            )
+        targets = positives.float() / positives.float().sum(1, keepdim=True)
+        itc_loss = 0.5 * (
+            torch.sum(-F.log_softmax(logits_per_image, 1) * targets, 1).mean()
+            + torch.sum(-F.log_softmax(logits_per_image.t(), 1) * targets.t(), 1).mean()
+        )
+        # Hard negatives: for each image a text (and for each text an image) drawn with probability softmax(sim)
+        # among the non-positives; rows without any negative are left out of the ITM loss.
+        with torch.no_grad():
+            logits = logits_per_image.detach().masked_fill(positives, float("-inf"))
+            has_text_negative = (~positives).any(1)
+            has_image_negative = (~positives).any(0)
+            uniform = torch.zeros_like(logits)
+            text_weights = torch.where(has_text_negative[:, None], logits.softmax(1), uniform.masked_fill(~positives, 1.0))
+            image_weights = torch.where(
+                has_image_negative[:, None], logits.t().softmax(1), uniform.masked_fill(~positives, 1.0)
+            )
+            negative_text = torch.multinomial(text_weights.nan_to_num(1.0), 1).squeeze(1)
+            negative_image = torch.multinomial(image_weights.nan_to_num(1.0), 1).squeeze(1)
+        pair_image = torch.cat([image_tokens, image_tokens, image_tokens[negative_image]])
+        pair_text = torch.cat([text_tokens, text_tokens[negative_text], text_tokens])
+        pair_mask = torch.cat([attention_mask, attention_mask[negative_text], attention_mask])
+        pair_knowledge = pair_knowledge_mask = None
+        if knowledge is not None:
+            pair_knowledge = torch.cat([knowledge, knowledge[negative_text], knowledge])
+            pair_knowledge_mask = torch.cat([knowledge_mask, knowledge_mask[negative_text], knowledge_mask])
+        itm_logits, fused = self._itm_scores(pair_image, pair_text, pair_mask, pair_knowledge, pair_knowledge_mask)
+        ignore = torch.full_like(negative_text, -100)
+        itm_labels = torch.cat(
+            [
+                torch.ones_like(negative_text),
+                torch.where(has_text_negative, torch.zeros_like(negative_text), ignore),
+                torch.where(has_image_negative, torch.zeros_like(negative_image), ignore),
+            ]
+        )
+        itm_loss = F.cross_entropy(itm_logits.float(), itm_labels, ignore_index=-100)
+        return VKOODRetrievalOutput(
+            loss=itc_loss + itm_loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            itm_logits=itm_logits[:batch],
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            itc_loss=itc_loss,
+            itm_loss=itm_loss,
+            ood_scores=fused.ood_scores[:batch],
+            ood_gate=fused.ood_gate[:batch],
+            ood_iterations=fused.ood_iterations[:batch],
+            ood_residual=fused.ood_residual[:batch],
+        )
+
+    @torch.no_grad()
+    def encode_gallery_images(self, pixel_values):
+        """Image tokens and ITC embeddings of a chunk of the gallery (concatenate chunks along dim 0)."""
+        tokens = self.vkood.encode_image(pixel_values)
+        return {"tokens": tokens, "embeds": self._embed(self.image_embedding, tokens)}
+
+    @torch.no_grad()
+    def encode_gallery_texts(self, input_ids, attention_mask, knowledge_input_ids=None, knowledge_attention_mask=None, knowledge_mask=None):
+        """Text tokens, knowledge vectors and ITC embeddings of a chunk of the text side of the gallery."""
+        tokens = self.vkood.encode_text(input_ids, attention_mask)
+        features = {"tokens": tokens, "mask": attention_mask, "embeds": self._embed(self.text_embedding, tokens)}
+        if knowledge_input_ids is not None:
+            features["knowledge"] = self.vkood.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+            features["knowledge_mask"] = (
+                knowledge_mask if knowledge_mask is not None else torch.ones(features["knowledge"].shape[:2], device=tokens.device)
+            )
+        return features
+
+    @torch.no_grad()
+    def rank_gallery(self, images, texts, k_test=None, pair_batch_size=256):
+        """Two-stage scores: ITC similarity for all pairs, then ITM re-scores the top `k_test` of every query.
+
+        `images` / `texts` are the (padded to a common length) outputs of `encode_gallery_images` /
+        `encode_gallery_texts`. Returns (i2t (I, T), t2i (T, I)); re-ranked entries hold ITM logit-margin + ITC
+        similarity, the rest keep -100 as in ALBEF so that only re-ranked candidates can reach the top.
+        """
+        k_test = k_test or self.config.k_test
+        similarity = images["embeds"] @ texts["embeds"].t()
+        i2t = self._rerank(similarity, images, texts, k_test, pair_batch_size, image_queries=True)
+        t2i = self._rerank(similarity.t(), images, texts, k_test, pair_batch_size, image_queries=False)
+        return i2t, t2i
+
+    def _rerank(self, similarity, images, texts, k_test, pair_batch_size, image_queries):
+        k = min(k_test, similarity.shape[1])
+        top_similarity, top_index = similarity.topk(k, dim=1)
+        queries = torch.arange(similarity.shape[0], device=similarity.device).repeat_interleave(k)
+        candidates = top_index.reshape(-1)
+        image_index, text_index = (queries, candidates) if image_queries else (candidates, queries)
+        itm = []
+        for start in range(0, queries.numel(), pair_batch_size):
+            image_part = image_index[start : start + pair_batch_size]
+            text_part = text_index[start : start + pair_batch_size]
+            knowledge = texts["knowledge"][text_part] if "knowledge" in texts else None
+            knowledge_mask = texts["knowledge_mask"][text_part] if "knowledge_mask" in texts else None
+            logits, _ = self._itm_scores(
+                images["tokens"][image_part], texts["tokens"][text_part], texts["mask"][text_part], knowledge, knowledge_mask
+            )
+            itm.append((logits[:, 1] - logits[:, 0]).float())
+        scores = torch.full_like(similarity, -100.0)
+        return scores.scatter(1, top_index, torch.cat(itm).view(-1, k) + top_similarity)
+
+
+__all__ = [
+    "VKOODPreTrainedModel",
+    "VKOODModel",
+    "VKOODForQuestionAnswering",
+    "VKOODForImagesAndTextClassification",
+    "VKOODForImageTextRetrieval",
+    "VKOODModelOutput",
+    "VKOODClassificationOutput",
+    "VKOODRetrievalOutput",
+]

@@ -1,0 +1,257 @@
+"""The implicit differentiable OOD layer of VK-OOD (Hub remote code: torch, transformers and stdlib only).
+
+Per example, a diagonal-covariance Gaussian mixture is fitted by EM to the image tokens (the in-distribution set),
+seen as a fixed point theta* = T(theta*; Z). Every knowledge item gets the GEM energy of Morteza & Li (AAAI 2022)
+under that mixture, and a gate sigmoid((score - tau) / temperature) that lets the fusion ignore outliers.
+Everything is batched: no Python loop over samples, tokens or components; only the EM iterations are a loop.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class GaussianMixtureOutput(ModelOutput):
+    """A batch of fitted mixtures; `iterations` is the EM step count, `residual` the last relative change per example."""
+
+    weights: torch.FloatTensor | None = None  # (B, K)
+    means: torch.FloatTensor | None = None  # (B, K, d')
+    variances: torch.FloatTensor | None = None  # (B, K, d')
+    iterations: torch.LongTensor | None = None  # ()
+    residual: torch.FloatTensor | None = None  # (B,)
+
+
+@dataclass
+class ImplicitOODOutput(GaussianMixtureOutput):
+    """Mixture fields plus the standardised GEM `scores`, the `gate` and its stable `log_gate` per item (B, M)."""
+
+    scores: torch.FloatTensor | None = None
+    gate: torch.FloatTensor | None = None
+    log_gate: torch.FloatTensor | None = None
+
+
+def _pack(weights, means, variances):
+    return torch.cat([weights.unsqueeze(-1), means, variances], dim=-1)
+
+
+def _unpack(theta):
+    dim = (theta.shape[-1] - 1) // 2
+    return theta[..., 0], theta[..., 1 : 1 + dim], theta[..., 1 + dim :]
+
+
+def mahalanobis_sq(points, means, variances):
+    """Squared Mahalanobis distance of each point to each component, (B, N, K), via matmuls (no (B,N,K,d) tensor)."""
+    precision = variances.reciprocal()
+    dist = (
+        torch.einsum("bnd,bkd->bnk", points.square(), precision)
+        - 2.0 * torch.einsum("bnd,bkd->bnk", points, means * precision)
+        + (means.square() * precision).sum(-1).unsqueeze(1)
+    )
+    return dist.clamp_min(0.0)
+
+
+def component_log_prob(points, weights, means, variances):
+    """log w_k + log N(x | mu_k, diag var_k) for every point and component, (B, N, K)."""
+    dim = points.shape[-1]
+    log_norm = -0.5 * (dim * math.log(2 * math.pi) + variances.log().sum(-1))  # (B, K)
+    return weights.clamp_min(torch.finfo(weights.dtype).tiny).log().unsqueeze(1) + log_norm.unsqueeze(1) - 0.5 * mahalanobis_sq(
+        points, means, variances
+    )
+
+
+def mixture_log_likelihood(points, mask, weights, means, variances):
+    """Mean log-likelihood of the real points of each example under its mixture, (B,)."""
+    per_point = torch.logsumexp(component_log_prob(points, weights, means, variances), dim=-1)
+    return (per_point * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def m_step(points, mask, resp, variance_floor):
+    """Weights, means and diagonal variances from responsibilities (B, N, K).
+
+    A pseudo-count of 10 machine epsilons carrying the example's global mean and variance keeps empty components
+    (fewer tokens than components, fully padded rows) finite, as scikit-learn's `nk + 10 * eps` does; the variance
+    floor is added, like scikit-learn's `reg_covar`, so the map stays smooth for the implicit gradient.
+    """
+    pseudo = 10 * torch.finfo(points.dtype).eps
+    count = mask.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1)
+    global_mean = (points * mask.unsqueeze(-1)).sum(1) / count  # (B, d)
+    global_sq = (points.square() * mask.unsqueeze(-1)).sum(1) / count  # (B, d)
+    resp = resp * mask.unsqueeze(-1)
+    mass = resp.sum(1) + pseudo  # (B, K)
+    first = torch.einsum("bnk,bnd->bkd", resp, points) + pseudo * global_mean.unsqueeze(1)
+    second = torch.einsum("bnk,bnd->bkd", resp, points.square()) + pseudo * global_sq.unsqueeze(1)
+    means = first / mass.unsqueeze(-1)
+    variances = (second / mass.unsqueeze(-1) - means.square()).clamp_min(0.0) + variance_floor
+    weights = mass / mass.sum(-1, keepdim=True)
+    return weights, means, variances
+
+
+def em_step(points, mask, weights, means, variances, variance_floor):
+    """One EM application T(theta; Z): log-domain E step, then the M step."""
+    log_prob = component_log_prob(points, weights, means, variances)
+    resp = torch.softmax(log_prob, dim=-1)
+    return m_step(points, mask, resp, variance_floor)
+
+
+def initial_mixture(points, mask, num_components, variance_floor):
+    """Deterministic start: the real tokens, in order, cut into K contiguous groups (spatial bands for patches)."""
+    rank = mask.cumsum(1) - 1.0  # position of each real token among the real tokens
+    count = mask.sum(1, keepdim=True).clamp_min(1.0)
+    group = torch.div(rank.clamp_min(0.0) * num_components, count, rounding_mode="floor").long().clamp_max(num_components - 1)
+    resp = F.one_hot(group, num_components).to(points.dtype)
+    return m_step(points, mask, resp, variance_floor)
+
+
+def gem_score(points, mixture):
+    """Standardised GEM energy of each point, (B, M).
+
+    GEM(x) = log sum_k exp(-1/2 (x - mu_k)^T Sigma_k^-1 (x - mu_k)), by logsumexp. For an in-distribution point the
+    squared distance is about chi^2(d'), mean d' and deviation sqrt(2 d'); (GEM + d'/2) / sqrt(d'/2) is thus near 0
+    for inliers and very negative for outliers whatever d', so one threshold tau serves every projection width.
+    """
+    dim = points.shape[-1]
+    energy = torch.logsumexp(-0.5 * mahalanobis_sq(points, mixture.means, mixture.variances), dim=-1)
+    return (energy + 0.5 * dim) / math.sqrt(0.5 * dim)
+
+
+def _relative_change(new, old):
+    return (new - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+class ImplicitOODLayer(nn.Module):
+    """Scores and gates knowledge items by how well they fit a Gaussian mixture of the image tokens.
+
+    Gradient modes (`config.ood_gradient`):
+    - "last_iterate" (paper): the solver runs without a graph; one differentiable step T(stop_grad(theta*); Z)
+      carries the gradient, so memory does not grow with the iteration count.
+    - "implicit": implicit function theorem; the backward solves the adjoint fixed point u = g + (dT/dtheta)^T u.
+    - "unrolled": autograd through every iteration (the reference the other two are tested against).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_components = config.ood_num_components
+        self.max_iter = config.ood_max_iter
+        self.tol = config.ood_tol
+        self.variance_floor = config.ood_variance_floor
+        self.gradient_mode = config.ood_gradient
+        self.temperature = config.ood_temperature
+        self.hard_gate = config.ood_hard_gate
+        self.use_gate = config.use_ood_gate
+        self.projection = nn.Linear(config.hidden_size, config.ood_projection_dim)
+        self.threshold = nn.Parameter(torch.tensor(float(config.ood_threshold)))
+
+    def _solve(self, points, mask, start):
+        """Iterate T from `start` until every example's relative change is below tol, or max_iter."""
+        state = start
+        residual = torch.zeros(points.shape[0], dtype=points.dtype, device=points.device)
+        iterations = 0
+        for iterations in range(1, self.max_iter + 1):
+            new_state = em_step(points, mask, *state, self.variance_floor)
+            residual = _relative_change(_pack(*new_state), _pack(*state))
+            state = new_state
+            if bool((residual < self.tol).all()):
+                break
+        return state, iterations, residual
+
+    def fit_mixture(self, points, mask=None):
+        """Fit the mixture to already-projected points (B, N, d'); `mask` is 1 for real points."""
+        if mask is None:
+            mask = torch.ones(points.shape[:2], dtype=points.dtype, device=points.device)
+        mask = mask.to(points.dtype)
+        differentiable = torch.is_grad_enabled() and points.requires_grad
+        if differentiable and self.gradient_mode == "unrolled":
+            start = initial_mixture(points, mask, self.num_components, self.variance_floor)
+            state, iterations, residual = self._solve(points, mask, start)
+        else:
+            with torch.no_grad():
+                start = initial_mixture(points, mask, self.num_components, self.variance_floor)
+                state, iterations, residual = self._solve(points, mask, start)
+            if differentiable:
+                state = self._attach_gradient(points, mask, state)
+        weights, means, variances = state
+        return GaussianMixtureOutput(
+            weights=weights,
+            means=means,
+            variances=variances,
+            iterations=torch.tensor(iterations, device=points.device),
+            residual=residual,
+        )
+
+    def _attach_gradient(self, points, mask, state):
+        """One differentiable step from the detached fixed point; in implicit mode its gradient is IFT-corrected."""
+        theta_star = _pack(*state).detach().requires_grad_(self.gradient_mode == "implicit")
+        theta = _pack(*em_step(points, mask, *_unpack(theta_star), self.variance_floor))
+        if self.gradient_mode == "implicit":
+            theta.register_hook(self._adjoint_hook(theta, theta_star))
+        return _unpack(theta)
+
+    def _adjoint_hook(self, theta, theta_star):
+        solving = []  # non-empty while the vector-Jacobian products below flow back through `theta` itself
+
+        def solve_adjoint(grad):
+            if solving or grad is None:
+                return grad
+            solving.append(True)
+            # u = g + J^T u with J = dT/dtheta at theta*: a contraction where EM converges, solved by iteration.
+            adjoint = grad
+            for _ in range(self.max_iter):
+                (vjp,) = torch.autograd.grad(theta, theta_star, adjoint, retain_graph=True)
+                new_adjoint = grad + vjp
+                change = (new_adjoint - adjoint).norm() / new_adjoint.norm().clamp_min(1e-30)
+                adjoint = new_adjoint
+                if bool(change < self.tol):
+                    break
+            solving.clear()
+            return adjoint
+
+        return solve_adjoint
+
+    gem_score = staticmethod(gem_score)
+
+    def project(self, hidden):
+        """Shared projection to d', then per-vector standardisation: bounded scale whatever the input magnitude."""
+        dtype = hidden.dtype
+        projected = F.linear(hidden, self.projection.weight.to(dtype), self.projection.bias.to(dtype))
+        return F.layer_norm(projected, projected.shape[-1:])
+
+    def forward(self, context, items, context_mask=None, items_mask=None):
+        """context (B, N, H) image tokens; items (B, M, H) knowledge vectors; masks 1/True for real entries."""
+        dtype = torch.float64 if context.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=context.device.type, enabled=False):
+            context_points = self.project(context.to(dtype))
+            item_points = self.project(items.to(dtype))
+            if context_mask is None:
+                context_mask = torch.ones(context.shape[:2], device=context.device)
+            if items_mask is None:
+                items_mask = torch.ones(items.shape[:2], device=items.device)
+            items_mask = items_mask.to(dtype)
+            mixture = self.fit_mixture(context_points, context_mask.to(dtype))
+            scores = gem_score(item_points, mixture) * items_mask
+            if not self.use_gate:
+                log_gate = torch.zeros_like(scores)
+            elif self.hard_gate and not self.training:
+                log_gate = torch.where(scores > self.threshold, 0.0, float("-inf")).to(dtype)
+            else:
+                # logsigmoid, not log(sigmoid): finite gradients even for items far outside the mixture
+                log_gate = F.logsigmoid((scores - self.threshold.to(dtype)) / self.temperature)
+            log_gate = log_gate.masked_fill(items_mask == 0, float("-inf"))
+            gate = log_gate.exp()
+        return ImplicitOODOutput(
+            weights=mixture.weights,
+            means=mixture.means,
+            variances=mixture.variances,
+            iterations=mixture.iterations,
+            residual=mixture.residual,
+            scores=scores,
+            gate=gate,
+            log_gate=log_gate,
+        )
+
+
+__all__ = ["ImplicitOODLayer", "ImplicitOODOutput", "GaussianMixtureOutput", "gem_score"]
