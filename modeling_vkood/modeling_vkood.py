@@ -175,6 +175,28 @@ class VKOODPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VKOODForImageTextRetrieval):
             init.constant_(module.logit_scale, math.log(1 / 0.07))
 
+    def lora_target_modules(self):
+        """PEFT `target_modules` regex: the query and value projections of both backbones' attention (CLIP and
+        most ViTs name them q_proj/v_proj, BERT-family encoders query/value); fusion attention is not matched."""
+        return r".*(vision_model|text_model)\..*\.(q_proj|v_proj|query|value)"
+
+    def modules_to_save(self):
+        """PEFT `modules_to_save`: all that VK-OOD adds to the backbones (projections, OOD layer, fusion layers,
+        poolers, head), fully trained next to the adapters. Dotted paths, because PEFT matches names by suffix and
+        a bare "ood" would also match "vkood"; fusion layers are listed one by one (PEFT cannot wrap a ModuleList)."""
+        base = self.base_model
+        prefix = "" if base is self else f"{self.base_model_prefix}."
+        names = []
+        for name, child in base.named_children():
+            if name in ("vision_model", "text_model"):
+                continue
+            if isinstance(child, nn.ModuleList):
+                names.extend(f"{prefix}{name}.{index}" for index in range(len(child)))
+            else:
+                names.append(prefix + name)
+        names.extend(name for name, child in self.named_children() if child is not base)
+        return names
+
     @classmethod
     def from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, **kwargs):
         """Build a VK-OOD model around two pretrained backbones (Hub ids or local folders); the rest is new.

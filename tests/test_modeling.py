@@ -1,0 +1,257 @@
+"""VK-OOD models: every head trains, saves, reloads (also as Hub remote code), and handles knowledge correctly."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_without_package, tiny_batch, tiny_vkood_config
+from transformers import AutoModel, AutoModelForVisualQuestionAnswering, BertConfig, BertModel, CLIPConfig, CLIPModel
+
+from modeling_vkood import (
+    VKOODConfig,
+    VKOODForImagesAndTextClassification,
+    VKOODForImageTextRetrieval,
+    VKOODForQuestionAnswering,
+    VKOODModel,
+)
+
+HEADS = {
+    "vqa": (VKOODForQuestionAnswering, "AutoModelForVisualQuestionAnswering", dict(num_labels=5)),
+    "nlvr2": (VKOODForImagesAndTextClassification, "AutoModelForSequenceClassification", dict(num_labels=2)),
+    "retrieval": (VKOODForImageTextRetrieval, "AutoModelForZeroShotImageClassification", {}),
+}
+
+
+def head_inputs(task, seed=0):
+    batch = tiny_batch(seed=seed, pairs=task == "nlvr2")
+    if task == "vqa":
+        batch["labels"] = torch.rand(3, 5, generator=torch.Generator().manual_seed(seed))
+    elif task == "nlvr2":
+        batch["labels"] = torch.tensor([0, 1, 1])
+    return batch
+
+
+def head_logits(model, task, batch):
+    if task == "retrieval":
+        return model(**batch, return_loss=False).itm_logits
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(ood_gradient="newton"), "ood_gradient"),
+        (dict(hidden_size=31), "divisible"),
+        (dict(ood_num_components=0), "ood_num_components"),
+        (dict(max_knowledge_items=-1), "max_knowledge_items"),
+        (dict(ood_tol=0.0), "ood_tol"),
+    ],
+)
+def test_config_rejects_bad_values(bad, message):
+    with pytest.raises(Exception, match=message):
+        tiny_vkood_config(**bad)
+
+
+def test_default_config_is_the_paper():
+    config = VKOODConfig()
+    assert config.vision_config.model_type == "clip_vision_model" and config.vision_config.patch_size == 16
+    assert config.text_config.model_type == "roberta"
+    assert (config.hidden_size, config.num_fusion_layers, config.num_attention_heads) == (768, 6, 12)
+    assert (config.ood_projection_dim, config.ood_num_components, config.ood_gradient) == (64, 4, "last_iterate")
+
+
+@pytest.mark.parametrize("task", list(HEADS))
+def test_head_forward_loss_backward_reaches_the_ood_layer(task):
+    model_class, _, kwargs = HEADS[task]
+    torch.manual_seed(0)
+    model = model_class(tiny_vkood_config(**kwargs))
+    output = model(**head_inputs(task))
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    ood = model.vkood.ood
+    assert ood.projection.weight.grad.abs().sum() > 0
+    assert ood.threshold.grad is not None and ood.threshold.grad != 0
+    assert output.ood_gate.shape[-1] == 4 and torch.isfinite(output.ood_scores).all()
+
+
+@pytest.mark.parametrize("task", list(HEADS))
+def test_save_load_same_logits_also_as_remote_code(task, tmp_path):
+    model_class, auto_class, kwargs = HEADS[task]
+    torch.manual_seed(0)
+    model = model_class(tiny_vkood_config(**kwargs)).eval()
+    batch = head_inputs(task)
+    with torch.no_grad():
+        expected = head_logits(model, task, batch)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    assert {"configuration_vkood.py", "modeling_vkood.py", "ood_vkood.py", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"][auto_class] == f"modeling_vkood.{model_class.__name__}"
+    assert config["auto_map"]["AutoModel"] == "modeling_vkood.VKOODModel"
+    reloaded = model_class.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(reloaded, task, batch), expected, rtol=0, atol=0)
+    torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
+    run_without_package(
+        f"""
+        import torch, transformers
+        data = torch.load("io.pt")
+        model = transformers.{auto_class}.from_pretrained("checkpoint", trust_remote_code=True).eval()
+        assert type(model).__name__ == "{model_class.__name__}", type(model)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        batch = data["batch"]
+        with torch.no_grad():
+            if "{task}" == "retrieval":
+                logits = model(**batch, return_loss=False).itm_logits
+            else:
+                logits = model(**{{k: v for k, v in batch.items() if k != "labels"}}).logits
+        torch.testing.assert_close(logits, data["expected"], rtol=0, atol=0)
+        base = transformers.AutoModel.from_pretrained("checkpoint", trust_remote_code=True)
+        assert type(base).__name__ == "VKOODModel"
+        """,
+        tmp_path,
+    )
+
+
+def test_auto_classes_resolve_in_process(tmp_path):
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=3))
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForVisualQuestionAnswering.from_pretrained(tmp_path), VKOODForQuestionAnswering)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), VKOODModel)
+
+
+def test_knowledge_is_optional_and_empty_knowledge_is_valid():
+    torch.manual_seed(0)
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5)).eval()
+    batch = tiny_batch()
+    without = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")}
+    empty = dict(
+        without,
+        knowledge_input_ids=torch.zeros(3, 0, 1, dtype=torch.long),
+        knowledge_attention_mask=torch.zeros(3, 0, 1, dtype=torch.long),
+        knowledge_mask=torch.zeros(3, 0, dtype=torch.long),
+    )
+    with torch.no_grad():
+        reference = model(**without)
+        torch.testing.assert_close(model(**empty).logits, reference.logits)
+        # every item masked: identical to no knowledge at all
+        masked = dict(batch, knowledge_mask=torch.zeros(3, 4, dtype=torch.long))
+        torch.testing.assert_close(model(**masked).logits, reference.logits)
+    assert reference.ood_gate.shape == (3, 0)
+
+
+def test_hard_gated_out_knowledge_is_removed():
+    torch.manual_seed(0)
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, ood_hard_gate=True, ood_threshold=1e6)).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        gated = model(**batch)
+        plain = model(**{k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")})
+        kept = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, use_ood_gate=False)).eval()
+        kept.load_state_dict(model.state_dict())
+        with_knowledge = kept(**batch)
+    assert (gated.ood_gate == 0).all()
+    torch.testing.assert_close(gated.logits, plain.logits)
+    assert not torch.allclose(with_knowledge.logits, plain.logits)
+
+
+def test_each_distinct_item_is_encoded_once_and_matches_item_by_item():
+    torch.manual_seed(0)
+    model = VKOODModel(tiny_vkood_config()).eval()
+    batch = tiny_batch()
+    calls = []
+    hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(output))
+    with torch.no_grad():
+        vectors = model.encode_knowledge(batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"])
+    hook.remove()
+    encoded_rows = calls[0].last_hidden_state.shape[0]
+    assert encoded_rows == int(batch["knowledge_mask"].sum()) - 1  # items [0, 0] and [1, 0] are the same triple
+    with torch.no_grad():
+        for b, m in batch["knowledge_mask"].nonzero().tolist():
+            ids = batch["knowledge_input_ids"][b, m][None]
+            alone = model.text_model(input_ids=ids).last_hidden_state.mean(1)
+            torch.testing.assert_close(vectors[b, m], model.knowledge_projection(alone)[0], atol=1e-5, rtol=1e-5)
+    assert (vectors[2] == model.knowledge_projection.bias).all()  # masked slots carry no content
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5))
+    batch = tiny_batch()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(**dict(batch, pixel_values=batch["pixel_values"].clone().fill_(float("nan"))))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(**dict(batch, pixel_values=batch["pixel_values"][:2]))
+    nlvr2 = VKOODForImagesAndTextClassification(tiny_vkood_config(num_labels=2))
+    with pytest.raises(ValueError, match=r"\(B, 2, C, H, W\)"):
+        nlvr2(**batch)
+
+
+def test_from_vision_text_pretrained_keeps_backbone_weights(tmp_path):
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99),
+            projection_dim=16,
+        )
+    )
+    bert = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99))
+    clip.save_pretrained(tmp_path / "clip")
+    bert.save_pretrained(tmp_path / "bert")
+    model = VKOODForQuestionAnswering.from_vision_text_pretrained(
+        str(tmp_path / "clip"), str(tmp_path / "bert"), hidden_size=32, num_attention_heads=2, num_fusion_layers=1, intermediate_size=64, num_labels=3
+    )
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    vision = model.vkood.vision_model
+    torch.testing.assert_close(vision.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight)
+    torch.testing.assert_close(model.vkood.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    output = model(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.randint(0, 99, (2, 5)), labels=torch.rand(2, 3))
+    output.loss.backward()
+    model.save_pretrained(tmp_path / "vkood")
+    reloaded = VKOODForQuestionAnswering.from_pretrained(tmp_path / "vkood")
+    torch.testing.assert_close(reloaded.vkood.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = head_inputs("vqa")
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(**batch).loss.backward()
+        gradients.append(model.vkood.fusion_layers[0].text_block.self_attention.query.weight.grad.clone())
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(**head_inputs("vqa"))
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and torch.isfinite(model.vkood.ood.threshold.grad)
+
+
+def test_retrieval_ranks_a_gallery_in_two_stages():
+    torch.manual_seed(0)
+    model = VKOODForImageTextRetrieval(tiny_vkood_config(k_test=2)).eval()
+    batch = tiny_batch(batch_size=4)
+    images = model.encode_gallery_images(batch["pixel_values"])
+    texts = model.encode_gallery_texts(
+        batch["input_ids"], batch["attention_mask"], batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"]
+    )
+    i2t, t2i = model.rank_gallery(images, texts)
+    similarity = images["embeds"] @ texts["embeds"].t()
+    assert i2t.shape == (4, 4) and t2i.shape == (4, 4)
+    assert ((i2t > -100).sum(1) == 2).all() and ((t2i > -100).sum(1) == 2).all()
+    # the re-ranked candidates are the ITC top-2, and their score is ITM margin + ITC similarity
+    assert torch.equal(i2t > -100, torch.zeros_like(i2t, dtype=torch.bool).scatter(1, similarity.topk(2).indices, True))
+    image, text = 1, int(similarity[1].argmax())
+    with torch.no_grad():
+        fused = model.vkood.fuse(
+            images["tokens"][[image]], texts["tokens"][[text]], texts["mask"][[text]], texts["knowledge"][[text]], texts["knowledge_mask"][[text]]
+        )
+        margin = model.itm_head(fused.pooler_output)[0]
+    assert i2t[image, text].item() == pytest.approx((margin[1] - margin[0] + similarity[image, text]).item(), abs=1e-5)

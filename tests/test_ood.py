@@ -1,0 +1,220 @@
+"""The implicit OOD layer: EM against scikit-learn, gradients against finite differences, GEM scores, edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_vkood_config
+from sklearn.metrics import roc_auc_score
+from sklearn.mixture import GaussianMixture
+
+from modeling_vkood.ood_vkood import ImplicitOODLayer, em_step, gem_score, initial_mixture, mixture_log_likelihood
+
+
+def make_layer(**overrides):
+    return ImplicitOODLayer(tiny_vkood_config(**overrides)).double()
+
+
+def clustered_points(batch=3, count=60, dim=4, components=3, spread=4.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(batch, components, dim, generator=generator, dtype=torch.float64) * spread
+    labels = torch.arange(count) % components
+    return centers[:, labels] + torch.randn(batch, count, dim, generator=generator, dtype=torch.float64)
+
+
+def test_converged_mixture_is_a_fixed_point_of_sklearn_em():
+    layer = make_layer(ood_num_components=3, ood_max_iter=1000, ood_tol=1e-12)
+    points = clustered_points()
+    mask = torch.ones(points.shape[:2], dtype=torch.float64)
+    mask[1, 45:] = 0  # padded tokens must not count
+    mixture = layer.fit_mixture(points, mask)
+    assert (mixture.residual < 1e-12).all()
+    for b in range(points.shape[0]):
+        real = points[b][mask[b] > 0].numpy()
+        reference = GaussianMixture(3, covariance_type="diag", reg_covar=layer.variance_floor)
+        reference.weights_ = mixture.weights[b].numpy().copy()
+        reference.means_ = mixture.means[b].numpy().copy()
+        reference.covariances_ = mixture.variances[b].numpy().copy()
+        reference.precisions_cholesky_ = 1.0 / np.sqrt(reference.covariances_)
+        _, log_resp = reference._e_step(real)
+        reference._m_step(real, log_resp)
+        np.testing.assert_allclose(reference.weights_, mixture.weights[b].numpy(), atol=1e-5)
+        np.testing.assert_allclose(reference.means_, mixture.means[b].numpy(), atol=1e-5)
+        np.testing.assert_allclose(reference.covariances_, mixture.variances[b].numpy(), atol=1e-5)
+        ours = mixture_log_likelihood(points[b : b + 1], mask[b : b + 1], mixture.weights[b : b + 1], mixture.means[b : b + 1], mixture.variances[b : b + 1])
+        assert ours.item() == pytest.approx(reference.score(real), abs=1e-8)
+
+
+def test_log_likelihood_never_decreases():
+    """EM's ascent property; the variance floor (scikit-learn's reg_covar) is a regulariser, so use a negligible one."""
+    points = clustered_points(batch=4, count=80, dim=6, components=4, spread=1.5, seed=3)
+    mask = torch.ones(points.shape[:2], dtype=torch.float64)
+    mask[2, 70:] = 0
+    state = initial_mixture(points, mask, 4, 1e-12)
+    history = [mixture_log_likelihood(points, mask, *state)]
+    for _ in range(60):
+        state = em_step(points, mask, *state, 1e-12)
+        history.append(mixture_log_likelihood(points, mask, *state))
+    steps = torch.stack(history).diff(dim=0)
+    assert (steps >= -1e-10).all(), steps.min()
+    assert (history[-1] > history[0]).all()
+
+
+def test_batched_fit_equals_one_example_at_a_time():
+    layer = make_layer(ood_num_components=3, ood_max_iter=300, ood_tol=1e-12)
+    points = clustered_points(batch=3, count=40)
+    mask = torch.ones(points.shape[:2], dtype=torch.float64)
+    mask[0, 30:] = 0
+    batched = layer.fit_mixture(points, mask)
+    for b in range(3):
+        alone = layer.fit_mixture(points[b : b + 1, mask[b] > 0])
+        torch.testing.assert_close(alone.means[0], batched.means[b], atol=1e-8, rtol=0)
+        torch.testing.assert_close(alone.variances[0], batched.variances[b], atol=1e-8, rtol=0)
+
+
+def _fit_fn(layer):
+    def fit(points):
+        mixture = layer.fit_mixture(points)
+        return torch.cat([mixture.weights.flatten(), mixture.means.flatten(), mixture.variances.flatten()])
+
+    return fit
+
+
+def _separated_points():
+    generator = torch.Generator().manual_seed(1)
+    centers = torch.tensor([[-3.0, 0.0], [3.0, 0.0]], dtype=torch.float64)
+    noise = 0.7 * torch.randn(2, 12, 2, generator=generator, dtype=torch.float64)
+    return (centers[torch.arange(12) % 2] + noise).requires_grad_()
+
+
+def test_implicit_gradient_matches_finite_differences():
+    layer = make_layer(ood_num_components=2, ood_max_iter=3000, ood_tol=1e-13, ood_gradient="implicit")
+    assert torch.autograd.gradcheck(_fit_fn(layer), (_separated_points(),), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_implicit_equals_unrolled_at_convergence_and_last_iterate_is_one_step():
+    points = _separated_points()
+    weights = torch.randn(2 * 2 + 2 * 2 * 2 * 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    gradients = {}
+    for mode in ("implicit", "unrolled", "last_iterate"):
+        layer = make_layer(ood_num_components=2, ood_max_iter=3000, ood_tol=1e-13, ood_gradient=mode)
+        (gradients[mode],) = torch.autograd.grad((_fit_fn(layer)(points) * weights).sum(), points)
+    torch.testing.assert_close(gradients["implicit"], gradients["unrolled"], atol=1e-7, rtol=1e-6)
+    # last_iterate is the paper's cheap approximation: the Jacobian of a single EM step at theta*
+    detached = make_layer(ood_num_components=2, ood_max_iter=3000, ood_tol=1e-13)
+    theta_star = detached.fit_mixture(points.detach())
+    one_step = em_step(points, torch.ones(2, 12, dtype=torch.float64), theta_star.weights, theta_star.means, theta_star.variances, detached.variance_floor)
+    (expected,) = torch.autograd.grad((torch.cat([t.flatten() for t in one_step]) * weights).sum(), points)
+    torch.testing.assert_close(gradients["last_iterate"], expected)
+
+
+def _saved_bytes(mode, iterations):
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_max_iter=iterations, ood_tol=1e-30, ood_gradient=mode))
+    context = torch.randn(4, 50, 32, requires_grad=True)
+    items = torch.randn(4, 6, 32, requires_grad=True)
+    total = []
+
+    def pack(tensor):
+        total.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = layer(context, items)
+    assert output.iterations.item() == iterations
+    output.gate.sum().backward()
+    assert torch.isfinite(context.grad).all()
+    return sum(total)
+
+
+@pytest.mark.parametrize("mode", ["last_iterate", "implicit"])
+def test_saved_memory_does_not_grow_with_iterations(mode):
+    assert _saved_bytes(mode, 50) == _saved_bytes(mode, 5)
+
+
+def test_unrolled_memory_grows_with_iterations():
+    assert _saved_bytes("unrolled", 50) > 5 * _saved_bytes("unrolled", 5)
+
+
+def test_gem_separates_inliers_from_far_points():
+    generator = torch.Generator().manual_seed(0)
+    dim, components = 16, 4
+    centers = torch.randn(components, dim, generator=generator) * 3
+    inliers = centers[torch.arange(400) % components] + torch.randn(400, dim, generator=generator)
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_num_components=components, ood_projection_dim=dim))
+    mixture = layer.fit_mixture(inliers[None, :300])
+    held_out = inliers[None, 300:]
+    far = torch.randn(1, 100, dim, generator=generator) * 3 + 12.0
+    scores = torch.cat([gem_score(held_out, mixture), gem_score(far, mixture)], dim=1)[0]
+    labels = np.r_[np.ones(100), np.zeros(100)]
+    assert roc_auc_score(labels, scores.numpy()) >= 0.99
+
+
+@pytest.mark.parametrize("dim", [4, 16, 64])
+def test_score_is_standardised_whatever_the_width(dim):
+    """Inliers of a fitted Gaussian score about N(0, 1) for every d', so one threshold serves every width."""
+    generator = torch.Generator().manual_seed(dim)
+    scale = torch.rand(dim, generator=generator) + 0.5
+    points = torch.randn(1, 4000, dim, generator=generator, dtype=torch.float64) * scale
+    layer = make_layer(ood_num_components=1)
+    mixture = layer.fit_mixture(points[:, :3000])
+    scores = gem_score(points[:, 3000:], mixture)
+    assert abs(scores.mean().item()) < 0.15
+    assert scores.std().item() == pytest.approx(1.0, abs=0.15)
+
+
+def _degenerate_inputs():
+    ones = torch.ones(2, 10, 32)
+    yield "identical tokens", ones * 0.3, torch.randn(2, 3, 32), None, None
+    yield "zero vectors", torch.zeros(2, 10, 32), torch.zeros(2, 3, 32), None, None
+    yield "magnitude 1e4", torch.randn(2, 10, 32) * 1e4, torch.randn(2, 3, 32) * 1e4, None, None
+    yield "one token", torch.randn(2, 1, 32), torch.randn(2, 3, 32), None, None
+    yield "no items", torch.randn(2, 10, 32), torch.randn(2, 0, 32), None, None
+    yield "all items masked", torch.randn(2, 10, 32), torch.randn(2, 3, 32), None, torch.zeros(2, 3)
+    yield "fully padded context", torch.randn(2, 10, 32), torch.randn(2, 3, 32), torch.zeros(2, 10), None
+
+
+@pytest.mark.parametrize("case", list(_degenerate_inputs()), ids=lambda case: case[0])
+@pytest.mark.parametrize("mode", ["last_iterate", "implicit", "unrolled"])
+def test_degenerate_inputs_stay_finite(case, mode):
+    _, context, items, context_mask, items_mask = case
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_gradient=mode))
+    context = context.clone().requires_grad_()
+    items = items.clone().requires_grad_()
+    output = layer(context, items, context_mask, items_mask)
+    for name in ("scores", "gate", "weights", "means", "variances", "residual"):
+        assert torch.isfinite(getattr(output, name)).all(), name
+    assert output.gate.shape == items.shape[:2]
+    (output.gate.sum() + output.means.sum()).backward()
+    assert torch.isfinite(context.grad).all() and torch.isfinite(layer.threshold.grad).all()
+    if items_mask is not None:
+        assert (output.gate == 0).all()
+
+
+def test_bf16_autocast_runs_em_in_float32():
+    layer = ImplicitOODLayer(tiny_vkood_config())
+    context = torch.randn(2, 20, 32).bfloat16()
+    items = torch.randn(2, 5, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(context, items)
+    assert output.means.dtype == torch.float32 and torch.isfinite(output.scores).all()
+    reference = layer(context.float(), items.float())
+    torch.testing.assert_close(output.scores, reference.scores)
+
+
+def test_same_input_same_output_and_hard_gate():
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_hard_gate=True)).eval()
+    context, items = torch.randn(3, 20, 32), torch.randn(3, 5, 32)
+    first, second = layer(context, items), layer(context, items)
+    assert torch.equal(first.scores, second.scores)
+    assert set(first.gate.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(first.gate, (first.scores > layer.threshold).float())
+
+
+def test_gate_follows_threshold_and_temperature():
+    config = tiny_vkood_config(ood_temperature=2.0, ood_threshold=-1.0)
+    layer = ImplicitOODLayer(config)
+    output = layer(torch.randn(2, 20, 32), torch.randn(2, 5, 32))
+    expected = torch.sigmoid((output.scores + 1.0) / 2.0)
+    torch.testing.assert_close(output.gate, expected)
+    assert math.isclose(layer.threshold.item(), -1.0)

@@ -1,0 +1,62 @@
+"""LoRA adapters on both encoders with the VK-OOD modules fully trained: one Trainer step, then merge."""
+
+import torch
+from conftest import tiny_batch, tiny_vkood_config
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from modeling_vkood import VKOODForQuestionAnswering
+
+
+class TinyVQA(Dataset):
+    def __init__(self, size=4):
+        batch = tiny_batch(batch_size=size)
+        batch["labels"] = torch.rand(size, 5, generator=torch.Generator().manual_seed(1))
+        self.rows = [{key: value[i] for key, value in batch.items()} for i in range(size)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def stack(rows):
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def test_lora_trainer_step_updates_adapters_and_vkood_modules_then_merges(tmp_path):
+    torch.manual_seed(0)
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_modules(), modules_to_save=model.modules_to_save())
+    peft_model = get_peft_model(model, lora)
+    targeted = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert any(".vision_model." in name and name.endswith("q_proj") for name in targeted)
+    assert any(".text_model." in name and name.endswith("value") for name in targeted)
+    assert not any("fusion_layers" in name for name in targeted)
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert any("ood" in name and "threshold" in name for name in trainable)
+    assert not any("vision_model.encoder" in name and "lora" not in name for name in trainable)
+    before = {name: parameter.detach().clone() for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
+        remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+    )
+    Trainer(model=peft_model, args=args, train_dataset=TinyVQA(), data_collator=stack).train()
+
+    changed = {name for name, parameter in peft_model.named_parameters() if name in before and not torch.equal(parameter, before[name])}
+    assert any("lora_B" in name and "text_model" in name for name in changed)
+    assert any("lora_B" in name and "vision_model" in name for name in changed)
+    assert any("modules_to_save" in name and "ood" in name for name in changed)
+    assert any("modules_to_save" in name and "classifier" in name for name in changed)
+    assert any("modules_to_save" in name and "fusion_layers" in name for name in changed)
+
+    peft_model.eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        merged = peft_model.merge_and_unload()
+        assert isinstance(merged, VKOODForQuestionAnswering)
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
