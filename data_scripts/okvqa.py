@@ -1,0 +1,79 @@
+"""OK-VQA v1.0 from the official files, which use the VQA format (read by `vqav2.build_vqa_format`).
+
+Inputs (names unchanged) in `root`: `OpenEnded_mscoco_{train,val}2014_questions.json` and
+`mscoco_{train,val}2014_annotations.json`; images are COCO 2014 (`COCO_{train,val}2014_{image_id:012d}.jpg` in
+`image_root/{train,val}2014/` or directly in `image_root`). Splits: train, validation.
+
+Vocabulary: OK-VQA's own, from all 10 human answers (officially normalised) rather than the consensus answer only,
+because OK-VQA answers are open-ended knowledge answers with weak consensus; an answer enters when it was given
+for at least 3 questions of train+val. That keeps answers the metric can credit (3 matches score 0.9) while
+dropping one-off spellings.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hub_cards.dataset_card import DatasetDescription
+
+from .common import BuildResult
+from .vqav2 import VocabularyRule, VqaSplit, build_vqa_format
+
+SPLITS = {
+    "train": VqaSplit("OpenEnded_mscoco_train2014_questions.json", "mscoco_train2014_annotations.json", "train2014"),
+    "validation": VqaSplit("OpenEnded_mscoco_val2014_questions.json", "mscoco_val2014_annotations.json", "val2014"),
+}
+VOCABULARY = VocabularyRule(min_questions=3, all_answers=True)
+
+DESCRIPTION = DatasetDescription(
+    name="okvqa",
+    pretty_name="OK-VQA with ConceptNet knowledge",
+    summary="OK-VQA v1.0 (outside-knowledge VQA on COCO images) with the official answers, soft answer targets "
+    "over its own answer vocabulary and commonsense knowledge retrieved for every question.",
+    homepage="https://okvqa.allenai.org",
+    task_categories=["visual-question-answering"],
+    licenses=["cc-by-4.0", "cc-by-sa-4.0", "other"],
+    licence_notes=[
+        "Questions and answers: CC-BY 4.0 (OK-VQA).",
+        "Images: COCO, under the COCO terms of use (Flickr terms of use for the photographs).",
+    ],
+    citations=[
+        """@inproceedings{marino2019okvqa,
+  title={{OK-VQA}: A Visual Question Answering Benchmark Requiring External Knowledge},
+  author={Marino, Kenneth and Rastegari, Mohammad and Farhadi, Ali and Mottaghi, Roozbeh},
+  booktitle={CVPR}, year={2019}}""",
+    ],
+    notes=[
+        "`label_ids`/`label_scores`: every vocabulary answer among the 10 human answers with the official VQA "
+        "accuracy of answering it; the vocabulary is the ClassLabel of `label_ids`: answers given by annotators "
+        "for at least 3 train+val questions.",
+        "`knowledge`: retrieved from the question text.",
+    ],
+)
+
+
+def build(
+    root,
+    image_root,
+    knowledge,
+    splits: Sequence[str] | None = None,
+    max_knowledge_items: int = 16,
+    num_proc: int = 1,
+    strict: bool = False,
+    image_mode: str = "path",
+    work_dir: Path | None = None,
+) -> BuildResult:
+    """OK-VQA from the official files in `root` and the COCO images in `image_root` (see the module docstring)."""
+    return build_vqa_format(
+        "okvqa",
+        SPLITS,
+        VOCABULARY,
+        root,
+        image_root,
+        knowledge,
+        splits,
+        strict=strict,
+        max_knowledge_items=max_knowledge_items,
+        num_proc=num_proc,
+        image_mode=image_mode,
+        work_dir=work_dir,
+    )

@@ -1,0 +1,31 @@
+"""Official metrics as plain functions (numpy only), plus `evaluate` modules that call them.
+
+`evaluate.load(metric_path("vqa_accuracy"))` loads the matching module offline from this package.
+"""
+
+from pathlib import Path
+
+from .nlvr2 import nlvr2_accuracy
+from .retrieval import retrieval_recall
+from .vqa import answer_scores, vqa_accuracy
+from .vqa_normalization import normalize_answer
+
+EVALUATE_MODULES = ("vqa_accuracy", "nlvr2_accuracy", "retrieval_recall")
+
+
+def metric_path(name: str) -> str:
+    """Folder of the `evaluate` module `name`, for `evaluate.load(metric_path(name))`."""
+    if name not in EVALUATE_MODULES:
+        raise ValueError(f"unknown metric {name!r}; choose one of {EVALUATE_MODULES}")
+    return str(Path(__file__).parent / "evaluate_modules" / name)
+
+
+__all__ = [
+    "EVALUATE_MODULES",
+    "answer_scores",
+    "metric_path",
+    "nlvr2_accuracy",
+    "normalize_answer",
+    "retrieval_recall",
+    "vqa_accuracy",
+]
