@@ -82,6 +82,45 @@ def _backbone_kwargs(config):
     return {}
 
 
+def check_inputs(
+    pixel_values=None,
+    input_ids=None,
+    attention_mask=None,
+    knowledge_input_ids=None,
+    knowledge_attention_mask=None,
+    knowledge_mask=None,
+):
+    """Fail at the door, naming every size, instead of deep inside the fusion with a shape error."""
+    given = {
+        name: tensor
+        for name, tensor in (
+            ("pixel_values", pixel_values),
+            ("input_ids", input_ids),
+            ("attention_mask", attention_mask),
+            ("knowledge_input_ids", knowledge_input_ids),
+            ("knowledge_attention_mask", knowledge_attention_mask),
+            ("knowledge_mask", knowledge_mask),
+        )
+        if tensor is not None
+    }
+    if len({tensor.shape[0] for tensor in given.values()}) > 1:
+        sizes = ", ".join(f"{name} {tensor.shape[0]}" for name, tensor in given.items())
+        raise ValueError(f"batch sizes differ: {sizes}")
+    if attention_mask is not None and input_ids is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+    if knowledge_input_ids is not None:
+        if knowledge_attention_mask is not None and knowledge_attention_mask.shape != knowledge_input_ids.shape:
+            raise ValueError(
+                f"knowledge_attention_mask {tuple(knowledge_attention_mask.shape)} does not match "
+                f"knowledge_input_ids {tuple(knowledge_input_ids.shape)}"
+            )
+        if knowledge_mask is not None and knowledge_mask.shape != knowledge_input_ids.shape[:2]:
+            raise ValueError(
+                f"knowledge_mask {tuple(knowledge_mask.shape)} does not match the (batch, items) of "
+                f"knowledge_input_ids {tuple(knowledge_input_ids.shape)}"
+            )
+
+
 def _key_bias(mask, dtype):
     """Additive attention bias (B, 1, 1, L): 0 for real keys, the dtype's minimum for padding."""
     return ((1.0 - mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
@@ -331,6 +370,7 @@ class VKOODModel(VKOODPreTrainedModel):
     ):
         if pixel_values is None or input_ids is None:
             raise ValueError("VK-OOD needs both `pixel_values` and `input_ids`")
+        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         knowledge = None
@@ -421,11 +461,10 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         if pixel_values is None or pixel_values.dim() != 5 or pixel_values.shape[1] != self.num_images:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (B, {self.num_images}, C, H, W), got {shape}")
+        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch = pixel_values.shape[0]
-        if input_ids.shape[0] != batch:
-            raise ValueError(f"batch sizes differ: image pairs {batch}, text {input_ids.shape[0]}")
         base = self.vkood
         # The sentence and its knowledge are encoded once and shared by both images.
         text = base.encode_text(input_ids, attention_mask).repeat_interleave(self.num_images, 0)
@@ -490,6 +529,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         **kwargs,
     ):
         """`image_ids` (B,) marks pairs that share an image as positives (several captions of one image)."""
+        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         base = self.vkood
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -35,6 +35,11 @@ def _sixteen_bit_to_uint8(array: np.ndarray, where: str) -> np.ndarray:
 def _image_to_rgb(image, where: str) -> np.ndarray:
     """Return one image as an (H, W, 3) channels-last array: uint8, or float as given; transparency on white."""
     if isinstance(image, PIL.Image.Image):
+        try:
+            image.load()  # Pillow decodes lazily: a truncated or corrupt file only fails here, not at open
+        except OSError as error:
+            source = f" ({image.filename})" if getattr(image, "filename", "") else ""
+            raise ValueError(f"{where}{source}: the image data cannot be decoded ({error})") from error
         if image.mode == "F":
             raise ValueError(
                 f"{where}: Pillow mode 'F' (32-bit float samples, range unknown) is not supported; convert it to "
