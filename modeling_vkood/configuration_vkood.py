@@ -41,6 +41,8 @@ class VKOODConfig(PreTrainedConfig):
             and learnt; scores are standardised so that one threshold works for any d'.
         ood_hard_gate: at inference, gate in {0, 1} (score > tau) instead of the soft sigmoid.
         use_ood_gate: False keeps every knowledge item with gate 1 (the "OOD layer off" ablation).
+        ood_alignment_weight: weight of the optional cross-modal alignment loss (VQA and NLVR2 heads): pulls the
+            projected knowledge items towards the image's mean direction on the hypersphere; 0 disables it.
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
     """
@@ -79,6 +81,7 @@ class VKOODConfig(PreTrainedConfig):
     ood_threshold: float = -3.0
     ood_hard_gate: bool = False
     use_ood_gate: bool = True
+    ood_alignment_weight: float = 0.0
     projection_dim: int = 256
     k_test: int = 128
 
@@ -117,6 +120,8 @@ class VKOODConfig(PreTrainedConfig):
             )
         if self.ood_gradient not in OOD_GRADIENT_MODES:
             raise ValueError(f"VKOODConfig.ood_gradient must be one of {OOD_GRADIENT_MODES}, got {self.ood_gradient!r}")
+        if self.ood_alignment_weight < 0:
+            raise ValueError(f"VKOODConfig.ood_alignment_weight must be >= 0, got {self.ood_alignment_weight}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"VKOODConfig.{name} must be in [0, 1), got {getattr(self, name)}")

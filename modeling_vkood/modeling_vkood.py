@@ -31,7 +31,8 @@ class VKOODModelOutput(ModelOutput):
 
     last_hidden_state: text stream [text ; knowledge] (B, L + M, H); image_last_hidden_state (B, N, H);
     pooler_output: concat(pooled text CLS, pooled image CLS) (B, 2H); ood_scores / ood_gate (B, M);
-    ood_iterations (B,) EM steps (the same count for the batch); ood_residual (B,) last relative change.
+    ood_iterations (B,) EM steps (the same count for the batch); ood_residual (B,) last relative change;
+    ood_alignment_loss: the OOD layer's cross-modal alignment loss (scalar; added by the heads when its weight > 0).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -41,6 +42,7 @@ class VKOODModelOutput(ModelOutput):
     ood_gate: torch.FloatTensor | None = None
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
+    ood_alignment_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -356,6 +358,7 @@ class VKOODModel(VKOODPreTrainedModel):
             ood_gate=ood.gate,
             ood_iterations=ood.iterations.expand(batch),
             ood_residual=ood.residual,
+            ood_alignment_loss=ood.alignment_loss,
         )
 
     def forward(
@@ -424,6 +427,7 @@ class VKOODForQuestionAnswering(VKOODPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[-1]
+            loss = loss + self.config.ood_alignment_weight * outputs.ood_alignment_loss
         return VKOODClassificationOutput(
             loss=loss,
             logits=logits,
@@ -483,7 +487,9 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         )
         pooled = outputs.pooler_output.reshape(batch, -1)
         logits = self.classifier(pooled)
-        loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.long()) + self.config.ood_alignment_weight * outputs.ood_alignment_loss
         per_pair = lambda tensor: tensor.reshape(batch, self.num_images, *tensor.shape[1:])  # noqa: E731
         return VKOODClassificationOutput(
             loss=loss,

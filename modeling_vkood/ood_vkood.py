@@ -29,11 +29,13 @@ class GaussianMixtureOutput(ModelOutput):
 
 @dataclass
 class ImplicitOODOutput(GaussianMixtureOutput):
-    """Mixture fields plus the standardised GEM `scores`, the `gate` and its stable `log_gate` per item (B, M)."""
+    """Mixture fields plus the standardised GEM `scores`, the `gate` and its stable `log_gate` per item (B, M), and
+    `alignment_loss`: mean (1 - cosine) between each real item and its image's mean direction in the projection."""
 
     scores: torch.FloatTensor | None = None
     gate: torch.FloatTensor | None = None
     log_gate: torch.FloatTensor | None = None
+    alignment_loss: torch.FloatTensor | None = None
 
 
 def _pack(weights, means, variances):
@@ -256,6 +258,7 @@ class ImplicitOODLayer(nn.Module):
                 log_gate = F.logsigmoid((scores - self.threshold.to(dtype)) / self.temperature)
             log_gate = log_gate.masked_fill(items_mask == 0, float("-inf"))
             gate = log_gate.exp()
+            alignment_loss = self.alignment_loss(context_points, context_mask.to(dtype), item_points, items_mask)
         return ImplicitOODOutput(
             weights=mixture.weights,
             means=mixture.means,
@@ -265,7 +268,15 @@ class ImplicitOODLayer(nn.Module):
             scores=scores,
             gate=gate,
             log_gate=log_gate,
+            alignment_loss=alignment_loss,
         )
+
+    @staticmethod
+    def alignment_loss(context_points, context_mask, item_points, items_mask):
+        """Cross-modal alignment on the hypersphere: 1 - cos(item, mean image direction), averaged over real items."""
+        image_direction = F.normalize((context_points * context_mask.unsqueeze(-1)).sum(1), dim=-1)
+        cosine = torch.einsum("bmd,bd->bm", F.normalize(item_points, dim=-1), image_direction)
+        return ((1.0 - cosine) * items_mask).sum() / items_mask.sum().clamp_min(1.0)
 
 
 __all__ = ["ImplicitOODLayer", "ImplicitOODOutput", "GaussianMixtureOutput", "gem_score"]

@@ -255,3 +255,14 @@ def test_retrieval_ranks_a_gallery_in_two_stages():
         )
         margin = model.itm_head(fused.pooler_output)[0]
     assert i2t[image, text].item() == pytest.approx((margin[1] - margin[0] + similarity[image, text]).item(), abs=1e-5)
+
+
+def test_alignment_weight_adds_the_alignment_loss():
+    batch = head_inputs("vqa")
+    losses = {}
+    for weight in (0.0, 2.0):
+        torch.manual_seed(0)
+        model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, ood_alignment_weight=weight)).eval()
+        losses[weight] = model(**batch).loss
+    alignment = model.vkood(**{k: v for k, v in batch.items() if k != "labels"}).ood_alignment_loss
+    torch.testing.assert_close(losses[2.0], losses[0.0] + 2.0 * alignment)

@@ -218,3 +218,14 @@ def test_gate_follows_threshold_and_temperature():
     expected = torch.sigmoid((output.scores + 1.0) / 2.0)
     torch.testing.assert_close(output.gate, expected)
     assert math.isclose(layer.threshold.item(), -1.0)
+
+
+def test_alignment_loss_is_one_minus_cosine_to_the_image_direction():
+    layer = ImplicitOODLayer(tiny_vkood_config())
+    context, items = torch.randn(2, 20, 32), torch.randn(2, 3, 32)
+    items_mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    output = layer(context, items, items_mask=items_mask)
+    image = torch.nn.functional.normalize(layer.project(context).mean(1), dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(layer.project(items), image[:, None], dim=-1)
+    expected = ((1 - cosine) * items_mask).sum() / 3
+    torch.testing.assert_close(output.alignment_loss, expected)
