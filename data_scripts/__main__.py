@@ -1,25 +1,24 @@
 """One CLI for every dataset builder, writing Parquet, a dataset card and a skip report.
 
     python -m data_scripts NAME --root DIR --image-root DIR --knowledge INDEX|starter --out DIR
-        [--splits ...] [--image-mode path|bytes] [--max-knowledge-items 16] [--num-proc N] [--strict]
-        [--push-to-hub REPO]
+        [--splits ...] [--image-mode path|bytes] [--check-images decode|header|none] [--max-knowledge-items 16]
+        [--num-proc N] [--strict] [--push-to-hub REPO]
 
 Writes `OUT/data/{split}-{i:05d}-of-{n:05d}.parquet` (the layout `push_to_hub` uses), `OUT/README.md` (dataset card)
 and `OUT/skip_report.json`. Load the result with `datasets.load_dataset("OUT")` (the card's YAML names the files)
 or `datasets.load_dataset("parquet", data_dir="OUT/data")`; the features come back from the Parquet schema.
 
-The output is deterministic (same inputs, same bytes) and appears atomically: everything is written to a
-temporary folder beside OUT that replaces OUT only when complete, so an interrupted build leaves no partial OUT
-and a rerun gives the same files.
+The output is deterministic (same inputs, same bytes) and appears atomically: everything is written to a hidden
+scratch folder beside OUT (`.OUT.tmp-*`) that replaces OUT only when complete, so an interrupted build leaves no
+partial OUT and a rerun gives the same files. The scratch folder is locked while its build lives, so the next
+build deletes the one a killed build left behind (`modeling_vkood.knowledge.scratch`).
 """
 
 import argparse
 import importlib
 import math
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,8 +26,10 @@ import pyarrow.compute as pc
 from datasets import DatasetDict
 
 from hub_cards.dataset_card import DATA_DIR, dataset_card
+from modeling_vkood.knowledge.scratch import scratch_folder
 
 from .common import IMAGE_MODES, BuildResult, open_knowledge
+from .image_check import IMAGE_CHECKS
 
 BUILDERS = ("vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k", "easy_vqa")
 # Upper bound of one Parquet file; the Hub serves files of a few hundred MB best.
@@ -46,7 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-mode", choices=IMAGE_MODES, default="path")
     parser.add_argument("--max-knowledge-items", type=int, default=16)
     parser.add_argument("--num-proc", type=int, default=1)
-    parser.add_argument("--strict", action="store_true", help="fail on a missing image instead of skipping it")
+    parser.add_argument("--check-images", choices=IMAGE_CHECKS, default="decode",
+                        help="decode: fully decode every image once (default); header: only open it (finds empty, "
+                        "non-image and oversized files, not truncated ones); none: only check that it exists")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on a missing or unreadable image instead of skipping it")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub dataset repository")
     args = parser.parse_args(argv)
     if args.root is None and args.name != "easy_vqa":
@@ -106,15 +111,11 @@ def write_output(result: BuildResult, args: argparse.Namespace, description, wor
     result.skips.write(work / "skip_report.json")
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Move the finished `new` folder to `target`, replacing an older build only after `new` is complete."""
+def replace_folder(new: Path, target: Path, scratch: Path) -> None:
+    """Move the finished `new` folder to `target`; an older build moves into `scratch` (deleted with it) first."""
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
+        os.replace(target, scratch / "previous")
+    os.replace(new, target)
 
 
 def push(result: BuildResult, out: Path, repo_id: str) -> None:
@@ -131,13 +132,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(f"data_scripts.{args.name}")
     out = args.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output folder gets the usual permissions
-    arrow = Path(tempfile.mkdtemp(prefix=f".{out.name}.arrow-", dir=out.parent))
-    try:
+    with scratch_folder(out.parent, f".{out.name}.tmp-") as scratch:
+        work = scratch / "output"
+        work.mkdir()  # the usual permissions (the scratch folder itself is private)
         result = module.build(
             args.root,
             args.image_root or args.root,
@@ -147,19 +144,16 @@ def main(argv=None) -> int:
             num_proc=args.num_proc,
             strict=args.strict,
             image_mode=args.image_mode,
-            work_dir=arrow,
+            check_images=args.check_images,
+            work_dir=scratch / "arrow",
         )
         write_output(result, args, module.DESCRIPTION, work)
-        replace_folder(work, out)
+        replace_folder(work, out, scratch)
         print(f"{args.name}: wrote {out}: rows {result.dataset.num_rows}, "
               f"skipped {len(result.skips.skipped)} (see skip_report.json)", file=sys.stderr)  # fmt: skip
         if args.push_to_hub:
             push(result, out, args.push_to_hub)
-        del result  # release the memory-mapped Arrow files before deleting them
-    finally:
-        shutil.rmtree(arrow)
-        if work.exists():
-            shutil.rmtree(work)
+        del result  # release the memory-mapped Arrow files before the scratch folder is deleted
     return 0
 
 

@@ -138,7 +138,17 @@ def build_karpathy_format(
             per_split.update(read_karpathy(path, split_names, chosen, fields, image_id, image_candidates, report))
         return per_split.pop(split)
 
-    return build_splits(name, chosen, read_split, FEATURES, knowledge, "captions", several_texts=True, **options)
+    return build_splits(
+        name,
+        chosen,
+        read_split,
+        FEATURES,
+        knowledge,
+        "captions",
+        record_name=lambda row: row["filename"],
+        several_texts=True,
+        **options,
+    )
 
 
 def build(
@@ -150,6 +160,7 @@ def build(
     num_proc: int = 1,
     strict: bool = False,
     image_mode: str = "path",
+    check_images: str = "decode",
     work_dir: Path | None = None,
     restval_to_train: bool = True,
 ) -> BuildResult:
@@ -169,5 +180,6 @@ def build(
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,
         image_mode=image_mode,
+        check_images=check_images,
         work_dir=work_dir,
     )

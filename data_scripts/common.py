@@ -1,8 +1,9 @@
 """Building blocks shared by the dataset builders.
 
 Record checks (a malformed record raises a ValueError naming file and record index), the skip report (a missing
-image is counted and named, or raises under `strict`), knowledge annotation (batched `datasets.map`), the VQA
-answer vocabulary and soft targets, and the final assembly of one split.
+or unreadable image is counted and named, or raises under `strict`), dropping rows whose image files cannot be read
+(`image_check`), knowledge annotation (batched `datasets.map`), the VQA answer vocabulary and soft targets, and the
+final assembly of one split.
 
 Soft VQA targets. `label_scores[k]` is the official VQA accuracy a model would score by answering vocabulary
 entry `label_ids[k]`: min(1, matches/3) averaged over the leave-one-out subsets of the human answers
@@ -28,6 +29,8 @@ from tqdm.auto import tqdm
 
 from modeling_vkood.evaluation import answer_scores, normalize_answer
 from modeling_vkood.knowledge import KnowledgeBase
+
+from .image_check import ImageChecker
 
 IMAGE_MODES = ("path", "bytes")
 KNOWLEDGE_FEATURE = List(
@@ -126,10 +129,11 @@ def select_splits(requested: Sequence[str] | None, available: dict[str, Path], d
 
 @dataclass
 class SkipReport:
-    """Every record left out of a build, with the reason and the file that was looked for."""
+    """Every record left out of a build, with the reason and the file concerned; `strict` raises instead."""
 
     dataset: str
     strict: bool = False
+    image_check: str = "decode"
     skipped: list[dict] = field(default_factory=list)
 
     def missing_image(self, split: str, record: str, path: Path) -> None:
@@ -138,14 +142,27 @@ class SkipReport:
             raise FileNotFoundError(f"{self.dataset} {split}: image {path} of record {record} does not exist")
         self.skipped.append({"split": split, "record": record, "reason": "missing image", "path": str(path)})
 
+    def unreadable_image(self, split: str, record: str, path: str, error: str) -> None:
+        """Record an image file that cannot be read (`image_check.image_problem`); under `strict` stop instead."""
+        if self.strict:
+            raise ValueError(f"{self.dataset} {split}: image {path} of record {record} cannot be read ({error})")
+        self.skipped.append(
+            {"split": split, "record": record, "reason": "unreadable image", "path": str(path), "error": error}
+        )
+
     def per_split(self) -> dict[str, int]:
         return dict(sorted(Counter(entry["split"] for entry in self.skipped).items()))
+
+    def per_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(entry["reason"] for entry in self.skipped).items()))
 
     def to_dict(self) -> dict:
         return {
             "dataset": self.dataset,
+            "image_check": self.image_check,
             "total_skipped": len(self.skipped),
             "per_split": self.per_split(),
+            "per_reason": self.per_reason(),
             "skipped": self.skipped,
         }
 
@@ -332,6 +349,39 @@ def _map_storage(work_dir: Path | None, name: str) -> dict:
     return {"cache_file_name": str(work_dir / f"{name}.arrow")}
 
 
+def drop_unreadable_images(
+    columns: dict[str, list],
+    features: Features,
+    checker: ImageChecker,
+    report: SkipReport,
+    split: str,
+    record_name: Callable[[dict], str],
+) -> dict[str, list]:
+    """The rows of `columns` whose image files (every `Image` column) can all be read; the others are reported.
+
+    A row is reported once, with its first unreadable image, in row order, so `strict` names the first bad file.
+    """
+    image_columns = [name for name, feature in features.items() if isinstance(feature, Image)]
+    problems = checker.problems((path for name in image_columns for path in columns[name]), split)
+    num_rows = len(columns[image_columns[0]]) if image_columns else 0
+    keep = []
+    for row in range(num_rows):
+        bad = next((columns[name][row] for name in image_columns if problems[columns[name][row]]), None)
+        if bad is None:
+            keep.append(row)
+        else:
+            record = record_name({name: values[row] for name, values in columns.items()})
+            report.unreadable_image(split, record, bad, problems[bad])
+    if len(keep) == num_rows:
+        return columns
+    return {name: [values[row] for row in keep] for name, values in columns.items()}
+
+
+def question_record(row: dict) -> str:
+    """How the VQA-format builders name a record in the skip report."""
+    return f"question_id={row['question_id']}"
+
+
 def build_splits(
     name: str,
     splits: Sequence[str],
@@ -340,19 +390,26 @@ def build_splits(
     knowledge,
     text_column: str,
     *,
+    record_name: Callable[[dict], str],
     strict: bool,
+    check_images: str,
     max_knowledge_items: int,
     num_proc: int,
     image_mode: str,
     work_dir: Path | None,
     several_texts: bool = False,
 ) -> BuildResult:
-    """Read each split with `read_split(split, report)` and finish it; the common tail of every builder."""
-    report = SkipReport(name, strict=strict)
+    """Read each split with `read_split(split, report)`, drop rows with unreadable images, and finish the split.
+
+    The common tail of every builder. `record_name(row)` names a row in the skip report as its builder names the
+    records it skips while reading. Each distinct image file is checked once per build (`check_images`).
+    """
+    report = SkipReport(name, strict=strict, image_check=check_images)
+    checker = ImageChecker(check_images, num_proc)
     knowledge_base = open_knowledge(knowledge)
     built = {}
     for split in splits:
-        columns = read_split(split, report)
+        columns = drop_unreadable_images(read_split(split, report), features, checker, report, split, record_name)
         built[split] = finish_split(
             columns,
             features,

@@ -22,6 +22,7 @@ from .common import (
     build_splits,
     load_json,
     progress,
+    question_record,
     record_error,
     select_splits,
     vqa_features,
@@ -120,6 +121,7 @@ def build(
     num_proc: int = 1,
     strict: bool = False,
     image_mode: str = "path",
+    check_images: str = "decode",
     work_dir: Path | None = None,
 ) -> BuildResult:
     """easy-VQA from `root` (default: the installed package's data) and its images (see the module docstring)."""
@@ -139,9 +141,11 @@ def build(
         vqa_features(vocabulary),
         knowledge,
         "question",
+        record_name=question_record,
         strict=strict,
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,
         image_mode=image_mode,
+        check_images=check_images,
         work_dir=work_dir,
     )

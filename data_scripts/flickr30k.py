@@ -55,6 +55,7 @@ def build(
     num_proc: int = 1,
     strict: bool = False,
     image_mode: str = "path",
+    check_images: str = "decode",
     work_dir: Path | None = None,
 ) -> BuildResult:
     """Flickr30k Karpathy splits from `root/dataset_flickr30k.json` and the images in `image_root`."""
@@ -72,5 +73,6 @@ def build(
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,
         image_mode=image_mode,
+        check_images=check_images,
         work_dir=work_dir,
     )

@@ -117,6 +117,7 @@ def build(
     num_proc: int = 1,
     strict: bool = False,
     image_mode: str = "path",
+    check_images: str = "decode",
     work_dir: Path | None = None,
 ) -> BuildResult:
     """NLVR2 from the official files in `root` and the images in `image_root` (see the module docstring)."""
@@ -134,9 +135,11 @@ def build(
         FEATURES,
         knowledge,
         "sentence",
+        record_name=lambda row: row["identifier"],
         strict=strict,
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,
         image_mode=image_mode,
+        check_images=check_images,
         work_dir=work_dir,
     )

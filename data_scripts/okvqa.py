@@ -60,6 +60,7 @@ def build(
     num_proc: int = 1,
     strict: bool = False,
     image_mode: str = "path",
+    check_images: str = "decode",
     work_dir: Path | None = None,
 ) -> BuildResult:
     """OK-VQA from the official files in `root` and the COCO images in `image_root` (see the module docstring)."""
@@ -75,5 +76,6 @@ def build(
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,
         image_mode=image_mode,
+        check_images=check_images,
         work_dir=work_dir,
     )

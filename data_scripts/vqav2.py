@@ -26,6 +26,7 @@ from .common import (
     check_record,
     load_json,
     progress,
+    question_record,
     record_error,
     record_list,
     select_splits,
@@ -218,7 +219,8 @@ def build_vqa_format(
             root, image_root, split_files[split], split, annotations.get(split), vocabulary_index, finder, report
         )
 
-    return build_splits(name, chosen, read_split, vqa_features(vocabulary), knowledge, "question", **options)
+    features, text = vqa_features(vocabulary), "question"
+    return build_splits(name, chosen, read_split, features, knowledge, text, record_name=question_record, **options)
 
 
 def build(
@@ -230,6 +232,7 @@ def build(
     num_proc: int = 1,
     strict: bool = False,
     image_mode: str = "path",
+    check_images: str = "decode",
     work_dir: Path | None = None,
 ) -> BuildResult:
     """VQAv2 from the official files in `root` and the COCO images in `image_root` (see the module docstring)."""
@@ -245,5 +248,6 @@ def build(
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,
         image_mode=image_mode,
+        check_images=check_images,
         work_dir=work_dir,
     )

@@ -18,6 +18,24 @@ from transformers.processing_utils import ProcessorMixin
 # Pillow modes holding 16-bit samples (16-bit PNG/TIFF decode to these); `Image.convert("RGB")` would clip them at 255.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _CHANNEL_COUNTS = (1, 3, 4)
+# Text models whose position ids start at padding_idx + 1 (fairseq numbering, `create_position_ids_from_input_ids`
+# in transformers), padding_idx being the pad token id (MPNet: always 1): only max_position_embeddings -
+# padding_idx - 1 tokens fit (RoBERTa-base: 514 - 2 = 512).
+_POSITIONS_AFTER_PADDING_IDX = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "longformer",
+     "roberta-prelayernorm", "xmod", "mpnet"}
+)  # fmt: skip
+
+
+def usable_text_length(text_config) -> int | None:
+    """Most tokens (special tokens included) the text encoder of `text_config` can embed; None if it has no limit."""
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if text_config.model_type in _POSITIONS_AFTER_PADDING_IDX:
+        padding_idx = 1 if text_config.model_type == "mpnet" else text_config.pad_token_id
+        positions -= padding_idx + 1
+    return positions
 
 
 def _is_single_image(value) -> bool:
@@ -132,11 +150,23 @@ class VKOODProcessor(ProcessorMixin):
         tokenizer: the text backbone's tokenizer; it encodes both the text and the knowledge items.
         max_knowledge_items (`int`, defaults to 16): items kept per example (M cap); extra items are dropped in order.
         knowledge_max_length (`int`, defaults to 32): tokens kept per item, special tokens included (Lk cap).
+        max_text_length (`int`, *optional*): most tokens of a text, special tokens included: the positions the
+            text encoder can embed (`from_model_config` sets it), so that a long text is truncated here instead of
+            failing inside the model's embeddings. None: the tokenizer's own limit.
     """
 
-    def __init__(self, image_processor, tokenizer, max_knowledge_items: int = 16, knowledge_max_length: int = 32):
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        max_knowledge_items: int = 16,
+        knowledge_max_length: int = 32,
+        max_text_length: int | None = None,
+    ):
         super().__init__(image_processor, tokenizer)
         limits = {"max_knowledge_items": max_knowledge_items, "knowledge_max_length": knowledge_max_length}
+        if max_text_length is not None:
+            limits["max_text_length"] = max_text_length
         for name, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"VKOODProcessor.{name} must be a positive integer, got {value!r}")
@@ -146,17 +176,25 @@ class VKOODProcessor(ProcessorMixin):
                 f"VKOODProcessor.knowledge_max_length={knowledge_max_length} leaves no room for text: the tokenizer "
                 f"adds {special} special tokens per item"
             )
+        if max_text_length is not None and knowledge_max_length > max_text_length:
+            raise ValueError(
+                f"VKOODProcessor.knowledge_max_length={knowledge_max_length} exceeds max_text_length={max_text_length}"
+                ": knowledge items are read by the same text encoder"
+            )
         self.max_knowledge_items = max_knowledge_items
         self.knowledge_max_length = knowledge_max_length
+        self.max_text_length = max_text_length
 
     @classmethod
     def from_model_config(cls, image_processor, tokenizer, config) -> "VKOODProcessor":
-        """Processor whose M and Lk caps are the model config's `max_knowledge_items` / `knowledge_max_length`."""
+        """Processor with the model config's M and Lk caps (`max_knowledge_items`, `knowledge_max_length`) and the
+        text encoder's usable length as `max_text_length` (`usable_text_length(config.text_config)`)."""
         return cls(
             image_processor,
             tokenizer,
             max_knowledge_items=config.max_knowledge_items,
             knowledge_max_length=config.knowledge_max_length,
+            max_text_length=usable_text_length(config.text_config),
         )
 
     @property
@@ -188,7 +226,9 @@ class VKOODProcessor(ProcessorMixin):
                 `pixel_values` (B, C, H, W); a list of per-example lists of images (NLVR2 pairs) ->
                 (B, n, C, H, W). Every image is converted to RGB (transparency onto white, 16-bit scaled to 8-bit).
             text: a string or a list of strings -> `input_ids`, `attention_mask` (B, L), padded per `padding`,
-                truncated to `max_length` (default: the tokenizer's limit) when `truncation`.
+                truncated to `max_length` when `truncation`. `max_length` defaults to the smaller of
+                `max_text_length` and the tokenizer's limit, and may not exceed `max_text_length`; without
+                truncation a text longer than `max_text_length` raises a ValueError.
             knowledge: per example a list of strings, of mappings with a "text" key, or of objects with a `.text`
                 attribute (None or [] = no items); for a single example, the flat list. Returns
                 `knowledge_input_ids` / `knowledge_attention_mask` (B, M, Lk) and `knowledge_mask` (B, M), 1 = real
@@ -221,10 +261,15 @@ class VKOODProcessor(ProcessorMixin):
                 list(texts),
                 padding=padding,
                 truncation=truncation,
-                max_length=max_length,
+                max_length=self._text_length(max_length) if truncation else max_length,
                 return_token_type_ids=False,
                 return_tensors="pt",
             )
+            if self.max_text_length is not None and encoded["input_ids"].shape[1] > self.max_text_length:
+                raise ValueError(
+                    f"text of {encoded['input_ids'].shape[1]} tokens is longer than the text encoder's "
+                    f"max_text_length={self.max_text_length}; call with truncation=True"
+                )
             data["input_ids"], data["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
             sizes["text"] = len(texts)
         if knowledge is not None:
@@ -238,6 +283,18 @@ class VKOODProcessor(ProcessorMixin):
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data=data)
+
+    def _text_length(self, max_length: int | None) -> int | None:
+        """The `max_length` for the tokenizer: the caller's, checked against `max_text_length`, or the default."""
+        if self.max_text_length is None:
+            return max_length
+        if max_length is None:
+            return min(self.max_text_length, self.tokenizer.model_max_length)
+        if max_length > self.max_text_length:
+            raise ValueError(
+                f"max_length={max_length} exceeds the text encoder's max_text_length={self.max_text_length}"
+            )
+        return max_length
 
     def _encode_images(self, flat_images: list, per_example: int | None, **kwargs) -> torch.Tensor:
         """(B, C, H, W) pixel values, or (B, n, C, H, W) when every example holds n images."""
@@ -314,4 +371,4 @@ class VKOODProcessor(ProcessorMixin):
 
 VKOODProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["VKOODProcessor"]
+__all__ = ["VKOODProcessor", "usable_text_length"]

@@ -10,7 +10,7 @@ from huggingface_hub import DatasetCard
 from PIL import Image
 
 from data_scripts import answer_vocabulary
-from data_scripts import coco_karpathy, easy_vqa, flickr30k, nlvr2, okvqa, vqav2
+from data_scripts import coco_karpathy, easy_vqa, flickr30k, image_check, nlvr2, okvqa, vqav2
 from data_scripts.__main__ import content_bytes, main
 from data_scripts.common import merge_knowledge
 from hub_cards.dataset_card import knowledge_statistics, size_category
@@ -127,6 +127,16 @@ def test_vqav2_strict_fails_on_the_missing_image(vqa_files, knowledge_base):
     root, images = vqa_files
     with pytest.raises(FileNotFoundError, match="COCO_val2014_000000000101.jpg"):
         vqav2.build(root, images, knowledge_base, splits=["validation"], strict=True)
+
+
+def test_each_distinct_image_is_decoded_once_per_build(vqa_files, knowledge_base, monkeypatch):
+    root, images = vqa_files
+    checked = []
+    original = image_check.image_problem
+    monkeypatch.setattr(image_check, "image_problem", lambda path, check: checked.append(path) or original(path, check))
+    dataset, _ = vqav2.build(root, images, knowledge_base)
+    assert dataset.num_rows == {"train": 12, "validation": 4, "test_dev": 2, "test": 3}  # two questions per image
+    assert len(checked) == len(set(checked)) == 6 + 2 + 1 + 2  # every image once, across all splits
 
 
 def _rewrite(path: Path, key: str, index: int, change) -> None:
@@ -421,6 +431,28 @@ def test_cli_writes_parquet_card_and_skip_report_deterministically(vqa_files, tm
         "train": 12, "validation": 4, "test_dev": 2, "test": 3}  # fmt: skip
     assert "COCO_val2014_000000000101.jpg" in card.text and "CC-BY-SA 4.0" in card.text
     assert "| validation | 4 |" in card.text
+
+
+def test_cli_reports_unreadable_images_in_the_skip_report_and_the_card(vqa_files, tmp_path, monkeypatch):
+    root, images = vqa_files
+    monkeypatch.setenv("VKOOD_CACHE", str(tmp_path / "cache"))
+    broken = images / "train2014" / "COCO_train2014_000000000002.jpg"  # asked about by two questions
+    broken.write_bytes(b"<html>404 Not Found</html>")
+    out = tmp_path / "out" / "vqav2"
+    assert main(_cli(root, images, out, "--splits", "train")) == 0
+    report = json.loads((out / "skip_report.json").read_text())
+    assert report["image_check"] == "decode" and report["per_reason"] == {"unreadable image": 2}
+    assert [entry["record"] for entry in report["skipped"]] == ["question_id=2000", "question_id=2001"]
+    card = DatasetCard.load(out / "README.md").text
+    assert "fully decoded once" in card and "unreadable image: 2" in card
+    assert "| train | question_id=2000 | unreadable image (UnidentifiedImageError: cannot identify image file" in card
+    assert f"`{broken}`" in card
+
+    assert main(_cli(root, images, out, "--splits", "train", "--check-images", "none")) == 0
+    assert json.loads((out / "skip_report.json").read_text())["total_skipped"] == 0
+    assert "only checked to exist" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match=f"image {broken} of record question_id=2000 cannot be read"):
+        main(_cli(root, images, out, "--splits", "train", "--strict"))
 
 
 def test_cli_failure_leaves_the_previous_output_untouched(vqa_files, tmp_path, monkeypatch):

@@ -337,6 +337,55 @@ def test_verbalisation_per_relation():
     assert verbalize("album", "HasGenre", "jazz") == "an album has genre jazz"
 
 
+@pytest.mark.parametrize(
+    "edge, sentence",
+    [
+        # a colour name used as a colour: no article, and IsA reads as a plain class
+        (("red", "IsA", "color"), "red is a color"),
+        (("red", "IsA", "primary color"), "red is a primary color"),
+        (("brown", "IsA", "earth tone"), "brown is an earth tone"),
+        (("gray", "IsA", "mix of black and white"), "gray is a mix of black and white"),
+        (("teal", "IsA", "dark cyan"), "teal is dark cyan"),
+        (("blue", "PartOf", "rainbow"), "blue is part of a rainbow"),
+        (("red", "UsedFor", "stop signals"), "red is used for stop signals"),
+        # a word that is a colour or a thing: the other end of the edge decides
+        (("orange", "IsA", "color"), "orange is a color"),
+        (("orange", "IsA", "citrus fruit"), "an orange is a kind of citrus fruit"),
+        (("peel", "PartOf", "orange"), "a peel is part of an orange"),
+        (("teal", "IsA", "duck"), "a teal is a kind of duck"),
+        # mass nouns take no article
+        (("broccoli", "IsA", "vegetable"), "broccoli is a kind of vegetable"),
+        (("floret", "PartOf", "broccoli"), "a floret is part of broccoli"),
+        (("cat", "HasA", "fur"), "a cat has fur"),
+        (("orange", "HasA", "vitamin c"), "an orange has vitamin c"),
+        (("baseball glove", "PartOf", "baseball equipment"), "a baseball glove is part of baseball equipment"),
+        (("ski", "AtLocation", "snow"), "a ski is often found in snow"),
+        # plurals: no article, plural verb; the head noun comes before a preposition
+        (("scissors", "IsA", "tool"), "scissors are a kind of tool"),
+        (("scissors", "HasA", "two blades"), "scissors have two blades"),
+        (("bear", "HasA", "sharp teeth"), "a bear has sharp teeth"),
+        (("dining table", "HasA", "chairs around it"), "a dining table has chairs around it"),
+        (("people", "Desires", "food"), "people want food"),
+        (("salt and pepper", "AtLocation", "table"), "salt and pepper are often found on the table"),
+        # locations: preposition by head noun, no "the" before place names
+        (("bench", "AtLocation", "bus stop"), "a bench is often found at the bus stop"),
+        (("handbag", "AtLocation", "woman's arm"), "a handbag is often found on the woman's arm"),
+        (("zebra", "AtLocation", "africa"), "a zebra is often found in africa"),
+        # "a"/"an" by sound
+        (("ukulele", "IsA", "instrument"), "a ukulele is a kind of instrument"),
+        (("hour", "PartOf", "day"), "an hour is part of a day"),
+    ],
+)
+def test_verbalisation_reads_naturally(edge, sentence):
+    assert verbalize(*edge) == sentence
+
+
+def test_starter_colour_knowledge_reads_as_colours(starter_kb):
+    texts = {item.text for item in starter_kb.retrieve("Is the red shape blue or teal?", max_items=64)}
+    assert {"red is a color", "red is part of a rainbow", "blue is a primary color", "teal is a color"} <= texts
+    assert not {text for text in texts if text.startswith(("a red", "a blue", "a teal is a kind of color"))}
+
+
 # --------------------------------------------------------------------------------------------- starter
 EASY_VQA_WORDS = ("circle", "rectangle", "triangle", "red", "green", "blue", "black", "gray", "yellow", "teal",
                   "brown", "shape", "color", "colour")

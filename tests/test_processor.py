@@ -10,10 +10,10 @@ import PIL.Image
 import pytest
 import torch
 from conftest import run_without_package
-from transformers import AutoTokenizer, CLIPImageProcessorPil
+from transformers import AutoModel, AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_vkood.configuration_vkood import VKOODConfig
-from modeling_vkood.processing_vkood import VKOODProcessor
+from modeling_vkood.processing_vkood import VKOODProcessor, usable_text_length
 
 SIZE = 32
 KEYS = [
@@ -205,6 +205,55 @@ def test_limits_come_from_the_model_config_and_are_validated(tokenizer):
         make_processor(tokenizer, max_knowledge_items=0)
 
 
+@pytest.mark.parametrize(
+    "text_config, usable",
+    [
+        (dict(model_type="roberta", max_position_embeddings=514, pad_token_id=1), 512),  # FacebookAI/roberta-base
+        (dict(model_type="xlm-roberta", max_position_embeddings=514, pad_token_id=1), 512),
+        (dict(model_type="camembert", max_position_embeddings=514, pad_token_id=1), 512),
+        (dict(model_type="mpnet", max_position_embeddings=514), 512),  # padding_idx is always 1
+        (dict(model_type="bert", max_position_embeddings=512), 512),  # positions start at 0
+    ],
+)
+def test_usable_text_length_of_known_text_encoders(text_config, usable):
+    assert usable_text_length(VKOODConfig(text_config=text_config).text_config) == usable
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "bert"])
+def test_max_text_length_is_exactly_what_the_text_encoder_embeds(tokenizer, model_type):
+    """Checked against the real encoder: max_text_length tokens run, one more fails inside the embeddings."""
+    text_config = dict(model_type=model_type, vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=20)  # fmt: skip
+    config = VKOODConfig(text_config=text_config, knowledge_max_length=8)
+    processor = VKOODProcessor.from_model_config(make_processor(tokenizer).image_processor, tokenizer, config)
+    assert processor.max_text_length == (18 if model_type == "roberta" else 20)
+    encoder = AutoModel.from_config(config.text_config).eval()
+    long_text = "word " * 100
+    encoded = processor(text=[long_text, "short"])
+    assert encoded["input_ids"].shape == (2, processor.max_text_length)
+    with torch.no_grad():
+        encoder(input_ids=encoded["input_ids"][:1])
+        one_more = tokenizer(long_text, truncation=True, max_length=processor.max_text_length + 1, return_tensors="pt")
+        with pytest.raises((IndexError, RuntimeError)):
+            encoder(input_ids=one_more["input_ids"])
+
+    assert processor(text=long_text, max_length=10)["input_ids"].shape == (1, 10)
+    limit = processor.max_text_length
+    with pytest.raises(ValueError, match=f"max_length=21 exceeds the text encoder's max_text_length={limit}"):
+        processor(text=long_text, max_length=21)
+    with pytest.raises(ValueError, match="text of .* tokens is longer than .*; call with truncation=True"):
+        processor(text=long_text, truncation=False)
+    assert processor(text="short", truncation=False)["input_ids"].shape == (1, 3)
+
+
+def test_max_text_length_is_validated(tokenizer):
+    assert make_processor(tokenizer).max_text_length is None  # the tokenizer's limit
+    with pytest.raises(ValueError, match="max_text_length must be a positive integer"):
+        make_processor(tokenizer, max_text_length=0)
+    with pytest.raises(ValueError, match="knowledge_max_length=32 exceeds max_text_length=16"):
+        make_processor(tokenizer, max_text_length=16)
+
+
 def test_decode_numpy_output_and_input_names(processor):
     out = processor(text=["What colour is the circle?", "Is it red?"], return_tensors="np")
     assert isinstance(out["input_ids"], np.ndarray)
@@ -245,14 +294,14 @@ torch.save(dict(out), OUTPUT)
 
 
 def test_save_and_reload_including_remote_code_without_the_package(tokenizer, tmp_path):
-    processor = make_processor(tokenizer, max_knowledge_items=5, knowledge_max_length=12)
+    processor = make_processor(tokenizer, max_knowledge_items=5, knowledge_max_length=12, max_text_length=64)
     folder = tmp_path / "checkpoint"
     processor.save_pretrained(folder)
 
     assert (folder / "processing_vkood.py").is_file()
     saved = json.loads((folder / "processor_config.json").read_text())
     assert saved["auto_map"] == {"AutoProcessor": "processing_vkood.VKOODProcessor"}
-    assert (saved["max_knowledge_items"], saved["knowledge_max_length"]) == (5, 12)
+    assert (saved["max_knowledge_items"], saved["knowledge_max_length"], saved["max_text_length"]) == (5, 12, 64)
 
     inputs = tmp_path / "inputs.json"
     inputs.write_text(json.dumps(round_trip_inputs(tmp_path)))
@@ -277,7 +326,7 @@ def test_save_and_reload_including_remote_code_without_the_package(tokenizer, tm
     original = torch.load(outputs["original"])
     assert sorted(original) == sorted(KEYS)
     assert original["knowledge_input_ids"].shape == (3, 5, 12)
-    assert original["input_ids"].shape == (3, tokenizer.model_max_length)
+    assert original["input_ids"].shape == (3, 64)  # the 600-word text, cut at max_text_length on every side
     for name in ("reloaded", "remote"):
         other = torch.load(outputs[name])
         assert sorted(other) == sorted(KEYS), name

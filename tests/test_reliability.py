@@ -34,9 +34,10 @@ from modeling_vkood import (
     VKOODProcessor,
 )
 from modeling_vkood.knowledge import KnowledgeBase
+from modeling_vkood.knowledge.scratch import scratch_folder
 
 SIZE = 32  # the tiny vision tower's input size
-MAX_TEXT_TOKENS = 128  # the tiny text tower's max_position_embeddings
+MAX_TEXT_TOKENS = 128  # the tiny BERT text tower's max_position_embeddings: the processor's max_text_length
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +147,6 @@ def test_builder_keeps_odd_valid_images_and_they_reach_the_model_unchanged(proce
         assert torch.equal(from_dataset, from_file), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="builders check only that an image file exists (ImageFinder: Path.is_file), never that it decodes: "
-    "corrupt files are stored and fail only at training time, in the collator's decode, where a truncated file "
-    "or a decompression bomb raises without naming the file (and embedded bytes have no name at all)",
-)
 @pytest.mark.parametrize("strict", [False, True])
 def test_builder_skips_unreadable_images_naming_them(starter_kb, tmp_path, strict):
     unreadable = {**unreadable_images(), "decompression_bomb": decompression_bomb_png()}
@@ -163,6 +158,37 @@ def test_builder_skips_unreadable_images_naming_them(starter_kb, tmp_path, stric
     dataset, skips = vqav2.build(tmp_path, tmp_path, starter_kb)
     assert len(dataset["validation"]) == 1
     assert sorted(entry["path"] for entry in skips.skipped) == sorted(str(paths[name]) for name in unreadable)
+    assert skips.to_dict()["per_reason"] == {"unreadable image": len(unreadable)}
+    errors = {Path(entry["path"]): entry["error"] for entry in skips.skipped}
+    assert errors[paths["zero_byte"]].startswith("UnidentifiedImageError")
+    assert errors[paths["not_an_image"]].startswith("UnidentifiedImageError")
+    assert "truncated" in errors[paths["truncated_png"]] and "truncated" in errors[paths["truncated_jpeg"]]
+    assert errors[paths["decompression_bomb"]].startswith("DecompressionBombError")
+
+
+def test_header_check_misses_only_truncated_files_and_none_checks_nothing(starter_kb, tmp_path):
+    unreadable = {**unreadable_images(), "decompression_bomb": decompression_bomb_png()}
+    paths = write_vqav2_validation(tmp_path, {"good": image_bytes(noise_image(), "JPEG"), **unreadable})
+    _, skips = vqav2.build(tmp_path, tmp_path, starter_kb, check_images="header")
+    assert sorted(entry["path"] for entry in skips.skipped) == sorted(
+        str(paths[name]) for name in ("zero_byte", "not_an_image", "decompression_bomb")
+    )
+    dataset, skips = vqav2.build(tmp_path, tmp_path, starter_kb, check_images="none")
+    assert skips.skipped == [] and len(dataset["validation"]) == 1 + len(unreadable)
+    with pytest.raises(ValueError, match="check_images must be one of"):
+        vqav2.build(tmp_path, tmp_path, starter_kb, check_images="full")
+
+
+def test_images_above_the_pixel_limit_are_unreadable_even_where_pillow_only_warns(starter_kb, tmp_path, monkeypatch):
+    """Between MAX_IMAGE_PIXELS and twice that, Pillow warns and decodes; the build treats it as unreadable."""
+    paths = write_vqav2_validation(tmp_path, {"small": image_bytes(noise_image(size=(30, 30)), "PNG"),
+                                              "large": image_bytes(noise_image(size=(48, 40)), "PNG")})  # fmt: skip
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # 900 pixels pass, 1,920 are in the warning band
+    dataset, skips = vqav2.build(tmp_path, tmp_path, starter_kb)
+    assert len(dataset["validation"]) == 1
+    assert [(entry["path"], entry["error"].split(":")[0]) for entry in skips.skipped] == [
+        (str(paths["large"]), "DecompressionBombWarning")
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------- text
@@ -180,7 +206,7 @@ HOSTILE_TEXT = {
 
 def test_hostile_text_through_processor_and_retrieval(processor, starter_kb):
     def ids(text):
-        return processor(text=text, max_length=MAX_TEXT_TOKENS)["input_ids"][0].tolist()
+        return processor(text=text)["input_ids"][0].tolist()  # long text is cut at max_text_length
 
     tokenizer = processor.tokenizer
     only_specials = [tokenizer.cls_token_id, tokenizer.sep_token_id]
@@ -212,10 +238,10 @@ def test_hostile_text_batch_gives_finite_outputs_equal_to_each_row_alone(process
     images = [noise_image(seed=index) for index in range(len(texts))]
     knowledge = starter_kb.retrieve_batch(texts, max_items=model.config.max_knowledge_items)
     with torch.no_grad():
-        batch = model(**processor(images=images, text=texts, knowledge=knowledge, max_length=MAX_TEXT_TOKENS))
+        batch = model(**processor(images=images, text=texts, knowledge=knowledge))
         assert torch.isfinite(batch.logits).all() and torch.isfinite(batch.ood_scores).all()
         for index, text in enumerate(texts):
-            alone = processor(images=images[index], text=text, knowledge=knowledge[index], max_length=MAX_TEXT_TOKENS)
+            alone = processor(images=images[index], text=text, knowledge=knowledge[index])
             torch.testing.assert_close(model(**alone).logits[0], batch.logits[index], atol=1e-5, rtol=1e-5)
 
 
@@ -324,16 +350,31 @@ def test_index_build_killed_mid_stream_leaves_no_index_and_a_rebuild_works(tmp_p
     assert status == -signal.SIGKILL
     assert not index.exists()
     stale = {path.name for path in index.parent.iterdir()}
-    # SIGKILL runs no cleanup: at most the hidden temporary file remains, never a file readers would open
-    assert all(re.fullmatch(r"\.kb\.sqlite\..+\.tmp", name) for name in stale), stale
+    # SIGKILL runs no cleanup: the hidden scratch folder remains, never a file readers would open
+    assert len(stale) == 1 and all(re.fullmatch(r"\.kb\.sqlite\..+\.tmp", name) for name in stale), stale
     with pytest.raises(FileNotFoundError, match="kb.sqlite"):
         KnowledgeBase.open(index)
 
     report = KnowledgeBase.build(dump, index)
     assert report.built and report.lines == lines and report.edges == lines
-    assert {path.name for path in index.parent.iterdir()} - stale == {"kb.sqlite"}
+    assert [path.name for path in index.parent.iterdir()] == ["kb.sqlite"]  # the dead build's leftovers are gone
     with KnowledgeBase.open(index) as kb:
         assert len(kb) == lines
+
+
+def test_a_build_removes_dead_builds_leftovers_but_never_a_live_builds(tmp_path):
+    index = tmp_path / "kb.sqlite"
+    dead = tmp_path / ".kb.sqlite.dead.tmp"  # what a killed build leaves: a scratch folder nobody holds
+    dead.mkdir()
+    (dead / "kb.sqlite").write_bytes(b"half an index")
+    other = tmp_path / ".other.sqlite.dead.tmp"  # another output's scratch folder: not this build's business
+    other.mkdir()
+    # A concurrent build, still running. flock locks belong to an open file description, so a holder in this
+    # process excludes the build below exactly as one in another process would.
+    with scratch_folder(tmp_path, ".kb.sqlite.", ".tmp") as live:
+        KnowledgeBase.build(REPO_ROOT / "modeling_vkood" / "knowledge" / "data" / "starter.csv", index)
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["kb.sqlite", live.name, other.name])
+    assert not live.exists()  # the live build cleaned up after itself
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
@@ -360,7 +401,7 @@ def test_dataset_build_killed_then_rerun_gives_the_same_files(tmp_path, monkeypa
     rebuilt = folder_files(out)
     assert "data/test-00000-of-00001.parquet" in rebuilt
     assert rebuilt == folder_files(reference)
-    assert {path.name for path in out.parent.iterdir()} - stale == {"easy_vqa"}
+    assert [path.name for path in out.parent.iterdir()] == ["easy_vqa"]  # the dead build's leftovers are gone
 
 
 # --------------------------------------------------------------------------------------------------- security

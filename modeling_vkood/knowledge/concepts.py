@@ -47,7 +47,7 @@ STOP_WORDS = frozenset(
 )
 
 # Plurals that no suffix rule recovers.
-_IRREGULAR_PLURALS = {
+IRREGULAR_PLURALS = {
     "people": "person",
     "men": "man",
     "women": "woman",
@@ -72,7 +72,7 @@ _IRREGULAR_PLURALS = {
 }
 
 # Words that look plural but name one thing; their own form is tried before the stripped one.
-_PLURAL_FORM_NOUNS = frozenset(
+PLURAL_FORM_NOUNS = frozenset(
     "glasses sunglasses eyeglasses goggles scissors pants trousers jeans shorts pajamas pyjamas clothes tongs "
     "pliers binoculars headphones earphones news species series".split()
 )
@@ -129,9 +129,9 @@ def lemma_candidates(word: str) -> tuple[str, ...]:
     Plurals put the singular first (a plural noun almost always means the singular concept). Words in -ing/-ed
     put themselves first, since many are nouns in their own right (building, painting, clothing).
     """
-    if word in _IRREGULAR_PLURALS:
-        return (_IRREGULAR_PLURALS[word], word)
-    if word in _PLURAL_FORM_NOUNS:
+    if word in IRREGULAR_PLURALS:
+        return (IRREGULAR_PLURALS[word], word)
+    if word in PLURAL_FORM_NOUNS:
         return (word, word[:-2] if word.endswith("ses") else word[:-1])
     if len(word) > 5 and word.endswith("ing"):
         return (word, *_verb_candidates(word, 3))

@@ -4,7 +4,8 @@ The live ConceptNet API is rate limited and goes down; the dump does not. `Knowl
 dump (34 million lines, gzip or plain) into a small SQLite file holding only the chosen languages and relations;
 `retrieve` then answers from that file plus per-process caches. The file is written under a temporary name and
 renamed when complete, so readers never see a half-built index, and it is never modified afterwards, which is
-what lets readers open it immutable (no locking) from any number of processes.
+what lets readers open it immutable (no locking) from any number of processes. The temporary file lives in a
+locked scratch folder (`scratch.py`), so the leftovers of a killed build are deleted by the next build.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .concepts import extract_concepts, normalize_name
+from .scratch import scratch_folder
 from .verbalize import verbalize
 
 DEFAULT_RELATIONS = ("AtLocation", "PartOf", "IsA", "UsedFor", "HasA")
@@ -314,15 +315,10 @@ class KnowledgeBase:
         languages = tuple(dict.fromkeys(languages))
         if not relations or not languages:
             raise ValueError("at least one relation and one language are needed")
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{index_path.name}.", suffix=".tmp", dir=index_path.parent)
-        os.close(handle)
-        try:
-            report = _write_index(Path(temp_name), _DumpReader(source, relations, languages), relations, languages)
-            os.replace(temp_name, index_path)
-        except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
-            raise
+        with scratch_folder(index_path.parent, f".{index_path.name}.", ".tmp") as scratch:
+            temporary = scratch / index_path.name
+            report = _write_index(temporary, _DumpReader(source, relations, languages), relations, languages)
+            os.replace(temporary, index_path)
         return dataclasses.replace(report, path=str(index_path))
 
     @classmethod
@@ -337,7 +333,8 @@ class KnowledgeBase:
         """The bundled starter graph (easy-VQA shapes and colours, the 80 COCO objects), indexed on first use.
 
         The index name carries a hash of the bundled CSV, so an upgraded package never reads a stale index.
-        Processes racing to build it each write their own temp file; the rename makes the last one win harmlessly.
+        Processes racing to build it each write in their own scratch folder; the rename makes the last one win
+        harmlessly.
         """
         source = resources.files(__package__) / "data" / "starter.csv"
         with resources.as_file(source) as csv_path:
