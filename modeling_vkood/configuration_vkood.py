@@ -35,10 +35,17 @@ class VKOODConfig(PreTrainedConfig):
         ood_projection_dim: width d' of the shared projection in which the mixture is fitted.
         ood_num_components: K, the Gaussian components fitted to each image's tokens.
         ood_max_iter, ood_tol: EM fixed-point budget and relative-change tolerance.
-        ood_variance_floor: added to every variance in the M step (scikit-learn's `reg_covar`).
+        ood_variance_floor: added to every variance in the M step (scikit-learn's `reg_covar`). The projected points
+            are standardised per vector (coordinates of unit mean square, on a sphere of radius sqrt(d')), so the
+            floor also bounds the squared Mahalanobis distance by 4 d' / floor: 0.1 keeps scores of far items in the
+            tens instead of the thousands, where every gate and its gradient would be 0.
         ood_gradient: "last_iterate" (paper), "implicit" (implicit function theorem) or "unrolled" (reference).
         ood_temperature, ood_threshold: gate = sigmoid((score - tau) / temperature), tau initialised to the threshold
             and learnt; scores are standardised so that one threshold works for any d'.
+        ood_calibration_quantile: if set, the first training batch re-initialises tau to this quantile of its items'
+            scores (averaged over processes), so the knowledge path starts open: knowledge encoded by a text model
+            starts far from the image tokens, and with every gate at 0 no gradient would ever reach it. None keeps
+            `ood_threshold`.
         ood_hard_gate: at inference, gate in {0, 1} (score > tau) instead of the soft sigmoid.
         use_ood_gate: False keeps every knowledge item with gate 1 (the "OOD layer off" ablation).
         ood_alignment_weight: weight of the optional cross-modal alignment loss (VQA and NLVR2 heads): pulls the
@@ -75,10 +82,11 @@ class VKOODConfig(PreTrainedConfig):
     ood_num_components: int = 4
     ood_max_iter: int = 50
     ood_tol: float = 1e-4
-    ood_variance_floor: float = 1e-3
+    ood_variance_floor: float = 0.1
     ood_gradient: str = "last_iterate"
     ood_temperature: float = 1.0
     ood_threshold: float = -3.0
+    ood_calibration_quantile: float | None = 0.1
     ood_hard_gate: bool = False
     use_ood_gate: bool = True
     ood_alignment_weight: float = 0.0
@@ -120,6 +128,8 @@ class VKOODConfig(PreTrainedConfig):
             )
         if self.ood_gradient not in OOD_GRADIENT_MODES:
             raise ValueError(f"VKOODConfig.ood_gradient must be one of {OOD_GRADIENT_MODES}, got {self.ood_gradient!r}")
+        if self.ood_calibration_quantile is not None and not 0.0 <= self.ood_calibration_quantile <= 1.0:
+            raise ValueError(f"VKOODConfig.ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}")
         if self.ood_alignment_weight < 0:
             raise ValueError(f"VKOODConfig.ood_alignment_weight must be >= 0, got {self.ood_alignment_weight}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):

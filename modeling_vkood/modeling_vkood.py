@@ -213,6 +213,7 @@ class VKOODPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, ImplicitOODLayer):
             init.constant_(module.threshold, self.config.ood_threshold)
+            init.constant_(module.threshold_calibrated, self.config.ood_calibration_quantile is None)
         elif isinstance(module, VKOODForImageTextRetrieval):
             init.constant_(module.logit_scale, math.log(1 / 0.07))
 

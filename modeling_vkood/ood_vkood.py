@@ -161,6 +161,9 @@ class ImplicitOODLayer(nn.Module):
         self.use_gate = config.use_ood_gate
         self.projection = nn.Linear(config.hidden_size, config.ood_projection_dim)
         self.threshold = nn.Parameter(torch.tensor(float(config.ood_threshold)))
+        self.calibration_quantile = config.ood_calibration_quantile
+        # Saved with the weights, so a trained or reloaded model is never re-calibrated.
+        self.register_buffer("threshold_calibrated", torch.tensor(config.ood_calibration_quantile is None))
 
     def _solve(self, problem, start):
         """Iterate T from `start` until every example's relative change is below tol, or max_iter."""
@@ -249,6 +252,8 @@ class ImplicitOODLayer(nn.Module):
             items_mask = items_mask.to(dtype)
             mixture = self.fit_mixture(context_points, context_mask.to(dtype))
             scores = gem_score(item_points, mixture) * items_mask
+            if self.training and self.use_gate and not bool(self.threshold_calibrated):
+                self._calibrate_threshold(scores, items_mask)
             if not self.use_gate:
                 log_gate = torch.zeros_like(scores)
             elif self.hard_gate and not self.training:
@@ -270,6 +275,20 @@ class ImplicitOODLayer(nn.Module):
             log_gate=log_gate,
             alignment_loss=alignment_loss,
         )
+
+    @torch.no_grad()
+    def _calibrate_threshold(self, scores, items_mask):
+        """Data-dependent start (as ActNorm's): tau = a low quantile of the first real items' scores, averaged over
+        processes so that every data-parallel replica keeps the same parameter."""
+        real = scores[items_mask.bool()]
+        if real.numel() == 0:
+            return
+        threshold = torch.quantile(real.float(), self.calibration_quantile)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(threshold)
+            threshold /= torch.distributed.get_world_size()
+        self.threshold.copy_(threshold)
+        self.threshold_calibrated.fill_(True)
 
     @staticmethod
     def alignment_loss(context_points, context_mask, item_points, items_mask):

@@ -156,7 +156,7 @@ def test_score_is_standardised_whatever_the_width(dim):
     generator = torch.Generator().manual_seed(dim)
     scale = torch.rand(dim, generator=generator) + 0.5
     points = torch.randn(1, 4000, dim, generator=generator, dtype=torch.float64) * scale
-    layer = make_layer(ood_num_components=1)
+    layer = make_layer(ood_num_components=1, ood_variance_floor=1e-6)  # the floor is a regulariser: keep it out
     mixture = layer.fit_mixture(points[:, :3000])
     scores = gem_score(points[:, 3000:], mixture)
     assert abs(scores.mean().item()) < 0.15
@@ -212,7 +212,7 @@ def test_same_input_same_output_and_hard_gate():
 
 
 def test_gate_follows_threshold_and_temperature():
-    config = tiny_vkood_config(ood_temperature=2.0, ood_threshold=-1.0)
+    config = tiny_vkood_config(ood_temperature=2.0, ood_threshold=-1.0, ood_calibration_quantile=None)
     layer = ImplicitOODLayer(config)
     output = layer(torch.randn(2, 20, 32), torch.randn(2, 5, 32))
     expected = torch.sigmoid((output.scores + 1.0) / 2.0)
@@ -229,3 +229,33 @@ def test_alignment_loss_is_one_minus_cosine_to_the_image_direction():
     cosine = torch.nn.functional.cosine_similarity(layer.project(items), image[:, None], dim=-1)
     expected = ((1 - cosine) * items_mask).sum() / 3
     torch.testing.assert_close(output.alignment_loss, expected)
+
+
+def test_first_training_batch_calibrates_the_threshold_once(tmp_path):
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25))
+    context, items = torch.randn(3, 20, 32), torch.randn(3, 6, 32) * 3
+    items_mask = torch.ones(3, 6)
+    items_mask[2, 3:] = 0
+    layer.eval()
+    layer(context, items, items_mask=items_mask)
+    assert layer.threshold.item() == pytest.approx(-3.0) and not layer.threshold_calibrated
+    layer.train()
+    first = layer(context, items, items_mask=items_mask)
+    expected = torch.quantile(first.scores[items_mask.bool()], 0.25)
+    assert layer.threshold.item() == pytest.approx(expected.item()) and layer.threshold_calibrated
+    assert (first.gate[items_mask.bool()] > 0).float().mean() > 0.5
+    layer(context * 2, items, items_mask=items_mask)  # later batches leave tau to the optimiser
+    assert layer.threshold.item() == pytest.approx(expected.item())
+    reloaded = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25))
+    reloaded.load_state_dict(layer.state_dict())
+    assert reloaded.threshold_calibrated and reloaded.threshold.item() == pytest.approx(expected.item())
+
+
+def test_variance_floor_bounds_how_far_a_score_can_fall():
+    """Projected points lie on a sphere of radius sqrt(d'): squared distances are at most 4 d' / floor."""
+    config = tiny_vkood_config(ood_variance_floor=0.1, ood_projection_dim=16)
+    layer = ImplicitOODLayer(config)
+    output = layer(torch.randn(2, 30, 32), torch.randn(2, 8, 32) * 1e3)
+    dim = 16
+    bound = (-0.5 * 4 * dim / 0.1 + 0.5 * dim) / math.sqrt(0.5 * dim)
+    assert (output.scores >= bound - 1e-4).all()
