@@ -1,0 +1,275 @@
+"""Does the implicit OOD layer make VK-OOD robust to irrelevant knowledge? Measured on easy-VQA; prints JSON, writes PNGs.
+
+A share (0/25/50/75%) of each example's knowledge items is replaced by irrelevant items about COCO objects from the
+starter graph. Reported, side by side in one run:
+- `ood_auroc`: how well the layer's scores separate injected items from the original ones (test set, 50% noise);
+- accuracy at each noise rate for models trained the same way at that rate: OOD layer on, OOD layer off (gate
+  fixed to 1, knowledge kept), no knowledge, and (optional) the OOD layer with the cross-modal alignment loss;
+- test-time noise only: the models trained clean, evaluated at each noise rate;
+- modality robustness of the clean OOD model: blank image, noised image, half the question words dropped,
+  knowledge removed;
+- a learning curve with and without knowledge at 10/25/50/100% of the training subset.
+
+    python benchmarks/robustness.py --max-steps 150 --train-samples 12000 --test-samples 2000 --out benchmarks/results/robustness
+
+Every model is trained by train.py with the default recipe (configuration/easy_vqa.yaml) and the same step budget;
+learning-curve runs keep the budget and shrink the data (sample efficiency, the paper's "fewer samples" claim).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# This folder holds benchmarks/datasets.py, which would shadow the `datasets` library when run as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import datasets  # noqa: E402
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+import train  # noqa: E402
+
+from data_scripts import easy_vqa  # noqa: E402
+from modeling_vkood.evaluation import vqa_accuracy  # noqa: E402
+from modeling_vkood.knowledge import KnowledgeBase  # noqa: E402
+from modeling_vkood.training import PixelCache  # noqa: E402
+
+NOISE_RATES = (0.0, 0.25, 0.5, 0.75)
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+COCO_OBJECTS = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking meter "
+    "bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee "
+    "skis snowboard kite skateboard surfboard bottle cup fork knife spoon bowl banana apple sandwich orange broccoli "
+    "carrot pizza donut cake chair couch bed toilet laptop mouse remote keyboard oven toaster sink refrigerator book "
+    "clock vase scissors toothbrush"
+).split()
+CONFIG = REPO_ROOT / "configuration" / "easy_vqa.yaml"
+
+
+def irrelevant_pool(kb):
+    """Knowledge about COCO objects: true facts, but about nothing an easy-VQA image shows."""
+    items = {item.text: item.to_dict() for name in COCO_OBJECTS for item in kb.retrieve(name, max_items=8)}
+    return [items[text] for text in sorted(items)]
+
+
+def inject_noise(split, rate, pool, seed):
+    """Replace round(rate * n) of each row's n items by pool items (seeded per question); flag the injected ones."""
+
+    def replace(row):
+        rng = np.random.default_rng([seed, int(rate * 100), row["question_id"]])
+        knowledge = list(row["knowledge"])
+        injected = [False] * len(knowledge)
+        for position in rng.choice(len(knowledge), int(round(rate * len(knowledge))), replace=False):
+            knowledge[position] = pool[rng.integers(len(pool))]
+            injected[position] = True
+        return {"knowledge": knowledge, "injected": injected}
+
+    return split.map(replace, desc=f"noise {rate:.0%}")
+
+
+def without_knowledge(split):
+    return split.map(lambda row: {"knowledge": [], "injected": []}, desc="no knowledge")
+
+
+def write_dataset(train_split, test_split, folder):
+    for name, split in (("train", train_split), ("test", test_split)):
+        split.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
+    return str(folder)
+
+
+def train_model(name, train_split, test_split, vkood_overrides, args, work):
+    """One run of train.py (the default recipe, --max_steps budget) on a prepared dataset; returns the model folder."""
+    folder = work / name
+    output = folder / "model"
+    if not (output / "config.json").exists():
+        dataset_folder = write_dataset(train_split, test_split, folder / "dataset")
+        vkood_config = {**yaml.safe_load(CONFIG.read_text())["vkood_config"], **vkood_overrides}
+        train.main([
+            str(CONFIG), "--dataset", dataset_folder, "--eval_split", "test", "--output_dir", str(output),
+            "--max_steps", str(args.max_steps), "--do_eval", "false", "--save_strategy", "no",
+            "--vkood_config", json.dumps(vkood_config), "--seed", str(args.seed),
+            "--per_device_train_batch_size", str(args.train_batch_size), "--warmup_steps", str(args.max_steps // 10),
+        ])  # fmt: skip
+    return output
+
+
+class Evaluator:
+    """Accuracy and per-item OOD scores of a saved model on a test split, with optional input corruptions."""
+
+    def __init__(self, model_folder, batch_size):
+        self.model = AutoModelForVisualQuestionAnswering.from_pretrained(model_folder).eval()
+        self.processor = AutoProcessor.from_pretrained(model_folder)
+        self.pixels = PixelCache(self.processor, capacity=10_000)
+        self.batch_size = batch_size
+        self.id2label = self.model.config.id2label
+
+    @torch.no_grad()
+    def __call__(self, split, corruption=None, seed=0):
+        rng = np.random.default_rng(seed)
+        predictions, references, scores, injected = [], [], [], []
+        for start in range(0, len(split), self.batch_size):
+            rows = split[start : start + self.batch_size]
+            questions = rows["question"]
+            if corruption == "drop_words":
+                questions = [" ".join(w for w in q.split() if rng.random() >= 0.5) for q in questions]
+            knowledge = [[] for _ in questions] if corruption == "no_knowledge" else rows["knowledge"]
+            batch = dict(self.processor(text=questions, knowledge=knowledge))
+            pixel_values = self.pixels(rows["image"])
+            if corruption == "blank_image":
+                pixel_values = self.pixels([Image.new("RGB", (64, 64))]).expand_as(pixel_values)
+            elif corruption == "noise_image":
+                pixel_values = pixel_values + torch.from_numpy(rng.normal(0, 1.0, pixel_values.shape)).float()
+            outputs = self.model(pixel_values=pixel_values, **batch)
+            predictions += [self.id2label[i] for i in outputs.logits.argmax(-1).tolist()]
+            references += rows["answers"]
+            if "knowledge_mask" in batch and batch["knowledge_mask"].numel():
+                mask = batch["knowledge_mask"].bool()
+                scores.append(outputs.ood_scores[mask])
+                flags = torch.zeros_like(mask)
+                for row, row_flags in enumerate(rows["injected"]):
+                    flags[row, : len(row_flags)] = torch.tensor(row_flags, dtype=torch.bool)[: mask.shape[1]]
+                injected.append(flags[mask])
+        accuracy = vqa_accuracy(predictions, references)["overall"]
+        scores = torch.cat(scores).numpy() if scores else np.zeros(0)
+        injected = torch.cat(injected).numpy() if injected else np.zeros(0, dtype=bool)
+        return accuracy, scores, injected
+
+
+def auroc(scores, injected):
+    """AUROC of `score` ranking original items above injected ones (None when one class is missing)."""
+    if injected.all() or not injected.any():
+        return None
+    return float(roc_auc_score(~injected, scores))
+
+
+def plot_noise(results, path):
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for style, (key, label) in zip(("-o", "--x"), (("trained_noisy", "trained at that noise"), ("test_time_noise", "trained clean"))):
+        for name, row in results[key].items():
+            rates = [rate for rate in NOISE_RATES if str(rate) in row]
+            axis.plot([int(r * 100) for r in rates], [row[str(r)] for r in rates], style, label=f"{name} ({label})")
+    axis.set(xlabel="irrelevant knowledge items (%)", ylabel="easy-VQA test accuracy (%)", title="Knowledge noise")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_scores(scores, injected, path):
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(scores.min(), scores.max(), 50) if len(scores) else 10
+    axis.hist(scores[~injected], bins=bins, alpha=0.6, label="original items")
+    axis.hist(scores[injected], bins=bins, alpha=0.6, label="injected COCO items")
+    axis.set(xlabel="standardised GEM score", ylabel="items", title="OOD scores at 50% knowledge noise")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_learning_curve(curve, path):
+    figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    for name, row in curve.items():
+        fractions = sorted(float(f) for f in row)
+        axis.plot([int(f * 100) for f in fractions], [row[str(f)] for f in fractions], marker="o", label=name)
+    axis.set(xlabel="training data (%)", ylabel="easy-VQA test accuracy (%)", title="Learning curve")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-steps", type=int, default=150, help="training steps per model (full recipe: 1 epoch)")
+    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--test-samples", type=int, default=2000)
+    parser.add_argument("--train-noise-rates", type=float, nargs="+", default=list(NOISE_RATES))
+    parser.add_argument("--alignment-weight", type=float, default=1.0, help="0: skip the alignment-loss row")
+    parser.add_argument("--learning-curve", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--train-batch-size", type=int, default=32)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS[:-1]),
+                        help="learning-curve shares of the training subset below 100%%")
+    parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "robustness")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "runs"
+    started = time.perf_counter()
+    datasets.disable_caching()
+
+    kb = KnowledgeBase.starter()
+    built = easy_vqa.build(None, None, knowledge=kb, max_knowledge_items=8).dataset
+    train_clean = built["train"].shuffle(seed=args.seed).select(range(min(args.train_samples, len(built["train"]))))
+    test_clean = built["test"].shuffle(seed=args.seed).select(range(min(args.test_samples, len(built["test"]))))
+    test_clean = test_clean.cast_column("image", datasets.Image(decode=False))  # undecoded: the PixelCache keys by path
+    pool = irrelevant_pool(kb)
+    noisy_test = {rate: inject_noise(test_clean, rate, pool, args.seed + 1) for rate in NOISE_RATES}
+    models = {"ood_on": {}, "ood_off": {"use_ood_gate": False}}
+    if args.alignment_weight > 0:
+        models["ood_on+alignment"] = {"ood_alignment_weight": args.alignment_weight}
+
+    results = {"settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                            "pool_items": len(pool), "train_rows": len(train_clean), "test_rows": len(test_clean)},
+               "trained_noisy": {}, "test_time_noise": {}, "ood_auroc": {}}  # fmt: skip
+    evaluators = {}
+    for name, overrides in tqdm(models.items(), desc="models"):
+        results["trained_noisy"][name] = {}
+        for rate in args.train_noise_rates:
+            folder = train_model(f"{name}-train{int(rate * 100)}", inject_noise(train_clean, rate, pool, args.seed),
+                                 noisy_test[rate], overrides, args, work)  # fmt: skip
+            evaluator = Evaluator(folder, args.batch_size)
+            results["trained_noisy"][name][str(rate)], scores, injected = evaluator(noisy_test[rate])
+            if rate == 0.0:
+                evaluators[name] = evaluator
+        clean = evaluators[name]
+        results["test_time_noise"][name] = {}
+        for rate in NOISE_RATES:
+            accuracy, scores, injected = clean(noisy_test[rate])
+            results["test_time_noise"][name][str(rate)] = accuracy
+            if rate == 0.5:
+                results["ood_auroc"][name] = auroc(scores, injected)
+                if name == "ood_on":
+                    plot_scores(scores, injected, args.out / "ood_scores_50pct_noise.png")
+    no_knowledge_train, no_knowledge_test = without_knowledge(train_clean), without_knowledge(test_clean)
+    no_knowledge = Evaluator(train_model("no_knowledge", no_knowledge_train, no_knowledge_test, {}, args, work), args.batch_size)
+    accuracy = no_knowledge(no_knowledge_test)[0]
+    results["trained_noisy"]["no_knowledge"] = {str(rate): accuracy for rate in NOISE_RATES}
+    results["test_time_noise"]["no_knowledge"] = {str(rate): accuracy for rate in NOISE_RATES}
+    plot_noise(results, args.out / "knowledge_noise.png")
+
+    ood_on = evaluators["ood_on"]
+    results["modality_robustness"] = {
+        corruption or "clean": ood_on(test_clean, corruption)[0]
+        for corruption in (None, "blank_image", "noise_image", "drop_words", "no_knowledge")
+    }
+    if args.learning_curve:
+        curve = {"with knowledge": {"1.0": results["trained_noisy"]["ood_on"]["0.0"]}, "without knowledge": {"1.0": accuracy}}
+        for fraction in args.fractions:
+            rows = range(int(fraction * len(train_clean)))
+            with_folder = train_model(f"curve-{fraction}-with", train_clean.select(rows), test_clean, {}, args, work)
+            curve["with knowledge"][str(fraction)] = Evaluator(with_folder, args.batch_size)(test_clean)[0]
+            without_folder = train_model(f"curve-{fraction}-without", no_knowledge_train.select(rows), no_knowledge_test, {}, args, work)
+            curve["without knowledge"][str(fraction)] = Evaluator(without_folder, args.batch_size)(no_knowledge_test)[0]
+        results["learning_curve"] = curve
+        plot_learning_curve(curve, args.out / "learning_curve.png")
+    results["seconds"] = time.perf_counter() - started
+    (args.out / "robustness.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Training pieces behind train.py (not Hub remote code): arguments, data, collators, model set-up, Trainer,
+metrics, retrieval evaluation, plots and the output folder."""
+
+from .arguments import CardArguments, DataArguments, ModelArguments, parse_arguments, resolve_model_path
+from .collators import NLVR2Collator, PixelCache, RetrievalCollator, VQACollator, soft_score_labels
+from .data import load_splits
+from .metrics import NLVR2Metrics, VQAMetrics, predicted_class
+from .model_factory import BuiltModel, apply_finetuning, build_model, merged_model, new_parameter_names
+from .outputs import save_output_folder
+from .retrieval_eval import evaluate_retrieval
+from .trainer import VKOODTrainer, collect_ood_scores
+
+__all__ = [
+    "BuiltModel",
+    "CardArguments",
+    "DataArguments",
+    "ModelArguments",
+    "NLVR2Collator",
+    "NLVR2Metrics",
+    "PixelCache",
+    "RetrievalCollator",
+    "VKOODTrainer",
+    "VQACollator",
+    "VQAMetrics",
+    "apply_finetuning",
+    "build_model",
+    "collect_ood_scores",
+    "evaluate_retrieval",
+    "load_splits",
+    "merged_model",
+    "new_parameter_names",
+    "parse_arguments",
+    "predicted_class",
+    "resolve_model_path",
+    "save_output_folder",
+    "soft_score_labels",
+]

@@ -1,0 +1,168 @@
+"""Run configuration: three dataclasses (+ TrainingArguments) filled from a YAML file, then from the command line.
+
+`python train.py configuration/vqav2.yaml --learning_rate 1e-4`: the YAML gives the run, CLI flags override single
+fields. Without a YAML file the embedded default (`configuration/easy_vqa.yaml`) is used.
+"""
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+TASKS = ("vqa", "nlvr2", "retrieval")
+FINETUNING = ("lora", "full")
+PACKAGE_SCHEME = "package://"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configuration" / "easy_vqa.yaml"
+
+
+def resolve_model_path(name_or_path: str | None) -> str | None:
+    """`package://PKG/sub/dir` -> that folder inside the installed Python package PKG; anything else unchanged.
+
+    Lets a run config name a model shipped inside a pip package (the embedded default's all-MiniLM-L6-v2) without
+    an absolute path, so the YAML works on any machine.
+    """
+    if not name_or_path or not name_or_path.startswith(PACKAGE_SCHEME):
+        return name_or_path
+    package, _, inner = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{name_or_path}: Python package {package!r} is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not folder.is_dir():
+        raise ValueError(f"{name_or_path}: {folder} does not exist")
+    return str(folder)
+
+
+def _json_field(value, name: str):
+    """Dict fields come as dicts from YAML and as JSON strings from the command line."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--{name} must be a JSON object, got {value!r} ({error})") from error
+    return value
+
+
+@dataclass
+class ModelArguments:
+    """Where the weights come from and how they are fine-tuned."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a vkood checkpoint (Hub id or folder); replaces the backbone options"}
+    )
+    vision_model: str | None = field(default=None, metadata={"help": "pretrained vision backbone (Hub id or folder)"})
+    vision_config: dict | str | None = field(
+        default=None, metadata={"help": "vision backbone built from this config (trained from scratch), JSON"}
+    )
+    text_model: str | None = field(
+        default=None, metadata={"help": "pretrained text backbone (Hub id, folder, or package://PKG/dir)"}
+    )
+    text_config: dict | str | None = field(default=None, metadata={"help": "text backbone built from a config, JSON"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the text backbone's)"})
+    image_size: int | None = field(
+        default=None, metadata={"help": "image side for a vision backbone built from a config (default: its image_size)"}
+    )
+    vkood_config: dict | str | None = field(
+        default=None, metadata={"help": "VKOODConfig fields (hidden_size, num_fusion_layers, ood_*, ...), JSON"}
+    )
+    finetuning: str = field(default="lora", metadata={"help": f"one of {FINETUNING}"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj"],
+        metadata={"help": "attention projection names adapted with LoRA inside the pretrained backbones"},
+    )
+    lora_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "indices of the backbone layers that get LoRA (default: all); the backward pass then stops "
+                  "at the lowest adapted layer"},  # fmt: skip
+    )
+    new_modules_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the newly initialised modules (fusion, OOD, heads, from-scratch "
+                  "backbones); default: learning_rate"},  # fmt: skip
+    )
+
+    def __post_init__(self):
+        for name in ("vision_config", "text_config", "vkood_config"):
+            setattr(self, name, _json_field(getattr(self, name), name))
+        self.vkood_config = dict(self.vkood_config or {})
+        if self.finetuning not in FINETUNING:
+            raise ValueError(f"--finetuning must be one of {FINETUNING}, got {self.finetuning!r}")
+        self.text_model = resolve_model_path(self.text_model)
+        self.vision_model = resolve_model_path(self.vision_model)
+        self.tokenizer_name = resolve_model_path(self.tokenizer_name)
+        if self.model_name_or_path is None:
+            for side in ("vision", "text"):
+                given = [getattr(self, f"{side}_model") is not None, getattr(self, f"{side}_config") is not None]
+                if sum(given) != 1:
+                    raise ValueError(
+                        f"give exactly one of --{side}_model (pretrained) and --{side}_config (from scratch), "
+                        "or a vkood checkpoint with --model_name_or_path"
+                    )
+
+
+@dataclass
+class DataArguments:
+    """Which dataset, which splits, and how the examples are prepared."""
+
+    task: str = field(default="vqa", metadata={"help": f"one of {TASKS}"})
+    dataset: str = field(
+        default="easy_vqa",
+        metadata={"help": "a data_scripts builder (easy_vqa, vqav2, okvqa, nlvr2, coco_karpathy, flickr30k), or a "
+                  "built dataset (folder written by `python -m data_scripts` or a Hub dataset id)"},  # fmt: skip
+    )
+    dataset_root: str | None = field(default=None, metadata={"help": "official annotation files (builders)"})
+    image_root: str | None = field(default=None, metadata={"help": "images (builders; default dataset_root)"})
+    knowledge: str = field(
+        default="starter", metadata={"help": 'knowledge index for builders and retrieval texts: a path or "starter"'}
+    )
+    max_knowledge_items: int = 16
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    preprocessing_num_workers: int = 1
+    pixel_cache_size: int = field(
+        default=0,
+        metadata={"help": "images whose pixel values the collator keeps in memory (0: none); set it to the number "
+                  "of distinct images of a small dataset so each image is decoded once"},  # fmt: skip
+    )
+    ood_plot_examples: int = field(default=512, metadata={"help": "eval examples whose OOD scores are plotted"})
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+
+
+@dataclass
+class CardArguments:
+    """What the model card says beyond the measured results."""
+
+    model_name: str | None = field(default=None, metadata={"help": "card title (default: output_dir's name)"})
+    dataset_id: str | None = field(default=None, metadata={"help": "Hub id of the dataset for the card metadata"})
+    license: str = "apache-2.0"
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, CardArguments, TrainingArguments)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """(model, data, card, training) arguments from `[config.yaml] [--field value ...]`; CLI wins over YAML."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = Path(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else DEFAULT_CONFIG
+    values = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_path}: expected a mapping of argument names to values")
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{config_path}: unknown argument(s) {unknown}")
+    parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)

