@@ -76,7 +76,7 @@ class VKOODRetrievalOutput(ModelOutput):
     ood_residual: torch.FloatTensor | None = None
 
 
-def _backbone_kwargs(config):
+def backbone_kwargs(config):
     """Drop the text pooler where the backbone allows it: VK-OOD never uses it, and unused weights break DDP."""
     model_class = MODEL_MAPPING.get(type(config), None)
     if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
@@ -222,21 +222,21 @@ class VKOODPreTrainedModel(PreTrainedModel):
         most ViTs name them q_proj/v_proj, BERT-family encoders query/value); fusion attention is not matched."""
         return r".*(vision_model|text_model)\..*\.(q_proj|v_proj|query|value)"
 
-    def modules_to_save(self):
+    def modules_to_save(self, adapted_backbones=("vision_model", "text_model")):
         """PEFT `modules_to_save`: all that VK-OOD adds to the backbones (projections, OOD layer, fusion layers,
-        poolers, head), fully trained next to the adapters. Dotted paths, because PEFT matches names by suffix and
-        a bare "ood" would also match "vkood"; fusion layers are listed one by one (PEFT cannot wrap a ModuleList)."""
+        poolers, head) and every backbone not in `adapted_backbones` (one trained from scratch), fully trained next
+        to the adapters. Dotted paths, because PEFT matches names by suffix and a bare "ood" would also match
+        "vkood"; list items one by one (PEFT cannot wrap a ModuleList)."""
         base = self.base_model
         prefix = "" if base is self else f"{self.base_model_prefix}."
+        children = [(prefix + name, child) for name, child in base.named_children() if name not in adapted_backbones]
+        children += [(name, child) for name, child in self.named_children() if child is not base]
         names = []
-        for name, child in base.named_children():
-            if name in ("vision_model", "text_model"):
-                continue
-            if isinstance(child, nn.ModuleList):
-                names.extend(f"{prefix}{name}.{index}" for index in range(len(child)))
+        for name, child in children:
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                names.extend(f"{name}.{key}" for key, _ in child.named_children())
             else:
-                names.append(prefix + name)
-        names.extend(name for name, child in self.named_children() if child is not base)
+                names.append(name)
         return names
 
     @classmethod
@@ -251,7 +251,7 @@ class VKOODPreTrainedModel(PreTrainedModel):
         vision_model = AutoModel.from_pretrained(vision_model_name_or_path, config=vision_config)
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
         text_model = AutoModel.from_pretrained(
-            text_model_name_or_path, config=text_config, **_backbone_kwargs(text_config)
+            text_model_name_or_path, config=text_config, **backbone_kwargs(text_config)
         )
         config = VKOODConfig(vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(), **kwargs)
         model = cls(config)
@@ -268,7 +268,7 @@ class VKOODModel(VKOODPreTrainedModel):
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config)
-        self.text_model = AutoModel.from_config(config.text_config, **_backbone_kwargs(config.text_config))
+        self.text_model = AutoModel.from_config(config.text_config, **backbone_kwargs(config.text_config))
         vision_width = getattr(config.vision_config, "hidden_size", None) or config.vision_config.hidden_sizes[-1]
         self.image_projection = nn.Linear(vision_width, config.hidden_size)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.hidden_size)
@@ -290,10 +290,23 @@ class VKOODModel(VKOODPreTrainedModel):
             hidden = torch.cat([hidden.mean(1, keepdim=True), hidden], dim=1)
         return self.image_projection(hidden)
 
+    def _encode_distinct(self, input_ids, attention_mask):
+        """Text-encoder states of each distinct (tokens, mask) row, encoded once: questions and knowledge items
+        repeat a lot within a batch (easy-VQA has 107 distinct questions). Returns (states, mask, inverse) with
+        `states[inverse]` the states of every input row."""
+        keyed = input_ids.masked_fill(attention_mask == 0, -1)
+        unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+        unique_mask = (unique != -1).long()
+        pad_id = self.config.text_config.pad_token_id or 0
+        states = self.text_model(input_ids=unique.masked_fill(unique == -1, pad_id), attention_mask=unique_mask)
+        return states.last_hidden_state, unique_mask, inverse
+
     def encode_text(self, input_ids, attention_mask=None):
         """Text tokens projected to the fusion width, (B, L, H)."""
-        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.text_projection(hidden)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        states, _, inverse = self._encode_distinct(input_ids, attention_mask)
+        return self.text_projection(states[inverse])
 
     def encode_knowledge(self, knowledge_input_ids, knowledge_attention_mask=None, knowledge_mask=None):
         """One vector per knowledge item, (B, M, H): mean-pooled text-encoder states of each item.
@@ -314,13 +327,9 @@ class VKOODModel(VKOODPreTrainedModel):
             flat_ids = knowledge_input_ids.reshape(-1, length)[valid]
             flat_mask = knowledge_attention_mask.reshape(-1, length)[valid]
             if flat_ids.shape[0]:
-                keyed = flat_ids.masked_fill(flat_mask == 0, -1)
-                unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
-                unique_mask = (unique != -1).long()
-                pad_id = self.config.text_config.pad_token_id or 0
-                states = self.text_model(input_ids=unique.masked_fill(unique == -1, pad_id), attention_mask=unique_mask)
-                weights = unique_mask.unsqueeze(-1).to(states.last_hidden_state.dtype)
-                item_vectors = (states.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+                states, unique_mask, inverse = self._encode_distinct(flat_ids, flat_mask)
+                weights = unique_mask.unsqueeze(-1).to(states.dtype)
+                item_vectors = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
                 pooled = pooled.index_put((valid.nonzero().squeeze(-1),), item_vectors[inverse].to(dtype))
         return self.knowledge_projection(pooled.view(batch, items, width))
 

@@ -266,3 +266,21 @@ def test_alignment_weight_adds_the_alignment_loss():
         losses[weight] = model(**batch).loss
     alignment = model.vkood(**{k: v for k, v in batch.items() if k != "labels"}).ood_alignment_loss
     torch.testing.assert_close(losses[2.0], losses[0.0] + 2.0 * alignment)
+
+
+def test_repeated_questions_are_encoded_once_with_the_same_result():
+    torch.manual_seed(0)
+    model = VKOODModel(tiny_vkood_config()).eval()
+    input_ids = torch.randint(1000, 2000, (4, 6))
+    input_ids[2] = input_ids[0]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[3, 4:] = 0
+    seen = []
+    hook = model.text_model.register_forward_hook(lambda module, args, output: seen.append(output.last_hidden_state.shape[0]))
+    with torch.no_grad():
+        tokens = model.encode_text(input_ids, attention_mask)
+        direct = model.text_projection(model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+    hook.remove()
+    assert seen[0] == 3
+    torch.testing.assert_close(tokens[:, :4], direct[:, :4], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens[:3], direct[:3], atol=1e-5, rtol=1e-5)

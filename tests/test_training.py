@@ -29,7 +29,6 @@ from modeling_vkood.training import (
     resolve_model_path,
     soft_score_labels,
 )
-from modeling_vkood.training.model_factory import fully_trained_modules
 from modeling_vkood.training.retrieval_eval import _concat_padded
 
 # train.py is a script at the repository root, not part of an installed package: load it from its file.
@@ -399,7 +398,7 @@ def test_lora_adapts_pretrained_attention_and_trains_new_modules_at_their_own_ra
                                                       "--output_dir", str(tmp_path)])  # fmt: skip
     built = build_model(model_args, "vqa", {0: "yes", 1: "no"})
     assert built.pretrained_backbones == ("text_model",)
-    names = fully_trained_modules(built.model, built.pretrained_backbones)
+    names = built.model.modules_to_save(built.pretrained_backbones)
     assert "vkood.ood" in names and "vkood.fusion_layers.0" in names and "classifier" in names
     assert "vkood.vision_model" in names and "vkood.text_model" not in names and "vkood" not in names
     model = apply_finetuning(built, model_args)

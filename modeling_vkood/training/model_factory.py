@@ -19,7 +19,7 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODProcessor,
 )
-from modeling_vkood.modeling_vkood import _backbone_kwargs
+from modeling_vkood.modeling_vkood import backbone_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _backbone(name_or_path, config_dict, side: str):
     config = AutoConfig.from_pretrained(name_or_path)
     if side == "vision":
         config = getattr(config, "vision_config", None) or config
-    return config, AutoModel.from_pretrained(name_or_path, config=config, **_backbone_kwargs(config))
+    return config, AutoModel.from_pretrained(name_or_path, config=config, **backbone_kwargs(config))
 
 
 def _image_processor(model_args, vision_config):
@@ -90,27 +90,6 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
     return BuiltModel(model, processor, tuple(pretrained))
 
 
-def _expanded(name: str, module: nn.Module) -> list[str]:
-    """PEFT cannot wrap a ModuleList/ModuleDict: list its items instead."""
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-        return [f"{name}.{key}" for key, _ in module.named_children()]
-    return [name]
-
-
-def fully_trained_modules(model: nn.Module, pretrained_backbones: tuple[str, ...]) -> list[str]:
-    """Qualified names of the modules trained in full under LoRA: every child of the task model (head) and of its
-    VK-OOD base (projections, OOD layer, fusion layers, poolers) except the pretrained backbones.
-
-    Full names are required: PEFT matches `modules_to_save` by suffix, and a bare "ood" would also match "vkood".
-    """
-    base = model.base_model
-    names = [item for name, child in model.named_children() if child is not base for item in _expanded(name, child)]
-    for name, child in base.named_children():
-        if name not in pretrained_backbones:
-            names.extend(_expanded(f"{model.base_model_prefix}.{name}", child))
-    return names
-
-
 def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
     """Full fine-tuning (model unchanged) or a PeftModel with LoRA on the pretrained backbones' attention.
 
@@ -134,7 +113,7 @@ def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=rf".*\.({backbones})\..*{layers}\.({projections})",
-        modules_to_save=fully_trained_modules(model, built.pretrained_backbones),
+        modules_to_save=model.modules_to_save(built.pretrained_backbones),
     )
     peft_model = get_peft_model(model, lora)
     frozen = [name for name, _ in model.named_parameters(recurse=False)]
