@@ -138,7 +138,7 @@ class Evaluator:
                 mask = batch["knowledge_mask"].bool()
                 scores.append(outputs.ood_scores[mask])
                 flags = torch.zeros_like(mask)
-                for row, row_flags in enumerate(rows["injected"]):
+                for row, row_flags in enumerate(rows.get("injected") or [[] for _ in questions]):
                     flags[row, : len(row_flags)] = torch.tensor(row_flags, dtype=torch.bool)[: mask.shape[1]]
                 injected.append(flags[mask])
         accuracy = vqa_accuracy(predictions, references)["overall"]
