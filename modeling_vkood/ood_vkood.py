@@ -114,13 +114,14 @@ def em_step(points, mask, weights, means, variances, variance_floor):
     return _em_step(em_problem(points, mask), weights, means, variances, variance_floor)
 
 
-def initial_mixture(points, mask, num_components, variance_floor):
+def initial_mixture(problem, num_components, variance_floor):
     """Deterministic start: the real tokens, in order, cut into K contiguous groups (spatial bands for patches)."""
+    mask = problem.mask
     rank = mask.cumsum(1) - 1.0  # position of each real token among the real tokens
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
     group = torch.div(rank.clamp_min(0.0) * num_components, count, rounding_mode="floor").long().clamp_max(num_components - 1)
-    resp = F.one_hot(group, num_components).to(points.dtype)
-    return m_step(em_problem(points, mask), resp, variance_floor)
+    resp = F.one_hot(group, num_components).to(problem.features.dtype)
+    return m_step(problem, resp, variance_floor)
 
 
 def gem_score(points, mixture):
@@ -184,15 +185,13 @@ class ImplicitOODLayer(nn.Module):
             mask = torch.ones(points.shape[:2], dtype=points.dtype, device=points.device)
         mask = mask.to(points.dtype)
         differentiable = torch.is_grad_enabled() and points.requires_grad
-        if differentiable and self.gradient_mode == "unrolled":
-            start = initial_mixture(points, mask, self.num_components, self.variance_floor)
-            state, iterations, residual = self._solve(em_problem(points, mask), start)
-        else:
-            with torch.no_grad():
-                start = initial_mixture(points, mask, self.num_components, self.variance_floor)
-                state, iterations, residual = self._solve(em_problem(points, mask), start)
-            if differentiable:
-                state = self._attach_gradient(points, mask, state)
+        unrolled = differentiable and self.gradient_mode == "unrolled"
+        problem = em_problem(points, mask)  # built once: the solver and the differentiable step share it
+        with torch.set_grad_enabled(unrolled):
+            start = initial_mixture(problem, self.num_components, self.variance_floor)
+            state, iterations, residual = self._solve(problem, start)
+        if differentiable and not unrolled:
+            state = self._attach_gradient(problem, state)
         weights, means, variances = state
         return GaussianMixtureOutput(
             weights=weights,
@@ -202,10 +201,10 @@ class ImplicitOODLayer(nn.Module):
             residual=residual,
         )
 
-    def _attach_gradient(self, points, mask, state):
+    def _attach_gradient(self, problem, state):
         """One differentiable step from the detached fixed point; in implicit mode its gradient is IFT-corrected."""
         theta_star = _pack(*state).detach().requires_grad_(self.gradient_mode == "implicit")
-        theta = _pack(*em_step(points, mask, *_unpack(theta_star), self.variance_floor))
+        theta = _pack(*_em_step(problem, *_unpack(theta_star), self.variance_floor))
         if self.gradient_mode == "implicit":
             theta.register_hook(self._adjoint_hook(theta, theta_star))
         return _unpack(theta)

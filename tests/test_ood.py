@@ -9,7 +9,14 @@ from conftest import tiny_vkood_config
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from modeling_vkood.ood_vkood import ImplicitOODLayer, em_step, gem_score, initial_mixture, mixture_log_likelihood
+from modeling_vkood.ood_vkood import (
+    ImplicitOODLayer,
+    em_problem,
+    em_step,
+    gem_score,
+    initial_mixture,
+    mixture_log_likelihood,
+)
 
 
 def make_layer(**overrides):
@@ -51,7 +58,7 @@ def test_log_likelihood_never_decreases():
     points = clustered_points(batch=4, count=80, dim=6, components=4, spread=1.5, seed=3)
     mask = torch.ones(points.shape[:2], dtype=torch.float64)
     mask[2, 70:] = 0
-    state = initial_mixture(points, mask, 4, 1e-12)
+    state = initial_mixture(em_problem(points, mask), 4, 1e-12)
     history = [mixture_log_likelihood(points, mask, *state)]
     for _ in range(60):
         state = em_step(points, mask, *state, 1e-12)
