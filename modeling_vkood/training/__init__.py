@@ -1,7 +1,7 @@
 """Training pieces behind train.py (not Hub remote code): arguments, data, collators, model set-up, Trainer,
 metrics, retrieval evaluation, plots and the output folder."""
 
-from .arguments import CardArguments, DataArguments, ModelArguments, parse_arguments, resolve_model_path
+from .arguments import PACKAGE_SCHEME, CardArguments, DataArguments, ModelArguments, parse_arguments, resolve_model_path
 from .collators import NLVR2Collator, PixelCache, RetrievalCollator, VQACollator, soft_score_labels
 from .data import load_splits
 from .metrics import NLVR2Metrics, VQAMetrics, predicted_class
@@ -11,6 +11,7 @@ from .retrieval_eval import evaluate_retrieval
 from .trainer import VKOODTrainer, collect_ood_scores
 
 __all__ = [
+    "PACKAGE_SCHEME",
     "BuiltModel",
     "CardArguments",
     "DataArguments",

@@ -69,6 +69,11 @@ class ModelArguments:
     vkood_config: dict | str | None = field(
         default=None, metadata={"help": "VKOODConfig fields (hidden_size, num_fusion_layers, ood_*, ...), JSON"}
     )
+    backbone_dropout: float | None = field(
+        default=None,
+        metadata={"help": "set every dropout probability of the pretrained backbones' configs to this value "
+                  "(default: keep theirs); 0 on short CPU runs saves the time of drawing the dropout masks"},  # fmt: skip
+    )
     finetuning: str = field(default="lora", metadata={"help": f"one of {FINETUNING}"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -88,7 +93,12 @@ class ModelArguments:
                   "backbones); default: learning_rate"},  # fmt: skip
     )
 
+    given_backbones: dict = field(
+        init=False, default_factory=dict, metadata={"help": "the backbone names as given, before package:// is resolved"}
+    )
+
     def __post_init__(self):
+        self.given_backbones = {"vision": self.vision_model, "text": self.text_model}  # for the model card
         for name in ("vision_config", "text_config", "vkood_config"):
             setattr(self, name, _json_field(getattr(self, name), name))
         self.vkood_config = dict(self.vkood_config or {})

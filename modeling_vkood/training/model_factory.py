@@ -5,7 +5,6 @@ starts from a random initialisation (fusion, OOD layer, heads, projections, and 
 trained in full through PEFT's `modules_to_save`.
 """
 
-import logging
 from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,8 +19,6 @@ from modeling_vkood import (
     VKOODProcessor,
 )
 from modeling_vkood.modeling_vkood import backbone_kwargs
-
-logger = logging.getLogger(__name__)
 
 TASK_MODELS = {
     "vqa": VKOODForQuestionAnswering,
@@ -40,7 +37,14 @@ class BuiltModel:
     pretrained_backbones: tuple[str, ...]
 
 
-def _backbone(name_or_path, config_dict, side: str):
+def _override_dropout(config, probability: float):
+    """Every float field named *dropout* / *dropout_prob* (BERT, CLIP, ViT and most families name them so)."""
+    for name, value in config.to_dict().items():
+        if (name.endswith("dropout") or name.endswith("dropout_prob")) and isinstance(value, float):
+            setattr(config, name, probability)
+
+
+def _backbone(name_or_path, config_dict, side: str, dropout: float | None = None):
     """(config, pretrained module or None) of one backbone; a composite checkpoint gives its vision tower."""
     if name_or_path is None:
         config_dict = dict(config_dict)
@@ -48,6 +52,8 @@ def _backbone(name_or_path, config_dict, side: str):
     config = AutoConfig.from_pretrained(name_or_path)
     if side == "vision":
         config = getattr(config, "vision_config", None) or config
+    if dropout is not None:
+        _override_dropout(config, dropout)
     return config, AutoModel.from_pretrained(name_or_path, config=config, **backbone_kwargs(config))
 
 
@@ -70,8 +76,9 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         return BuiltModel(model, processor, BACKBONES)
 
-    vision_config, vision = _backbone(model_args.vision_model, model_args.vision_config, "vision")
-    text_config, text = _backbone(model_args.text_model, model_args.text_config, "text")
+    dropout = model_args.backbone_dropout
+    vision_config, vision = _backbone(model_args.vision_model, model_args.vision_config, "vision", dropout)
+    text_config, text = _backbone(model_args.text_model, model_args.text_config, "text", dropout)
     config = VKOODConfig(
         vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **labels, **model_args.vkood_config
     )
@@ -91,11 +98,7 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
 
 
 def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
-    """Full fine-tuning (model unchanged) or a PeftModel with LoRA on the pretrained backbones' attention.
-
-    Parameters that sit directly on the task model rather than in a submodule (the retrieval `logit_scale`) cannot
-    be listed in `modules_to_save`; they stay frozen under LoRA, and this is logged.
-    """
+    """Full fine-tuning (model unchanged) or a PeftModel with LoRA on the pretrained backbones' attention."""
     model = built.model
     if model_args.finetuning == "full":
         model.requires_grad_(True)
@@ -115,11 +118,7 @@ def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
         target_modules=rf".*\.({backbones})\..*{layers}\.({projections})",
         modules_to_save=model.modules_to_save(built.pretrained_backbones),
     )
-    peft_model = get_peft_model(model, lora)
-    frozen = [name for name, _ in model.named_parameters(recurse=False)]
-    if frozen:
-        logger.warning("LoRA: parameters %s are not in a submodule and stay frozen", frozen)
-    return peft_model
+    return get_peft_model(model, lora)
 
 
 def new_parameter_names(model: nn.Module, pretrained_backbones: tuple[str, ...]) -> set[str]:
