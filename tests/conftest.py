@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Real official files (small real splits): next to the checkout, or at the project's fixed place for other clones.
+REFDATA = next(
+    (path for path in (REPO_ROOT.parent / "shared" / "refdata", Path("/work/shared/refdata")) if path.is_dir()), None
+)
 
 # Python prelude that makes `import modeling_vkood` (and the other project packages) impossible, so that a
 # subprocess proves the Hub remote-code path works for a user who never installed this package.

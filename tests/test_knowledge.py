@@ -12,13 +12,13 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from conftest import REFDATA, REPO_ROOT
 
 from modeling_vkood.knowledge import DEFAULT_RELATIONS, KnowledgeBase, KnowledgeItem, extract_concepts, verbalize
 from modeling_vkood.knowledge import store
 from modeling_vkood.knowledge.concepts import lemma_candidates
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONCEPTNET_REFDATA = REPO_ROOT.parent / "shared" / "refdata" / "conceptnet"
+CONCEPTNET_REFDATA = REFDATA / "conceptnet" if REFDATA is not None else Path("refdata-absent")
 
 COCO_CATEGORIES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",

@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import REFDATA
 from data_scripts import answer_vocabulary, coco_karpathy, flickr30k, nlvr2, okvqa, vqav2
 from modeling_vkood.evaluation import nlvr2_accuracy, normalize_answer, vqa_accuracy
 from modeling_vkood.knowledge import KnowledgeBase
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REFDATA = next(
-    (path for path in (REPO_ROOT.parent / "shared" / "refdata", Path("/work/shared/refdata")) if path.is_dir()), None
-)
 pytestmark = pytest.mark.skipif(
     REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
     reason="../shared/refdata (real official annotation files) is absent on this machine (VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
