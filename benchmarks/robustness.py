@@ -11,7 +11,7 @@ starter graph. Reported, side by side in one run:
 - a learning curve with and without knowledge at 10/25/50/100% of the training subset.
 
     python benchmarks/robustness.py                      # every model at the full default recipe (about 10 min each here)
-    python benchmarks/robustness.py --max-steps 260 --train-noise-rates 0 0.5 --fractions 0.25   # a shorter study
+    python benchmarks/robustness.py --max-steps 200 --test-samples 1000 --train-noise-rates 0 0.5 --fractions 0.25  # README
 
 Every model is trained by train.py with the default recipe (configuration/easy_vqa.yaml: its batch size and, unless
 --max-steps says otherwise, its step budget); learning-curve runs keep the budget and shrink the data (sample
