@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         new_parameters=new_parameter_names(model, built.pretrained_backbones),
         new_modules_learning_rate=model_args.new_modules_learning_rate,
         retrieval=retrieval,
+        balance_by=data_args.balance_by,
     )
     metrics = {}
     if training_args.do_train:

@@ -465,3 +465,18 @@ def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root):
     assert len(data["train"]) == 5 and len(data["test"]) == 18
     assert data["train"].features["image"] == datasets.Image(decode=False)
     assert Path(data["train"][0]["image"]["path"]).is_file()
+
+
+def test_balance_by_draws_each_value_of_the_column_equally_often(tmp_path):
+    types = ["yes/no"] * 900 + ["shape"] * 100
+    data = datasets.Dataset.from_dict({"question_type": types, "row": list(range(1000))})
+
+    def sampler(column, seed=3):
+        args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True, seed=seed)
+        return VKOODTrainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=data, balance_by=column)._get_train_sampler()
+
+    drawn = [types[i] for i in sampler("question_type")]
+    assert len(drawn) == 1000 and 400 < drawn.count("shape") < 600  # 100 without balancing; sd of the count: 16
+    assert list(sampler("question_type")) == list(sampler("question_type")) != list(sampler("question_type", seed=4))
+    with pytest.raises(ValueError, match="no column 'answer_kind'"):
+        sampler("answer_kind")

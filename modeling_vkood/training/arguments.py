@@ -144,6 +144,11 @@ class DataArguments:
                   "of distinct images of a small dataset so each image is decoded once"},  # fmt: skip
     )
     ood_plot_examples: int = field(default=512, metadata={"help": "eval examples whose OOD scores are plotted"})
+    balance_by: str | None = field(
+        default=None,
+        metadata={"help": "a training column (e.g. question_type): draw rows with replacement so that each of its "
+                  "values is equally frequent; for a task type that is rare in the data but needs its own features"},  # fmt: skip
+    )
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -5,8 +5,9 @@ Newly initialised modules (fusion, OOD layer, heads, a backbone trained from scr
 pretrained encoder want a small step, random weights a large one.
 """
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from transformers import Trainer
 
 from .retrieval_eval import evaluate_retrieval
@@ -15,13 +16,27 @@ from .retrieval_eval import evaluate_retrieval
 class VKOODTrainer(Trainer):
     """Trainer with per-group learning rates; for retrieval, `evaluate` runs the two-stage gallery protocol."""
 
-    def __init__(self, *args, new_parameters=frozenset(), new_modules_learning_rate=None, retrieval=None, **kwargs):
+    def __init__(self, *args, new_parameters=frozenset(), new_modules_learning_rate=None, retrieval=None,
+                 balance_by=None, **kwargs):  # fmt: skip
         """`retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
-        max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2."""
+        max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2. `balance_by`: a training column
+        whose values are drawn equally often."""
         super().__init__(*args, **kwargs)
         self.new_parameters = set(new_parameters)
         self.new_modules_learning_rate = new_modules_learning_rate or self.args.learning_rate
         self.retrieval = retrieval
+        self.balance_by = balance_by
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.balance_by is None:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.balance_by not in dataset.column_names:
+            raise ValueError(f"balance_by: the training set has no column {self.balance_by!r}")
+        _, groups, counts = np.unique(np.asarray(dataset[self.balance_by]), return_inverse=True, return_counts=True)
+        weights = torch.from_numpy(1.0 / counts[groups])
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
