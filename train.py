@@ -66,6 +66,7 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         "warmup_steps": training_args.warmup_steps,
         "weight_decay": training_args.weight_decay,
         "seed": training_args.seed,
+        "balance_by": data_args.balance_by,
         "vkood_config": model_args.vkood_config,
     }
     hyperparameters.update({k: round(v, 2) for k, v in metrics.items() if k in ("train_runtime", "eval_runtime")})
