@@ -5,6 +5,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 OOD_GRADIENT_MODES = ("last_iterate", "implicit", "unrolled")
+CLASSIFIER_HEADS = ("mlp", "gated_product")
 
 # One checkpoint serves every Auto class: the Hub copies these files and `from_pretrained(..., trust_remote_code=True)`
 # resolves the class named here. NLVR2 and retrieval have no dedicated transformers Auto class, so they use the
@@ -52,6 +53,9 @@ class VKOODConfig(PreTrainedConfig):
             projected knowledge items towards the image's mean direction on the hypersphere; 0 disables it.
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
+        classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (METER,
+            the paper) or "gated_product" (a GeGLU layer over [text ; image ; text * image], which learns answers that
+            hinge on matching a word of the question with the image, such as negated yes/no questions, much faster).
     """
 
     model_type = "vkood"
@@ -76,6 +80,7 @@ class VKOODConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     classifier_dropout: float = 0.1
+    classifier_head: str = "mlp"
     max_knowledge_items: int = 16
     knowledge_max_length: int = 32
     ood_projection_dim: int = 64
@@ -128,6 +133,8 @@ class VKOODConfig(PreTrainedConfig):
             )
         if self.ood_gradient not in OOD_GRADIENT_MODES:
             raise ValueError(f"VKOODConfig.ood_gradient must be one of {OOD_GRADIENT_MODES}, got {self.ood_gradient!r}")
+        if self.classifier_head not in CLASSIFIER_HEADS:
+            raise ValueError(f"VKOODConfig.classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}")
         if self.ood_calibration_quantile is not None and not 0.0 <= self.ood_calibration_quantile <= 1.0:
             raise ValueError(f"VKOODConfig.ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}")
         if self.ood_alignment_weight < 0:

@@ -14,6 +14,7 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODModel,
 )
+from modeling_vkood.modeling_vkood import _classifier
 
 HEADS = {
     "vqa": (VKOODForQuestionAnswering, "AutoModelForVisualQuestionAnswering", dict(num_labels=5)),
@@ -45,6 +46,7 @@ def head_logits(model, task, batch):
         (dict(ood_num_components=0), "ood_num_components"),
         (dict(max_knowledge_items=-1), "max_knowledge_items"),
         (dict(ood_tol=0.0), "ood_tol"),
+        (dict(classifier_head="bilinear"), "classifier_head"),
     ],
 )
 def test_config_rejects_bad_values(bad, message):
@@ -58,13 +60,18 @@ def test_default_config_is_the_paper():
     assert config.text_config.model_type == "roberta"
     assert (config.hidden_size, config.num_fusion_layers, config.num_attention_heads) == (768, 6, 12)
     assert (config.ood_projection_dim, config.ood_num_components, config.ood_gradient) == (64, 4, "last_iterate")
+    assert config.classifier_head == "mlp"  # METER's head
 
 
-@pytest.mark.parametrize("task", list(HEADS))
-def test_head_forward_loss_backward_reaches_the_ood_layer(task):
+# The retrieval head has no classifier (ITM is a linear layer on the pooled output).
+TASK_HEADS = [("vqa", "mlp"), ("vqa", "gated_product"), ("nlvr2", "mlp"), ("nlvr2", "gated_product"), ("retrieval", "mlp")]
+
+
+@pytest.mark.parametrize("task, classifier_head", TASK_HEADS)
+def test_head_forward_loss_backward_reaches_the_ood_layer(task, classifier_head):
     model_class, _, kwargs = HEADS[task]
     torch.manual_seed(0)
-    model = model_class(tiny_vkood_config(**kwargs))
+    model = model_class(tiny_vkood_config(**kwargs, classifier_head=classifier_head))
     output = model(**head_inputs(task))
     assert torch.isfinite(output.loss)
     output.loss.backward()
@@ -74,11 +81,11 @@ def test_head_forward_loss_backward_reaches_the_ood_layer(task):
     assert output.ood_gate.shape[-1] == 4 and torch.isfinite(output.ood_scores).all()
 
 
-@pytest.mark.parametrize("task", list(HEADS))
-def test_save_load_same_logits_also_as_remote_code(task, tmp_path):
+@pytest.mark.parametrize("task, classifier_head", TASK_HEADS)
+def test_save_load_same_logits_also_as_remote_code(task, classifier_head, tmp_path):
     model_class, auto_class, kwargs = HEADS[task]
     torch.manual_seed(0)
-    model = model_class(tiny_vkood_config(**kwargs)).eval()
+    model = model_class(tiny_vkood_config(**kwargs, classifier_head=classifier_head)).eval()
     batch = head_inputs(task)
     with torch.no_grad():
         expected = head_logits(model, task, batch)
@@ -111,6 +118,51 @@ def test_save_load_same_logits_also_as_remote_code(task, tmp_path):
         """,
         tmp_path,
     )
+
+
+def negated_match_problem(samples, colours=8, width=32, seed=0):
+    """Pooled (text, image) vectors of easy-VQA's yes/no questions, without the prior: the text names a colour and
+    maybe a "not" (each an additive direction, as attention pools tokens), the image shows a colour, half the pairs
+    match; the answer is `match XOR not`."""
+    generator = torch.Generator().manual_seed(seed)
+    text_colours, image_colours, negation = torch.randn(3, colours + 1, width, generator=generator).unbind(0)
+    asked = torch.randint(colours, (samples,), generator=generator)
+    match = torch.rand(samples, generator=generator) < 0.5
+    shown = torch.where(match, asked, (asked + torch.randint(1, colours, (samples,), generator=generator)) % colours)
+    negated = torch.rand(samples, generator=generator) < 0.5
+    text = torch.tanh(0.5 * (text_colours[asked] + negated[:, None] * negation[0]))
+    image = torch.tanh(0.5 * image_colours[shown])
+    return torch.cat([text, image], dim=-1), (match ^ negated).long()
+
+
+def test_gated_product_head_learns_a_negated_match_that_the_mlp_head_does_not():
+    features, labels = negated_match_problem(4096)
+    test_features, test_labels = features[-1024:], labels[-1024:]
+    accuracy = {}
+    for head in ("mlp", "gated_product"):
+        torch.manual_seed(0)
+        classifier = _classifier(tiny_vkood_config(num_labels=2, classifier_head=head, classifier_dropout=0.0), pairs=1)
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-4)
+        for step in range(200):
+            rows = torch.arange(step * 64, (step + 1) * 64) % 3072
+            loss = torch.nn.functional.cross_entropy(classifier(features[rows]), labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        accuracy[head] = (classifier(test_features).argmax(-1) == test_labels).float().mean().item()
+    # Measured: 0.99 against 0.75 (the MLP reaches 0.78 by 400 steps, the gated head 0.96 by 150).
+    assert accuracy["gated_product"] > 0.95 and accuracy["mlp"] < 0.85, accuracy
+
+
+def test_gated_product_head_multiplies_the_text_and_image_of_the_same_pair():
+    torch.manual_seed(0)
+    model = VKOODForImagesAndTextClassification(tiny_vkood_config(num_labels=2, classifier_head="gated_product"))
+    seen = []
+    model.classifier.gate.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    output = model(**{k: v for k, v in head_inputs("nlvr2").items() if k != "labels"})
+    text_1, image_1, text_2, image_2 = output.pooler_output.unflatten(-1, (4, 32)).unbind(1)
+    expected = torch.cat([text_1, image_1, text_1 * image_1, text_2, image_2, text_2 * image_2], dim=-1)
+    torch.testing.assert_close(seen[0], expected)
 
 
 def test_auto_classes_resolve_in_process(tmp_path):

@@ -343,6 +343,8 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
     default_model, default_data, _, default_training = parse_arguments([])
     assert (default_data.dataset, default_data.eval_split, default_training.output_dir) == ("easy_vqa", "test",
                                                                                          "outputs/easy_vqa")  # fmt: skip
+    assert default_data.balance_by == "question_type"
+    assert parse_arguments(["--balance_by", "none"])[1].balance_by is None  # the command line can switch it off
 
     config.write_text(yaml.safe_dump({"task": "vqa", "text_modle": "x"}))
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['text_modle'\]"):

@@ -147,12 +147,15 @@ class DataArguments:
     balance_by: str | None = field(
         default=None,
         metadata={"help": "a training column (e.g. question_type): draw rows with replacement so that each of its "
-                  "values is equally frequent; for a task type that is rare in the data but needs its own features"},  # fmt: skip
+                  "values is equally frequent; for a task type that is rare in the data but needs its own features; 'none' "
+                  "draws rows as they come (overrides a YAML value)"},  # fmt: skip
     )
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.balance_by is not None and self.balance_by.lower() in ("", "none"):
+            self.balance_by = None
 
 
 @dataclass
