@@ -125,12 +125,13 @@ def negated_match_problem(samples, colours=8, width=32, seed=0):
     maybe a "not" (each an additive direction, as attention pools tokens), the image shows a colour, half the pairs
     match; the answer is `match XOR not`."""
     generator = torch.Generator().manual_seed(seed)
-    text_colours, image_colours, negation = torch.randn(3, colours + 1, width, generator=generator).unbind(0)
+    text_colours, image_colours = torch.randn(2, colours, width, generator=generator)
+    negation = torch.randn(width, generator=generator)
     asked = torch.randint(colours, (samples,), generator=generator)
     match = torch.rand(samples, generator=generator) < 0.5
     shown = torch.where(match, asked, (asked + torch.randint(1, colours, (samples,), generator=generator)) % colours)
     negated = torch.rand(samples, generator=generator) < 0.5
-    text = torch.tanh(0.5 * (text_colours[asked] + negated[:, None] * negation[0]))
+    text = torch.tanh(0.5 * (text_colours[asked] + negated[:, None] * negation))
     image = torch.tanh(0.5 * image_colours[shown])
     return torch.cat([text, image], dim=-1), (match ^ negated).long()
 
@@ -143,14 +144,14 @@ def test_gated_product_head_learns_a_negated_match_that_the_mlp_head_does_not():
         torch.manual_seed(0)
         classifier = _classifier(tiny_vkood_config(num_labels=2, classifier_head=head, classifier_dropout=0.0), pairs=1)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-4)
-        for step in range(200):
+        for step in range(300):
             rows = torch.arange(step * 64, (step + 1) * 64) % 3072
             loss = torch.nn.functional.cross_entropy(classifier(features[rows]), labels[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         accuracy[head] = (classifier(test_features).argmax(-1) == test_labels).float().mean().item()
-    # Measured: 0.99 against 0.75 (the MLP reaches 0.78 by 400 steps, the gated head 0.96 by 150).
+    # Measured: 0.996 against 0.764 (by 400 steps the MLP is at 0.80; with another draw of the vectors, 1.0 vs 0.79).
     assert accuracy["gated_product"] > 0.95 and accuracy["mlp"] < 0.85, accuracy
 
 
