@@ -345,6 +345,10 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
                                                                                          "outputs/easy_vqa")  # fmt: skip
     assert default_data.balance_by == "question_type"
     assert parse_arguments(["--balance_by", "none"])[1].balance_by is None  # the command line can switch it off
+    pretrained_vision = parse_arguments(["--vision_config=None", "--vision_model", "openai/clip-vit-base-patch16"])[0]
+    assert (pretrained_vision.vision_config, pretrained_vision.vision_model) == (None, "openai/clip-vit-base-patch16")
+    with pytest.raises(SystemExit):  # only optional fields can be reset
+        parse_arguments(["--learning_rate", "none"])
 
     config.write_text(yaml.safe_dump({"task": "vqa", "text_modle": "x"}))
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['text_modle'\]"):

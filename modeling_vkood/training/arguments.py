@@ -1,13 +1,16 @@
 """Run configuration: three dataclasses (+ TrainingArguments) filled from a YAML file, then from the command line.
 
 `python train.py configuration/vqav2.yaml --learning_rate 1e-4`: the YAML gives the run, CLI flags override single
-fields. Without a YAML file the embedded default (`configuration/easy_vqa.yaml`) is used.
+fields; `--FIELD none` resets an optional field to None. Without a YAML file the embedded default
+(`configuration/easy_vqa.yaml`) is used.
 """
 
 import importlib.util
 import json
 import sys
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -147,15 +150,12 @@ class DataArguments:
     balance_by: str | None = field(
         default=None,
         metadata={"help": "a training column (e.g. question_type): draw rows with replacement so that each of its "
-                  "values is equally frequent; for a task type that is rare in the data but needs its own features; 'none' "
-                  "draws rows as they come (overrides a YAML value)"},  # fmt: skip
+                  "values is equally frequent; for a task type that is rare in the data but needs its own features"},  # fmt: skip
     )
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        if self.balance_by is not None and self.balance_by.lower() in ("", "none"):
-            self.balance_by = None
 
 
 @dataclass
@@ -182,5 +182,35 @@ def parse_arguments(argv: list[str] | None = None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{config_path}: unknown argument(s) {unknown}")
-    parser.set_defaults(**values)
+    argv, reset = _none_resets(argv)
+    parser.set_defaults(**{**values, **reset})
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _optional_fields() -> set[str]:
+    """The argument fields that accept None."""
+    names = set()
+    for cls in ARGUMENT_CLASSES:
+        hints = typing.get_type_hints(cls)
+        names.update(f.name for f in fields(cls) if f.init and type(None) in typing.get_args(hints[f.name]))
+    return names
+
+
+def _none_resets(argv: list[str]) -> tuple[list[str], dict]:
+    """(argv without them, {field: None}) for each `--FIELD none` / `--FIELD=none` of an optional field, so the
+    command line can unset what the YAML sets (e.g. `--balance_by none`, or `--vision_config none` next to
+    `--vision_model`); argparse itself would read "none" as a string, or fail to parse it as a number."""
+    optional, kept, reset = _optional_fields(), [], {}
+    index = 0
+    while index < len(argv):
+        flag, has_value, value = argv[index].partition("=")
+        if not has_value and index + 1 < len(argv):
+            value = argv[index + 1]
+        name = flag[2:] if flag.startswith("--") else None
+        if name in optional and value.lower() == "none":
+            reset[name] = None
+            index += 1 if has_value else 2
+            continue
+        kept.append(argv[index])
+        index += 1
+    return kept, reset
