@@ -229,8 +229,6 @@ class VKOODProcessor(ProcessorMixin):
         limits = {"max_knowledge_items": max_knowledge_items, "knowledge_max_length": knowledge_max_length}
         if max_text_length is not None:
             limits["max_text_length"] = max_text_length
-        if knowledge_retrieval_items is not None:
-            limits["knowledge_retrieval_items"] = knowledge_retrieval_items
         for name, value in limits.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"VKOODProcessor.{name} must be a positive integer, got {value!r}")
@@ -261,9 +259,11 @@ class VKOODProcessor(ProcessorMixin):
                 raise TypeError(f"VKOODProcessor.{name} must be a string or a path, got {type(value).__name__}")
         if source is None and index is not None:
             raise ValueError("VKOODProcessor.knowledge_index needs a knowledge_source naming what it holds")
-        if retrieval_items is not None and (isinstance(retrieval_items, bool) or not isinstance(retrieval_items, int)
-                                            or retrieval_items < 1):  # fmt: skip
-            raise ValueError(f"VKOODProcessor.knowledge_retrieval_items must be a positive integer, got {retrieval_items!r}")
+        positive = isinstance(retrieval_items, int) and not isinstance(retrieval_items, bool) and retrieval_items > 0
+        if retrieval_items is not None and not positive:
+            raise ValueError(
+                f"VKOODProcessor.knowledge_retrieval_items must be a positive integer, got {retrieval_items!r}"
+            )
         self.knowledge_source = None if source is None else str(source)
         self.knowledge_index = None if index is None else str(index)
         self.knowledge_retrieval_items = retrieval_items

@@ -79,7 +79,8 @@ def draw(shape: str, colour: tuple[int, int, int]) -> PIL.Image.Image:
 
 
 def images(count: int) -> list[PIL.Image.Image]:
-    return [draw(("circle", "square")[i % 2], ((200, 30, 30), (30, 30, 200), (30, 160, 30))[i % 3]) for i in range(count)]
+    colours = ((200, 30, 30), (30, 30, 200), (30, 160, 30))
+    return [draw(("circle", "square")[i % 2], colours[i % 3]) for i in range(count)]
 
 
 def collated(processor: VKOODProcessor, kb: KnowledgeBase, questions: list[str]) -> dict:
@@ -131,6 +132,10 @@ def test_explicit_and_empty_knowledge_override_retrieval(tokenizer, starter):
         plain.retrieve_knowledge(["a dog"])
     with pytest.raises(ValueError, match="has no knowledge_index"):
         VKOODProcessor(image_processor(), tokenizer, knowledge_source="starter")(text="a dog")
+    with pytest.raises(ValueError, match="needs a knowledge_source"):
+        plain.set_knowledge_source(None, starter.path)
+    with pytest.raises(ValueError, match="knowledge_retrieval_items must be a positive integer"):
+        plain.set_knowledge_source("starter", starter.path, retrieval_items=0)
 
 
 def test_edges_dataset_folder_retrieves_like_its_index_and_ships_when_local(tokenizer, starter, tmp_path, monkeypatch):
@@ -194,7 +199,8 @@ items = [[item.text for item in row] for row in processor.retrieve_knowledge(spe
 with torch.no_grad():
     logits = model(**processor(images=pictures, text=spec["questions"])).logits
 vqa = pipeline("visual-question-answering", model=FOLDER, trust_remote_code=True)
-answers = [vqa(image=path, question=q, top_k=3, return_knowledge=True) for path, q in zip(spec["images"], spec["questions"])]
+answers = [vqa(image=path, question=q, top_k=3, return_knowledge=True)
+           for path, q in zip(spec["images"], spec["questions"])]
 torch.save({"items": items, "logits": logits, "answers": answers, "module": type(processor).__module__}, OUTPUT)
 """
 
@@ -255,7 +261,8 @@ def test_return_knowledge_reports_the_hard_gate_when_configured(tokenizer, start
     output = vqa(image=images(1)[0], question=STARTER_QUESTIONS[2], top_k=2, return_knowledge=True)
     assert_pipeline_output(output, model, processor, images(1)[0], STARTER_QUESTIONS[2], top_k=2)
     gates = {entry["gate"] for entry in output["knowledge"]}
-    assert gates == {0.0, 1.0} and [e["kept"] for e in output["knowledge"]] == [e["gate"] == 1.0 for e in output["knowledge"]]
+    assert gates == {0.0, 1.0}
+    assert [entry["kept"] for entry in output["knowledge"]] == [entry["gate"] == 1.0 for entry in output["knowledge"]]
 
     given = vqa(image=images(1)[0], question="a dog?", knowledge=["a dog is an animal"], return_knowledge=True)
     assert [entry["text"] for entry in given["knowledge"]] == ["a dog is an animal"]
