@@ -12,6 +12,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import PIL.Image
@@ -170,6 +171,29 @@ def test_hub_dataset_source_is_fetched_as_a_dataset_and_not_copied(tokenizer, st
     saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())
     assert saved["knowledge_source"] == "hf://datasets/someone/kg@v1" and saved["knowledge_index"] is None
     assert not (tmp_path / "saved" / "knowledge_index.sqlite").exists()
+
+
+def test_push_to_hub_uploads_the_index_with_the_processor(tokenizer, starter, tmp_path, monkeypatch):
+    import transformers.utils.hub as hub
+
+    uploads = []
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):  # the Hub upload, offline
+        folder = Path(working_dir)
+        saved = json.loads((folder / "processor_config.json").read_text())
+        uploads.append((repo_id, {p.name for p in folder.iterdir()}, saved["knowledge_index"]))
+
+    api = SimpleNamespace(create_repo=lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    card = SimpleNamespace(save=lambda path: Path(path).write_text("card"))
+    monkeypatch.setattr(hub, "hf_api", lambda: api)
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: card)
+    monkeypatch.setattr(VKOODProcessor, "_upload_modified_files", upload)
+    processor = VKOODProcessor(image_processor(), tokenizer, knowledge_source="starter", knowledge_index=starter.path)
+    processor.save_pretrained(tmp_path / "model", push_to_hub=True, repo_id="someone/model")
+    ((repo_id, files, index),) = uploads
+    assert repo_id == "someone/model" and index == "knowledge_index.sqlite"
+    assert {"knowledge_index.sqlite", "knowledge_vkood.py", "processing_vkood.py", "processor_config.json"} <= files
+    assert (tmp_path / "model" / "knowledge_index.sqlite").is_file()  # the local save has it too
 
 
 def tiny_checkpoint(folder: Path, tokenizer, kb: KnowledgeBase) -> tuple[VKOODForQuestionAnswering, VKOODProcessor]:
