@@ -138,19 +138,23 @@ def _flatten_images(images) -> tuple[list, int | None, bool]:
 # The file name of the knowledge index inside a saved processor folder (and so inside a Hub model repository).
 KNOWLEDGE_INDEX_FILE = "knowledge_index.sqlite"
 HUB_DATASET_PREFIX = "hf://datasets/"
+STARTER_SOURCE = "starter"
 
 
 def _is_edge_source(source: str) -> bool:
     """Whether `source` names JSON-lines edges (a Hub dataset, a local folder or .jsonl file) rather than an index."""
+    if source == STARTER_SOURCE:
+        return False
     path = Path(source)
     return source.startswith(HUB_DATASET_PREFIX) or path.is_dir() or (path.suffix == ".jsonl" and path.is_file())
 
 
-def _edges_file(source: str, **hub_kwargs) -> str:
-    """The JSON-lines edge file of a Hub dataset (`hf://datasets/OWNER/NAME[@REVISION]`) or of a local folder/file."""
+def _edges_file(source: str) -> str:
+    """The JSON-lines edge file of a Hub dataset (`hf://datasets/OWNER/NAME[@REVISION]`, fetched into the Hugging
+    Face cache) or of a local folder/file."""
     if source.startswith(HUB_DATASET_PREFIX):
         repo_id, _, revision = source.removeprefix(HUB_DATASET_PREFIX).partition("@")
-        return cached_file(repo_id, EDGES_FILE, repo_type="dataset", revision=revision or None, **hub_kwargs)
+        return cached_file(repo_id, EDGES_FILE, repo_type="dataset", revision=revision or None)
     path = Path(source)
     return str(path / EDGES_FILE if path.is_dir() else path)
 
@@ -305,17 +309,21 @@ class VKOODProcessor(ProcessorMixin):
             repo_id = kwargs.pop("repo_id", Path(save_directory).name)
             self.push_to_hub(repo_id, **kwargs)  # saves afresh into a temporary folder and uploads all of it
             return files
-        if not self.has_knowledge_source or self.knowledge_source.startswith(HUB_DATASET_PREFIX):
+        if not self.has_knowledge_source:
             return super().save_pretrained(save_directory, **kwargs)
-        index = Path(self._knowledge().path)
+        ships = not self.knowledge_source.startswith(HUB_DATASET_PREFIX)
+        index = Path(self._knowledge().path) if ships else None
         configured = self.knowledge_index
         try:
-            self.knowledge_index = KNOWLEDGE_INDEX_FILE
+            # The saved config names the shipped file, or nothing: a path of this machine means nothing elsewhere.
+            self.knowledge_index = KNOWLEDGE_INDEX_FILE if ships else None
             files = super().save_pretrained(save_directory, **kwargs)
         finally:
             self.knowledge_index = configured
-        _ship_file(index, Path(save_directory) / KNOWLEDGE_INDEX_FILE)
-        return [*files, str(Path(save_directory) / KNOWLEDGE_INDEX_FILE)]
+        if ships:
+            _ship_file(index, Path(save_directory) / KNOWLEDGE_INDEX_FILE)
+            files.append(str(Path(save_directory) / KNOWLEDGE_INDEX_FILE))
+        return files
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
