@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 from ..knowledge_vkood import (
     EDGES_FILE,
     KnowledgeIndex,
-    KnowledgeItem,
     default_cache_dir,
     finish_index,
     normalize_name,
