@@ -115,7 +115,17 @@ def main(argv: list[str] | None = None) -> dict:
     model = apply_finetuning(built, model_args)
 
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)
-    knowledge_base = open_knowledge(data_args.knowledge) if task == "retrieval" else None
+    try:
+        knowledge_base = open_knowledge(data_args.knowledge)
+    except FileNotFoundError:
+        if task == "retrieval":  # its collator retrieves for every caption it draws
+            raise
+        knowledge_base = None  # a ready-built dataset brought its knowledge column; the index is not here
+        logger.warning("knowledge index %s not found: the saved processor will not retrieve knowledge itself",
+                       data_args.knowledge)  # fmt: skip
+    if knowledge_base is not None:
+        # The processor (saved with every checkpoint, its index with it) retrieves at inference as the data did.
+        built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path, data_args.max_knowledge_items)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
     if task == "vqa":
         collator = VQACollator(built.processor, len(id2label), pixels)

@@ -2,11 +2,18 @@
 
 transformers 5 removed its "visual-question-answering" pipeline; a VK-OOD VQA checkpoint names this class under
 `config.custom_pipelines`, so `pipeline("visual-question-answering", model=folder, trust_remote_code=True)` works.
-Inputs go through the checkpoint's own VKOODProcessor, which also encodes optional knowledge items:
+Inputs go through the checkpoint's own VKOODProcessor. Without `knowledge`, a checkpoint whose processor has a
+knowledge source retrieves each question's items itself, as its training data did; passed items are used as given
+(`knowledge=[]`: none):
 
-    vqa(image=image, question="what colour is the shape?")                                # no knowledge
-    vqa(image=image, question="what colour is the shape?", knowledge=["red is a colour"])  # with knowledge
+    vqa(image=image, question="what colour is the shape?")                                # retrieved knowledge
+    vqa(image=image, question="what colour is the shape?", knowledge=["red is a colour"])  # these items
     vqa([{"image": a, "question": q, "knowledge": [...]}, ...])                             # a batch of examples
+    vqa(image=image, question=q, return_knowledge=True)
+    # -> {"answers": [{"answer", "score"}, ...], "knowledge": [{"text", "score", "gate", "kept"}, ...]}
+
+In the knowledge list, `score` is the OOD layer's GEM score of the item against the image, `gate` its gate (the hard
+0/1 gate when the model is configured with `ood_hard_gate`) and `kept` whether the gate lets it through (> 0.5).
 """
 
 from transformers import Pipeline
@@ -19,6 +26,7 @@ VQA_PIPELINE = {
         "type": "multimodal",
     }
 }
+KEPT_ABOVE = 0.5
 
 
 class VKOODVisualQuestionAnsweringPipeline(Pipeline):
@@ -29,9 +37,11 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, top_k=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, top_k=None, timeout=None, return_knowledge=None, **kwargs):
         preprocess = {} if timeout is None else {"timeout": timeout}
         postprocess = {} if top_k is None else {"top_k": top_k}
+        if return_knowledge is not None:
+            postprocess["return_knowledge"] = return_knowledge
         return preprocess, {}, postprocess
 
     def __call__(self, image, question=None, knowledge=None, **kwargs):
@@ -47,13 +57,33 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
         if not isinstance(inputs, dict) or "image" not in inputs or "question" not in inputs:
             raise ValueError(f"each input needs an 'image' and a 'question', got {inputs!r}")
         image = load_image(inputs["image"], timeout=timeout)
-        return self.processor(images=image, text=inputs["question"], knowledge=inputs.get("knowledge"))
+        question, knowledge = inputs["question"], inputs.get("knowledge")
+        if knowledge is None and self.processor.has_knowledge_source:
+            (knowledge,) = self.processor.retrieve_knowledge([question])
+        if knowledge is None:
+            return {**self.processor(images=image, text=question), "knowledge_texts": []}
+        (sentences,) = self.processor.knowledge_sentences([knowledge])
+        model_inputs = self.processor(images=image, text=question, knowledge=[sentences])
+        return {**model_inputs, "knowledge_texts": sentences}
 
     def _forward(self, model_inputs):
-        return self.model(**model_inputs)
+        sentences = model_inputs.pop("knowledge_texts")
+        outputs = self.model(**model_inputs)
+        return {"logits": outputs.logits, "ood_scores": outputs.ood_scores, "ood_gate": outputs.ood_gate,
+                "knowledge_texts": sentences}  # fmt: skip
 
-    def postprocess(self, model_outputs, top_k=5):
-        probabilities = model_outputs.logits.float().sigmoid()[0]
+    def postprocess(self, model_outputs, top_k=5, return_knowledge=False):
+        probabilities = model_outputs["logits"].float().sigmoid()[0]
         scores, ids = probabilities.topk(min(top_k, probabilities.shape[-1]))
         id2label = self.model.config.id2label
-        return [{"score": score, "answer": id2label[i]} for score, i in zip(scores.tolist(), ids.tolist())]
+        answers = [{"score": score, "answer": id2label[i]} for score, i in zip(scores.tolist(), ids.tolist())]
+        if not return_knowledge:
+            return answers
+        sentences = model_outputs["knowledge_texts"]
+        item_scores = model_outputs["ood_scores"][0, : len(sentences)].float().tolist() if sentences else []
+        gates = model_outputs["ood_gate"][0, : len(sentences)].float().tolist() if sentences else []
+        knowledge = [
+            {"text": text, "score": score, "gate": gate, "kept": gate > KEPT_ABOVE}
+            for text, score, gate in zip(sentences, item_scores, gates)
+        ]
+        return {"answers": answers, "knowledge": knowledge}

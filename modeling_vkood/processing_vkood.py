@@ -1,11 +1,16 @@
 """VKOODProcessor: image + text + explicit knowledge -> the tensors `VKOODModel` reads.
 
-Hub remote code: this file imports only torch, transformers (numpy and PIL through its dependencies) and the
-standard library, so it works when copied alone into a checkpoint folder and loaded with
-`AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
+Hub remote code: this file imports only torch, transformers (numpy and PIL through its dependencies), the standard
+library and its flat sibling `knowledge_vkood.py`, so it works when copied into a checkpoint folder and loaded with
+`AutoProcessor.from_pretrained(folder, trust_remote_code=True)`. With a knowledge source the processor retrieves
+each text's knowledge itself, with the code the dataset builders used, so inference sees what training saw.
 """
 
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -14,6 +19,9 @@ from transformers import BatchFeature
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import ChannelDimension
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils.hub import cached_file
+
+from .knowledge_vkood import EDGES_FILE, KnowledgeIndex, index_from_edge_lines
 
 # Pillow modes holding 16-bit samples (16-bit PNG/TIFF decode to these); `Image.convert("RGB")` would clip them at 255.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -127,6 +135,49 @@ def _flatten_images(images) -> tuple[list, int | None, bool]:
     return [image for example in images for image in example], sizes[0], True
 
 
+# The file name of the knowledge index inside a saved processor folder (and so inside a Hub model repository).
+KNOWLEDGE_INDEX_FILE = "knowledge_index.sqlite"
+HUB_DATASET_PREFIX = "hf://datasets/"
+STARTER_SOURCE = "starter"
+
+
+def _is_edge_source(source: str) -> bool:
+    """Whether `source` names JSON-lines edges (a Hub dataset, a local folder or .jsonl file) rather than an index."""
+    if source == STARTER_SOURCE:
+        return False
+    path = Path(source)
+    return source.startswith(HUB_DATASET_PREFIX) or path.is_dir() or (path.suffix == ".jsonl" and path.is_file())
+
+
+def _edges_file(source: str) -> str:
+    """The JSON-lines edge file of a Hub dataset (`hf://datasets/OWNER/NAME[@REVISION]`, fetched into the Hugging
+    Face cache) or of a local folder/file."""
+    if source.startswith(HUB_DATASET_PREFIX):
+        repo_id, _, revision = source.removeprefix(HUB_DATASET_PREFIX).partition("@")
+        return cached_file(repo_id, EDGES_FILE, repo_type="dataset", revision=revision or None)
+    path = Path(source)
+    return str(path / EDGES_FILE if path.is_dir() else path)
+
+
+def _ship_file(source: Path, destination: Path) -> None:
+    """Put `source` at `destination`: a hard link where possible (an index is never modified, only replaced, so
+    sharing its inode is safe and saving a checkpoint costs no space), else a copy; atomic either way."""
+    if destination.exists() and os.path.samefile(source, destination):
+        return
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
+    os.close(descriptor)
+    try:
+        os.remove(temporary)
+        try:
+            os.link(source, temporary)
+        except OSError:  # another file system, or links not supported
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, destination)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def _item_text(item, example: int, position: int) -> str:
     """A knowledge item's sentence: a str, a mapping with "text", or any object with a `.text` attribute."""
     text = item.get("text") if isinstance(item, Mapping) else getattr(item, "text", item)
@@ -153,6 +204,18 @@ class VKOODProcessor(ProcessorMixin):
         max_text_length (`int`, *optional*): most tokens of a text, special tokens included: the positions the
             text encoder can embed (`from_model_config` sets it), so that a long text is truncated here instead of
             failing inside the model's embeddings. None: the tokenizer's own limit.
+        knowledge_source (`str`, *optional*): where the knowledge retrieved for a text comes from, recorded in the
+            processor config: "starter" (the vkood starter graph), the name of the ConceptNet index the model was
+            trained with, `hf://datasets/OWNER/NAME[@REVISION]` (a Hub dataset holding `edges.jsonl`, JSON lines of
+            {"head", "relation", "tail", "weight"}) or a local folder/file of such edges. None: the processor never
+            retrieves; knowledge is only what the caller passes.
+        knowledge_index (`str`, *optional*): the SQLite knowledge index retrieval reads. A relative path names a file
+            of the checkpoint (`save_pretrained` ships the index as `knowledge_index.sqlite` and `from_pretrained`
+            finds it, locally or in a Hub repository). Needed for "starter" and index sources; for edge sources it
+            is built on first use (in $VKOOD_CACHE, default ~/.cache/vkood).
+        knowledge_retrieval_items (`int`, *optional*): items retrieved per text (the dataset builders'
+            `max_knowledge_items`), of which the first `max_knowledge_items` are encoded, as the training collator
+            did with the dataset's `knowledge` column. None: `max_knowledge_items`.
     """
 
     def __init__(
@@ -162,6 +225,9 @@ class VKOODProcessor(ProcessorMixin):
         max_knowledge_items: int = 16,
         knowledge_max_length: int = 32,
         max_text_length: int | None = None,
+        knowledge_source: str | None = None,
+        knowledge_index: str | None = None,
+        knowledge_retrieval_items: int | None = None,
     ):
         super().__init__(image_processor, tokenizer)
         limits = {"max_knowledge_items": max_knowledge_items, "knowledge_max_length": knowledge_max_length}
@@ -184,6 +250,91 @@ class VKOODProcessor(ProcessorMixin):
         self.max_knowledge_items = max_knowledge_items
         self.knowledge_max_length = knowledge_max_length
         self.max_text_length = max_text_length
+        self.set_knowledge_source(knowledge_source, knowledge_index, knowledge_retrieval_items)
+
+    # ------------------------------------------------------------------------------------------- knowledge
+    def set_knowledge_source(
+        self, source: str | None, index: str | os.PathLike | None = None, retrieval_items: int | None = None
+    ) -> None:
+        """Set where retrieval reads (see the class arguments `knowledge_source`, `knowledge_index`,
+        `knowledge_retrieval_items`); `set_knowledge_source(None)` turns self-retrieval off."""
+        for name, value in (("knowledge_source", source), ("knowledge_index", index)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"VKOODProcessor.{name} must be a string or a path, got {type(value).__name__}")
+        if source is None and index is not None:
+            raise ValueError("VKOODProcessor.knowledge_index needs a knowledge_source naming what it holds")
+        positive = isinstance(retrieval_items, int) and not isinstance(retrieval_items, bool) and retrieval_items > 0
+        if retrieval_items is not None and not positive:
+            raise ValueError(
+                f"VKOODProcessor.knowledge_retrieval_items must be a positive integer, got {retrieval_items!r}"
+            )
+        self.knowledge_source = None if source is None else str(source)
+        self.knowledge_index = None if index is None else str(index)
+        self.knowledge_retrieval_items = retrieval_items
+        self._index_location = self.knowledge_index  # where the index file is found on this machine
+        self._index: KnowledgeIndex | None = None
+
+    @property
+    def has_knowledge_source(self) -> bool:
+        """Whether the processor retrieves knowledge for texts given without any."""
+        return self.knowledge_source is not None
+
+    def _knowledge(self) -> KnowledgeIndex:
+        """The open index, located and opened on first use (an edge source is indexed then)."""
+        if self._index is None:
+            if self._index_location is None and not _is_edge_source(self.knowledge_source):
+                raise ValueError(
+                    f"knowledge_source={self.knowledge_source!r} has no knowledge_index: give the index file (for the "
+                    "starter graph, modeling_vkood.knowledge.KnowledgeBase.starter().path) to set_knowledge_source"
+                )
+            if self._index_location is None:
+                self._index_location = str(index_from_edge_lines(_edges_file(self.knowledge_source)))
+            self._index = KnowledgeIndex(self._index_location)
+        return self._index
+
+    def retrieve_knowledge(self, texts: list[str]) -> list[list]:
+        """Per text the knowledge items (`knowledge_vkood.KnowledgeItem`: head, relation, tail, weight, text) the
+        dataset builders would have stored for it: same concepts, ranking and item count."""
+        if not self.has_knowledge_source:
+            raise ValueError("this processor has no knowledge_source to retrieve from (see set_knowledge_source)")
+        retrieval_items = self.knowledge_retrieval_items or self.max_knowledge_items
+        return self._knowledge().retrieve_batch(list(texts), max_items=retrieval_items)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save as ProcessorMixin does, plus the knowledge index (`knowledge_index.sqlite`) unless the source is a
+        Hub dataset (the checkpoint names it and retrieval fetches it), so the folder or Hub repository carries its
+        own knowledge."""
+        if push_to_hub:
+            files = self.save_pretrained(save_directory)
+            repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+            self.push_to_hub(repo_id, **kwargs)  # saves afresh into a temporary folder and uploads all of it
+            return files
+        if not self.has_knowledge_source:
+            return super().save_pretrained(save_directory, **kwargs)
+        ships = not self.knowledge_source.startswith(HUB_DATASET_PREFIX)
+        index = Path(self._knowledge().path) if ships else None
+        configured = self.knowledge_index
+        try:
+            # The saved config names the shipped file, or nothing: a path of this machine means nothing elsewhere.
+            self.knowledge_index = KNOWLEDGE_INDEX_FILE if ships else None
+            files = super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.knowledge_index = configured
+        if ships:
+            _ship_file(index, Path(save_directory) / KNOWLEDGE_INDEX_FILE)
+            files.append(str(Path(save_directory) / KNOWLEDGE_INDEX_FILE))
+        return files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """ProcessorMixin.from_pretrained, then a relative `knowledge_index` is looked up in the same folder or Hub
+        repository (downloaded with the checkpoint's revision and credentials)."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        index = processor.knowledge_index
+        if index is not None and not Path(index).is_absolute():
+            hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+            processor._index_location = cached_file(pretrained_model_name_or_path, index, **hub_kwargs)
+        return processor
 
     @classmethod
     def from_model_config(cls, image_processor, tokenizer, config) -> "VKOODProcessor":
@@ -230,11 +381,14 @@ class VKOODProcessor(ProcessorMixin):
                 `max_text_length` and the tokenizer's limit, and may not exceed `max_text_length`; without
                 truncation a text longer than `max_text_length` raises a ValueError.
             knowledge: per example a list of strings, of mappings with a "text" key, or of objects with a `.text`
-                attribute (None or [] = no items); for a single example, the flat list. Returns
+                attribute (an example's None or [] = no items); for a single example, the flat list. Returns
                 `knowledge_input_ids` / `knowledge_attention_mask` (B, M, Lk) and `knowledge_mask` (B, M), 1 = real
                 item, where M = most items of any example (at most `max_knowledge_items`) and Lk = longest
                 tokenised item (at most `knowledge_max_length`). When no example has an item, M = 0 and Lk = 1:
-                shapes (B, 0, 1) and (B, 0). knowledge=None returns no knowledge keys.
+                shapes (B, 0, 1) and (B, 0). `knowledge=[]` says "no knowledge" for every example of the batch.
+                knowledge=None (the default): with a `knowledge_source` and a text, each text's items are retrieved
+                (`retrieve_knowledge`), exactly as the dataset builders stored them for training; otherwise no
+                knowledge keys are returned.
             return_tensors: "pt" (default) or "np".
             **kwargs: passed to the image processor (e.g. `do_center_crop=False`).
         """
@@ -272,6 +426,10 @@ class VKOODProcessor(ProcessorMixin):
                 )
             data["input_ids"], data["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
             sizes["text"] = len(texts)
+        if knowledge is None and text is not None and self.has_knowledge_source:
+            knowledge = self.retrieve_knowledge(texts)
+        elif isinstance(knowledge, (list, tuple)) and not knowledge:
+            knowledge = [[]] * next(iter(sizes.values()), 1)
         if knowledge is not None:
             examples = self._knowledge_texts(knowledge, other_inputs_batched=batched)
             data.update(self._encode_knowledge(examples))
@@ -310,6 +468,11 @@ class VKOODProcessor(ProcessorMixin):
         if per_example is None:
             return pixel_values
         return pixel_values.reshape(-1, per_example, *pixel_values.shape[1:])
+
+    def knowledge_sentences(self, knowledge) -> list[list[str]]:
+        """Per example the sentences of `knowledge` (a batch: one list per example) that `__call__` encodes, in slot
+        order: each item's text, at most `max_knowledge_items` of them."""
+        return self._knowledge_texts(knowledge, other_inputs_batched=True)
 
     def _knowledge_texts(self, knowledge, other_inputs_batched: bool) -> list[list[str]]:
         """Per-example item sentences, each list cut to `max_knowledge_items` (kept in the given order)."""

@@ -184,8 +184,13 @@ def test_vqa_trains_evaluates_and_writes_the_hub_folder(vqa_run):
     assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0
     assert {"eval_vqa_accuracy_yes_no", "eval_vqa_accuracy_other", "train_loss", "eval_loss"} <= set(results)
     for name in ("config.json", "model.safetensors", "modeling_vkood.py", "configuration_vkood.py", "ood_vkood.py",
-                 "processing_vkood.py", "pipeline_vkood.py", "processor_config.json", "tokenizer.json", "README.md"):
+                 "processing_vkood.py", "knowledge_vkood.py", "knowledge_index.sqlite", "pipeline_vkood.py",
+                 "processor_config.json", "tokenizer.json", "README.md"):
         assert (vqa_run / name).is_file(), name  # fmt: skip
+    processor_config = json.loads((vqa_run / "processor_config.json").read_text())
+    assert (processor_config["knowledge_source"], processor_config["knowledge_index"]) == (
+        "starter", "knowledge_index.sqlite")  # the run's knowledge travels with it; the processor retrieves from it
+    assert processor_config["knowledge_retrieval_items"] == 4  # the run config's max_knowledge_items
     assert not (vqa_run / "adapter_model.safetensors").exists()  # merged, not adapter form
     weights = load_file(vqa_run / "model.safetensors")
     assert not any("lora_" in key or "modules_to_save" in key for key in weights)

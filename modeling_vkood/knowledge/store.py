@@ -6,6 +6,10 @@ dump (34 million lines, gzip or plain) into a small SQLite file holding only the
 renamed when complete, so readers never see a half-built index, and it is never modified afterwards, which is
 what lets readers open it immutable (no locking) from any number of processes. The temporary file lives in a
 locked scratch folder (`scratch.py`), so the leftovers of a killed build are deleted by the next build.
+
+Reading and retrieval (`KnowledgeIndex`, the index schema, concept extraction, verbalisation) live in the remote-code
+file `modeling_vkood/knowledge_vkood.py`, so that the processor at inference retrieves with the very same code;
+`KnowledgeBase` is that reader plus the ways to make an index.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,40 +29,20 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .concepts import extract_concepts, normalize_name
+from ..knowledge_vkood import (
+    EDGES_FILE,
+    KnowledgeIndex,
+    default_cache_dir,
+    finish_index,
+    normalize_name,
+    start_index,
+)
 from .scratch import scratch_folder
-from .verbalize import verbalize
 
 DEFAULT_RELATIONS = ("AtLocation", "PartOf", "IsA", "UsedFor", "HasA")
-INDEX_FORMAT = "vkood-conceptnet-index/1"
 _INSERT_BATCH = 100_000
 _PROGRESS_EVERY = 1 << 16  # lines between progress-bar updates; updating per line would dominate the loop
 _MALFORMED_EXAMPLES = 20
-_EDGE_CACHE_SIZE = 1 << 16
-
-_SCHEMA = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
-    # The primary key is the retrieval index: one seek per (head, relation), rows already by weight.
-    "CREATE TABLE edges (head TEXT NOT NULL, relation TEXT NOT NULL, tail TEXT NOT NULL, weight REAL NOT NULL,"
-    " PRIMARY KEY (head, relation, weight DESC, tail)) WITHOUT ROWID",
-    "CREATE TABLE vocabulary (name TEXT PRIMARY KEY) WITHOUT ROWID",
-    "CREATE TEMP TABLE staging (head TEXT, relation TEXT, tail TEXT, weight REAL)",
-)
-
-
-@dataclass(frozen=True)
-class KnowledgeItem:
-    """One retrieved edge; `text` is the sentence the model's text encoder reads."""
-
-    head: str
-    relation: str
-    tail: str
-    weight: float
-    text: str
-
-    def to_dict(self) -> dict:
-        """Row format of the datasets' `knowledge` column (a plain copy: dataclasses.asdict deep-copies, 3x slower)."""
-        return dict(vars(self))
 
 
 @dataclass(frozen=True)
@@ -187,23 +170,19 @@ def _batches(rows: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
 def _write_index(path: Path, reader: _DumpReader, relations: Sequence[str], languages: Sequence[str]) -> BuildReport:
     """Fill a fresh SQLite file at `path` from `reader`; the caller owns atomicity."""
     started = time.perf_counter()
-    connection = sqlite3.connect(path)
+    connection = start_index(path)
     try:
-        # Durability pragmas are off: an interrupted build is discarded whole, never resumed.
-        for pragma in ("journal_mode = OFF", "synchronous = OFF", "temp_store = FILE", "cache_size = -262144"):
-            connection.execute(f"PRAGMA {pragma}")
-        for statement in _SCHEMA:
-            connection.execute(statement)
         for batch in _batches(reader.rows(), _INSERT_BATCH):
             connection.executemany("INSERT INTO staging VALUES (?, ?, ?, ?)", batch)
-        # The same edge arrives once per sense tag and source; keep it once, with its strongest weight.
-        connection.execute(
-            "INSERT INTO edges SELECT head, relation, tail, MAX(weight) FROM staging GROUP BY head, relation, tail"
+        # The report needs the finished tables' counts, so it joins meta after `finish_index`.
+        edges, concepts = finish_index(
+            connection,
+            {
+                "source": str(reader.path),
+                "relations": json.dumps(list(relations)),
+                "languages": json.dumps(list(languages)),
+            },
         )
-        connection.execute("INSERT INTO vocabulary SELECT DISTINCT head FROM edges")
-        connection.execute("DROP TABLE staging")
-        (edges,) = connection.execute("SELECT COUNT(*) FROM edges").fetchone()
-        (concepts,) = connection.execute("SELECT COUNT(*) FROM vocabulary").fetchone()
         report = BuildReport(
             path=str(path),
             built=True,
@@ -213,80 +192,15 @@ def _write_index(path: Path, reader: _DumpReader, relations: Sequence[str], lang
             seconds=round(time.perf_counter() - started, 3),
             malformed_lines=tuple(reader.malformed_lines),
         )
-        meta = {
-            "format": INDEX_FORMAT,
-            "source": str(reader.path),
-            "relations": json.dumps(list(relations)),
-            "languages": json.dumps(list(languages)),
-            "report": json.dumps(dataclasses.asdict(report)),
-        }
-        connection.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        connection.execute("INSERT INTO meta VALUES ('report', ?)", (json.dumps(dataclasses.asdict(report)),))
         connection.commit()
     finally:
         connection.close()
     return report
 
 
-def _deal_round_robin(groups: Sequence[tuple[KnowledgeItem, ...]], budget: int) -> list[KnowledgeItem]:
-    """The first items of each group, `budget` in all, dealt one per group per round; kept in group order."""
-    if sum(map(len, groups)) <= budget:
-        return [item for group in groups for item in group]
-    takes = [0] * len(groups)
-    while budget:
-        for g, group in enumerate(groups):
-            if budget and takes[g] < len(group):
-                takes[g] += 1
-                budget -= 1
-    return [item for group, take in zip(groups, takes) for item in group[:take]]
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("VKOOD_CACHE") or Path.home() / ".cache" / "vkood")
-
-
-class _Reader:
-    """One process's read-only view of an index: connection, vocabulary, and an edge cache."""
-
-    def __init__(self, path: Path):
-        self.pid = os.getpid()
-        # immutable=1 skips file locking; sound because an index file is only ever replaced, never edited.
-        self.connection = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True, check_same_thread=False
-        )
-        try:
-            meta = dict(self.connection.execute("SELECT key, value FROM meta"))
-        except sqlite3.DatabaseError as error:
-            self.connection.close()
-            raise ValueError(f"{path} is not a vkood knowledge index ({error})") from error
-        if meta.get("format") != INDEX_FORMAT:
-            self.connection.close()
-            raise ValueError(f"{path} has index format {meta.get('format')!r}, expected {INDEX_FORMAT!r}")
-        self.meta = meta
-        self.relations: tuple[str, ...] = tuple(json.loads(meta["relations"]))
-        self.vocabulary = frozenset(name for (name,) in self.connection.execute("SELECT name FROM vocabulary"))
-        self.edges = lru_cache(maxsize=_EDGE_CACHE_SIZE)(self._query_edges)
-
-    def _query_edges(self, concept: str, per_relation: int) -> tuple[tuple[KnowledgeItem, ...], ...]:
-        """The concept's strongest edges, one tuple per relation in the index's relation order."""
-        return tuple(
-            tuple(
-                KnowledgeItem(concept, relation, tail, weight, verbalize(concept, relation, tail))
-                for tail, weight in self.connection.execute(
-                    "SELECT tail, weight FROM edges WHERE head = ? AND relation = ? ORDER BY weight DESC, tail LIMIT ?",
-                    (concept, relation, per_relation),
-                )
-            )
-            for relation in self.relations
-        )
-
-
-class KnowledgeBase:
-    """Read access to a built index; picklable by path and safe to share with forked or spawned workers."""
-
-    def __init__(self, index_path: str | os.PathLike):
-        self.path = Path(index_path)
-        self._reader: _Reader | None = None
-        self._current()  # fail here, naming the file, rather than inside the first worker
+class KnowledgeBase(KnowledgeIndex):
+    """A built index (`KnowledgeIndex`: retrieval, picklable by path) plus the ways to build, open and export one."""
 
     # ----------------------------------------------------------------------------------------- construction
     @classmethod
@@ -339,74 +253,26 @@ class KnowledgeBase:
         source = resources.files(__package__) / "data" / "starter.csv"
         with resources.as_file(source) as csv_path:
             digest = hashlib.sha256(csv_path.read_bytes()).hexdigest()[:16]
-            index_path = Path(cache_dir or _default_cache_dir()) / f"starter-{digest}.sqlite"
+            index_path = Path(cache_dir or default_cache_dir()) / f"starter-{digest}.sqlite"
             cls.build(csv_path, index_path)
         return cls.open(index_path)
 
-    # ---------------------------------------------------------------------------------------------- queries
-    def _current(self) -> _Reader:
-        """This process's reader; a worker forked from the owner opens its own instead of sharing a connection."""
-        if self._reader is None or self._reader.pid != os.getpid():
-            self._reader = _Reader(self.path)
-        return self._reader
+    def export_edges(self, path: str | os.PathLike) -> Path:
+        """Write every edge as JSON lines (the Hub dataset form of a knowledge source, `knowledge_vkood.EDGES_FILE`).
 
-    @property
-    def relations(self) -> tuple[str, ...]:
-        return self._current().relations
-
-    def __len__(self) -> int:
-        """Number of concepts that have edges."""
-        return len(self._current().vocabulary)
-
-    def __contains__(self, concept: str) -> bool:
-        return concept in self._current().vocabulary
-
-    def concepts(self, text: str) -> list[str]:
-        """Concepts of this graph mentioned in `text`, in order of appearance (longest n-gram wins)."""
-        return extract_concepts(text, self._current().vocabulary)
-
-    def retrieve(self, text: str, max_items: int = 16, per_relation: int = 5) -> list[KnowledgeItem]:
-        """Knowledge about the concepts in `text`: each concept's strongest `per_relation` edges per relation.
-
-        Output order is concept (appearance), relation (index order), weight descending, tail. When more than
-        `max_items` qualify, slots are dealt round-robin (every concept-relation's best edge before any second
-        best) so the first concept of a question cannot crowd out the others.
+        Edges are written relation by relation in the index's relation order, so the file read back lists relations
+        in the same order and retrieves the same items. A folder `path` receives `edges.jsonl`.
         """
-        if max_items < 0 or per_relation < 1:
-            raise ValueError(f"need max_items >= 0 and per_relation >= 1, got {max_items} and {per_relation}")
-        reader = self._current()
-        groups: list[tuple[KnowledgeItem, ...]] = []
-        for concept in extract_concepts(text, reader.vocabulary):
-            if len(groups) >= max_items:
-                break  # round-robin never reaches groups past the first max_items non-empty ones
-            groups.extend(group for group in reader.edges(concept, per_relation) if group)
-        return _deal_round_robin(groups, max_items)
-
-    def retrieve_batch(
-        self, texts: Sequence[str], max_items: int = 16, per_relation: int = 5
-    ) -> list[list[KnowledgeItem]]:
-        """`retrieve` for each text (concept edges are cached, so repeated concepts across a batch are free)."""
-        return [self.retrieve(text, max_items=max_items, per_relation=per_relation) for text in texts]
-
-    # ------------------------------------------------------------------------------------------- lifecycle
-    def close(self) -> None:
-        """Release this process's connection and caches; a later query reopens them."""
-        if self._reader is not None and self._reader.pid == os.getpid():
-            self._reader.connection.close()
-        self._reader = None
-
-    def __enter__(self) -> KnowledgeBase:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path}
-
-    def __setstate__(self, state: dict) -> None:
-        self.path = state["path"]
-        self._reader = None
-
-    def __repr__(self) -> str:
-        return f"KnowledgeBase({str(self.path)!r})"
+        path = Path(path)
+        if path.is_dir():
+            path = path / EDGES_FILE
+        connection = self._current().connection
+        with open(path, "w", encoding="utf-8") as handle:
+            for relation in self.relations:
+                for head, tail, weight in connection.execute(
+                    "SELECT head, tail, weight FROM edges WHERE relation = ? ORDER BY head, weight DESC, tail",
+                    (relation,),
+                ):
+                    edge = {"head": head, "relation": relation, "tail": tail, "weight": weight}
+                    handle.write(json.dumps(edge, ensure_ascii=False) + "\n")
+        return path
