@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .nlvr2 import nlvr2_accuracy
 from .retrieval import retrieval_recall
-from .vqa import answer_scores, vqa_accuracy
-from .vqa_normalization import normalize_answer
+from .vqa import OFFICIAL_DECIMALS, answer_scores, vqa_accuracy
+from .vqa_normalization import clean_answer, normalize_answer
 
 EVALUATE_MODULES = ("vqa_accuracy", "nlvr2_accuracy", "retrieval_recall")
 
@@ -22,7 +22,9 @@ def metric_path(name: str) -> str:
 
 __all__ = [
     "EVALUATE_MODULES",
+    "OFFICIAL_DECIMALS",
     "answer_scores",
+    "clean_answer",
     "metric_path",
     "nlvr2_accuracy",
     "normalize_answer",
