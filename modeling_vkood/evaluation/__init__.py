@@ -1,4 +1,5 @@
-"""Official metrics as plain functions (numpy only), plus `evaluate` modules that call them.
+"""Official metrics as plain functions (numpy only), `evaluate` modules that call them, and the writers of
+prediction files in the official submission formats (`submission`).
 
 `evaluate.load(metric_path("vqa_accuracy"))` loads the matching module offline from this package.
 """
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from .nlvr2 import nlvr2_accuracy
 from .retrieval import retrieval_recall
+from .submission import write_nlvr2_predictions, write_vqa_results
 from .vqa import OFFICIAL_DECIMALS, answer_scores, vqa_accuracy
 from .vqa_normalization import clean_answer, normalize_answer
 
@@ -30,4 +32,6 @@ __all__ = [
     "normalize_answer",
     "retrieval_recall",
     "vqa_accuracy",
+    "write_nlvr2_predictions",
+    "write_vqa_results",
 ]
