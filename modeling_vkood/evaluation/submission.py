@@ -37,7 +37,7 @@ def _write_atomically(path: os.PathLike, write) -> Path:
     """Write through a temporary file and rename it, so a crash never leaves half a submission."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: never shared mid-write
     with open(temporary, "w", encoding="utf-8", newline="") as handle:
         write(handle)
     os.replace(temporary, path)
