@@ -36,6 +36,7 @@ from modeling_vkood.training import (  # noqa: E402
     predicted_class,
     save_output_folder,
 )
+from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 
 logger = logging.getLogger("train")
 MAIN_METRIC = {"vqa": "eval_vqa_accuracy", "nlvr2": "eval_nlvr2_accuracy", "retrieval": "eval_r_mean"}
@@ -103,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     task = data_args.task
 
     splits = [s for s, wanted in ((data_args.train_split, training_args.do_train),
-                                  (data_args.eval_split, training_args.do_eval)) if wanted]  # fmt: skip
+                                  (data_args.eval_split, training_args.do_eval),
+                                  (data_args.predict_split, data_args.predict_split is not None))
+              if wanted]  # fmt: skip
     if not splits:
-        raise ValueError("nothing to do: set do_train and/or do_eval")
+        raise ValueError("nothing to do: set do_train, do_eval and/or predict_split")
     with training_args.main_process_first(desc="dataset"):
         dataset = load_splits(data_args, list(dict.fromkeys(splits)))
     id2label = dict(enumerate(answer_vocabulary(dataset))) if task == "vqa" else None
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  training_args.device)  # fmt: skip
         if len(ood["gates"]):
             metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())
+    if data_args.predict_split is not None:
+        export_predictions(trainer, dataset, data_args, id2label, training_args.output_dir)
     trainer.save_metrics("all", metrics, combined=False)
     description = describe(model_args, data_args, card_args, training_args, built, metrics, argv)
     save_output_folder(trainer, task, description, ood, MAIN_METRIC[task])

@@ -10,8 +10,9 @@ entry `label_ids[k]`: min(1, matches/3) averaged over the leave-one-out subsets 
 (`modeling_vkood.evaluation.answer_scores`). With 10 answers that is 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / >=4
 matching annotators: the same numbers as the widely used "bottom-up" targets, which were an approximation of this
 rule, while the plain min(1, count/3) would give 0.33 / 0.67 / 1.0 and reward answers the metric does not fully
-credit. Training on the metric itself is the reason for this choice; entries scoring 0 are left out. A single
-reference answer (easy-VQA) gives a one-hot target (exact match).
+credit. Training on the metric itself is the reason for this choice; entries scoring 0 are left out (as the
+official metric does, a question whose ten answers are all "Yes" credits only "Yes", not the vocabulary's "yes").
+A single reference answer (easy-VQA) gives a one-hot target (exact match).
 """
 
 import json
@@ -27,7 +28,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Va
 from datasets.table import embed_table_storage
 from tqdm.auto import tqdm
 
-from modeling_vkood.evaluation import answer_scores, normalize_answer
+from modeling_vkood.evaluation import answer_scores, clean_answer, normalize_answer
 from modeling_vkood.knowledge import KnowledgeBase
 
 from .image_check import ImageChecker
@@ -275,20 +276,34 @@ def answer_vocabulary(dataset: Dataset | DatasetDict) -> list[str]:
     return list(vocabularies.pop())
 
 
-def select_vocabulary(answer_questions: Counter, min_questions: int) -> list[str]:
-    """Answers seen for at least `min_questions` questions, most frequent first (ties alphabetical)."""
-    kept = [(count, answer) for answer, count in answer_questions.items() if count >= min_questions and answer]
+def select_vocabulary(answer_questions: Counter, min_questions: int, dataset: str) -> list[str]:
+    """Answers seen for at least `min_questions` questions, most frequent first (ties alphabetical).
+
+    An empty vocabulary cannot be trained or evaluated (the classifier would have no output), so it fails here,
+    at build time, with the counts that explain it.
+    """
+    counts = {answer: count for answer, count in answer_questions.items() if answer}
+    kept = [(count, answer) for answer, count in counts.items() if count >= min_questions]
+    if not kept:
+        most = max(counts.values(), default=0)
+        raise ValueError(
+            f"{dataset}: no answer reaches the vocabulary threshold of {min_questions} questions "
+            f"({len(counts)} distinct answers, the most frequent answers {most} question(s)); "
+            "build from more annotations"
+        )
     return [answer for _, answer in sorted(kept, key=lambda pair: (-pair[0], pair[1]))]
 
 
 def vqa_targets(answers: Sequence[str], vocabulary_index: dict[str, int]) -> tuple[list[int], list[float]]:
-    """(label_ids, label_scores): each vocabulary answer among the human answers with its official accuracy."""
+    """(label_ids, label_scores): each vocabulary answer the official metric credits on these human answers.
+
+    The candidates are the human answers in both forms the metric compares (fully normalised when the annotators
+    disagree, only cleaned when they all agree); `answer_scores` keeps those that score.
+    """
     if not answers:
         return [], []
-    candidates = sorted(
-        {answer for answer in map(normalize_answer, answers) if answer in vocabulary_index},
-        key=vocabulary_index.__getitem__,
-    )
+    forms = {normalize_answer(answer) for answer in answers} | {clean_answer(answer) for answer in answers}
+    candidates = sorted((form for form in forms if form in vocabulary_index), key=vocabulary_index.__getitem__)
     kept = [(vocabulary_index[c], s) for c, s in zip(candidates, answer_scores(candidates, answers)) if s > 0]
     return [label for label, _ in kept], [score for _, score in kept]
 

@@ -4,6 +4,11 @@ Inputs (names unchanged) in `root`: `OpenEnded_mscoco_{train,val}2014_questions.
 `mscoco_{train,val}2014_annotations.json`; images are COCO 2014 (`COCO_{train,val}2014_{image_id:012d}.jpg` in
 `image_root/{train,val}2014/` or directly in `image_root`). Splits: train, validation.
 
+Annotations: OK-VQA's records (v1.0 / v1.1) carry image_id, question_id, question_type, answer_type, confidence and
+10 `answers` with answer / raw_answer / answer_confidence / answer_id, but no `multiple_choice_answer`: the column of
+that name is derived as the most common `answer` (ties to the one given first). The metric and the targets use the
+`answer` strings, as the official evaluation does.
+
 Vocabulary: OK-VQA's own, from all 10 human answers (officially normalised) rather than the consensus answer only,
 because OK-VQA answers are open-ended knowledge answers with weak consensus; an answer enters when it was given
 for at least 3 questions of train+val. That keeps answers the metric can credit (3 matches score 0.9) while
@@ -46,6 +51,10 @@ DESCRIPTION = DatasetDescription(
         "`label_ids`/`label_scores`: every vocabulary answer among the 10 human answers with the official VQA "
         "accuracy of answering it; the vocabulary is the ClassLabel of `label_ids`: answers given by annotators "
         "for at least 3 train+val questions.",
+        "`answers`: the `answer` field of OK-VQA's 10 answer records (their `raw_answer`, `answer_confidence` and the "
+        "question's `confidence` are not kept).",
+        "`multiple_choice_answer`: OK-VQA's files name no consensus answer; this column holds the most common of "
+        "the 10 answers (ties go to the one given first).",
         "`knowledge`: retrieved from the question text.",
     ],
 )
@@ -72,6 +81,7 @@ def build(
         image_root,
         knowledge,
         splits,
+        consensus_in_file=False,
         strict=strict,
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,

@@ -36,14 +36,9 @@ from .common import (
 )
 
 QUESTION_FIELDS = {"question_id": int, "image_id": int, "question": str}
-ANNOTATION_FIELDS = {
-    "question_id": int,
-    "image_id": int,
-    "answers": list,
-    "answer_type": str,
-    "question_type": str,
-    "multiple_choice_answer": str,
-}
+ANNOTATION_FIELDS = {"question_id": int, "image_id": int, "answers": list, "answer_type": str, "question_type": str}
+# VQAv2 records carry the consensus answer; OK-VQA's do not (see `consensus_answer`).
+CONSENSUS_FIELD = {"multiple_choice_answer": str}
 
 
 @dataclass(frozen=True)
@@ -108,23 +103,40 @@ DESCRIPTION = DatasetDescription(
 )
 
 
-def load_annotations(path: Path) -> dict[int, dict]:
-    """Annotations of one official file keyed by question id, each checked (answers must be {"answer": str})."""
+def consensus_answer(answers: Sequence[str]) -> str:
+    """The most common human answer, ties going to the one given first (OK-VQA records name no consensus)."""
+    return Counter(answers).most_common(1)[0][0] if answers else ""
+
+
+def load_annotations(path: Path, consensus_in_file: bool) -> dict[int, dict]:
+    """Annotations of one official file keyed by question id, each checked (answers must be {"answer": str}).
+
+    The evaluated human answer is each entry's `answer` (OK-VQA's `raw_answer` and the confidences are not used).
+    `consensus_in_file`: records must carry `multiple_choice_answer` (VQAv2); otherwise (OK-VQA) it is used where
+    present and derived with `consensus_answer` where not.
+    """
+    required = {**ANNOTATION_FIELDS, **CONSENSUS_FIELD} if consensus_in_file else ANNOTATION_FIELDS
     records = record_list(load_json(path), "annotations", path)
     annotations = {}
     for index, record in progress(records, path):
-        check_record(record, ANNOTATION_FIELDS, path, index)
+        check_record(record, required, path, index)
         answers = record["answers"]
         if not all(isinstance(answer, dict) and isinstance(answer.get("answer"), str) for answer in answers):
             raise record_error(path, index, 'every entry of "answers" must be an object with a string "answer"')
         if record["question_id"] in annotations:
             raise record_error(path, index, f"question_id {record['question_id']} appears twice")
+        answers = [answer["answer"] for answer in answers]
+        consensus = record.get("multiple_choice_answer")
+        if consensus is None:
+            consensus = consensus_answer(answers)
+        elif not isinstance(consensus, str):
+            raise record_error(path, index, f"field 'multiple_choice_answer' should be str, got {consensus!r}")
         annotations[record["question_id"]] = {
             "image_id": record["image_id"],
-            "answers": [answer["answer"] for answer in answers],
+            "answers": answers,
             "answer_type": record["answer_type"],
             "question_type": record["question_type"],
-            "multiple_choice_answer": record["multiple_choice_answer"],
+            "multiple_choice_answer": consensus,
         }
     return annotations
 
@@ -197,20 +209,22 @@ def build_vqa_format(
     image_root,
     knowledge,
     splits: Sequence[str] | None,
+    consensus_in_file: bool = True,
     **options,
 ) -> BuildResult:
-    """Build a dataset shipped in the official VQA format (VQAv2, OK-VQA)."""
+    """Build a dataset shipped in the official VQA format (VQAv2, OK-VQA); see `load_annotations` for
+    `consensus_in_file`."""
     root, image_root = Path(root), Path(image_root)
     chosen = select_splits(splits, {split: root / spec.questions for split, spec in split_files.items()}, name)
     annotations = {
-        split: load_annotations(root / spec.annotations)
+        split: load_annotations(root / spec.annotations, consensus_in_file)
         for split, spec in split_files.items()
         if spec.annotations is not None and (split in chosen or (root / spec.annotations).is_file())
     }
     if not annotations:
         raise FileNotFoundError(f"{name}: no annotation file in {root}; the answer vocabulary needs one")
-    vocabulary = select_vocabulary(count_answer_questions(list(annotations.values()), vocabulary_rule),
-                                   vocabulary_rule.min_questions)  # fmt: skip
+    counts = count_answer_questions(list(annotations.values()), vocabulary_rule)
+    vocabulary = select_vocabulary(counts, vocabulary_rule.min_questions, name)
     vocabulary_index = {answer: label for label, answer in enumerate(vocabulary)}
     finder = ImageFinder()
 

@@ -5,6 +5,7 @@ import pytest
 
 from modeling_vkood.evaluation import (
     EVALUATE_MODULES,
+    OFFICIAL_DECIMALS,
     answer_scores,
     metric_path,
     nlvr2_accuracy,
@@ -12,10 +13,12 @@ from modeling_vkood.evaluation import (
     retrieval_recall,
     vqa_accuracy,
 )
-from modeling_vkood.evaluation.vqa import leave_one_out_accuracy
+from modeling_vkood.evaluation.vqa import comparable_answers, leave_one_out_accuracy
 from modeling_vkood.evaluation.vqa_normalization import process_digit_article, process_punctuation
 
 # ------------------------------------------------------------------------------------- VQA answer normalisation
+# Hand-worked cases of the current official rules (vqaEval.py a013f00); tests/test_vqa_official_parity.py checks
+# the whole metric against the official script itself on real records.
 
 
 @pytest.mark.parametrize(
@@ -24,7 +27,10 @@ from modeling_vkood.evaluation.vqa_normalization import process_digit_article, p
         ("black/white", "black white"),  # mark not next to a space: becomes a space
         ("yes, it is", "yes it is"),  # mark next to a space: deleted
         ("1,000", "1000"),  # a comma between digits anywhere: every mark deleted
-        ("it's", "it s"),
+        ("it's", "it's"),  # the apostrophe is not punctuation ...
+        ("10:30", "10:30"),  # ... nor is the colon
+        ("t-shirt!", "t shirt "),  # "-" and "!" are
+        ("{red}", " red "),
         ("hello.", "hello"),  # a period not followed by a digit is deleted
         ("3.5", "3.5"),  # ... one followed by a digit is kept
         ("a" + "." * 40, "a" + "." * 8),  # the official call removes at most 32 periods
@@ -41,8 +47,9 @@ def test_process_punctuation_matches_official_rules(text, expected):
         ("none", "0"),
         ("an apple", "apple"),
         ("ten", "10"),
-        ("dont", "don’t"),  # contraction restored with the typographic apostrophe, as in the official table
-        ("wheres", "where's"),  # ... and one of the few with an ASCII apostrophe
+        ("dont", "don't"),  # contraction restored, with an ASCII apostrophe
+        ("wouldnt've", "wouldn't've"),
+        ("somebody'd", "somebodyd"),  # an entry of the official table that looks reversed, kept
         ("Im", "im"),  # capitalised keys of the official table never match after lower-casing
     ],
 )
@@ -67,39 +74,59 @@ def _official_leave_one_out(prediction: str, references: list[str]) -> float:
 
 
 @pytest.mark.parametrize("num_answers", range(2, 11))
-def test_closed_form_equals_the_official_loop(num_answers):
+def test_leave_one_out_equals_the_official_loop(num_answers):
     for matches in range(num_answers + 1):
         references = ["cat"] * matches + ["dog"] * (num_answers - matches)
-        assert leave_one_out_accuracy(matches, num_answers) == pytest.approx(_official_leave_one_out("cat", references))
+        hits = [reference == "cat" for reference in references]
+        assert leave_one_out_accuracy(hits) == _official_leave_one_out("cat", references)
 
 
 def test_ten_answers_give_the_official_steps():
-    steps = [leave_one_out_accuracy(m, 10) for m in range(6)]
+    steps = [leave_one_out_accuracy([True] * m + [False] * (10 - m)) for m in range(6)]
     assert steps == pytest.approx([0.0, 0.3, 0.6, 0.9, 1.0, 1.0])
 
 
-def test_references_are_punctuation_processed_only_when_annotators_disagree():
-    # All ten identical: used raw, so "Yes." never equals the normalised prediction "yes".
-    assert answer_scores(["yes"], ["Yes."] * 10) == [0.0]
-    # They disagree: punctuation goes ("Yes." -> "Yes") but case stays, so only the one "yes" matches.
-    assert answer_scores(["yes"], ["Yes."] * 9 + ["yes"]) == pytest.approx([0.3])
-    # The prediction gets the full normalisation.
-    assert answer_scores(["Two."], ["2"] * 4 + ["3"] * 6) == pytest.approx([1.0])
+def test_identical_answers_are_compared_raw_and_stripped():
+    # All ten identical: nothing is normalised, so only the exact (stripped) string scores.
+    assert answer_scores(["yes", " yes\n", "Yes", "yes."], ["yes"] * 10) == [1.0, 1.0, 0.0, 0.0]
+    assert answer_scores(["2"], ["two"] * 10) == [0.0]
 
 
-def test_single_reference_is_exact_match():
-    assert answer_scores(["Circle", "square"], ["circle"]) == [1.0, 0.0]
+def test_disagreeing_answers_and_prediction_are_both_fully_normalised():
+    # They disagree: references and prediction go through punctuation, then digits/articles/case.
+    assert answer_scores(["yes"], ["Yes."] * 9 + ["yes"]) == [1.0]
+    assert answer_scores(["Two."], ["2"] * 4 + ["three"] * 6) == pytest.approx([1.0])
+    assert answer_scores(["3"], ["2"] * 4 + ["three"] * 6) == pytest.approx([1.0])
+    assert answer_scores(["the dog"], ["a dog", "Dog", "cat"] + ["bird"] * 7) == pytest.approx([0.6])
 
 
-def test_vqa_accuracy_overall_and_per_answer_type_in_percent():
+def test_comparable_answers_names_what_is_compared():
+    assert comparable_answers(" Yes ", ["yes"] * 10) == ("Yes", ["yes"] * 10)
+    assert comparable_answers(" Yes ", ["yes", "no"]) == ("yes", ["yes", "no"])
+
+
+def test_single_reference_is_exact_match_of_the_stripped_strings():
+    assert answer_scores(["circle", " circle", "Circle", "square"], ["circle"]) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_vqa_accuracy_overall_and_per_type_in_percent():
     result = vqa_accuracy(
         ["2", "yes", "red", "no"],
         [["2"] * 3 + ["3"] * 7, ["yes"] * 10, ["blue"] * 10, ["no"] * 2 + ["yes"] * 8],
         answer_types=["number", "yes/no", "other", "yes/no"],
+        question_types=["how many", "is", "what color", "is"],
     )
     assert result["overall"] == pytest.approx(100 * (0.9 + 1.0 + 0.0 + 0.6) / 4)
     assert result["per_answer_type"] == pytest.approx({"number": 90.0, "other": 0.0, "yes/no": 80.0})
-    assert vqa_accuracy(["2"], [["2"] * 10])["per_answer_type"] == {}
+    assert result["per_question_type"] == pytest.approx({"how many": 90.0, "is": 80.0, "what color": 0.0})
+    bare = vqa_accuracy(["2"], [["2"] * 10])
+    assert bare["per_answer_type"] == bare["per_question_type"] == {}
+
+
+def test_vqa_accuracy_rounds_only_when_asked():
+    references = [["cat"] * 1 + ["dog"] * 9, ["cat"] * 10, ["cat"] * 10]
+    assert vqa_accuracy(["cat"] * 3, references)["overall"] == pytest.approx(230 / 3)
+    assert vqa_accuracy(["cat"] * 3, references, decimals=OFFICIAL_DECIMALS)["overall"] == 76.67
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,23 @@ def test_vqav2_from_the_real_records(tmp_path, knowledge_base, placeholder):
     assert result["overall"] == pytest.approx(100 * sum(score for score, _ in best) / len(best), abs=1e-4)
 
 
-def test_okvqa_real_questions_with_synthetic_annotations(tmp_path, knowledge_base, placeholder):
+def okvqa_annotation(question: dict, index: int) -> dict:
+    """An annotation record in OK-VQA's published schema (v1.0 / v1.1) for a real question: no
+    `multiple_choice_answer`, 5 annotators whose answers are each recorded twice, `raw_answer` beside the
+    processed `answer` (here marked "raw ...", so a builder reading the wrong field is caught)."""
+    word = re.sub(r"[^a-z]", "", question["question"].lower().split()[-1]) or "thing"
+    given = [word, word, word, "something", "unknown"]
+    answers = [a for a in given for _ in range(2)]
+    return {
+        "image_id": question["image_id"], "question_id": question["question_id"],
+        "question_type": ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"][index % 10],
+        "answer_type": "other", "confidence": 1 + index % 5,
+        "answers": [{"answer_id": i + 1, "raw_answer": f"raw {a}", "answer_confidence": "yes", "answer": a}
+                    for i, a in enumerate(answers)],
+    }  # fmt: skip
+
+
+def test_okvqa_real_questions_with_annotations_in_the_published_schema(tmp_path, knowledge_base, placeholder):
     root, images = tmp_path / "annotations", tmp_path / "images"
     root.mkdir()
     counts = {}
@@ -94,18 +110,9 @@ def test_okvqa_real_questions_with_synthetic_annotations(tmp_path, knowledge_bas
         name = f"OpenEnded_mscoco_{subtype}_questions.json"
         document = json.loads((REFDATA / "okvqa" / name).read_text())
         (root / name).write_text(json.dumps(document))
-        annotations = []
-        for question in document["questions"]:
-            # Annotations in the official OK-VQA format (5 annotators, each answer recorded twice).
-            word = re.sub(r"[^a-z]", "", question["question"].lower().split()[-1]) or "thing"
-            given = [word, word, word, "something", "unknown"]
-            annotations.append({
-                "image_id": question["image_id"], "question_id": question["question_id"], "question_type": "one",
-                "answer_type": "other", "confidence": 3, "multiple_choice_answer": word,
-                "answers": [{"answer_id": i + 1, "raw_answer": a, "answer_confidence": "yes", "answer": a}
-                            for i, a in enumerate(a for a in given for _ in range(2))],
-            })  # fmt: skip
-        (root / f"mscoco_{subtype}_annotations.json").write_text(json.dumps({**document, "annotations": annotations}))
+        annotations = [okvqa_annotation(question, i) for i, question in enumerate(document["questions"])]
+        header = {key: value for key, value in document.items() if key not in ("questions", "task_type")}
+        (root / f"mscoco_{subtype}_annotations.json").write_text(json.dumps({**header, "annotations": annotations}))
         counts[subtype] = len(document["questions"])
         image_ids = {question["image_id"] for question in document["questions"]}
         link_images(placeholder, (images / subtype / f"COCO_{subtype}_{i:012d}.jpg" for i in image_ids))
@@ -114,7 +121,10 @@ def test_okvqa_real_questions_with_synthetic_annotations(tmp_path, knowledge_bas
     assert {s: len(d) for s, d in dataset.items()} == {"train": 9009, "validation": 5046} and skips.skipped == []
     row = dataset["validation"][0]
     assert row["question"] == "What sport can you use this for?"
+    assert row["answers"] == ["for"] * 6 + ["something"] * 2 + ["unknown"] * 2  # the `answer` fields
+    assert row["multiple_choice_answer"] == "for"  # derived: the most common answer
     vocabulary = answer_vocabulary(dataset)
+    assert not any(answer.startswith("raw ") for answer in vocabulary)  # built from `answer`, not `raw_answer`
     assert sorted(vocabulary[label] for label in row["label_ids"]) == ["for", "something", "unknown"]
     assert sorted(row["label_scores"]) == pytest.approx([0.6, 0.6, 1.0])  # 2, 2 and 6 of 10 answers
 

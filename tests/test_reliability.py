@@ -132,6 +132,10 @@ def write_vqav2_validation(root: Path, images: dict[str, bytes]) -> dict[str, Pa
         paths[name] = path
     (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": questions}))
     (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    # The vocabulary is counted on every annotation file in root: 9 train questions make "cup" reach its threshold
+    # (only validation is built, so the train file needs no questions or images).
+    train = [{**annotations[0], "question_id": 10**6 + k, "image_id": 10**6} for k in range(9)]
+    (root / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": train}))
     return paths
 
 

@@ -1,25 +1,41 @@
-"""Official VQA accuracy: min(1, matches/3) averaged over the leave-one-out subsets of the human answers."""
+"""Official VQA accuracy (current `vqaEval.py`): min(1, matches/3) averaged over the leave-one-out subsets of the
+human answers, per question, then averaged overall, per answer type and per question type."""
 
 from collections import defaultdict
 from collections.abc import Sequence
 
-import numpy as np
+from .vqa_normalization import clean_answer, normalize_answer
 
-from .vqa_normalization import normalize_answer, normalize_references
+# What the official toolkit prints: percentages rounded to 2 decimals (Python's round).
+OFFICIAL_DECIMALS = 2
 
 
-def leave_one_out_accuracy(matches: int, num_answers: int) -> float:
-    """Mean over the `num_answers` subsets that leave one human answer out of min(1, matches in subset / 3).
+def comparable_answers(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """The prediction and the human answers in the form the official evaluation compares them.
 
-    Closed form of the official loop: the `matches` subsets that drop a matching answer see matches - 1, the
-    others see all of them. For 10 answers this gives 0.3, 0.6, 0.9, 1.0 for 1, 2, 3, >=4 matches.
+    Everything is cleaned (newlines/tabs to spaces, stripped). Only when the cleaned human answers are not all
+    identical are both the human answers and the prediction normalised (`normalize_answer`); when they are all
+    identical the cleaned raw strings are compared, so "Yes" does not match ten "yes".
     """
-    if num_answers == 1:
+    references = [clean_answer(answer) for answer in answers]
+    if len(set(references)) > 1:
+        return normalize_answer(prediction), [normalize_answer(answer) for answer in references]
+    return clean_answer(prediction), references
+
+
+def leave_one_out_accuracy(hits: Sequence[bool]) -> float:
+    """Mean over the subsets that leave one human answer out of min(1, matching answers in the subset / 3).
+
+    `hits[i]` says whether human answer i matches the prediction. The sum runs in the official order, so the
+    value is bit-identical to the official one. (The official loop drops from each subset every answer record
+    equal to the held-out one; records carry a unique `answer_id`, so that is exactly one answer.)
+    """
+    if len(hits) == 1:
         # The official rule is undefined for one reference (every subset is empty and would score 0); a single
         # reference answer (easy-VQA) is scored by exact match instead.
-        return float(matches)
-    kept = matches * min(1.0, (matches - 1) / 3) if matches else 0.0
-    return (kept + (num_answers - matches) * min(1.0, matches / 3)) / num_answers
+        return float(hits[0])
+    matches = sum(hits)
+    return sum(min(1.0, (matches - hit) / 3) for hit in hits) / len(hits)
 
 
 def answer_scores(candidates: Sequence[str], answers: Sequence[str]) -> list[float]:
@@ -29,35 +45,48 @@ def answer_scores(candidates: Sequence[str], answers: Sequence[str]) -> list[flo
     """
     if len(answers) == 0:
         raise ValueError("a question without reference answers cannot be scored (test splits have none)")
-    references = normalize_references(list(answers))
     scores = []
     for candidate in candidates:
-        candidate = normalize_answer(candidate)
-        scores.append(leave_one_out_accuracy(sum(ref == candidate for ref in references), len(references)))
+        prediction, references = comparable_answers(candidate, answers)
+        scores.append(leave_one_out_accuracy([reference == prediction for reference in references]))
     return scores
+
+
+def _percent(scores: list[float], decimals: int | None) -> float:
+    value = 100 * sum(scores) / len(scores)  # the official expression, summed in question order
+    return value if decimals is None else round(value, decimals)
+
+
+def _grouped(scores: list[float], groups: Sequence[str] | None, decimals: int | None) -> dict[str, float]:
+    per_group: dict[str, list[float]] = defaultdict(list)
+    for score, group in zip(scores, groups or ()):
+        per_group[group].append(score)
+    return {group: _percent(values, decimals) for group, values in sorted(per_group.items())}
 
 
 def vqa_accuracy(
     predictions: Sequence[str],
     references: Sequence[Sequence[str]],
     answer_types: Sequence[str] | None = None,
+    question_types: Sequence[str] | None = None,
+    decimals: int | None = None,
 ) -> dict:
-    """VQA accuracy in percent, identical to the official evaluation toolkit (unrounded).
+    """VQA accuracy in percent, identical to the current official evaluation toolkit.
 
-    `references[i]` holds the raw human answers of question i (10 in VQAv2/OK-VQA). Returns
-    {"overall": float, "per_answer_type": {type: float}} (the latter empty without `answer_types`).
+    `references[i]` holds the raw human answers of question i (10 in VQAv2/OK-VQA). Returns {"overall": float,
+    "per_answer_type": {type: float}, "per_question_type": {type: float}} (the breakdowns empty without their
+    types). Values are unrounded by default; `decimals=OFFICIAL_DECIMALS` rounds them as the toolkit reports them.
     """
+    for name, values in (("answer types", answer_types), ("question types", question_types)):
+        if values is not None and len(values) != len(predictions):
+            raise ValueError(f"{len(values)} {name} for {len(predictions)} questions")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} questions")
-    if answer_types is not None and len(answer_types) != len(predictions):
-        raise ValueError(f"{len(answer_types)} answer types for {len(predictions)} questions")
     if len(predictions) == 0:
         raise ValueError("no predictions to score")
-    scores = np.array([answer_scores([p], r)[0] for p, r in zip(predictions, references)], dtype=np.float64)
-    per_type: dict[str, list[int]] = defaultdict(list)
-    for index, answer_type in enumerate(answer_types or ()):
-        per_type[answer_type].append(index)
+    scores = [answer_scores([prediction], answers)[0] for prediction, answers in zip(predictions, references)]
     return {
-        "overall": 100.0 * float(scores.mean()),
-        "per_answer_type": {t: 100.0 * float(scores[idx].mean()) for t, idx in sorted(per_type.items())},
+        "overall": _percent(scores, decimals),
+        "per_answer_type": _grouped(scores, answer_types, decimals),
+        "per_question_type": _grouped(scores, question_types, decimals),
     }

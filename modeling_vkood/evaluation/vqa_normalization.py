@@ -1,68 +1,89 @@
-"""The official VQA answer normalisation (VQA evaluation toolkit, `vqaEval.py`), reproduced rule for rule.
+"""The answer normalisation of the current official VQA evaluation (GT-Vision-Lab/VQA `vqaEval.py`, commit a013f00
+of 2021-03-11, "Fixed processing answers bug"), rule for rule.
 
-Scores are only comparable with published VQA numbers if answers are normalised exactly as the official toolkit
-does, quirks included, so every rule below mirrors it; the quirks are named where they occur.
+Scores are only comparable with published VQA numbers if answers are processed exactly as the official toolkit
+processes them, quirks included, so every rule below follows it; the quirks are named where they occur. When the
+rules apply (only to questions whose human answers disagree) is decided in `vqa.comparable_answers`.
 """
 
 import re
 from functools import lru_cache
 
-_PUNCTUATION = [";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?"]
-_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# The marks `processPunctuation` deletes or turns into a space. Not in the list, so kept: the period (handled by
+# its own rule below), the colon ("10:30") and the apostrophe ("don't").
+_PUNCTUATION = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+)  # fmt: skip
+# The official patterns run under Python 2, where `\d` in a pattern without re.UNICODE is [0-9]; written so here.
+_COMMA_BETWEEN_DIGITS = re.compile(r"([0-9])(,)([0-9])")
 # The official pattern reads "(?!<=\d)" (a look-ahead for the text "<=" and a digit, not a look-behind), so in
-# effect a period is removed unless a digit follows it. Kept as written to give identical results.
-_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# effect a period is removed unless a digit follows it.
+_PERIOD = re.compile(r"(?!<=[0-9])(\.)(?![0-9])")
 # The official script passes `re.UNICODE` (= 32) positionally to `sub`, where it lands on `count`: at most 32
 # periods are removed from one answer.
 _OFFICIAL_PERIOD_LIMIT = 32
+_MARKS = frozenset(_PUNCTUATION) | {"."}
 _NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
-_ARTICLES = {"a", "an", "the"}
-_MARKS = frozenset(_PUNCTUATION) | {"."}
+_ARTICLES = frozenset({"a", "an", "the"})
 # Answers repeat massively ("yes", "2", ...): caching the pure string functions makes dataset builds cheap.
 _CACHE_SIZE = 1 << 16
-# Apostrophe-less spellings mapped to the official spelling (mostly with the typographic apostrophe U+2019, a
-# few with ASCII "'", exactly as the official table has them; keys with capitals can never match after
-# lower-casing, as in the original).
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn’t’ve", "couldnt’ve": "couldn’t’ve", "didnt": "didn’t", "doesnt": "doesn’t",
-    "dont": "don’t", "hadnt": "hadn’t", "hadnt’ve": "hadn’t’ve", "hadn'tve": "hadn’t’ve", "hasnt": "hasn’t",
-    "havent": "haven’t", "hed": "he’d", "hed’ve": "he’d’ve", "he’dve": "he’d’ve", "hes": "he’s", "howd": "how’d",
-    "howll": "how’ll", "hows": "how’s", "Id’ve": "I’d’ve", "I’dve": "I’d’ve", "Im": "I’m", "Ive": "I’ve",
-    "isnt": "isn’t", "itd": "it’d", "itd’ve": "it’d’ve", "it’dve": "it’d’ve", "itll": "it’ll", "let’s": "let’s",
-    "maam": "ma’am", "mightnt": "mightn’t", "mightnt’ve": "mightn’t’ve", "mightn’tve": "mightn’t’ve",
-    "mightve": "might’ve", "mustnt": "mustn’t", "mustve": "must’ve", "neednt": "needn’t", "notve": "not’ve",
-    "oclock": "o’clock", "oughtnt": "oughtn’t", "ow’s’at": "’ow’s’at", "’ows’at": "’ow’s’at",
-    "’ow’sat": "’ow’s’at", "shant": "shan’t", "shed’ve": "she’d’ve", "she’dve": "she’d’ve", "she’s": "she’s",
-    "shouldve": "should’ve", "shouldnt": "shouldn’t", "shouldnt’ve": "shouldn’t’ve", "shouldn’tve": "shouldn’t’ve",
-    "somebody’d": "somebodyd", "somebodyd’ve": "somebody’d’ve", "somebody’dve": "somebody’d’ve",
-    "somebodyll": "somebody’ll", "somebodys": "somebody’s", "someoned": "someone’d",
-    "someoned’ve": "someone’d’ve", "someone’dve": "someone’d’ve", "someonell": "someone’ll",
-    "someones": "someone’s", "somethingd": "something’d", "somethingd’ve": "something’d’ve",
-    "something’dve": "something’d’ve", "somethingll": "something’ll", "thats": "that’s", "thered": "there’d",
-    "thered’ve": "there’d’ve", "there’dve": "there’d’ve", "therere": "there’re", "theres": "there’s",
-    "theyd": "they’d", "theyd’ve": "they’d’ve", "they’dve": "they’d’ve", "theyll": "they’ll",
-    "theyre": "they’re", "theyve": "they’ve", "twas": "’twas", "wasnt": "wasn’t", "wed’ve": "we’d’ve",
-    "we’dve": "we’d’ve", "weve": "we've", "werent": "weren’t", "whatll": "what’ll", "whatre": "what’re",
-    "whats": "what’s", "whatve": "what’ve", "whens": "when’s", "whered": "where’d", "wheres": "where's",
-    "whereve": "where’ve", "whod": "who’d", "whod’ve": "who’d’ve", "who’dve": "who’d’ve", "wholl": "who’ll",
-    "whos": "who’s", "whove": "who've", "whyll": "why’ll", "whyre": "why’re", "whys": "why’s", "wont": "won’t",
-    "wouldve": "would’ve", "wouldnt": "wouldn’t", "wouldnt’ve": "wouldn’t’ve", "wouldn’tve": "wouldn’t’ve",
-    "yall": "y’all", "yall’ll": "y’all’ll", "y’allll": "y’all’ll", "yall’d’ve": "y’all’d’ve",
-    "y’alld’ve": "y’all’d’ve", "y’all’dve": "y’all’d’ve", "youd": "you’d", "youd’ve": "you’d’ve",
-    "you’dve": "you’d’ve", "youll": "you’ll", "youre": "you’re", "youve": "you’ve",
-}  # fmt: skip
+
+
+def _contraction_table() -> dict[str, str]:
+    """The official table of contraction spellings, ASCII apostrophes throughout, as {written: restored}.
+
+    Most entries map the apostrophe-less spelling to the standard one (for double contractions, two spellings
+    with apostrophes missing). The official table also holds entries that are no-ops or look reversed, and
+    keys with capitals that can never match after lower-casing; they are kept as they are, for identical results.
+    """
+    restored = (
+        "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll "
+        "how's I'm I've isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't "
+        "shan't should've shouldn't somebody'll somebody's someone'd someone'll someone's something'd "
+        "something'll that's there'd there're there's they'd they'll they're they've wasn't we've weren't "
+        "what'll what're what's what've when's where'd where's where've who'd who'll who's who've why'll why're "
+        "why's won't would've wouldn't y'all you'd you'll you're you've"
+    ).split()
+    table = {word.replace("'", ""): word for word in restored}
+    # Double contractions: the spelling without its last apostrophe and the one with only the last apostrophe
+    # both map to the full form.
+    double = (
+        "couldn't've hadn't've he'd've I'd've it'd've mightn't've she'd've shouldn't've somebody'd've "
+        "someone'd've something'd've there'd've they'd've we'd've who'd've wouldn't've y'all'll y'all'd've "
+        "you'd've"
+    ).split()
+    for word in double:
+        first, _, last = word.rpartition("'")
+        table[first + last] = word  # the last apostrophe missing
+        table[first.replace("'", "") + "'" + last] = word  # the others missing
+    # Entries of the official table that the two rules above do not produce.
+    table.update({
+        "let's": "let's", "she's": "she's", "twas": "'twas", "somebody'd": "somebodyd",
+        "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+        "y'alld've": "y'all'd've", "yall'd've": "y'all'd've",
+    })  # fmt: skip
+    del table["yalld've"]  # y'all'd've is the one triple contraction: the official table spells it otherwise
+    return table
+
+
+_CONTRACTIONS = _contraction_table()
+
+
+def clean_answer(text: str) -> str:
+    """Newlines and tabs to spaces, then strip: what the official script does to every answer first."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
 def process_punctuation(text: str) -> str:
     """Drop or space out punctuation as the official `processPunctuation` does.
 
-    A mark is deleted when the original text has it next to a space or contains a comma between digits
-    ("1,000" -> "1000"), otherwise replaced by a space ("black/white" -> "black white").
+    A mark is deleted when the input has it next to a space or contains a comma between digits anywhere
+    ("1,000" -> "1000"), otherwise replaced by a space ("black/white" -> "black white"); then every period not
+    followed by a digit goes (at most 32 of them).
     """
     if _MARKS.isdisjoint(text):
         return text  # nothing the rules below could change
@@ -84,14 +105,9 @@ def process_digit_article(text: str) -> str:
 
 @lru_cache(maxsize=_CACHE_SIZE)
 def normalize_answer(answer: str) -> str:
-    """Full normalisation the official evaluation applies to a predicted answer."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+    """The full official normalisation: clean, `processPunctuation`, then `processDigitArticle`.
 
-
-def normalize_references(answers: list[str]) -> list[str]:
-    """What the official evaluation compares a prediction against: the raw human answers, punctuation-processed
-    only when the annotators disagree (the toolkit neither lower-cases them nor maps their digits/articles)."""
-    if len(set(answers)) > 1:
-        return [process_punctuation(answer) for answer in answers]
-    return list(answers)
+    The official evaluation applies it to the prediction and to every human answer of a question whose human
+    answers are not all identical (see `vqa.comparable_answers`). Vocabularies are built from it too.
+    """
+    return process_digit_article(process_punctuation(clean_answer(answer)))

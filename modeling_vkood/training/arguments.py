@@ -138,6 +138,15 @@ class DataArguments:
     max_knowledge_items: int = 16
     train_split: str = "train"
     eval_split: str = "validation"
+    predict_split: str | None = field(
+        default=None,
+        metadata={"help": "a split to predict at the end (it may have no answers: VQAv2 test_dev / test), written "
+                  "in the official submission format: VQA results JSON, NLVR2 identifier,prediction CSV"},  # fmt: skip
+    )
+    predictions_file: str | None = field(
+        default=None,
+        metadata={"help": "where --predict_split's file goes (default: output_dir/predictions_<split>.json / .csv)"},
+    )
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     preprocessing_num_workers: int = 1
@@ -156,6 +165,8 @@ class DataArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.predict_split is not None and self.task == "retrieval":
+            raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
 
 
 @dataclass
