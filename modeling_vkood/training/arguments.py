@@ -180,6 +180,13 @@ class CardArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CardArguments, TrainingArguments)
 
 
+def launched_without_accelerator(environ=os.environ) -> bool:
+    """True for one of several processes (accelerate launch / torchrun set WORLD_SIZE) on a machine without an
+    accelerator. TrainingArguments then needs use_cpu: without it accelerate finds no backend and every process
+    trains alone on the whole dataset (world size 1, all writing one output_dir) instead of joining a gloo group."""
+    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+
+
 def resolve_config_path(given: str) -> Path:
     """The run config `given`: that file if it exists, else the shipped copy of `configuration/NAME.yaml`."""
     path = Path(given)
@@ -207,11 +214,8 @@ def parse_arguments(argv: list[str] | None = None):
         hints = "".join(f"; {name} was removed by transformers: use {REMOVED_TRAINING_ARGUMENTS[name]}"
                         for name in unknown if name in REMOVED_TRAINING_ARGUMENTS)  # fmt: skip
         raise ValueError(f"{config_path}: unknown argument(s) {unknown}{hints}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        # A multi-process launch (accelerate launch / torchrun) on a machine without an accelerator: without
-        # use_cpu, accelerate finds no backend and every process trains alone on the whole dataset (world size 1,
-        # all writing one output_dir); with it, the processes form one gloo group. `--use_cpu false` still wins.
-        values.setdefault("use_cpu", True)
+    if launched_without_accelerator():
+        values.setdefault("use_cpu", True)  # `--use_cpu false` on the command line still wins
     argv, reset = _none_resets(argv)
     parser.set_defaults(**{**values, **reset})
     parsed = parser.parse_args_into_dataclasses(args=argv)
