@@ -46,7 +46,7 @@ def save_tiny_clip(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
     symbols = byte_symbols()
-    merges = [pair for pair in MERGED_PAIRS] + [f"{a} {b}</w>" for a, b in (p.split() for p in MERGED_PAIRS)]
+    merges = list(MERGED_PAIRS) + [f"{a} {b}</w>" for a, b in (p.split() for p in MERGED_PAIRS)]
     tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})

@@ -51,7 +51,8 @@ from rehearsal_fixtures import (
 
 pytestmark = pytest.mark.skipif(
     REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
-    reason="../shared/refdata (real official annotation files) is absent on this machine (VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
+    reason="../shared/refdata (real official annotation files) is absent on this machine "
+    "(VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
 )
 
 TINY_FUSION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "ood_projection_dim": 8}
@@ -59,6 +60,7 @@ PER_DEVICE_BATCH = 2
 EVAL_BATCH, EVAL_ROWS = 4, 8
 PROCESSES = 2
 WALL_TIMES: dict[str, float] = {}
+FIXED_KNOWLEDGE = [["a cup is used for drinking", "a dog is an animal"], ["a car has a wheel"]]
 
 
 @dataclass(frozen=True)
@@ -175,16 +177,18 @@ def sample_images(folder: Path, count: int) -> list[Path]:
 
 def fixed_batch_code(folder: Path, task: str, images: list[Path], out: Path, remote: bool) -> str:
     """Python that loads `folder` (remote code or the installed package), runs a fixed batch, saves the outputs."""
-    knowledge = [["a cup is used for drinking", "a dog is an animal"], ["a car has a wheel"]]
-    if task == "vqa":
-        inputs = f"images=[open_image(p) for p in {[str(p) for p in images[:2]]!r}], text=['what is on the table?', 'is it a dog?'], knowledge={knowledge!r}"
-        call, fields = "", ("logits",)
-    elif task == "nlvr2":
-        pairs = [[str(images[0]), str(images[1])], [str(images[2]), str(images[3])]]
-        inputs = f"images=[[open_image(p) for p in pair] for pair in {pairs!r}], text=['there are two dogs.', 'the left image shows a car.'], knowledge={knowledge!r}"
-        call, fields = "", ("logits",)
+    images = [str(path) for path in images]
+    if task == "nlvr2":
+        images = [images[0:2], images[2:4]]  # two pairs
+        texts = ["there are two dogs.", "the left image shows a car."]
     else:
-        inputs = f"images=[open_image(p) for p in {[str(p) for p in images[:2]]!r}], text=['a dog on a road.', 'a cup on a table.'], knowledge={knowledge!r}"
+        images = images[:2]
+        texts = ["what is on the table?", "is it a dog?"]
+        if task == "retrieval":
+            texts = ["a dog on a road.", "a cup on a table."]
+    spec = {"images": images, "text": texts, "knowledge": FIXED_KNOWLEDGE}
+    call, fields = ("", ("logits",))
+    if task == "retrieval":
         call, fields = ", return_loss=False", ("logits_per_image", "itm_logits")
     trust = ", trust_remote_code=True" if remote else ""
     return textwrap.dedent(f"""
@@ -193,10 +197,13 @@ def fixed_batch_code(folder: Path, task: str, images: list[Path], out: Path, rem
         {"" if remote else "import modeling_vkood"}
         def open_image(path):
             return PIL.Image.open(path).convert("RGB")
+        spec = {spec!r}
+        images = [[open_image(p) for p in entry] if isinstance(entry, list) else open_image(entry)
+                  for entry in spec["images"]]
         model = getattr(transformers, {AUTO_CLASS[task]!r}).from_pretrained({str(folder)!r}{trust}).eval()
         processor = transformers.AutoProcessor.from_pretrained({str(folder)!r}{trust})
         assert type(model).__module__.startswith("transformers_modules") == {remote}, type(model).__module__
-        batch = processor({inputs})
+        batch = processor(images=images, text=spec["text"], knowledge=spec["knowledge"])
         with torch.no_grad():
             outputs = model(**batch{call})
         torch.save({{name: getattr(outputs, name) for name in {fields!r}}}, {str(out)!r})
@@ -327,7 +334,9 @@ def test_vqav2_full_finetuning_with_activation_checkpointing(runs, rehearsal_roo
 
 
 @pytest.mark.xfail(strict=True, reason="issue 11 item 14: the OK-VQA builder requires multiple_choice_answer, which "
-                   "the published annotation records lack (fixed on another branch)")  # fmt: skip
+                   "the published annotation records lack (fixed on another branch); then item 6: a rank whose "
+                   "first batch has no knowledge item skips the tau-calibration all_reduce (gloo collective "
+                   "mismatch)")  # fmt: skip
 def test_okvqa_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
     output, proc = runs("okvqa_lora", "okvqa")
     assert_succeeded(proc)

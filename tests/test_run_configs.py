@@ -77,7 +77,8 @@ def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_pa
     shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", "tests", "outputs", "build", "*.egg-info",
                                                                      "__pycache__", "benchmarks"))  # fmt: skip
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+             str(source)]  # fmt: skip
     subprocess.run(build, check=True, capture_output=True, env=env, timeout=300)
     wheel = next(tmp_path.glob("vkood-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
