@@ -2,24 +2,34 @@
 
 `python train.py configuration/vqav2.yaml --learning_rate 1e-4`: the YAML gives the run, CLI flags override single
 fields; `--FIELD none` resets an optional field to None. Without a YAML file the embedded default
-(`configuration/easy_vqa.yaml`) is used.
+(`configuration/easy_vqa.yaml`) is used. The run configs ship with the package (`configuration/` is installed
+as package data beside `modeling_vkood/`), so a `configuration/NAME.yaml` that does not exist relative to the
+working directory is read from the installed copy: the README commands work outside a checkout too.
 """
 
 import importlib.util
 import json
+import os
 import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 TASKS = ("vqa", "nlvr2", "retrieval")
 FINETUNING = ("lora", "full")
 PACKAGE_SCHEME = "package://"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configuration" / "easy_vqa.yaml"
+# `configuration/` sits beside `modeling_vkood/` both in a checkout and in an installed wheel (package data).
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configuration"
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "easy_vqa.yaml"
+# Training arguments that transformers removed, and what replaces them, for a clear error on an older YAML.
+REMOVED_TRAINING_ARGUMENTS = {
+    "warmup_ratio": "warmup_steps (a float below 1 is a fraction of the training steps: warmup_steps: 0.1)",
+}
 
 
 def resolve_model_path(name_or_path: str | None) -> str | None:
@@ -181,10 +191,30 @@ class CardArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CardArguments, TrainingArguments)
 
 
+def launched_without_accelerator(environ=os.environ) -> bool:
+    """True for one of several processes (accelerate launch / torchrun set WORLD_SIZE) on a machine without an
+    accelerator. TrainingArguments then needs use_cpu: without it accelerate finds no backend and every process
+    trains alone on the whole dataset (world size 1, all writing one output_dir) instead of joining a gloo group."""
+    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+
+
+def resolve_config_path(given: str) -> Path:
+    """The run config `given`: that file if it exists, else the shipped copy of `configuration/NAME.yaml`."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    parts = path.parts
+    shipped = SHIPPED_CONFIGS.joinpath(*parts[1:]) if len(parts) > 1 and parts[0] == SHIPPED_CONFIGS.name else None
+    if shipped is not None and shipped.is_file():
+        return shipped
+    shipped_names = sorted(config.name for config in SHIPPED_CONFIGS.glob("*.yaml"))
+    raise FileNotFoundError(f"{given}: no such run config (shipped in {SHIPPED_CONFIGS}: {shipped_names})")
+
+
 def parse_arguments(argv: list[str] | None = None):
     """(model, data, card, training) arguments from `[config.yaml] [--field value ...]`; CLI wins over YAML."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = Path(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else DEFAULT_CONFIG
+    config_path = resolve_config_path(argv.pop(0)) if argv and argv[0].endswith((".yaml", ".yml")) else DEFAULT_CONFIG
     values = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{config_path}: expected a mapping of argument names to values")
@@ -192,10 +222,20 @@ def parse_arguments(argv: list[str] | None = None):
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{config_path}: unknown argument(s) {unknown}")
+        hints = "".join(f"; {name} was removed by transformers: use {REMOVED_TRAINING_ARGUMENTS[name]}"
+                        for name in unknown if name in REMOVED_TRAINING_ARGUMENTS)  # fmt: skip
+        raise ValueError(f"{config_path}: unknown argument(s) {unknown}{hints}")
+    if launched_without_accelerator():
+        values.setdefault("use_cpu", True)  # `--use_cpu false` on the command line still wins
     argv, reset = _none_resets(argv)
     parser.set_defaults(**{**values, **reset})
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    training_args = parsed[-1]
+    if training_args.dataloader_num_workers == 0:
+        # Persistent workers need workers (torch's DataLoader raises otherwise): a YAML that keeps its 8 workers
+        # alive stays usable with `--dataloader_num_workers 0`.
+        training_args.dataloader_persistent_workers = False
+    return parsed
 
 
 def _optional_fields() -> set[str]:

@@ -1,0 +1,417 @@
+"""Rehearsals of the paper path: every shipped task config, as a user runs it, on two real processes.
+
+Each case runs `accelerate launch --config_file configuration/accelerate/ddp.yaml --num_processes 2
+--mixed_precision no train.py configuration/<task>.yaml ...` with the YAML as shipped except for:
+- the backbones: `--vision_model` / `--text_model` point at tiny local checkpoints saved in the formats of
+  openai/clip-vit-base-patch16 (CLIPModel composite folder + processor files) and FacebookAI/roberta-base
+  (tests/rehearsal_fixtures.py);
+- the data: `--dataset_root` / `--image_root` at official annotation files made of real records of
+  ../shared/refdata with generated images at the official file names, built by the real builder that train.py
+  runs from the YAML's `dataset`; `--knowledge starter` (the bundled graph) instead of the full ConceptNet index;
+- the size of the run: `--max_steps`, batch sizes, `--max_eval_samples`, `--dataloader_num_workers 0` and
+  `--preprocessing_num_workers 1` (the YAMLs' 8 workers would spawn 8 processes per rank for a few rows on a 2-core
+  machine), `--bf16 false` (CPU), `--output_dir`;
+- `--vkood_config`: the YAML's dict with the fusion widths made tiny (hidden_size 32, 2 heads, intermediate 64,
+  OOD projection 8): the shipped 768-wide fusion has ~110M parameters, minutes per step on this CPU. Depth (6
+  fusion layers), knowledge sizes, projection_dim and k_test stay as shipped.
+Then the output folder is reloaded with `trust_remote_code=True` in a process that cannot import the project, its
+logits compared with the package's model on a fixed batch, and the usage snippet of its model card run there.
+The world size is asserted from the trainer state: the epoch reached after N steps is N x 2 x per-device batch /
+training rows only when the rows were sharded over two processes.
+
+Cases that fail only because of a bug fixed on another branch are strict xfails naming the issue item, so that
+they turn into failures, to be unmarked, once the fix lands.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REFDATA, REPO_ROOT, run_without_package
+from rehearsal_fixtures import (
+    save_tiny_clip,
+    save_tiny_roberta,
+    write_coco_karpathy,
+    write_flickr30k,
+    write_nlvr2,
+    write_okvqa,
+    write_vqav2,
+)
+
+pytestmark = pytest.mark.skipif(
+    REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
+    reason="../shared/refdata (real official annotation files) is absent on this machine "
+    "(VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
+)
+
+TINY_FUSION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "ood_projection_dim": 8}
+PER_DEVICE_BATCH = 2
+EVAL_BATCH, EVAL_ROWS = 4, 8
+PROCESSES = 2
+WALL_TIMES: dict[str, float] = {}
+FIXED_KNOWLEDGE = [["a cup is used for drinking", "a dog is an animal"], ["a car has a wheel"]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shipped config: how its data is written and where train.py finds it (YAML keys -> folders)."""
+
+    config: str
+    writer: object
+    rows_per_split: int
+    dataset_root: str
+    image_root: str
+    max_steps: int
+
+
+CASES = {
+    # 24 + 24 real VQAv2 questions: the first count where an answer ("yes", "no") is the consensus answer of the
+    # 9 questions the VQAv2 vocabulary rule needs (16 + 16 would build an empty vocabulary).
+    "vqav2": Case("vqav2", write_vqav2, 24, "vqav2", "coco", 3),
+    "okvqa": Case("okvqa", write_okvqa, 16, "okvqa", "coco", 2),
+    "nlvr2": Case("nlvr2", write_nlvr2, 16, "nlvr2", "nlvr2/images", 2),
+    "coco_retrieval": Case("coco_retrieval", write_coco_karpathy, 16, "coco_karpathy", "coco", 2),
+    "flickr30k_zeroshot": Case("flickr30k_zeroshot", write_flickr30k, 16, "flickr30k", "flickr30k/images", 0),
+}
+AUTO_CLASS = {
+    "vqa": "AutoModelForVisualQuestionAnswering",
+    "nlvr2": "AutoModelForSequenceClassification",
+    "retrieval": "AutoModelForZeroShotImageClassification",
+}
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("backbones")
+    return {"vision": save_tiny_clip(folder / "clip-vit"), "text": save_tiny_roberta(folder / "roberta")}
+
+
+@pytest.fixture(scope="session")
+def rehearsal_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rehearsal")
+
+
+def shipped(config: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / "configuration" / f"{config}.yaml").read_text())
+
+
+def free_port() -> int:
+    """A free TCP port for the rendezvous: other test runs on this machine may hold ddp.yaml's 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_data(case: Case, root: Path) -> tuple[Path, Path, dict[str, int]]:
+    data_root, image_root = root / "data" / case.dataset_root, root / "data" / case.image_root
+    if data_root.exists():
+        counts = json.loads((data_root.parent / f"{case.config}_counts.json").read_text())
+        return data_root, image_root, counts
+    counts = case.writer(REFDATA, data_root, image_root, case.rows_per_split)
+    (data_root.parent / f"{case.config}_counts.json").write_text(json.dumps(counts))
+    return data_root, image_root, counts
+
+
+def launch(case: Case, root: Path, backbones: dict, name: str, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run the shipped config through `accelerate launch` on two CPU processes; (output folder, process)."""
+    data_root, image_root, _ = write_data(case, root)
+    output = root / name
+    from_checkpoint = "--model_name_or_path" in extra  # the checkpoint's own widths: only the YAML's keys apply
+    vkood_config = {**(shipped(case.config).get("vkood_config") or {}), **({} if from_checkpoint else TINY_FUSION)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configuration/accelerate/ddp.yaml",
+        "--num_processes", str(PROCESSES), "--mixed_precision", "no", "--main_process_port", str(free_port()),
+        "train.py", f"configuration/{case.config}.yaml",
+        "--dataset_root", str(data_root), "--image_root", str(image_root), "--knowledge", "starter",
+        "--output_dir", str(output), "--per_device_train_batch_size", str(PER_DEVICE_BATCH),
+        "--per_device_eval_batch_size", str(EVAL_BATCH), "--max_eval_samples", str(EVAL_ROWS),
+        "--dataloader_num_workers", "0",
+        "--preprocessing_num_workers", "1", "--bf16", "false", "--vkood_config", json.dumps(vkood_config),
+        *extra,
+    ]  # fmt: skip
+    if not from_checkpoint:
+        command += ["--vision_model", str(backbones["vision"]), "--text_model", str(backbones["text"])]
+    if case.max_steps:
+        command += ["--max_steps", str(case.max_steps)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(root / "datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    WALL_TIMES[name] = time.monotonic() - start
+    print(f"\nrehearsal {name}: {WALL_TIMES[name]:.1f} s")
+    return output, proc
+
+
+def assert_succeeded(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDERR (tail):\n{proc.stderr[-6000:]}"
+
+
+def assert_trained_on_two_processes(output: Path, case: Case, rows: int) -> dict:
+    """Trainer state of a finished run; the epoch proves that the training rows were split over 2 processes."""
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == case.max_steps
+    steps_per_epoch = rows / (PER_DEVICE_BATCH * PROCESSES)
+    assert state["epoch"] == pytest.approx(case.max_steps / steps_per_epoch)  # one process: half this epoch
+    return state
+
+
+def sample_images(folder: Path, count: int) -> list[Path]:
+    paths = []
+    for index in range(count):
+        path = folder / f"sample_{index}.png"
+        Image.new("RGB", (48, 40), (40 * index + 20, 200 - 30 * index, 90)).save(path)
+        paths.append(path)
+    return paths
+
+
+def fixed_batch_code(folder: Path, task: str, images: list[Path], out: Path, remote: bool) -> str:
+    """Python that loads `folder` (remote code or the installed package), runs a fixed batch, saves the outputs."""
+    images = [str(path) for path in images]
+    if task == "nlvr2":
+        images = [images[0:2], images[2:4]]  # two pairs
+        texts = ["there are two dogs.", "the left image shows a car."]
+    else:
+        images = images[:2]
+        texts = ["what is on the table?", "is it a dog?"]
+        if task == "retrieval":
+            texts = ["a dog on a road.", "a cup on a table."]
+    spec = {"images": images, "text": texts, "knowledge": FIXED_KNOWLEDGE}
+    call, fields = ("", ("logits",))
+    if task == "retrieval":
+        call, fields = ", return_loss=False", ("logits_per_image", "itm_logits")
+    trust = ", trust_remote_code=True" if remote else ""
+    return textwrap.dedent(f"""
+        import PIL.Image, torch
+        import transformers
+        {"" if remote else "import modeling_vkood"}
+        def open_image(path):
+            return PIL.Image.open(path).convert("RGB")
+        spec = {spec!r}
+        images = [[open_image(p) for p in entry] if isinstance(entry, list) else open_image(entry)
+                  for entry in spec["images"]]
+        model = getattr(transformers, {AUTO_CLASS[task]!r}).from_pretrained({str(folder)!r}{trust}).eval()
+        processor = transformers.AutoProcessor.from_pretrained({str(folder)!r}{trust})
+        assert type(model).__module__.startswith("transformers_modules") == {remote}, type(model).__module__
+        batch = processor(images=images, text=spec["text"], knowledge=spec["knowledge"])
+        with torch.no_grad():
+            outputs = model(**batch{call})
+        torch.save({{name: getattr(outputs, name) for name in {fields!r}}}, {str(out)!r})
+    """)
+
+
+def card_snippets(output: Path) -> str:
+    """The Python blocks of the output folder's model card as one script, pointed at the folder (the card says
+    "path/to/this/folder" for a run without a Hub id); the user supplies `image`."""
+    text = (output / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the model card has no usage snippet"
+    return "\n".join(block.replace("path/to/this/folder", str(output)) for block in blocks)
+
+
+def user_process_code(output: Path, task: str, images: list[Path], folder: Path) -> str:
+    """One process without the package: the fixed batch by remote code (remote.pt), then the card's snippets in
+    a fresh namespace, their outcome recorded in snippets.json (so a broken snippet fails only its own test)."""
+    snippets = f"import PIL.Image\nimage = PIL.Image.open({str(images[0])!r}).convert('RGB')\n" + card_snippets(output)
+    return fixed_batch_code(output, task, images, folder / "remote.pt", remote=True) + textwrap.dedent(f"""
+        import json, traceback
+        try:
+            exec(compile({snippets!r}, "model card snippets", "exec"), {{}})
+            outcome = {{"ok": True}}
+        except Exception:
+            outcome = {{"ok": False, "error": traceback.format_exc()}}
+        with open({str(folder / "snippets.json")!r}, "w") as file:
+            json.dump(outcome, file)
+    """)
+
+
+@pytest.fixture(scope="module")
+def as_a_user(tmp_path_factory):
+    """(folder with remote.pt and snippets.json, the sample images) of the no-package process run on an output
+    folder, run once per folder."""
+    done = {}
+
+    def get(output: Path, task: str) -> tuple[Path, list[Path]]:
+        if output not in done:
+            folder = tmp_path_factory.mktemp(f"user_{output.name}")
+            images = sample_images(folder, 4)
+            run_without_package(user_process_code(output, task, images, folder), folder)
+            done[output] = folder, images
+        return done[output]
+
+    return get
+
+
+def assert_reloads_without_the_package(output: Path, task: str, as_a_user) -> None:
+    """The folder loads by remote code alone, and gives the package model's outputs on a fixed batch."""
+    import torch
+
+    folder, images = as_a_user(output, task)
+    exec(fixed_batch_code(output, task, images, folder / "local.pt", remote=False), {})  # noqa: S102
+    remote, local = torch.load(folder / "remote.pt"), torch.load(folder / "local.pt")
+    assert remote.keys() == local.keys()
+    for name in local:
+        torch.testing.assert_close(remote[name], local[name], msg=name)
+
+
+def assert_card_snippets_run(output: Path, task: str, as_a_user) -> None:
+    folder, _ = as_a_user(output, task)
+    outcome = json.loads((folder / "snippets.json").read_text())
+    assert outcome["ok"], outcome["error"]
+
+
+def read_results(output: Path) -> dict:
+    return json.loads((output / "all_results.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- the launches
+
+
+@pytest.fixture(scope="module")
+def runs(rehearsal_root, backbones):
+    """Launches shared by the tests of this module, each started the first time a test asks for it."""
+    done = {}
+
+    def get(name: str, case: str, *extra: str):
+        if name not in done:
+            done[name] = launch(CASES[case], rehearsal_root, backbones, name, *extra)
+        return done[name]
+
+    yield get
+    if WALL_TIMES:
+        print("\nrehearsal wall times (s): " + json.dumps({k: round(v, 1) for k, v in WALL_TIMES.items()}))
+
+
+def rows(rehearsal_root: Path, case: str, split: str) -> int:
+    return write_data(CASES[case], rehearsal_root)[2][split]
+
+
+# --------------------------------------------------------------------------------------------------- VQAv2
+
+ITEM_3 = pytest.mark.xfail(strict=True, reason="issue 11 item 3: CLIP post_layernorm gets no gradient under DDP full "
+                           "fine-tuning, DDP raises at step 2 (fixed on another branch)")  # fmt: skip
+ITEM_4 = "issue 11 item 4: {} (fixed on another branch)"
+
+
+def test_vqav2_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    output, proc = runs("vqav2_lora", "vqav2")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["vqav2"], rows(rehearsal_root, "vqav2", "train"))
+    results = read_results(output)
+    assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0 and {"eval_vqa_accuracy_yes_no", "train_loss"} <= set(results)
+    config = json.loads((output / "config.json").read_text())
+    assert set(config["id2label"].values()) >= {"yes", "no"}
+    assert_reloads_without_the_package(output, "vqa", as_a_user)
+
+
+def test_vqav2_card_snippets_run_without_the_package(runs, as_a_user):
+    output, proc = runs("vqav2_lora", "vqav2")
+    assert_succeeded(proc)
+    assert_card_snippets_run(output, "vqa", as_a_user)
+
+
+@ITEM_3
+def test_vqav2_full_finetuning_with_activation_checkpointing(runs, rehearsal_root, as_a_user):
+    assert shipped("vqav2")["activation_checkpointing"] is True
+    output, proc = runs("vqav2_full", "vqav2", "--finetuning", "full")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["vqav2"], rows(rehearsal_root, "vqav2", "train"))
+    assert 0.0 <= read_results(output)["eval_vqa_accuracy"] <= 100.0
+    assert_reloads_without_the_package(output, "vqa", as_a_user)
+
+
+# --------------------------------------------------------------------------------------------------- OK-VQA
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 item 14: the OK-VQA builder requires multiple_choice_answer, which "
+                   "the published annotation records lack (fixed on another branch); then item 6: a rank whose "
+                   "first batch has no knowledge item skips the tau-calibration all_reduce (gloo collective "
+                   "mismatch)")  # fmt: skip
+def test_okvqa_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    output, proc = runs("okvqa_lora", "okvqa")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["okvqa"], rows(rehearsal_root, "okvqa", "train"))
+    assert 0.0 <= read_results(output)["eval_vqa_accuracy"] <= 100.0
+    assert_reloads_without_the_package(output, "vqa", as_a_user)
+    assert_card_snippets_run(output, "vqa", as_a_user)
+
+
+# --------------------------------------------------------------------------------------------------- NLVR2
+
+
+def test_nlvr2_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    output, proc = runs("nlvr2_lora", "nlvr2")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["nlvr2"], rows(rehearsal_root, "nlvr2", "train"))
+    results = read_results(output)
+    assert 0.0 <= results["eval_nlvr2_accuracy"] <= 100.0 and 0.0 <= results["eval_nlvr2_consistency"] <= 100.0
+    assert_reloads_without_the_package(output, "nlvr2", as_a_user)
+
+
+@pytest.mark.xfail(strict=True, reason=ITEM_4.format("the NLVR2 card snippet passes one image where the model needs "
+                                                     "a pair"))  # fmt: skip
+def test_nlvr2_card_snippets_run_without_the_package(runs, as_a_user):
+    output, proc = runs("nlvr2_lora", "nlvr2")
+    assert_succeeded(proc)
+    assert_card_snippets_run(output, "nlvr2", as_a_user)
+
+
+# --------------------------------------------------------------------------------------- COCO and Flickr30k
+
+RECALLS = [f"eval_{direction}_r{k}" for direction in ("i2t", "t2i") for k in (1, 5, 10)]
+
+
+def test_coco_retrieval_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    output, proc = runs("coco_retrieval_lora", "coco_retrieval")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["coco_retrieval"], rows(rehearsal_root, "coco_retrieval", "train"))
+    results = read_results(output)
+    assert all(0.0 <= results[key] <= 100.0 for key in RECALLS)
+    assert results["eval_r_mean"] == pytest.approx(sum(results[key] for key in RECALLS) / 6)
+    assert_reloads_without_the_package(output, "retrieval", as_a_user)
+
+
+@pytest.mark.xfail(strict=True, reason=ITEM_4.format("the retrieval card snippet calls forward (return_loss=True) on "
+                                                     "one image, which raises in torch.multinomial"))  # fmt: skip
+def test_coco_retrieval_card_snippets_run_without_the_package(runs, as_a_user):
+    output, proc = runs("coco_retrieval_lora", "coco_retrieval")
+    assert_succeeded(proc)
+    assert_card_snippets_run(output, "retrieval", as_a_user)
+
+
+@ITEM_3
+def test_coco_retrieval_full_finetuning_with_activation_checkpointing(runs, rehearsal_root, as_a_user):
+    assert shipped("coco_retrieval")["activation_checkpointing"] is True
+    output, proc = runs("coco_retrieval_full", "coco_retrieval", "--finetuning", "full")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["coco_retrieval"], rows(rehearsal_root, "coco_retrieval", "train"))
+    assert 0.0 <= read_results(output)["eval_r_mean"] <= 100.0
+    assert_reloads_without_the_package(output, "retrieval", as_a_user)
+
+
+def test_flickr30k_zeroshot_evaluates_the_coco_checkpoint_on_two_processes(runs, rehearsal_root, as_a_user):
+    coco, coco_proc = runs("coco_retrieval_lora", "coco_retrieval")
+    assert_succeeded(coco_proc)
+    assert shipped("flickr30k_zeroshot")["model_name_or_path"] == "outputs/coco_retrieval"  # chained as shipped
+    output, proc = runs("flickr30k_zeroshot", "flickr30k_zeroshot", "--model_name_or_path", str(coco))
+    assert_succeeded(proc)
+    results = read_results(output)
+    assert all(0.0 <= results[key] <= 100.0 for key in RECALLS) and "train_loss" not in results
+    # Gallery encoding is sharded over the processes: 8 images x 5 captions in batches of 4 make 40 / (4 x 2)
+    # = 5 text chunks per process on two processes (10 on one).
+    texts = min(EVAL_ROWS, rows(rehearsal_root, "flickr30k_zeroshot", "test")) * 5
+    chunks = re.findall(r"gallery texts: +100%\|[^|]*\| *(\d+)/(\d+)", proc.stderr)
+    assert chunks and {int(total) for _, total in chunks} == {texts // (EVAL_BATCH * PROCESSES)}
+    config = json.loads((output / "config.json").read_text())
+    assert config["k_test"] == shipped("flickr30k_zeroshot")["vkood_config"]["k_test"]
+    assert_reloads_without_the_package(output, "retrieval", as_a_user)

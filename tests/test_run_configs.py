@@ -1,0 +1,108 @@
+"""The shipped run configs (configuration/*.yaml): they parse with the installed transformers, mean what their
+comments say, and travel with the package so that an installed `train.py` finds them outside a checkout."""
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO_ROOT
+from modeling_vkood.training.arguments import (
+    SHIPPED_CONFIGS,
+    launched_without_accelerator,
+    parse_arguments,
+    resolve_config_path,
+)
+
+TASK_CONFIGS = ("vqav2", "okvqa", "nlvr2", "coco_retrieval", "flickr30k_zeroshot")
+PAPER_TRAINING_CONFIGS = ("vqav2", "okvqa", "nlvr2", "coco_retrieval")
+
+
+@pytest.mark.parametrize("name", ("easy_vqa", *TASK_CONFIGS))
+def test_every_shipped_config_parses_without_deprecated_keys(name):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*deprecated.*", category=FutureWarning)
+        _, data, _, training = parse_arguments([f"configuration/{name}.yaml", "--bf16", "false"])
+    assert data.task in ("vqa", "nlvr2", "retrieval")
+    if name in PAPER_TRAINING_CONFIGS:
+        # METER's schedule: 10% linear warm-up, now a fraction given as warmup_steps below 1.
+        assert training.get_warmup_steps(1000) == 100
+        assert training.activation_checkpointing is True
+        assert training.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_removed_training_argument_is_named_with_its_replacement(tmp_path):
+    config = tmp_path / "old.yaml"
+    shipped = yaml.safe_load((SHIPPED_CONFIGS / "vqav2.yaml").read_text())
+    shipped.pop("warmup_steps")
+    config.write_text(yaml.safe_dump({**shipped, "warmup_ratio": 0.1}))
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['warmup_ratio'\].*use warmup_steps"):
+        parse_arguments([str(config)])
+
+
+def test_no_dataloader_workers_switches_persistent_workers_off():
+    # The paper YAMLs keep 8 workers alive; torch's DataLoader refuses persistent workers without workers.
+    *_, with_workers = parse_arguments(["configuration/nlvr2.yaml", "--bf16", "false"])
+    assert (with_workers.dataloader_num_workers, with_workers.dataloader_persistent_workers) == (8, True)
+    *_, without = parse_arguments(["configuration/nlvr2.yaml", "--bf16", "false", "--dataloader_num_workers", "0"])
+    assert without.dataloader_persistent_workers is False
+
+
+def test_a_multi_process_launch_without_accelerator_runs_on_cpu():
+    cpu_only = not torch.accelerator.is_available()
+    assert launched_without_accelerator({"WORLD_SIZE": "2"}) is cpu_only
+    assert launched_without_accelerator({"WORLD_SIZE": "1"}) is False and launched_without_accelerator({}) is False
+    *_, single = parse_arguments(["configuration/vqav2.yaml", "--bf16", "false"])
+    assert single.use_cpu is False  # one process: nothing forced (the rehearsals check the 2-process case)
+
+
+def test_config_path_outside_a_checkout_falls_back_to_the_shipped_copy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("configuration/nlvr2.yaml") == SHIPPED_CONFIGS / "nlvr2.yaml"
+    (tmp_path / "mine.yaml").write_text("task: nlvr2\n")
+    assert resolve_config_path("mine.yaml") == Path("mine.yaml")  # a file that exists is used as given
+    with pytest.raises(FileNotFoundError, match="nlvr2.yaml"):
+        resolve_config_path("configuration/nlvr3.yaml")
+
+
+def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", "tests", "outputs", "build", "*.egg-info",
+                                                                     "__pycache__", "benchmarks"))  # fmt: skip
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+             str(source)]  # fmt: skip
+    subprocess.run(build, check=True, capture_output=True, env=env, timeout=300)
+    wheel = next(tmp_path.glob("vkood-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"configuration/{p.relative_to(SHIPPED_CONFIGS)}" for p in SHIPPED_CONFIGS.rglob("*.yaml")}
+    assert {"configuration/easy_vqa.yaml", "configuration/accelerate/ddp.yaml"} <= shipped <= names
+
+    site = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, env=env, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(REPO_ROOT / "train.py", elsewhere / "train.py")  # a train.py away from any checkout
+    user_env = {**env, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    probe = (
+        "import modeling_vkood.training.arguments as arguments; "
+        "_, default, _, _ = arguments.parse_arguments([]); "
+        "_, data, _, training = arguments.parse_arguments(['configuration/vqav2.yaml', '--bf16', 'false']); "
+        "print(arguments.__file__, default.dataset, data.dataset, training.get_warmup_steps(1000))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=user_env, capture_output=True, text=True,
+                            timeout=300, check=True)  # fmt: skip
+    module_file, *parsed = result.stdout.split()
+    assert Path(module_file).is_relative_to(site) and parsed == ["easy_vqa", "vqav2", "100"]
+    helped = subprocess.run([sys.executable, "train.py", "--help"], cwd=elsewhere, env=user_env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    assert "--warmup_steps" in helped.stdout
