@@ -19,13 +19,19 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel, TrainingArguments
 
 from conftest import REPO_ROOT, run_without_package
+from data_scripts.common import answer_vocabulary
+from modeling_vkood.evaluation import vqa_accuracy
 from modeling_vkood.training import (
     PixelCache,
     VKOODTrainer,
+    VQACollator,
+    VQAMetrics,
     apply_finetuning,
     build_model,
+    load_splits,
     new_parameter_names,
     parse_arguments,
+    predicted_class,
     resolve_model_path,
     soft_score_labels,
 )
@@ -463,7 +469,6 @@ def test_chunked_padded_gallery_features_rank_like_one_chunk(workdir, tiny_text_
 
 
 def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root):
-    from modeling_vkood.training import load_splits
     from modeling_vkood.training.arguments import DataArguments
 
     data = load_splits(DataArguments(dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test",
@@ -486,3 +491,42 @@ def test_balance_by_draws_each_value_of_the_column_equally_often(tmp_path):
     assert list(sampler("question_type")) == list(sampler("question_type")) != list(sampler("question_type", seed=4))
     with pytest.raises(ValueError, match="no column 'answer_kind'"):
         sampler("answer_kind")
+
+
+def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official_metric(workdir, tiny_text_model,
+                                                                                        easy_vqa_root, tmp_path):  # fmt: skip
+    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
+                         eval_split="test")  # fmt: skip
+    model_args, data_args, _, _ = parse_arguments([str(config), "--output_dir", str(tmp_path)])
+    splits = load_splits(data_args, ["test"])
+    evaluation, id2label = splits["test"], dict(enumerate(answer_vocabulary(splits)))
+    built = build_model(model_args, "vqa", id2label)
+    collator = VQACollator(built.processor, len(id2label), PixelCache(built.processor, 64))
+    metric = VQAMetrics(evaluation, id2label)
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append((prediction.predictions, prediction.label_ids))
+        return metric(prediction)
+
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=8, label_names=["labels"], use_cpu=True,
+                             remove_unused_columns=False, report_to="none")  # fmt: skip
+    trainer = VKOODTrainer(model=built.model, args=args, eval_dataset=evaluation, data_collator=collator,
+                           compute_metrics=compute_metrics, preprocess_logits_for_metrics=predicted_class)  # fmt: skip
+    results = trainer.evaluate()
+
+    (predictions, label_ids), = seen
+    assert predictions.shape == label_ids.shape == (len(evaluation),)  # not (N, vocabulary) soft scores
+    assert predictions.dtype.kind == label_ids.dtype.kind == "i"
+    model = built.model.eval()
+    loss_sum, answers = 0.0, []
+    with torch.no_grad():
+        for start in range(0, len(evaluation), 8):
+            batch = collator([evaluation[i] for i in range(start, min(start + 8, len(evaluation)))])
+            output = model(**batch)
+            loss_sum += output.loss.item() * len(batch["labels"])
+            answers += [id2label[i] for i in output.logits.argmax(-1).tolist()]
+            torch.testing.assert_close(torch.from_numpy(label_ids[start : start + 8]), batch["labels"].argmax(-1))
+    official = vqa_accuracy(answers, evaluation["answers"], evaluation["answer_type"])
+    assert results["eval_vqa_accuracy"] == pytest.approx(official["overall"], abs=1e-9)
+    assert results["eval_loss"] == pytest.approx(loss_sum / len(evaluation), rel=1e-5)
