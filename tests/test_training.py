@@ -315,21 +315,45 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny
     assert any(not torch.equal(at_four[key], at_two[key]) for key in at_two)  # steps 3-4 did move the weights
 
 
-def test_accelerate_launch_two_cpu_processes_trains_and_saves(workdir, tiny_text_model, easy_vqa_root):
+def first_step_and_results(output: Path) -> tuple[dict, dict]:
+    state = json.loads((output / "trainer_state.json").read_text())
+    return next(entry for entry in state["log_history"] if entry.get("step") == 1 and "loss" in entry), read_results(output)
+
+
+def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_the_same_global_batch(
+    workdir, tiny_text_model, easy_vqa_root
+):
+    """configuration/accelerate/ddp.yaml on CPU (gloo): 2 x 4 examples give the loss, gradient norm and evaluation of
+    1 x 8. Dropout is off and EM runs a fixed step count, so that the forward does not depend on the batch split."""
+    deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
+                     "ood_tol": 1e-30}  # fmt: skip
     config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test")  # fmt: skip
-    output = workdir / "ddp_out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
-               str(config), "--max_steps", "4", "--output_dir", str(output)]  # fmt: skip
+                         eval_split="test", max_steps=1, backbone_dropout=0.0)  # fmt: skip
+    vkood_config = yaml.safe_load(config.read_text())["vkood_config"]
+    # 18 evaluation examples = 3 steps x 2 ranks x 3: no rank pads its last batch (the Trainer repeats each batch's
+    # mean loss per example, so a wrapped-around padded batch would weigh its duplicates into eval_loss).
+    arguments = [str(config), "--vkood_config", json.dumps({**vkood_config, **deterministic}),
+                 "--per_device_eval_batch_size", "3"]  # fmt: skip
+    single, ddp = workdir / "single_out", workdir / "ddp_out"
+    train.main([*arguments, "--per_device_train_batch_size", "8", "--output_dir", str(single)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO_ROOT / "configuration" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", str(REPO_ROOT / "train.py"), *arguments,
+               "--per_device_train_batch_size", "4", "--output_dir", str(ddp)]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = read_results(output)
-    assert results["train_steps_per_second"] > 0 and "eval_vqa_accuracy" in results
-    state = json.loads((output / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
+
+    (single_step, single_results), (ddp_step, ddp_results) = first_step_and_results(single), first_step_and_results(ddp)
+    assert (single_results["world_size"], ddp_results["world_size"]) == (1, 2)
+    card = ModelCard.load(ddp / "README.md").text
+    assert "| world_size | 2 |" in card and "| total_train_batch_size | 8 |" in card
+    assert ddp_step["loss"] == pytest.approx(single_step["loss"], rel=1e-4)
+    assert ddp_step["grad_norm"] == pytest.approx(single_step["grad_norm"], rel=1e-3)
+    assert ddp_results["eval_loss"] == pytest.approx(single_results["eval_loss"], rel=1e-5)
+    assert ddp_results["eval_vqa_accuracy"] == pytest.approx(single_results["eval_vqa_accuracy"])
+    assert (ddp / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- building blocks

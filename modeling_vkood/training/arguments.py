@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -183,7 +184,11 @@ def parse_arguments(argv: list[str] | None = None):
     if unknown:
         raise ValueError(f"{config_path}: unknown argument(s) {unknown}")
     argv, reset = _none_resets(argv)
-    parser.set_defaults(**{**values, **reset})
+    # Without an accelerator device, run in accelerate's CPU mode: then the processes of `accelerate launch
+    # --config_file configuration/accelerate/ddp.yaml --num_processes N` (or torchrun) form one gloo group; with
+    # use_cpu=False on such a machine accelerate reports no distribution and every process trains alone.
+    machine = {"use_cpu": not torch.accelerator.is_available()}
+    parser.set_defaults(**{**machine, **values, **reset})
     return parser.parse_args_into_dataclasses(args=argv)
 
 
