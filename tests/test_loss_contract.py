@@ -1,9 +1,15 @@
 """The Trainer/loss contract: the heads return a loss averaged over their batch, so gradient accumulation and the
 number of processes never rescale it (DESIGN section 7)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import tiny_batch, tiny_vkood_config
+from conftest import REPO_ROOT, tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
@@ -88,3 +94,34 @@ def test_every_head_declares_its_loss_batch_averaged_also_under_peft_and_rejects
         assert VKOODTrainer(model=wrapped, args=args).model_accepts_loss_kwargs is False
     with pytest.raises(TypeError, match="num_items_in_batch"):
         model(**tiny_batch(pairs=head is VKOODForImagesAndTextClassification), num_items_in_batch=8)
+
+
+def launch(accelerate_config: str, script: Path, *arguments, processes=2) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configuration/accelerate/<config> --num_processes 2 script ...` on CPU."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO_ROOT / "configuration" / "accelerate" / accelerate_config), "--num_processes", str(processes),
+               str(script), *map(str, arguments)]  # fmt: skip
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tau_is_calibrated_alike_on_every_rank_and_kept_by_the_first_bf16_step(tmp_path):
+    """ddp.yaml as shipped (bf16 mixed precision), two gloo ranks of 4 examples each."""
+    import distributed_calibration_worker as worker
+
+    proc = launch("ddp.yaml", Path(worker.__file__), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert {(r["world_size"], r["distributed_type"], r["mixed_precision"]) for r in ranks} == {(2, "MULTI_CPU", "bf16")}
+    assert ranks[0]["tau_at_train_begin"] == ranks[1]["tau_at_train_begin"]
+    assert ranks[0]["tau_after_first_step"] == ranks[1]["tau_after_first_step"]
+
+    # One process on the same 8 examples calibrates to the same tau.
+    args = worker.training_arguments(tmp_path / "single", per_device_batch=8, bf16=True)
+    single = VKOODTrainer(model=worker.tiny_model(), args=args, train_dataset=EightVQAExamples(),
+                          data_collator=stack).calibrate_ood_threshold()  # fmt: skip
+    tau = ranks[0]["tau_at_train_begin"]
+    assert tau == pytest.approx(single, abs=2e-2) and abs(tau - tiny_vkood_config().ood_threshold) > 0.1
+    # The first AdamW step moves a parameter by at most the learning rate: tau was not reset to its initial value.
+    assert 0 < abs(ranks[0]["tau_after_first_step"] - tau) <= worker.LEARNING_RATE * 1.001
