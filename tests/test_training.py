@@ -390,6 +390,15 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
         resolve_model_path("package://no_such_package_here/model")
 
 
+def test_cpu_machines_default_to_accelerates_cpu_mode_and_fsdp_there_is_refused(monkeypatch):
+    assert parse_arguments([])[3].use_cpu == (not torch.accelerator.is_available())
+    assert not parse_arguments(["--use_cpu", "false"])[3].use_cpu
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports from fsdp.yaml
+    if not torch.accelerator.is_available():
+        with pytest.raises(ValueError, match="FSDP needs an accelerator device"):
+            parse_arguments([])
+
+
 def test_backbone_dropout_overrides_every_dropout_of_the_pretrained_backbone(tiny_text_model):
     arguments = ["--vision_config", '{"model_type": "resnet", "hidden_sizes": [8], "depths": [1], "embedding_size": 8}',
                  "--image_size", "32", "--text_model", tiny_text_model, "--vkood_config", '{"hidden_size": 16, "num_attention_heads": 2}']  # fmt: skip

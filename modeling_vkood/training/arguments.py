@@ -7,6 +7,7 @@ fields; `--FIELD none` resets an optional field to None. Without a YAML file the
 
 import importlib.util
 import json
+import os
 import sys
 import types
 import typing
@@ -189,7 +190,11 @@ def parse_arguments(argv: list[str] | None = None):
     # use_cpu=False on such a machine accelerate reports no distribution and every process trains alone.
     machine = {"use_cpu": not torch.accelerator.is_available()}
     parser.set_defaults(**{**machine, **values, **reset})
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    if parsed[-1].use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError("FSDP needs an accelerator device: on CPU accelerate ignores the FSDP config and would run "
+                         "plain data parallel; use configuration/accelerate/ddp.yaml on CPU")  # fmt: skip
+    return parsed
 
 
 def _optional_fields() -> set[str]:
