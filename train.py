@@ -62,6 +62,10 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         "learning_rate": training_args.learning_rate,
         "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "world_size": training_args.world_size,
+        "total_train_batch_size": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps * training_args.world_size,
         "num_train_epochs": training_args.num_train_epochs,
         "max_steps": training_args.max_steps,
         "warmup_steps": training_args.warmup_steps,
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         retrieval=retrieval,
         balance_by=data_args.balance_by,
     )
-    metrics = {}
+    metrics = {"world_size": training_args.world_size}  # the processes this run had (all_results.json and the card)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_metrics("train", result.metrics)

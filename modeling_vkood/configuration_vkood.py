@@ -43,10 +43,11 @@ class VKOODConfig(PreTrainedConfig):
         ood_gradient: "last_iterate" (paper), "implicit" (implicit function theorem) or "unrolled" (reference).
         ood_temperature, ood_threshold: gate = sigmoid((score - tau) / temperature), tau initialised to the threshold
             and learnt; scores are standardised so that one threshold works for any d'.
-        ood_calibration_quantile: if set, the first training batch re-initialises tau to this quantile of its items'
-            scores (averaged over processes), so the knowledge path starts open: knowledge encoded by a text model
-            starts far from the image tokens, and with every gate at 0 no gradient would ever reach it. None keeps
-            `ood_threshold`.
+        ood_calibration_quantile: if set, tau is re-initialised to this quantile of the items' scores before
+            training (`ImplicitOODLayer.calibrate_threshold`, which the vkood Trainer calls on the examples of the
+            first optimizer step, gathered over all processes), so the knowledge path starts open: knowledge encoded
+            by a text model starts far from the image tokens, and with every gate at 0 no gradient would ever reach
+            it. Done once: the flag is saved with the weights. None keeps `ood_threshold`.
         ood_hard_gate: at inference, gate in {0, 1} (score > tau) instead of the soft sigmoid.
         use_ood_gate: False keeps every knowledge item with gate 1 (the "OOD layer off" ablation).
         ood_alignment_weight: weight of the optional cross-modal alignment loss (VQA and NLVR2 heads): pulls the

@@ -217,6 +217,10 @@ class VKOODPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # The Trainer/loss contract: every head returns a loss already averaged over its own batch and takes no loss
+    # kwargs (`num_items_in_batch`), so the Trainer divides it by the gradient accumulation steps and never multiplies
+    # it by the number of processes (`average_tokens_across_devices`). The Trainer reads this flag through PEFT.
+    accepts_loss_kwargs = False
     _no_split_modules = ["VKOODFusionLayer"]
     _supports_sdpa = True
 
@@ -391,7 +395,6 @@ class VKOODModel(VKOODPreTrainedModel):
         knowledge_input_ids=None,
         knowledge_attention_mask=None,
         knowledge_mask=None,
-        **kwargs,
     ):
         if pixel_values is None or input_ids is None:
             raise ValueError("VK-OOD needs both `pixel_values` and `input_ids`")
@@ -475,7 +478,6 @@ class VKOODForQuestionAnswering(VKOODPreTrainedModel):
         knowledge_attention_mask=None,
         knowledge_mask=None,
         labels=None,
-        **kwargs,
     ):
         outputs = self.vkood(
             pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
@@ -516,7 +518,6 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         knowledge_attention_mask=None,
         knowledge_mask=None,
         labels=None,
-        **kwargs,
     ):
         if pixel_values is None or pixel_values.dim() != 5 or pixel_values.shape[1] != self.num_images:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
@@ -588,7 +589,6 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         knowledge_mask=None,
         image_ids=None,
         return_loss=True,
-        **kwargs,
     ):
         """`image_ids` (B,) marks pairs that share an image as positives (several captions of one image)."""
         check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)

@@ -251,8 +251,6 @@ class ImplicitOODLayer(nn.Module):
             items_mask = items_mask.to(dtype)
             mixture = self.fit_mixture(context_points, context_mask.to(dtype))
             scores = gem_score(item_points, mixture) * items_mask
-            if self.training and self.use_gate and not bool(self.threshold_calibrated):
-                self._calibrate_threshold(scores, items_mask)
             if not self.use_gate:
                 log_gate = torch.zeros_like(scores)
             elif self.hard_gate and not self.training:
@@ -275,19 +273,40 @@ class ImplicitOODLayer(nn.Module):
             alignment_loss=alignment_loss,
         )
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True until `calibrate_threshold` has set tau (a saved, trained or reloaded model never needs it)."""
+        return self.use_gate and not bool(self.threshold_calibrated)
+
     @torch.no_grad()
-    def _calibrate_threshold(self, scores, items_mask):
-        """Data-dependent start (as ActNorm's): tau = a low quantile of the first real items' scores, averaged over
-        processes so that every data-parallel replica keeps the same parameter."""
-        real = scores[items_mask.bool()]
-        if real.numel() == 0:
-            return
-        threshold = torch.quantile(real.float(), self.calibration_quantile)
+    def calibrate_threshold(self, scores):
+        """Data-dependent start (as ActNorm's): tau = the `calibration_quantile` of the scores of real items.
+
+        `scores` (any shape) holds this process's real-item scores, possibly none. Under torch.distributed this is a
+        collective, so EVERY rank must call it: the scores of all ranks are gathered and the quantile is taken over
+        their union, so every replica gets the same tau, equal to a single process's on the same examples. Call it
+        before the optimizer (and any ZeRO/FSDP wrapper) exists, so that the optimizer's master copy starts from it.
+        Returns tau, or None when no process had a real item (tau and the calibrated flag are then left as they are).
+        """
+        scores = scores.detach().float().reshape(-1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(threshold)
-            threshold /= torch.distributed.get_world_size()
-        self.threshold.copy_(threshold)
+            world = torch.distributed.get_world_size()
+            count = torch.tensor([scores.numel()], device=scores.device)
+            counts = [torch.zeros_like(count) for _ in range(world)]
+            torch.distributed.all_gather(counts, count)
+            counts = [int(c) for c in counts]
+            if max(counts) == 0:
+                return None
+            padded = torch.cat([scores, scores.new_zeros(max(counts) - scores.numel())])
+            gathered = [torch.empty_like(padded) for _ in range(world)]
+            torch.distributed.all_gather(gathered, padded)
+            scores = torch.cat([part[:n] for part, n in zip(gathered, counts)])
+        if scores.numel() == 0:
+            return None
+        threshold = torch.quantile(scores, self.calibration_quantile)
+        self.threshold.copy_(threshold.to(self.threshold.device, self.threshold.dtype))
         self.threshold_calibrated.fill_(True)
+        return threshold.item()
 
     @staticmethod
     def alignment_loss(context_points, context_mask, item_points, items_mask):

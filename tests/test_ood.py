@@ -238,24 +238,48 @@ def test_alignment_loss_is_one_minus_cosine_to_the_image_direction():
     torch.testing.assert_close(output.alignment_loss, expected)
 
 
-def test_first_training_batch_calibrates_the_threshold_once(tmp_path):
+def test_calibration_sets_tau_once_to_the_quantile_and_forward_never_writes_it():
     layer = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25))
     context, items = torch.randn(3, 20, 32), torch.randn(3, 6, 32) * 3
     items_mask = torch.ones(3, 6)
     items_mask[2, 3:] = 0
-    layer.eval()
-    layer(context, items, items_mask=items_mask)
-    assert layer.threshold.item() == pytest.approx(-3.0) and not layer.threshold_calibrated
-    layer.train()
-    first = layer(context, items, items_mask=items_mask)
-    expected = torch.quantile(first.scores[items_mask.bool()], 0.25)
-    assert layer.threshold.item() == pytest.approx(expected.item()) and layer.threshold_calibrated
-    assert (first.gate[items_mask.bool()] > 0).float().mean() > 0.5
-    layer(context * 2, items, items_mask=items_mask)  # later batches leave tau to the optimiser
-    assert layer.threshold.item() == pytest.approx(expected.item())
+    assert layer.needs_calibration
+    first = layer.train()(context, items, items_mask=items_mask)
+    assert layer.threshold.item() == pytest.approx(-3.0) and layer.needs_calibration  # forward leaves tau alone
+    real = first.scores[items_mask.bool()]
+    tau = layer.calibrate_threshold(real)
+    expected = torch.quantile(real, 0.25)
+    assert tau == pytest.approx(expected.item()) and layer.threshold.item() == pytest.approx(expected.item())
+    assert not layer.needs_calibration and layer.threshold.requires_grad
+    assert (layer(context, items, items_mask=items_mask).gate[items_mask.bool()] > 0).float().mean() > 0.5
+    assert ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25)).calibrate_threshold(torch.zeros(0)) is None
     reloaded = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25))
     reloaded.load_state_dict(layer.state_dict())
-    assert reloaded.threshold_calibrated and reloaded.threshold.item() == pytest.approx(expected.item())
+    assert not reloaded.needs_calibration and reloaded.threshold.item() == pytest.approx(expected.item())
+    assert not ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=None)).needs_calibration
+
+
+def _calibrate_on_rank(rank, world_size, init_file, scores_per_rank, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        layer = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.3))
+        tau = layer.calibrate_threshold(scores_per_rank[rank])
+        nobody = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.3)).calibrate_threshold(torch.zeros(0))
+        results[rank] = (tau, layer.threshold.item(), bool(layer.threshold_calibrated), nobody)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_calibration_is_one_quantile_over_every_rank_and_a_rank_without_items_does_not_hang(tmp_path):
+    """Two gloo processes; rank 1 has no real item (it used to return before the all_reduce and hang rank 0)."""
+    scores = [torch.linspace(-5.0, 1.0, 7), torch.zeros(0)]  # rank 1's padding must not enter the quantile
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(_calibrate_on_rank, args=(2, tmp_path / "init", scores, results),
+                                              nprocs=2, start_method="spawn")  # fmt: skip
+        results = dict(results)
+    expected = torch.quantile(torch.cat(scores), 0.3).item()
+    assert results == {rank: (pytest.approx(expected), pytest.approx(expected), True, None) for rank in range(2)}
 
 
 def test_variance_floor_bounds_how_far_a_score_can_fall():

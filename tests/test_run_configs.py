@@ -10,13 +10,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import REPO_ROOT
 from modeling_vkood.training.arguments import (
     SHIPPED_CONFIGS,
-    launched_without_accelerator,
     parse_arguments,
     resolve_config_path,
 )
@@ -53,14 +51,6 @@ def test_no_dataloader_workers_switches_persistent_workers_off():
     assert (with_workers.dataloader_num_workers, with_workers.dataloader_persistent_workers) == (8, True)
     *_, without = parse_arguments(["configuration/nlvr2.yaml", "--bf16", "false", "--dataloader_num_workers", "0"])
     assert without.dataloader_persistent_workers is False
-
-
-def test_a_multi_process_launch_without_accelerator_runs_on_cpu():
-    cpu_only = not torch.accelerator.is_available()
-    assert launched_without_accelerator({"WORLD_SIZE": "2"}) is cpu_only
-    assert launched_without_accelerator({"WORLD_SIZE": "1"}) is False and launched_without_accelerator({}) is False
-    *_, single = parse_arguments(["configuration/vqav2.yaml", "--bf16", "false"])
-    assert single.use_cpu is False  # one process: nothing forced (the rehearsals check the 2-process case)
 
 
 def test_config_path_outside_a_checkout_falls_back_to_the_shipped_copy(tmp_path, monkeypatch):

@@ -19,13 +19,19 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel, TrainingArguments
 
 from conftest import REPO_ROOT, run_without_package
+from data_scripts.common import answer_vocabulary
+from modeling_vkood.evaluation import vqa_accuracy
 from modeling_vkood.training import (
     PixelCache,
     VKOODTrainer,
+    VQACollator,
+    VQAMetrics,
     apply_finetuning,
     build_model,
+    load_splits,
     new_parameter_names,
     parse_arguments,
+    predicted_class,
     resolve_model_path,
     soft_score_labels,
 )
@@ -314,21 +320,45 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny
     assert any(not torch.equal(at_four[key], at_two[key]) for key in at_two)  # steps 3-4 did move the weights
 
 
-def test_accelerate_launch_two_cpu_processes_trains_and_saves(workdir, tiny_text_model, easy_vqa_root):
+def first_step_and_results(output: Path) -> tuple[dict, dict]:
+    state = json.loads((output / "trainer_state.json").read_text())
+    return next(entry for entry in state["log_history"] if entry.get("step") == 1 and "loss" in entry), read_results(output)
+
+
+def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_the_same_global_batch(
+    workdir, tiny_text_model, easy_vqa_root
+):
+    """configuration/accelerate/ddp.yaml on CPU (gloo): 2 x 4 examples give the loss, gradient norm and evaluation of
+    1 x 8. Dropout is off and EM runs a fixed step count, so that the forward does not depend on the batch split."""
+    deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
+                     "ood_tol": 1e-30}  # fmt: skip
     config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test")  # fmt: skip
-    output = workdir / "ddp_out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
-               str(config), "--max_steps", "4", "--output_dir", str(output)]  # fmt: skip
+                         eval_split="test", max_steps=1, backbone_dropout=0.0)  # fmt: skip
+    vkood_config = yaml.safe_load(config.read_text())["vkood_config"]
+    # 18 evaluation examples = 3 steps x 2 ranks x 3: no rank pads its last batch (the Trainer repeats each batch's
+    # mean loss per example, so a wrapped-around padded batch would weigh its duplicates into eval_loss).
+    arguments = [str(config), "--vkood_config", json.dumps({**vkood_config, **deterministic}),
+                 "--per_device_eval_batch_size", "3"]  # fmt: skip
+    single, ddp = workdir / "single_out", workdir / "ddp_out"
+    train.main([*arguments, "--per_device_train_batch_size", "8", "--output_dir", str(single)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO_ROOT / "configuration" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", str(REPO_ROOT / "train.py"), *arguments,
+               "--per_device_train_batch_size", "4", "--output_dir", str(ddp)]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = read_results(output)
-    assert results["train_steps_per_second"] > 0 and "eval_vqa_accuracy" in results
-    state = json.loads((output / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
+
+    (single_step, single_results), (ddp_step, ddp_results) = first_step_and_results(single), first_step_and_results(ddp)
+    assert (single_results["world_size"], ddp_results["world_size"]) == (1, 2)
+    card = ModelCard.load(ddp / "README.md").text
+    assert "| world_size | 2 |" in card and "| total_train_batch_size | 8 |" in card
+    assert ddp_step["loss"] == pytest.approx(single_step["loss"], rel=1e-4)
+    assert ddp_step["grad_norm"] == pytest.approx(single_step["grad_norm"], rel=1e-3)
+    assert ddp_results["eval_loss"] == pytest.approx(single_results["eval_loss"], rel=1e-5)
+    assert ddp_results["eval_vqa_accuracy"] == pytest.approx(single_results["eval_vqa_accuracy"])
+    assert (ddp / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -363,6 +393,15 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
         parse_arguments([str(config)])
     with pytest.raises(ValueError, match="not installed"):
         resolve_model_path("package://no_such_package_here/model")
+
+
+def test_cpu_machines_default_to_accelerates_cpu_mode_and_fsdp_there_is_refused(monkeypatch):
+    assert parse_arguments([])[3].use_cpu == (not torch.accelerator.is_available())
+    assert not parse_arguments(["--use_cpu", "false"])[3].use_cpu
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports from fsdp.yaml
+    if not torch.accelerator.is_available():
+        with pytest.raises(ValueError, match="FSDP needs an accelerator device"):
+            parse_arguments([])
 
 
 def test_backbone_dropout_overrides_every_dropout_of_the_pretrained_backbone(tiny_text_model):
@@ -468,7 +507,6 @@ def test_chunked_padded_gallery_features_rank_like_one_chunk(workdir, tiny_text_
 
 
 def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root):
-    from modeling_vkood.training import load_splits
     from modeling_vkood.training.arguments import DataArguments
 
     data = load_splits(DataArguments(dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test",
@@ -491,3 +529,42 @@ def test_balance_by_draws_each_value_of_the_column_equally_often(tmp_path):
     assert list(sampler("question_type")) == list(sampler("question_type")) != list(sampler("question_type", seed=4))
     with pytest.raises(ValueError, match="no column 'answer_kind'"):
         sampler("answer_kind")
+
+
+def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official_metric(workdir, tiny_text_model,
+                                                                                        easy_vqa_root, tmp_path):  # fmt: skip
+    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
+                         eval_split="test")  # fmt: skip
+    model_args, data_args, _, _ = parse_arguments([str(config), "--output_dir", str(tmp_path)])
+    splits = load_splits(data_args, ["test"])
+    evaluation, id2label = splits["test"], dict(enumerate(answer_vocabulary(splits)))
+    built = build_model(model_args, "vqa", id2label)
+    collator = VQACollator(built.processor, len(id2label), PixelCache(built.processor, 64))
+    metric = VQAMetrics(evaluation, id2label)
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append((prediction.predictions, prediction.label_ids))
+        return metric(prediction)
+
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=8, label_names=["labels"], use_cpu=True,
+                             remove_unused_columns=False, report_to="none")  # fmt: skip
+    trainer = VKOODTrainer(model=built.model, args=args, eval_dataset=evaluation, data_collator=collator,
+                           compute_metrics=compute_metrics, preprocess_logits_for_metrics=predicted_class)  # fmt: skip
+    results = trainer.evaluate()
+
+    (predictions, label_ids), = seen
+    assert predictions.shape == label_ids.shape == (len(evaluation),)  # not (N, vocabulary) soft scores
+    assert predictions.dtype.kind == label_ids.dtype.kind == "i"
+    model = built.model.eval()
+    loss_sum, answers = 0.0, []
+    with torch.no_grad():
+        for start in range(0, len(evaluation), 8):
+            batch = collator([evaluation[i] for i in range(start, min(start + 8, len(evaluation)))])
+            output = model(**batch)
+            loss_sum += output.loss.item() * len(batch["labels"])
+            answers += [id2label[i] for i in output.logits.argmax(-1).tolist()]
+            torch.testing.assert_close(torch.from_numpy(label_ids[start : start + 8]), batch["labels"].argmax(-1))
+    official = vqa_accuracy(answers, evaluation["answers"], evaluation["answer_type"])
+    assert results["eval_vqa_accuracy"] == pytest.approx(official["overall"], abs=1e-9)
+    assert results["eval_loss"] == pytest.approx(loss_sum / len(evaluation), rel=1e-5)

@@ -191,13 +191,6 @@ class CardArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, CardArguments, TrainingArguments)
 
 
-def launched_without_accelerator(environ=os.environ) -> bool:
-    """True for one of several processes (accelerate launch / torchrun set WORLD_SIZE) on a machine without an
-    accelerator. TrainingArguments then needs use_cpu: without it accelerate finds no backend and every process
-    trains alone on the whole dataset (world size 1, all writing one output_dir) instead of joining a gloo group."""
-    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-
-
 def resolve_config_path(given: str) -> Path:
     """The run config `given`: that file if it exists, else the shipped copy of `configuration/NAME.yaml`."""
     path = Path(given)
@@ -225,12 +218,17 @@ def parse_arguments(argv: list[str] | None = None):
         hints = "".join(f"; {name} was removed by transformers: use {REMOVED_TRAINING_ARGUMENTS[name]}"
                         for name in unknown if name in REMOVED_TRAINING_ARGUMENTS)  # fmt: skip
         raise ValueError(f"{config_path}: unknown argument(s) {unknown}{hints}")
-    if launched_without_accelerator():
-        values.setdefault("use_cpu", True)  # `--use_cpu false` on the command line still wins
     argv, reset = _none_resets(argv)
-    parser.set_defaults(**{**values, **reset})
+    # Without an accelerator device, run in accelerate's CPU mode: then the processes of `accelerate launch
+    # --config_file configuration/accelerate/ddp.yaml --num_processes N` (or torchrun) form one gloo group; with
+    # use_cpu=False on such a machine accelerate reports no distribution and every process trains alone.
+    machine = {"use_cpu": not torch.accelerator.is_available()}
+    parser.set_defaults(**{**machine, **values, **reset})
     parsed = parser.parse_args_into_dataclasses(args=argv)
     training_args = parsed[-1]
+    if training_args.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError("FSDP needs an accelerator device: on CPU accelerate ignores the FSDP config and would run "
+                         "plain data parallel; use configuration/accelerate/ddp.yaml on CPU")  # fmt: skip
     if training_args.dataloader_num_workers == 0:
         # Persistent workers need workers (torch's DataLoader raises otherwise): a YAML that keeps its 8 workers
         # alive stays usable with `--dataloader_num_workers 0`.

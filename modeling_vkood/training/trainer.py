@@ -1,4 +1,5 @@
-"""The Trainer used by train.py: two learning rates, retrieval evaluated over the whole gallery, OOD diagnostics.
+"""The Trainer used by train.py: two learning rates, OOD threshold calibration before training, retrieval evaluated
+over the whole gallery, OOD diagnostics.
 
 Newly initialised modules (fusion, OOD layer, heads, a backbone trained from scratch) learn at
 `new_modules_learning_rate`, the LoRA adapters (or pretrained backbone weights) at `learning_rate`: adapters of a
@@ -7,10 +8,13 @@ pretrained encoder want a small step, random weights a large one.
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 from transformers import Trainer
+from transformers.utils import logging
 
 from .retrieval_eval import evaluate_retrieval
+
+logger = logging.get_logger(__name__)
 
 
 class VKOODTrainer(Trainer):
@@ -26,6 +30,41 @@ class VKOODTrainer(Trainer):
         self.new_modules_learning_rate = new_modules_learning_rate or self.args.learning_rate
         self.retrieval = retrieval
         self.balance_by = balance_by
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """Calibrate the OOD threshold, then train. A resumed run takes tau from its checkpoint."""
+        if not resume_from_checkpoint:
+            self.calibrate_ood_threshold()
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def calibrate_ood_threshold(self) -> float | None:
+        """Set tau of an uncalibrated OOD layer from the model's scores on the examples of one optimizer step.
+
+        Runs before the optimizer and the DDP/FSDP/DeepSpeed wrappers exist, so the optimizer (and a mixed-precision
+        master copy) starts from the calibrated value instead of overwriting it. The examples are
+        `per_device_train_batch_size x gradient_accumulation_steps x world_size` rows drawn with the run's seed
+        (the global RNG is not touched), split over the ranks; every rank joins the collective, also one that got
+        no row or no real item. The same global batch thus gives the same tau whatever the number of processes or
+        the accumulation. The model is run in eval mode (no dropout) under the run's autocast. Returns tau (None when
+        nothing was calibrated).
+        """
+        layers = [m for m in self.model.modules() if getattr(m, "needs_calibration", False)]
+        if not layers or self.train_dataset is None:
+            return None
+        if not hasattr(self.train_dataset, "__len__"):
+            logger.warning("OOD threshold not calibrated: the training set has no length (an iterable dataset)")
+            return None
+        args = self.args
+        count = min(len(self.train_dataset), args.per_device_train_batch_size * args.gradient_accumulation_steps
+                    * args.world_size)  # fmt: skip
+        drawn = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
+        rows = Subset(self.train_dataset, drawn[args.process_index :: args.world_size].tolist())
+        batches = DataLoader(rows, batch_size=args.per_device_train_batch_size, collate_fn=self.data_collator)
+        with self.accelerator.autocast():
+            scores = ood_scores(self.model, batches, next(self.model.parameters()).device)["scores"]
+        # One OOD layer per model; PEFT's modules_to_save holds a trained copy next to the original: both get tau.
+        thresholds = {layer.calibrate_threshold(scores.to(args.device)) for layer in layers}
+        return thresholds.pop()
 
     def _get_train_sampler(self, train_dataset=None):
         if self.balance_by is None:
@@ -61,6 +100,16 @@ class VKOODTrainer(Trainer):
         self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
         return self.optimizer
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss as the Trainer computes it, but only (B,) integers go on to be gathered across processes: the
+        predicted class (`predicted_class`, the `preprocess_logits_for_metrics`) and, for VQA's dense (B, vocabulary)
+        soft scores, the best-scored answer instead of the scores. The metrics read the references from the
+        evaluation dataset; gathering the dense scores would cost N x vocabulary floats per rank (2.7 GB on VQAv2 val)."""
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if labels is not None and labels.dim() > 1:
+            labels = labels.argmax(-1)
+        return loss, logits, labels
+
     def create_model_card(self, *args, **kwargs):
         """Keep the vkood card that `save_output_folder` wrote: `push_to_hub` would replace it by a generic one."""
 
@@ -79,17 +128,22 @@ class VKOODTrainer(Trainer):
         return metrics
 
 
-@torch.no_grad()
 def collect_ood_scores(model, dataset, collator, batch_size: int, max_examples: int, device) -> dict[str, torch.Tensor]:
-    """OOD scores and gates of the real knowledge items of the first `max_examples` examples (for the plots).
+    """OOD scores and gates of the real knowledge items of the first `max_examples` examples (for the plots)."""
+    subset = dataset.select(range(min(max_examples, len(dataset))))
+    return ood_scores(model, DataLoader(subset, batch_size=batch_size, collate_fn=collator), device)
+
+
+@torch.no_grad()
+def ood_scores(model, batches, device) -> dict[str, torch.Tensor]:
+    """OOD scores and gates of the real knowledge items of collated `batches`, flat, on the CPU, in eval mode.
 
     NLVR2 gives one score per item and image of the pair; retrieval runs its fused (ITM) pass on matching pairs.
     """
     was_training = model.training
     model.eval()
-    subset = dataset.select(range(min(max_examples, len(dataset))))
     scores, gates = [], []
-    for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collator):
+    for batch in batches:
         extra = {"return_loss": False} if "image_ids" in batch else {}  # retrieval: fused pass, no loss
         batch = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "image_ids")}
         if "knowledge_mask" not in batch:
