@@ -123,6 +123,20 @@ def check_inputs(
             )
 
 
+def knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask=None, knowledge_mask=None):
+    """(B, M) mask of the real knowledge items: the given `knowledge_mask`, else the items with at least one real
+    token in `knowledge_attention_mask` (the processor pads missing items with all-zero rows), else every item.
+
+    The one definition used by every entry point, so that leaving `knowledge_mask` out never turns padded item
+    slots into real (zero-vector) items that the OOD layer would score and gate in.
+    """
+    if knowledge_mask is not None:
+        return knowledge_mask
+    if knowledge_attention_mask is not None:
+        return knowledge_attention_mask.any(-1).long()
+    return torch.ones(knowledge_input_ids.shape[:2], dtype=torch.long, device=knowledge_input_ids.device)
+
+
 def _key_bias(mask, dtype):
     """Additive attention bias (B, 1, 1, L): 0 for real keys, the dtype's minimum for padding."""
     return ((1.0 - mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
@@ -327,10 +341,9 @@ class VKOODModel(VKOODPreTrainedModel):
         once and scattered back.
         """
         batch, items, length = knowledge_input_ids.shape
+        knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         if knowledge_attention_mask is None:
             knowledge_attention_mask = torch.ones_like(knowledge_input_ids)
-        if knowledge_mask is None:
-            knowledge_mask = knowledge_attention_mask.any(-1)
         width = self.config.text_config.hidden_size
         dtype = self.knowledge_projection.weight.dtype
         pooled = knowledge_input_ids.new_zeros(batch * items, width, dtype=dtype)
@@ -400,9 +413,8 @@ class VKOODModel(VKOODPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         knowledge = None
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = self.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            if knowledge_mask is None:
-                knowledge_mask = torch.ones(knowledge.shape[:2], dtype=torch.long, device=knowledge.device)
         return self.fuse(
             self.encode_image(pixel_values),
             self.encode_text(input_ids, attention_mask),
@@ -530,10 +542,10 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         text = base.encode_text(input_ids, attention_mask).repeat_interleave(self.num_images, 0)
         knowledge = None
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = base.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = knowledge.repeat_interleave(self.num_images, 0)
-            if knowledge_mask is not None:
-                knowledge_mask = knowledge_mask.repeat_interleave(self.num_images, 0)
+            knowledge_mask = knowledge_mask.repeat_interleave(self.num_images, 0)
         outputs = base.fuse(
             base.encode_image(pixel_values.flatten(0, 1)),
             text,
@@ -599,9 +611,8 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         text_tokens = base.encode_text(input_ids, attention_mask)
         knowledge = None
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = base.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            if knowledge_mask is None:
-                knowledge_mask = torch.ones(knowledge.shape[:2], dtype=torch.long, device=knowledge.device)
         image_embeds = self._embed(self.image_embedding, image_tokens)
         text_embeds = self._embed(self.text_embedding, text_tokens)
         logits_per_image = self.logit_scale() * image_embeds @ text_embeds.t()
@@ -629,18 +640,17 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             + torch.sum(-F.log_softmax(logits_per_image.t(), 1) * targets.t(), 1).mean()
         )
         # Hard negatives: for each image a text (and for each text an image) drawn with probability softmax(sim)
-        # among the non-positives; rows without any negative are left out of the ITM loss.
+        # among the non-positives. A row without any negative (batch of one image, or every caption of the batch
+        # about the same image) draws an arbitrary index with uniform weights and its pair is left out of the ITM
+        # loss; the positive pairs always remain, so the loss stays defined.
         with torch.no_grad():
-            logits = logits_per_image.detach().masked_fill(positives, float("-inf"))
+            logits = logits_per_image.detach().float().masked_fill(positives, float("-inf"))
             has_text_negative = (~positives).any(1)
             has_image_negative = (~positives).any(0)
-            uniform = torch.zeros_like(logits)
-            text_weights = torch.where(has_text_negative[:, None], logits.softmax(1), uniform.masked_fill(~positives, 1.0))
-            image_weights = torch.where(
-                has_image_negative[:, None], logits.t().softmax(1), uniform.masked_fill(~positives, 1.0)
-            )
-            negative_text = torch.multinomial(text_weights.nan_to_num(1.0), 1).squeeze(1)
-            negative_image = torch.multinomial(image_weights.nan_to_num(1.0), 1).squeeze(1)
+            text_weights = torch.where(has_text_negative[:, None], logits.softmax(1), 1.0)
+            image_weights = torch.where(has_image_negative[:, None], logits.t().softmax(1), 1.0)
+            negative_text = torch.multinomial(text_weights, 1).squeeze(1)
+            negative_image = torch.multinomial(image_weights, 1).squeeze(1)
         pair_image = torch.cat([image_tokens, image_tokens, image_tokens[negative_image]])
         pair_text = torch.cat([text_tokens, text_tokens[negative_text], text_tokens])
         pair_mask = torch.cat([attention_mask, attention_mask[negative_text], attention_mask])
@@ -685,10 +695,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         tokens = self.vkood.encode_text(input_ids, attention_mask)
         features = {"tokens": tokens, "mask": attention_mask, "embeds": self._embed(self.text_embedding, tokens)}
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             features["knowledge"] = self.vkood.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            features["knowledge_mask"] = (
-                knowledge_mask if knowledge_mask is not None else torch.ones(features["knowledge"].shape[:2], device=tokens.device)
-            )
+            features["knowledge_mask"] = knowledge_mask
         return features
 
     @torch.no_grad()
