@@ -76,8 +76,18 @@ class VKOODRetrievalOutput(ModelOutput):
     ood_residual: torch.FloatTensor | None = None
 
 
+# Vision towers (the CLIP family) whose `post_layernorm` normalises the pooled CLS token only, not
+# `last_hidden_state`. VK-OOD uses every token, so it applies that layer norm to all of them (METER does the same with
+# CLIP's `ln_post`): the pretrained norm stays in use and every weight gets a gradient (DDP requires it).
+POOLED_ONLY_POST_LAYERNORM = frozenset(
+    {"clip_vision_model", "chinese_clip_vision_model", "altclip_vision_model", "metaclip_2_vision_model",
+     "xclip_vision_model", "owlvit_vision_model", "owlv2_vision_model", "clipseg_vision_model", "mlcd_vision_model"}
+)  # fmt: skip
+
+
 def backbone_kwargs(config):
-    """Drop the text pooler where the backbone allows it: VK-OOD never uses it, and unused weights break DDP."""
+    """Drop the pooler where the backbone allows it (BERT, RoBERTa, ViT): VK-OOD never uses it, and unused weights
+    break DDP."""
     model_class = MODEL_MAPPING.get(type(config), None)
     if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
         return {"add_pooling_layer": False}
@@ -243,16 +253,28 @@ class VKOODPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VKOODLogitScale):
             init.constant_(module.log_scale, math.log(1 / 0.07))
 
-    def lora_target_modules(self):
-        """PEFT `target_modules` regex: the query and value projections of both backbones' attention (CLIP and
-        most ViTs name them q_proj/v_proj, BERT-family encoders query/value); fusion attention is not matched."""
-        return r".*(vision_model|text_model)\..*\.(q_proj|v_proj|query|value)"
+    # Attention projections that LoRA adapts: CLIP and most ViTs name them q_proj/k_proj/v_proj, BERT-family
+    # encoders query/key/value. Fusion attention is new and trained in full, never adapted.
+    lora_projections = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
 
-    def modules_to_save(self, adapted_backbones=("vision_model", "text_model")):
+    def lora_target_modules(self, projections=None, layers=None):
+        """PEFT `target_modules` regex: the attention `projections` (default `lora_projections`) of the backbones
+        that hold pretrained weights (`config.pretrained_backbones`), in every transformer block or only in blocks
+        `layers` (numbered `layer.N` in BERT/RoBERTa, `layers.N` in CLIP/ViT)."""
+        if not self.config.pretrained_backbones:
+            raise ValueError("LoRA needs a pretrained backbone, and this model has none (config.pretrained_backbones "
+                             "is empty): fine-tune it in full")  # fmt: skip
+        backbones = "|".join(self.config.pretrained_backbones)
+        projections = "|".join(projections or self.lora_projections)
+        blocks = "" if layers is None else r"layers?\.(" + "|".join(str(layer) for layer in layers) + r")\..*"
+        return rf"(.*\.)?({backbones})\..*{blocks}\.({projections})"
+
+    def modules_to_save(self):
         """PEFT `modules_to_save`: all that VK-OOD adds to the backbones (projections, OOD layer, fusion layers,
-        poolers, head) and every backbone not in `adapted_backbones` (one trained from scratch), fully trained next
-        to the adapters. Dotted paths, because PEFT matches names by suffix and a bare "ood" would also match
-        "vkood"; list items one by one (PEFT cannot wrap a ModuleList)."""
+        poolers, head) and every backbone not in `config.pretrained_backbones` (one trained from scratch), fully
+        trained next to the adapters. Dotted paths, because PEFT matches names by suffix and a bare "ood" would
+        also match "vkood"; list items one by one (PEFT cannot wrap a ModuleList)."""
+        adapted_backbones = self.config.pretrained_backbones
         base = self.base_model
         prefix = "" if base is self else f"{self.base_model_prefix}."
         children = [(prefix + name, child) for name, child in base.named_children() if name not in adapted_backbones]
@@ -274,12 +296,19 @@ class VKOODPreTrainedModel(PreTrainedModel):
         """
         vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
         vision_config = getattr(vision_config, "vision_config", None) or vision_config
-        vision_model = AutoModel.from_pretrained(vision_model_name_or_path, config=vision_config)
+        vision_model = AutoModel.from_pretrained(
+            vision_model_name_or_path, config=vision_config, **backbone_kwargs(vision_config)
+        )
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
         text_model = AutoModel.from_pretrained(
             text_model_name_or_path, config=text_config, **backbone_kwargs(text_config)
         )
-        config = VKOODConfig(vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(), **kwargs)
+        config = VKOODConfig(
+            vision_config=vision_model.config.to_dict(),
+            text_config=text_model.config.to_dict(),
+            pretrained_backbones=["vision_model", "text_model"],
+            **kwargs,
+        )
         model = cls(config)
         model.base_model.vision_model = vision_model
         model.base_model.text_model = text_model
@@ -293,7 +322,7 @@ class VKOODModel(VKOODPreTrainedModel):
 
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
-        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.vision_model = AutoModel.from_config(config.vision_config, **backbone_kwargs(config.vision_config))
         self.text_model = AutoModel.from_config(config.text_config, **backbone_kwargs(config.text_config))
         vision_width = getattr(config.vision_config, "hidden_size", None) or config.vision_config.hidden_sizes[-1]
         self.image_projection = nn.Linear(vision_width, config.hidden_size)
@@ -314,6 +343,8 @@ class VKOODModel(VKOODPreTrainedModel):
         if hidden.dim() == 4:
             hidden = hidden.flatten(2).transpose(1, 2)
             hidden = torch.cat([hidden.mean(1, keepdim=True), hidden], dim=1)
+        elif self.config.vision_config.model_type in POOLED_ONLY_POST_LAYERNORM:
+            hidden = getattr(self.vision_model, "vision_model", self.vision_model).post_layernorm(hidden)
         return self.image_projection(hidden)
 
     def _encode_distinct(self, input_ids, attention_mask):

@@ -415,7 +415,7 @@ def test_lora_adapts_pretrained_attention_and_trains_new_modules_at_their_own_ra
                                                       "--output_dir", str(tmp_path)])  # fmt: skip
     built = build_model(model_args, "vqa", {0: "yes", 1: "no"})
     assert built.pretrained_backbones == ("text_model",)
-    names = built.model.modules_to_save(built.pretrained_backbones)
+    names = built.model.modules_to_save()
     assert "vkood.ood" in names and "vkood.fusion_layers.0" in names and "classifier" in names
     assert "vkood.vision_model" in names and "vkood.text_model" not in names and "vkood" not in names
     model = apply_finetuning(built, model_args)

@@ -81,9 +81,10 @@ class ModelArguments:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj"],
-        metadata={"help": "attention projection names adapted with LoRA inside the pretrained backbones"},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "attention projection names adapted with LoRA inside the pretrained backbones (default: "
+                  "the model's `lora_projections`: query, key, value, q_proj, k_proj, v_proj)"},  # fmt: skip
     )
     lora_layers: list[int] | None = field(
         default=None,
