@@ -150,6 +150,7 @@ def tiny_config(workdir: Path, text_model: str, **overrides) -> Path:
         "disable_tqdm": True,
         "ood_plot_examples": 8,
         "pixel_cache_size": 64,
+        "dataset_cache_dir": str(workdir / "built_datasets"),
         **overrides,
     }  # fmt: skip
     path = workdir / f"config_{len(list(workdir.glob('config_*.yaml')))}.yaml"
@@ -462,12 +463,12 @@ def test_chunked_padded_gallery_features_rank_like_one_chunk(workdir, tiny_text_
         torch.testing.assert_close(one, other, rtol=1e-4, atol=1e-4)
 
 
-def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root):
+def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root, tmp_path):
     from modeling_vkood.training import load_splits
     from modeling_vkood.training.arguments import DataArguments
 
     data = load_splits(DataArguments(dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test",
-                                     max_train_samples=5), ["train", "test"])  # fmt: skip
+                                     max_train_samples=5, dataset_cache_dir=str(tmp_path)), ["train", "test"])  # fmt: skip
     assert len(data["train"]) == 5 and len(data["test"]) == 18
     assert data["train"].features["image"] == datasets.Image(decode=False)
     assert Path(data["train"][0]["image"]["path"]).is_file()

@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from data_scripts.image_check import IMAGE_CHECKS
+
 TASKS = ("vqa", "nlvr2", "retrieval")
 FINETUNING = ("lora", "full")
 PACKAGE_SCHEME = "package://"
@@ -142,6 +144,16 @@ class DataArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     preprocessing_num_workers: int = 1
+    check_images: str = field(
+        default="decode",
+        metadata={"help": 'how builders check each image file: "decode" (fully, as the collator will), "header" '
+                  '(open only: fast, misses truncated files) or "none" (existence only)'},  # fmt: skip
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "where built datasets are kept, keyed by their inputs, for later runs and the other "
+                  "processes (default: HF_DATASETS_CACHE/vkood)"},  # fmt: skip
+    )
     pixel_cache_size: int = field(
         default=0,
         metadata={"help": "images whose pixel values the collator keeps in memory (0: none); set it to the number "
@@ -157,6 +169,8 @@ class DataArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.check_images not in IMAGE_CHECKS:
+            raise ValueError(f"--check_images must be one of {IMAGE_CHECKS}, got {self.check_images!r}")
 
 
 @dataclass

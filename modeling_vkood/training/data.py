@@ -1,25 +1,99 @@
-"""The run's dataset: built from official files by a `data_scripts` builder, or loaded ready-built (folder/Hub)."""
+"""The run's dataset: built from official files by a `data_scripts` builder, or loaded ready-built (folder/Hub).
 
+A build reads the raw annotation files, checks every image and retrieves knowledge for every text: minutes at
+VQAv2 scale. So a built dataset is saved under `dataset_cache_dir`, keyed by everything the build reads (the
+sizes and modification times of the files under the dataset and image roots and of the knowledge index, the
+builder options, the source of the builders and of the knowledge code), and later runs and the other processes of
+a distributed run load it from there. train.py calls `load_splits` inside `main_process_first`: the main process
+builds, the others then find the cache.
+"""
+
+import hashlib
 import importlib
+import json
+import os
+import shutil
+from pathlib import Path
 
 import datasets
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict, load_dataset, load_from_disk
+
+import data_scripts
+import modeling_vkood
 
 BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k")
+STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "starter.csv"
+# The code whose behaviour a built dataset depends on: the builders and the knowledge extraction.
+BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
+
+
+def default_cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "vkood"
+
+
+def _files_state(folder: Path) -> list:
+    """(relative path, size, mtime in ns) of every file under `folder`, sorted; [] for a missing folder."""
+    state = []
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(os.path.join(directory, name))
+            state.append((os.path.relpath(os.path.join(directory, name), folder), stat.st_size, stat.st_mtime_ns))
+    return sorted(state)
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for folder in BUILD_CODE:
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def build_key(data_args, splits: list[str]) -> str:
+    """Hex digest of everything a build of `splits` reads; any change to an input or option gives a new key."""
+    roots = {data_args.dataset_root, data_args.image_root} - {None}
+    knowledge = STARTER_GRAPH if data_args.knowledge == "starter" else Path(data_args.knowledge)
+    inputs = {
+        "builder": data_args.dataset,
+        "splits": sorted(splits),
+        "max_knowledge_items": data_args.max_knowledge_items,
+        "check_images": data_args.check_images,
+        "roots": {str(Path(root).resolve()): _files_state(Path(root)) for root in sorted(roots)},
+        "image_root": data_args.image_root,
+        "knowledge": [str(knowledge.resolve()), knowledge.stat().st_size, knowledge.stat().st_mtime_ns],
+        "code": _source_digest(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_dataset(data_args, splits: list[str]) -> DatasetDict:
+    """The splits built by the `data_args.dataset` builder, from the cache when the same build was saved before."""
+    cache = Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits)}"
+    if cache.is_dir():
+        return load_from_disk(str(cache))
+    builder = importlib.import_module(f"data_scripts.{data_args.dataset}")
+    dataset = builder.build(
+        root=data_args.dataset_root,
+        image_root=data_args.image_root or data_args.dataset_root,
+        knowledge=data_args.knowledge,
+        splits=splits,
+        max_knowledge_items=data_args.max_knowledge_items,
+        num_proc=data_args.preprocessing_num_workers,
+        check_images=data_args.check_images,
+    ).dataset
+    partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+    dataset.save_to_disk(str(partial))
+    try:
+        partial.rename(cache)  # atomic: a reader sees a complete dataset or none
+    except OSError:  # another process saved the same build first
+        shutil.rmtree(partial, ignore_errors=True)
+    return load_from_disk(str(cache))
 
 
 def load_splits(data_args, splits: list[str]) -> DatasetDict:
     """The requested splits, capped by max_*_samples, with image columns left undecoded for the PixelCache."""
     if data_args.dataset in BUILDERS:
-        builder = importlib.import_module(f"data_scripts.{data_args.dataset}")
-        options = {"root": data_args.dataset_root, "image_root": data_args.image_root or data_args.dataset_root}
-        dataset = builder.build(
-            **options,
-            knowledge=data_args.knowledge,
-            splits=splits,
-            max_knowledge_items=data_args.max_knowledge_items,
-            num_proc=data_args.preprocessing_num_workers,
-        ).dataset
+        dataset = build_dataset(data_args, splits)
     else:
         loaded = load_dataset(data_args.dataset)
         missing = sorted(set(splits) - set(loaded))
