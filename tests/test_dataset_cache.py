@@ -38,6 +38,8 @@ def test_second_load_comes_from_the_cache_and_a_changed_input_rebuilds(builds, t
     assert len(builds) == 1  # from the cache
     assert rows(second) == rows(first) and len(first["train"]) == 36
     assert second["train"].features == first["train"].features
+    # images stay files at their place (save_to_disk alone would copy each into the cache)
+    assert all(os.path.isabs(row["image"]) and os.path.isfile(row["image"]) for row in rows(second)["train"])
 
     questions = root / "train" / "questions.json"
     questions.write_text(questions.read_text().replace("what shape is in the image?", "which shape is it?"))

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import datasets
-from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets import DatasetDict, Features, Value, load_dataset, load_from_disk
 
 import data_scripts
 import modeling_vkood
@@ -25,6 +25,10 @@ BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k")
 STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "starter.csv"
 # The code whose behaviour a built dataset depends on: the builders and the knowledge extraction.
 BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
+
+
+IMAGE_STORAGE = {"bytes": Value("binary"), "path": Value("string")}  # how an Image column is stored in Arrow
+IMAGE_COLUMNS_FILE = "vkood_image_columns.json"
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +74,7 @@ def build_dataset(data_args, splits: list[str]) -> DatasetDict:
     """The splits built by the `data_args.dataset` builder, from the cache when the same build was saved before."""
     cache = Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits)}"
     if cache.is_dir():
-        return load_from_disk(str(cache))
+        return _load_cached(cache)
     builder = importlib.import_module(f"data_scripts.{data_args.dataset}")
     dataset = builder.build(
         root=data_args.dataset_root,
@@ -82,12 +86,39 @@ def build_dataset(data_args, splits: list[str]) -> DatasetDict:
         check_images=data_args.check_images,
     ).dataset
     partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
-    dataset.save_to_disk(str(partial))
+    _save_cached(dataset, partial)
     try:
         partial.rename(cache)  # atomic: a reader sees a complete dataset or none
     except OSError:  # another process saved the same build first
         shutil.rmtree(partial, ignore_errors=True)
-    return load_from_disk(str(cache))
+    return _load_cached(cache)
+
+
+def _save_cached(dataset: DatasetDict, path: Path) -> None:
+    """`save_to_disk`, keeping image paths as paths: it would copy every image file into the cache, so the image
+    columns are stored as their plain {bytes, path} struct and named in IMAGE_COLUMNS_FILE."""
+    image_columns = {
+        split: [name for name, feature in part.features.items() if isinstance(feature, datasets.Image)]
+        for split, part in dataset.items()
+    }
+    plain = DatasetDict(
+        {
+            split: part.cast(Features({name: IMAGE_STORAGE if name in image_columns[split] else feature
+                                       for name, feature in part.features.items()}))  # fmt: skip
+            for split, part in dataset.items()
+        }
+    )
+    plain.save_to_disk(str(path))
+    (path / IMAGE_COLUMNS_FILE).write_text(json.dumps(image_columns))
+
+
+def _load_cached(path: Path) -> DatasetDict:
+    image_columns = json.loads((path / IMAGE_COLUMNS_FILE).read_text())
+    dataset = load_from_disk(str(path))
+    for split, names in image_columns.items():
+        for name in names:
+            dataset[split] = dataset[split].cast_column(name, datasets.Image())
+    return dataset
 
 
 def load_splits(data_args, splits: list[str]) -> DatasetDict:
