@@ -224,14 +224,71 @@ class VKOODPooler(nn.Module):
 
 class VKOODLogitScale(nn.Module):
     """The learnable ITC temperature as log scale (CLIP's 1/0.07 start), in a module of its own so that LoRA runs
-    can list it in PEFT's `modules_to_save`: a bare parameter on the task model would stay frozen."""
+    can list it in PEFT's `modules_to_save`: a bare parameter on the task model would stay frozen. The scale is
+    clamped to at most 100, as CLIP does, so that the contrastive logits cannot grow without bound."""
+
+    max_scale = 100.0
 
     def __init__(self):
         super().__init__()
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self):
-        return self.log_scale.exp()
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands every process the summed gradient of its own slice: each
+    process's loss also depends on the features of the others (as contrastive keys)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rank, ctx.size = torch.distributed.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def _world():
+    """(rank, world size) of the torch.distributed run, (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def contrastive_loss(image_embeds, text_embeds, scale, image_ids=None, gather=False):
+    """Symmetric InfoNCE (ITC); with `gather` under torch.distributed, this process's pairs against the global batch.
+
+    Each process scores its B images against the texts of every process and its B texts against every image
+    (ALBEF/CLIP: the negatives come from the global batch); pairs whose `image_ids` agree (several captions of one
+    image) are all positives, with equal target weight. The mean of the processes' losses equals the loss of one
+    process holding the global batch, and so do the gradients that DDP averages. Every process must hold the same
+    batch size (the Trainer's data loaders keep batches even across processes).
+    """
+    batch, device = image_embeds.shape[0], image_embeds.device
+    rank, world = _world() if gather else (0, 1)
+    all_images, all_texts, all_ids = image_embeds, text_embeds, image_ids
+    if world > 1:
+        all_images, all_texts = _GatherWithGradient.apply(image_embeds), _GatherWithGradient.apply(text_embeds)
+        if image_ids is not None:
+            parts = [torch.empty_like(image_ids) for _ in range(world)]
+            torch.distributed.all_gather(parts, image_ids.contiguous())
+            all_ids = torch.cat(parts)
+    if image_ids is None:  # each pair is its own image: its position in the global batch
+        image_ids = torch.arange(batch, device=device) + rank * batch
+        all_ids = torch.arange(all_images.shape[0], device=device)
+    positives = (image_ids[:, None] == all_ids[None, :]).float()
+    targets = positives / positives.sum(1, keepdim=True)
+    return 0.5 * (
+        torch.sum(-F.log_softmax(scale * image_embeds @ all_texts.t(), 1) * targets, 1).mean()
+        + torch.sum(-F.log_softmax(scale * text_embeds @ all_images.t(), 1) * targets, 1).mean()
+    )
 
 
 class VKOODPreTrainedModel(PreTrainedModel):
@@ -665,11 +722,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
                 ood_iterations=fused.ood_iterations,
                 ood_residual=fused.ood_residual,
             )
-        targets = positives.float() / positives.float().sum(1, keepdim=True)
-        itc_loss = 0.5 * (
-            torch.sum(-F.log_softmax(logits_per_image, 1) * targets, 1).mean()
-            + torch.sum(-F.log_softmax(logits_per_image.t(), 1) * targets.t(), 1).mean()
-        )
+        itc_loss = contrastive_loss(image_embeds, text_embeds, self.logit_scale(), image_ids, gather=self.training)
         # Hard negatives: for each image a text (and for each text an image) drawn with probability softmax(sim)
         # among the non-positives. A row without any negative (batch of one image, or every caption of the batch
         # about the same image) draws an arbitrary index with uniform weights and its pair is left out of the ITM
@@ -732,26 +785,32 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         return features
 
     @torch.no_grad()
-    def rank_gallery(self, images, texts, k_test=None, pair_batch_size=256):
+    def rank_gallery(self, images, texts, k_test=None, pair_batch_size=256, image_queries=None, text_queries=None):
         """Two-stage scores: ITC similarity for all pairs, then ITM re-scores the top `k_test` of every query.
 
         `images` / `texts` are the (padded to a common length) outputs of `encode_gallery_images` /
         `encode_gallery_texts`. Returns (i2t (I, T), t2i (T, I)); re-ranked entries hold ITM logit-margin + ITC
         similarity, the rest keep -100 as in ALBEF so that only re-ranked candidates can reach the top.
+        `image_queries` / `text_queries` (index tensors; default all) restrict the work to those queries and return
+        only their rows: a distributed evaluation gives each process a share of the queries.
         """
         k_test = k_test or self.config.k_test
         similarity = images["embeds"] @ texts["embeds"].t()
-        i2t = self._rerank(similarity, images, texts, k_test, pair_batch_size, image_queries=True)
-        t2i = self._rerank(similarity.t(), images, texts, k_test, pair_batch_size, image_queries=False)
+        device = similarity.device
+        image_queries = torch.arange(similarity.shape[0], device=device) if image_queries is None else image_queries
+        text_queries = torch.arange(similarity.shape[1], device=device) if text_queries is None else text_queries
+        i2t = self._rerank(similarity[image_queries], image_queries, images, texts, k_test, pair_batch_size, True)
+        t2i = self._rerank(similarity.t()[text_queries], text_queries, images, texts, k_test, pair_batch_size, False)
         return i2t, t2i
 
-    def _rerank(self, similarity, images, texts, k_test, pair_batch_size, image_queries):
+    def _rerank(self, similarity, query_ids, images, texts, k_test, pair_batch_size, image_queries):
+        """Scores of the queries `query_ids` (the rows of `similarity`): ITM margin + ITC on their top k, -100 else."""
         k = min(k_test, similarity.shape[1])
         top_similarity, top_index = similarity.topk(k, dim=1)
-        queries = torch.arange(similarity.shape[0], device=similarity.device).repeat_interleave(k)
+        queries = query_ids.repeat_interleave(k)
         candidates = top_index.reshape(-1)
         image_index, text_index = (queries, candidates) if image_queries else (candidates, queries)
-        itm = []
+        itm = [similarity.new_zeros(0)]
         for start in range(0, queries.numel(), pair_batch_size):
             image_part = image_index[start : start + pair_batch_size]
             text_part = text_index[start : start + pair_batch_size]
@@ -760,7 +819,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             logits, _ = self._itm_scores(
                 images["tokens"][image_part], texts["tokens"][text_part], texts["mask"][text_part], knowledge, knowledge_mask
             )
-            itm.append((logits[:, 1] - logits[:, 0]).float())
+            itm.append((logits[:, 1] - logits[:, 0]).to(similarity.dtype))
         scores = torch.full_like(similarity, -100.0)
         return scores.scatter(1, top_index, torch.cat(itm).view(-1, k) + top_similarity)
 

@@ -131,11 +131,30 @@ def load_splits(data_args, splits: list[str]) -> DatasetDict:
         if missing:
             raise ValueError(f"{data_args.dataset}: no split(s) {missing}; it has {sorted(loaded)}")
         dataset = DatasetDict({split: loaded[split] for split in splits})
+    for name, feature in dataset[splits[0]].features.items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    if data_args.task == "retrieval" and data_args.train_split in dataset:
+        dataset[data_args.train_split] = one_row_per_caption(dataset[data_args.train_split])
     caps = {data_args.train_split: data_args.max_train_samples, data_args.eval_split: data_args.max_eval_samples}
     for split, cap in caps.items():
         if split in dataset and cap is not None:
             dataset[split] = dataset[split].select(range(min(cap, len(dataset[split]))))
-    for name, feature in dataset[splits[0]].features.items():
-        if isinstance(feature, datasets.Image):
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
     return dataset
+
+
+def one_row_per_caption(split: datasets.Dataset) -> datasets.Dataset:
+    """A retrieval training split with one row per (image, caption) pair, `captions` holding that one caption.
+
+    So that an epoch trains on every caption (as ALBEF/BLIP do: COCO has 5 per image) instead of one drawn per
+    image. The rows of an image keep its `image_id`, which makes them positives of each other in ITC.
+    """
+
+    def explode(rows):
+        counts = [len(captions) for captions in rows["captions"]]
+        pairs = {name: [value for value, count in zip(values, counts) for _ in range(count)]
+                 for name, values in rows.items() if name != "captions"}  # fmt: skip
+        pairs["captions"] = [[caption] for captions in rows["captions"] for caption in captions]
+        return pairs
+
+    return split.map(explode, batched=True, features=split.features, desc="one row per caption")
