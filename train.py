@@ -34,6 +34,7 @@ from modeling_vkood.training import (  # noqa: E402
     new_parameter_names,
     parse_arguments,
     predicted_class,
+    push_output_folder,
     save_output_folder,
 )
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     description = describe(model_args, data_args, card_args, training_args, built, metrics, argv)
     save_output_folder(trainer, task, description, ood, MAIN_METRIC[task])
     if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message="vkood: trained model, processor, card and plots")
+        push_output_folder(trainer, commit_message="vkood: trained model, processor, card and plots")
     return metrics
 
 

@@ -9,13 +9,12 @@ TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 # Trainer bookkeeping that is not a result of the model.
 _NOT_RESULTS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
 TASKS = {
-    # task: (model-index task type, title, Auto class, example text, pipeline tag)
+    # task: (model-index task type, title, Auto class, pipeline tag); the usage snippet of each is in the template
     "vqa": ("visual-question-answering", "visual question answering", "AutoModelForVisualQuestionAnswering",
-            '"what shape is in the image?"', "visual-question-answering"),
+            "visual-question-answering"),
     "nlvr2": ("visual-reasoning", "visual reasoning over image pairs (NLVR2)", "AutoModelForSequenceClassification",
-              '"the left image holds two dogs"', None),
-    "retrieval": ("image-text-retrieval", "image-text retrieval", "AutoModelForZeroShotImageClassification",
-                  '"a dog runs on the beach"', None),
+              None),
+    "retrieval": ("image-text-retrieval", "image-text retrieval", "AutoModelForZeroShotImageClassification", None),
 }  # fmt: skip
 
 
@@ -51,7 +50,7 @@ def model_card(description: ModelDescription) -> ModelCard:
     """Render the card; every reported metric also goes into the YAML model-index (none for training-only runs)."""
     if description.task not in TASKS:
         raise ValueError(f"unknown task {description.task!r}; choose one of {sorted(TASKS)}")
-    task_type, title, auto_class, example_text, pipeline_tag = TASKS[description.task]
+    task_type, title, auto_class, pipeline_tag = TASKS[description.task]
     results = reported_results(description.results)
     dataset_type = description.dataset_id or description.dataset_name
     eval_results = [
@@ -83,6 +82,5 @@ def model_card(description: ModelDescription) -> ModelCard:
         results=results,
         task_title=title,
         auto_class=auto_class,
-        example_text=example_text,
         model_id=description.repo_id or "path/to/this/folder",
     )

@@ -1,11 +1,14 @@
 """VK-OOD configuration (Hub remote code: imports only transformers, huggingface_hub and the standard library)."""
 
+from dataclasses import field
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 OOD_GRADIENT_MODES = ("last_iterate", "implicit", "unrolled")
 CLASSIFIER_HEADS = ("mlp", "gated_product")
+BACKBONES = ("vision_model", "text_model")
 
 # One checkpoint serves every Auto class: the Hub copies these files and `from_pretrained(..., trust_remote_code=True)`
 # resolves the class named here. NLVR2 and retrieval have no dedicated transformers Auto class, so they use the
@@ -57,6 +60,9 @@ class VKOODConfig(PreTrainedConfig):
         classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (METER,
             the paper) or "gated_product" (a GeGLU layer over [text ; image ; text * image], which learns answers that
             hinge on matching a word of the question with the image, such as negated yes/no questions, much faster).
+        pretrained_backbones: the backbones (of "vision_model", "text_model") whose weights came from a pretrained
+            checkpoint; the others were trained from scratch. A run continuing from this checkpoint adapts the first
+            with LoRA and trains the others in full.
     """
 
     model_type = "vkood"
@@ -98,6 +104,7 @@ class VKOODConfig(PreTrainedConfig):
     ood_alignment_weight: float = 0.0
     projection_dim: int = 256
     k_test: int = 128
+    pretrained_backbones: list[str] = field(default_factory=list)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -140,6 +147,9 @@ class VKOODConfig(PreTrainedConfig):
             raise ValueError(f"VKOODConfig.ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}")
         if self.ood_alignment_weight < 0:
             raise ValueError(f"VKOODConfig.ood_alignment_weight must be >= 0, got {self.ood_alignment_weight}")
+        unknown = sorted(set(self.pretrained_backbones) - set(BACKBONES))
+        if unknown:
+            raise ValueError(f"VKOODConfig.pretrained_backbones: {unknown} are not among {BACKBONES}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"VKOODConfig.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -76,8 +76,18 @@ class VKOODRetrievalOutput(ModelOutput):
     ood_residual: torch.FloatTensor | None = None
 
 
+# Vision towers (the CLIP family) whose `post_layernorm` normalises the pooled CLS token only, not
+# `last_hidden_state`. VK-OOD uses every token, so it applies that layer norm to all of them (METER does the same with
+# CLIP's `ln_post`): the pretrained norm stays in use and every weight gets a gradient (DDP requires it).
+POOLED_ONLY_POST_LAYERNORM = frozenset(
+    {"clip_vision_model", "chinese_clip_vision_model", "altclip_vision_model", "metaclip_2_vision_model",
+     "xclip_vision_model", "owlvit_vision_model", "owlv2_vision_model", "clipseg_vision_model", "mlcd_vision_model"}
+)  # fmt: skip
+
+
 def backbone_kwargs(config):
-    """Drop the text pooler where the backbone allows it: VK-OOD never uses it, and unused weights break DDP."""
+    """Drop the pooler where the backbone allows it (BERT, RoBERTa, ViT): VK-OOD never uses it, and unused weights
+    break DDP."""
     model_class = MODEL_MAPPING.get(type(config), None)
     if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
         return {"add_pooling_layer": False}
@@ -121,6 +131,20 @@ def check_inputs(
                 f"knowledge_mask {tuple(knowledge_mask.shape)} does not match the (batch, items) of "
                 f"knowledge_input_ids {tuple(knowledge_input_ids.shape)}"
             )
+
+
+def knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask=None, knowledge_mask=None):
+    """(B, M) mask of the real knowledge items: the given `knowledge_mask`, else the items with at least one real
+    token in `knowledge_attention_mask` (the processor pads missing items with all-zero rows), else every item.
+
+    The one definition used by every entry point, so that leaving `knowledge_mask` out never turns padded item
+    slots into real (zero-vector) items that the OOD layer would score and gate in.
+    """
+    if knowledge_mask is not None:
+        return knowledge_mask
+    if knowledge_attention_mask is not None:
+        return knowledge_attention_mask.any(-1).long()
+    return torch.ones(knowledge_input_ids.shape[:2], dtype=torch.long, device=knowledge_input_ids.device)
 
 
 def _key_bias(mask, dtype):
@@ -200,14 +224,71 @@ class VKOODPooler(nn.Module):
 
 class VKOODLogitScale(nn.Module):
     """The learnable ITC temperature as log scale (CLIP's 1/0.07 start), in a module of its own so that LoRA runs
-    can list it in PEFT's `modules_to_save`: a bare parameter on the task model would stay frozen."""
+    can list it in PEFT's `modules_to_save`: a bare parameter on the task model would stay frozen. The scale is
+    clamped to at most 100, as CLIP does, so that the contrastive logits cannot grow without bound."""
+
+    max_scale = 100.0
 
     def __init__(self):
         super().__init__()
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self):
-        return self.log_scale.exp()
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather along dim 0 whose backward hands every process the summed gradient of its own slice: each
+    process's loss also depends on the features of the others (as contrastive keys)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rank, ctx.size = torch.distributed.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def _world():
+    """(rank, world size) of the torch.distributed run, (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def contrastive_loss(image_embeds, text_embeds, scale, image_ids=None, gather=False):
+    """Symmetric InfoNCE (ITC); with `gather` under torch.distributed, this process's pairs against the global batch.
+
+    Each process scores its B images against the texts of every process and its B texts against every image
+    (ALBEF/CLIP: the negatives come from the global batch); pairs whose `image_ids` agree (several captions of one
+    image) are all positives, with equal target weight. The mean of the processes' losses equals the loss of one
+    process holding the global batch, and so do the gradients that DDP averages. Every process must hold the same
+    batch size (the Trainer's data loaders keep batches even across processes).
+    """
+    batch, device = image_embeds.shape[0], image_embeds.device
+    rank, world = _world() if gather else (0, 1)
+    all_images, all_texts, all_ids = image_embeds, text_embeds, image_ids
+    if world > 1:
+        all_images, all_texts = _GatherWithGradient.apply(image_embeds), _GatherWithGradient.apply(text_embeds)
+        if image_ids is not None:
+            parts = [torch.empty_like(image_ids) for _ in range(world)]
+            torch.distributed.all_gather(parts, image_ids.contiguous())
+            all_ids = torch.cat(parts)
+    if image_ids is None:  # each pair is its own image: its position in the global batch
+        image_ids = torch.arange(batch, device=device) + rank * batch
+        all_ids = torch.arange(all_images.shape[0], device=device)
+    positives = (image_ids[:, None] == all_ids[None, :]).float()
+    targets = positives / positives.sum(1, keepdim=True)
+    return 0.5 * (
+        torch.sum(-F.log_softmax(scale * image_embeds @ all_texts.t(), 1) * targets, 1).mean()
+        + torch.sum(-F.log_softmax(scale * text_embeds @ all_images.t(), 1) * targets, 1).mean()
+    )
 
 
 class VKOODPreTrainedModel(PreTrainedModel):
@@ -233,16 +314,28 @@ class VKOODPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VKOODLogitScale):
             init.constant_(module.log_scale, math.log(1 / 0.07))
 
-    def lora_target_modules(self):
-        """PEFT `target_modules` regex: the query and value projections of both backbones' attention (CLIP and
-        most ViTs name them q_proj/v_proj, BERT-family encoders query/value); fusion attention is not matched."""
-        return r".*(vision_model|text_model)\..*\.(q_proj|v_proj|query|value)"
+    # Attention projections that LoRA adapts: CLIP and most ViTs name them q_proj/k_proj/v_proj, BERT-family
+    # encoders query/key/value. Fusion attention is new and trained in full, never adapted.
+    lora_projections = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
 
-    def modules_to_save(self, adapted_backbones=("vision_model", "text_model")):
+    def lora_target_modules(self, projections=None, layers=None):
+        """PEFT `target_modules` regex: the attention `projections` (default `lora_projections`) of the backbones
+        that hold pretrained weights (`config.pretrained_backbones`), in every transformer block or only in blocks
+        `layers` (numbered `layer.N` in BERT/RoBERTa, `layers.N` in CLIP/ViT)."""
+        if not self.config.pretrained_backbones:
+            raise ValueError("LoRA needs a pretrained backbone, and this model has none (config.pretrained_backbones "
+                             "is empty): fine-tune it in full")  # fmt: skip
+        backbones = "|".join(self.config.pretrained_backbones)
+        projections = "|".join(projections or self.lora_projections)
+        blocks = "" if layers is None else r"layers?\.(" + "|".join(str(layer) for layer in layers) + r")\..*"
+        return rf"(.*\.)?({backbones})\..*{blocks}\.({projections})"
+
+    def modules_to_save(self):
         """PEFT `modules_to_save`: all that VK-OOD adds to the backbones (projections, OOD layer, fusion layers,
-        poolers, head) and every backbone not in `adapted_backbones` (one trained from scratch), fully trained next
-        to the adapters. Dotted paths, because PEFT matches names by suffix and a bare "ood" would also match
-        "vkood"; list items one by one (PEFT cannot wrap a ModuleList)."""
+        poolers, head) and every backbone not in `config.pretrained_backbones` (one trained from scratch), fully
+        trained next to the adapters. Dotted paths, because PEFT matches names by suffix and a bare "ood" would
+        also match "vkood"; list items one by one (PEFT cannot wrap a ModuleList)."""
+        adapted_backbones = self.config.pretrained_backbones
         base = self.base_model
         prefix = "" if base is self else f"{self.base_model_prefix}."
         children = [(prefix + name, child) for name, child in base.named_children() if name not in adapted_backbones]
@@ -264,12 +357,19 @@ class VKOODPreTrainedModel(PreTrainedModel):
         """
         vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
         vision_config = getattr(vision_config, "vision_config", None) or vision_config
-        vision_model = AutoModel.from_pretrained(vision_model_name_or_path, config=vision_config)
+        vision_model = AutoModel.from_pretrained(
+            vision_model_name_or_path, config=vision_config, **backbone_kwargs(vision_config)
+        )
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
         text_model = AutoModel.from_pretrained(
             text_model_name_or_path, config=text_config, **backbone_kwargs(text_config)
         )
-        config = VKOODConfig(vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(), **kwargs)
+        config = VKOODConfig(
+            vision_config=vision_model.config.to_dict(),
+            text_config=text_model.config.to_dict(),
+            pretrained_backbones=["vision_model", "text_model"],
+            **kwargs,
+        )
         model = cls(config)
         model.base_model.vision_model = vision_model
         model.base_model.text_model = text_model
@@ -283,7 +383,7 @@ class VKOODModel(VKOODPreTrainedModel):
 
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
-        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.vision_model = AutoModel.from_config(config.vision_config, **backbone_kwargs(config.vision_config))
         self.text_model = AutoModel.from_config(config.text_config, **backbone_kwargs(config.text_config))
         vision_width = getattr(config.vision_config, "hidden_size", None) or config.vision_config.hidden_sizes[-1]
         self.image_projection = nn.Linear(vision_width, config.hidden_size)
@@ -304,6 +404,8 @@ class VKOODModel(VKOODPreTrainedModel):
         if hidden.dim() == 4:
             hidden = hidden.flatten(2).transpose(1, 2)
             hidden = torch.cat([hidden.mean(1, keepdim=True), hidden], dim=1)
+        elif self.config.vision_config.model_type in POOLED_ONLY_POST_LAYERNORM:
+            hidden = getattr(self.vision_model, "vision_model", self.vision_model).post_layernorm(hidden)
         return self.image_projection(hidden)
 
     def _encode_distinct(self, input_ids, attention_mask):
@@ -331,10 +433,9 @@ class VKOODModel(VKOODPreTrainedModel):
         once and scattered back.
         """
         batch, items, length = knowledge_input_ids.shape
+        knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         if knowledge_attention_mask is None:
             knowledge_attention_mask = torch.ones_like(knowledge_input_ids)
-        if knowledge_mask is None:
-            knowledge_mask = knowledge_attention_mask.any(-1)
         width = self.config.text_config.hidden_size
         dtype = self.knowledge_projection.weight.dtype
         pooled = knowledge_input_ids.new_zeros(batch * items, width, dtype=dtype)
@@ -403,9 +504,8 @@ class VKOODModel(VKOODPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         knowledge = None
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = self.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            if knowledge_mask is None:
-                knowledge_mask = torch.ones(knowledge.shape[:2], dtype=torch.long, device=knowledge.device)
         return self.fuse(
             self.encode_image(pixel_values),
             self.encode_text(input_ids, attention_mask),
@@ -531,10 +631,10 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         text = base.encode_text(input_ids, attention_mask).repeat_interleave(self.num_images, 0)
         knowledge = None
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = base.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = knowledge.repeat_interleave(self.num_images, 0)
-            if knowledge_mask is not None:
-                knowledge_mask = knowledge_mask.repeat_interleave(self.num_images, 0)
+            knowledge_mask = knowledge_mask.repeat_interleave(self.num_images, 0)
         outputs = base.fuse(
             base.encode_image(pixel_values.flatten(0, 1)),
             text,
@@ -599,9 +699,8 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         text_tokens = base.encode_text(input_ids, attention_mask)
         knowledge = None
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = base.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            if knowledge_mask is None:
-                knowledge_mask = torch.ones(knowledge.shape[:2], dtype=torch.long, device=knowledge.device)
         image_embeds = self._embed(self.image_embedding, image_tokens)
         text_embeds = self._embed(self.text_embedding, text_tokens)
         logits_per_image = self.logit_scale() * image_embeds @ text_embeds.t()
@@ -623,24 +722,19 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
                 ood_iterations=fused.ood_iterations,
                 ood_residual=fused.ood_residual,
             )
-        targets = positives.float() / positives.float().sum(1, keepdim=True)
-        itc_loss = 0.5 * (
-            torch.sum(-F.log_softmax(logits_per_image, 1) * targets, 1).mean()
-            + torch.sum(-F.log_softmax(logits_per_image.t(), 1) * targets.t(), 1).mean()
-        )
+        itc_loss = contrastive_loss(image_embeds, text_embeds, self.logit_scale(), image_ids, gather=self.training)
         # Hard negatives: for each image a text (and for each text an image) drawn with probability softmax(sim)
-        # among the non-positives; rows without any negative are left out of the ITM loss.
+        # among the non-positives. A row without any negative (batch of one image, or every caption of the batch
+        # about the same image) draws an arbitrary index with uniform weights and its pair is left out of the ITM
+        # loss; the positive pairs always remain, so the loss stays defined.
         with torch.no_grad():
-            logits = logits_per_image.detach().masked_fill(positives, float("-inf"))
+            logits = logits_per_image.detach().float().masked_fill(positives, float("-inf"))
             has_text_negative = (~positives).any(1)
             has_image_negative = (~positives).any(0)
-            uniform = torch.zeros_like(logits)
-            text_weights = torch.where(has_text_negative[:, None], logits.softmax(1), uniform.masked_fill(~positives, 1.0))
-            image_weights = torch.where(
-                has_image_negative[:, None], logits.t().softmax(1), uniform.masked_fill(~positives, 1.0)
-            )
-            negative_text = torch.multinomial(text_weights.nan_to_num(1.0), 1).squeeze(1)
-            negative_image = torch.multinomial(image_weights.nan_to_num(1.0), 1).squeeze(1)
+            text_weights = torch.where(has_text_negative[:, None], logits.softmax(1), 1.0)
+            image_weights = torch.where(has_image_negative[:, None], logits.t().softmax(1), 1.0)
+            negative_text = torch.multinomial(text_weights, 1).squeeze(1)
+            negative_image = torch.multinomial(image_weights, 1).squeeze(1)
         pair_image = torch.cat([image_tokens, image_tokens, image_tokens[negative_image]])
         pair_text = torch.cat([text_tokens, text_tokens[negative_text], text_tokens])
         pair_mask = torch.cat([attention_mask, attention_mask[negative_text], attention_mask])
@@ -685,33 +779,38 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         tokens = self.vkood.encode_text(input_ids, attention_mask)
         features = {"tokens": tokens, "mask": attention_mask, "embeds": self._embed(self.text_embedding, tokens)}
         if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             features["knowledge"] = self.vkood.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            features["knowledge_mask"] = (
-                knowledge_mask if knowledge_mask is not None else torch.ones(features["knowledge"].shape[:2], device=tokens.device)
-            )
+            features["knowledge_mask"] = knowledge_mask
         return features
 
     @torch.no_grad()
-    def rank_gallery(self, images, texts, k_test=None, pair_batch_size=256):
+    def rank_gallery(self, images, texts, k_test=None, pair_batch_size=256, image_queries=None, text_queries=None):
         """Two-stage scores: ITC similarity for all pairs, then ITM re-scores the top `k_test` of every query.
 
         `images` / `texts` are the (padded to a common length) outputs of `encode_gallery_images` /
         `encode_gallery_texts`. Returns (i2t (I, T), t2i (T, I)); re-ranked entries hold ITM logit-margin + ITC
         similarity, the rest keep -100 as in ALBEF so that only re-ranked candidates can reach the top.
+        `image_queries` / `text_queries` (index tensors; default all) restrict the work to those queries and return
+        only their rows: a distributed evaluation gives each process a share of the queries.
         """
         k_test = k_test or self.config.k_test
         similarity = images["embeds"] @ texts["embeds"].t()
-        i2t = self._rerank(similarity, images, texts, k_test, pair_batch_size, image_queries=True)
-        t2i = self._rerank(similarity.t(), images, texts, k_test, pair_batch_size, image_queries=False)
+        device = similarity.device
+        image_queries = torch.arange(similarity.shape[0], device=device) if image_queries is None else image_queries
+        text_queries = torch.arange(similarity.shape[1], device=device) if text_queries is None else text_queries
+        i2t = self._rerank(similarity[image_queries], image_queries, images, texts, k_test, pair_batch_size, True)
+        t2i = self._rerank(similarity.t()[text_queries], text_queries, images, texts, k_test, pair_batch_size, False)
         return i2t, t2i
 
-    def _rerank(self, similarity, images, texts, k_test, pair_batch_size, image_queries):
+    def _rerank(self, similarity, query_ids, images, texts, k_test, pair_batch_size, image_queries):
+        """Scores of the queries `query_ids` (the rows of `similarity`): ITM margin + ITC on their top k, -100 else."""
         k = min(k_test, similarity.shape[1])
         top_similarity, top_index = similarity.topk(k, dim=1)
-        queries = torch.arange(similarity.shape[0], device=similarity.device).repeat_interleave(k)
+        queries = query_ids.repeat_interleave(k)
         candidates = top_index.reshape(-1)
         image_index, text_index = (queries, candidates) if image_queries else (candidates, queries)
-        itm = []
+        itm = [similarity.new_zeros(0)]
         for start in range(0, queries.numel(), pair_batch_size):
             image_part = image_index[start : start + pair_batch_size]
             text_part = text_index[start : start + pair_batch_size]
@@ -720,7 +819,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             logits, _ = self._itm_scores(
                 images["tokens"][image_part], texts["tokens"][text_part], texts["mask"][text_part], knowledge, knowledge_mask
             )
-            itm.append((logits[:, 1] - logits[:, 0]).float())
+            itm.append((logits[:, 1] - logits[:, 0]).to(similarity.dtype))
         scores = torch.full_like(similarity, -100.0)
         return scores.scatter(1, top_index, torch.cat(itm).view(-1, k) + top_similarity)
 

@@ -29,7 +29,7 @@ def stack(rows):
 
 def test_lora_trainer_step_updates_adapters_and_vkood_modules_then_merges(tmp_path):
     torch.manual_seed(0)
-    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5))
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, pretrained_backbones=["vision_model", "text_model"]))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_modules(), modules_to_save=model.modules_to_save())
     peft_model = get_peft_model(model, lora)
     targeted = {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
@@ -67,7 +67,7 @@ def test_lora_trainer_step_updates_adapters_and_vkood_modules_then_merges(tmp_pa
                                          VKOODForImageTextRetrieval])  # fmt: skip
 def test_lora_trains_every_weight_outside_the_backbones(model_class):
     """Nothing VK-OOD adds (the retrieval temperature included) may stay frozen under LoRA."""
-    model = model_class(tiny_vkood_config(num_labels=2))
+    model = model_class(tiny_vkood_config(num_labels=2, pretrained_backbones=["vision_model", "text_model"]))
     lora = LoraConfig(r=4, target_modules=model.lora_target_modules(), modules_to_save=model.modules_to_save())
     peft_model = get_peft_model(model, lora)
     frozen = {name for name, parameter in peft_model.named_parameters() if not parameter.requires_grad}

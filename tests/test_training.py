@@ -156,6 +156,7 @@ def tiny_config(workdir: Path, text_model: str, **overrides) -> Path:
         "disable_tqdm": True,
         "ood_plot_examples": 8,
         "pixel_cache_size": 64,
+        "dataset_cache_dir": str(workdir / "built_datasets"),
         **overrides,
     }  # fmt: skip
     path = workdir / f"config_{len(list(workdir.glob('config_*.yaml')))}.yaml"
@@ -459,7 +460,7 @@ def test_lora_adapts_pretrained_attention_and_trains_new_modules_at_their_own_ra
                                                       "--output_dir", str(tmp_path)])  # fmt: skip
     built = build_model(model_args, "vqa", {0: "yes", 1: "no"})
     assert built.pretrained_backbones == ("text_model",)
-    names = built.model.modules_to_save(built.pretrained_backbones)
+    names = built.model.modules_to_save()
     assert "vkood.ood" in names and "vkood.fusion_layers.0" in names and "classifier" in names
     assert "vkood.vision_model" in names and "vkood.text_model" not in names and "vkood" not in names
     model = apply_finetuning(built, model_args)
@@ -506,11 +507,11 @@ def test_chunked_padded_gallery_features_rank_like_one_chunk(workdir, tiny_text_
         torch.testing.assert_close(one, other, rtol=1e-4, atol=1e-4)
 
 
-def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root):
+def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root, tmp_path):
     from modeling_vkood.training.arguments import DataArguments
 
     data = load_splits(DataArguments(dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test",
-                                     max_train_samples=5), ["train", "test"])  # fmt: skip
+                                     max_train_samples=5, dataset_cache_dir=str(tmp_path)), ["train", "test"])  # fmt: skip
     assert len(data["train"]) == 5 and len(data["test"]) == 18
     assert data["train"].features["image"] == datasets.Image(decode=False)
     assert Path(data["train"][0]["image"]["path"]).is_file()

@@ -6,7 +6,7 @@ from .collators import NLVR2Collator, PixelCache, RetrievalCollator, VQACollator
 from .data import load_splits
 from .metrics import NLVR2Metrics, VQAMetrics, predicted_class
 from .model_factory import BuiltModel, apply_finetuning, build_model, merged_model, new_parameter_names
-from .outputs import save_output_folder
+from .outputs import push_output_folder, save_output_folder
 from .retrieval_eval import evaluate_retrieval
 from .trainer import VKOODTrainer, collect_ood_scores
 
@@ -32,6 +32,7 @@ __all__ = [
     "new_parameter_names",
     "parse_arguments",
     "predicted_class",
+    "push_output_folder",
     "resolve_model_path",
     "save_output_folder",
     "soft_score_labels",

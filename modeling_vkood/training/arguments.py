@@ -20,6 +20,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from data_scripts.image_check import IMAGE_CHECKS
+
 TASKS = ("vqa", "nlvr2", "retrieval")
 FINETUNING = ("lora", "full")
 PACKAGE_SCHEME = "package://"
@@ -91,9 +93,10 @@ class ModelArguments:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj"],
-        metadata={"help": "attention projection names adapted with LoRA inside the pretrained backbones"},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "attention projection names adapted with LoRA inside the pretrained backbones (default: "
+                  "the model's `lora_projections`: query, key, value, q_proj, k_proj, v_proj)"},  # fmt: skip
     )
     lora_layers: list[int] | None = field(
         default=None,
@@ -160,6 +163,16 @@ class DataArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     preprocessing_num_workers: int = 1
+    check_images: str = field(
+        default="decode",
+        metadata={"help": 'how builders check each image file: "decode" (fully, as the collator will), "header" '
+                  '(open only: fast, misses truncated files) or "none" (existence only)'},  # fmt: skip
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "where built datasets are kept, keyed by their inputs, for later runs and the other "
+                  "processes (default: HF_DATASETS_CACHE/vkood)"},  # fmt: skip
+    )
     pixel_cache_size: int = field(
         default=0,
         metadata={"help": "images whose pixel values the collator keeps in memory (0: none); set it to the number "
@@ -177,6 +190,8 @@ class DataArguments:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
         if self.predict_split is not None and self.task == "retrieval":
             raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
+        if self.check_images not in IMAGE_CHECKS:
+            raise ValueError(f"--check_images must be one of {IMAGE_CHECKS}, got {self.check_images!r}")
 
 
 @dataclass

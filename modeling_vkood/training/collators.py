@@ -103,7 +103,8 @@ class NLVR2Collator:
 
 
 class RetrievalCollator:
-    """Retrieval rows (one image, several captions) -> one random caption per image for ITC/ITM training.
+    """Retrieval rows (one image, its captions) -> one caption per image for ITC/ITM training: the row's caption
+    when it has one (`data.one_row_per_caption` gives a training split one row per pair), else one drawn at random.
 
     Knowledge is retrieved for the chosen caption itself: the dataset's `knowledge` column is per image, merged over
     all its captions, so using it for one caption would leak the other captions of the same image into the text.

@@ -1,36 +1,160 @@
-"""The run's dataset: built from official files by a `data_scripts` builder, or loaded ready-built (folder/Hub)."""
+"""The run's dataset: built from official files by a `data_scripts` builder, or loaded ready-built (folder/Hub).
 
+A build reads the raw annotation files, checks every image and retrieves knowledge for every text: minutes at
+VQAv2 scale. So a built dataset is saved under `dataset_cache_dir`, keyed by everything the build reads (the
+sizes and modification times of the files under the dataset and image roots and of the knowledge index, the
+builder options, the source of the builders and of the knowledge code), and later runs and the other processes of
+a distributed run load it from there. train.py calls `load_splits` inside `main_process_first`: the main process
+builds, the others then find the cache.
+"""
+
+import hashlib
 import importlib
+import json
+import os
+import shutil
+from pathlib import Path
 
 import datasets
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict, Features, Value, load_dataset, load_from_disk
+
+import data_scripts
+import modeling_vkood
 
 BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k")
+STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "starter.csv"
+# The code whose behaviour a built dataset depends on: the builders and the knowledge extraction.
+BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
+
+
+IMAGE_STORAGE = {"bytes": Value("binary"), "path": Value("string")}  # how an Image column is stored in Arrow
+IMAGE_COLUMNS_FILE = "vkood_image_columns.json"
+
+
+def default_cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE) / "vkood"
+
+
+def _files_state(folder: Path) -> list:
+    """(relative path, size, mtime in ns) of every file under `folder`, sorted; [] for a missing folder."""
+    state = []
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            stat = os.stat(os.path.join(directory, name))
+            state.append((os.path.relpath(os.path.join(directory, name), folder), stat.st_size, stat.st_mtime_ns))
+    return sorted(state)
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for folder in BUILD_CODE:
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def build_key(data_args, splits: list[str]) -> str:
+    """Hex digest of everything a build of `splits` reads; any change to an input or option gives a new key."""
+    roots = {data_args.dataset_root, data_args.image_root} - {None}
+    knowledge = STARTER_GRAPH if data_args.knowledge == "starter" else Path(data_args.knowledge)
+    inputs = {
+        "builder": data_args.dataset,
+        "splits": sorted(splits),
+        "max_knowledge_items": data_args.max_knowledge_items,
+        "check_images": data_args.check_images,
+        "roots": {str(Path(root).resolve()): _files_state(Path(root)) for root in sorted(roots)},
+        "image_root": data_args.image_root,
+        "knowledge": [str(knowledge.resolve()), knowledge.stat().st_size, knowledge.stat().st_mtime_ns],
+        "code": _source_digest(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_dataset(data_args, splits: list[str]) -> DatasetDict:
+    """The splits built by the `data_args.dataset` builder, from the cache when the same build was saved before."""
+    cache = Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits)}"
+    if cache.is_dir():
+        return _load_cached(cache)
+    builder = importlib.import_module(f"data_scripts.{data_args.dataset}")
+    dataset = builder.build(
+        root=data_args.dataset_root,
+        image_root=data_args.image_root or data_args.dataset_root,
+        knowledge=data_args.knowledge,
+        splits=splits,
+        max_knowledge_items=data_args.max_knowledge_items,
+        num_proc=data_args.preprocessing_num_workers,
+        check_images=data_args.check_images,
+    ).dataset
+    partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
+    _save_cached(dataset, partial)
+    try:
+        partial.rename(cache)  # atomic: a reader sees a complete dataset or none
+    except OSError:  # another process saved the same build first
+        shutil.rmtree(partial, ignore_errors=True)
+    return _load_cached(cache)
+
+
+def _save_cached(dataset: DatasetDict, path: Path) -> None:
+    """`save_to_disk`, keeping image paths as paths: it would copy every image file into the cache, so the image
+    columns are stored as their plain {bytes, path} struct and named in IMAGE_COLUMNS_FILE."""
+    image_columns = {
+        split: [name for name, feature in part.features.items() if isinstance(feature, datasets.Image)]
+        for split, part in dataset.items()
+    }
+    plain = DatasetDict(
+        {
+            split: part.cast(Features({name: IMAGE_STORAGE if name in image_columns[split] else feature
+                                       for name, feature in part.features.items()}))  # fmt: skip
+            for split, part in dataset.items()
+        }
+    )
+    plain.save_to_disk(str(path))
+    (path / IMAGE_COLUMNS_FILE).write_text(json.dumps(image_columns))
+
+
+def _load_cached(path: Path) -> DatasetDict:
+    image_columns = json.loads((path / IMAGE_COLUMNS_FILE).read_text())
+    dataset = load_from_disk(str(path))
+    for split, names in image_columns.items():
+        for name in names:
+            dataset[split] = dataset[split].cast_column(name, datasets.Image())
+    return dataset
 
 
 def load_splits(data_args, splits: list[str]) -> DatasetDict:
     """The requested splits, capped by max_*_samples, with image columns left undecoded for the PixelCache."""
     if data_args.dataset in BUILDERS:
-        builder = importlib.import_module(f"data_scripts.{data_args.dataset}")
-        options = {"root": data_args.dataset_root, "image_root": data_args.image_root or data_args.dataset_root}
-        dataset = builder.build(
-            **options,
-            knowledge=data_args.knowledge,
-            splits=splits,
-            max_knowledge_items=data_args.max_knowledge_items,
-            num_proc=data_args.preprocessing_num_workers,
-        ).dataset
+        dataset = build_dataset(data_args, splits)
     else:
         loaded = load_dataset(data_args.dataset)
         missing = sorted(set(splits) - set(loaded))
         if missing:
             raise ValueError(f"{data_args.dataset}: no split(s) {missing}; it has {sorted(loaded)}")
         dataset = DatasetDict({split: loaded[split] for split in splits})
+    for name, feature in dataset[splits[0]].features.items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    if data_args.task == "retrieval" and data_args.train_split in dataset:
+        dataset[data_args.train_split] = one_row_per_caption(dataset[data_args.train_split])
     caps = {data_args.train_split: data_args.max_train_samples, data_args.eval_split: data_args.max_eval_samples}
     for split, cap in caps.items():
         if split in dataset and cap is not None:
             dataset[split] = dataset[split].select(range(min(cap, len(dataset[split]))))
-    for name, feature in dataset[splits[0]].features.items():
-        if isinstance(feature, datasets.Image):
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
     return dataset
+
+
+def one_row_per_caption(split: datasets.Dataset) -> datasets.Dataset:
+    """A retrieval training split with one row per (image, caption) pair, `captions` holding that one caption.
+
+    So that an epoch trains on every caption (as ALBEF/BLIP do: COCO has 5 per image) instead of one drawn per
+    image. The rows of an image keep its `image_id`, which makes them positives of each other in ITC.
+    """
+
+    def explode(rows):
+        counts = [len(captions) for captions in rows["captions"]]
+        pairs = {name: [value for value, count in zip(values, counts) for _ in range(count)]
+                 for name, values in rows.items() if name != "captions"}  # fmt: skip
+        pairs["captions"] = [[caption] for captions in rows["captions"] for caption in captions]
+        return pairs
+
+    return split.map(explode, batched=True, features=split.features, desc="one row per caption")

@@ -25,16 +25,19 @@ TASK_MODELS = {
     "nlvr2": VKOODForImagesAndTextClassification,
     "retrieval": VKOODForImageTextRetrieval,
 }
-BACKBONES = ("vision_model", "text_model")
 
 
 @dataclass
 class BuiltModel:
-    """The model to train, its processor, and the backbones that hold pretrained weights (LoRA targets)."""
+    """The model to train and its processor."""
 
     model: nn.Module
     processor: VKOODProcessor
-    pretrained_backbones: tuple[str, ...]
+
+    @property
+    def pretrained_backbones(self) -> tuple[str, ...]:
+        """The backbones that hold pretrained weights (LoRA targets), as the model's config records them."""
+        return tuple(self.model.config.pretrained_backbones)
 
 
 def _override_dropout(config, probability: float):
@@ -74,27 +77,29 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
     if model_args.model_name_or_path is not None:
         model = model_class.from_pretrained(model_args.model_name_or_path, **labels, **model_args.vkood_config)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
-        return BuiltModel(model, processor, BACKBONES)
+        return BuiltModel(model, processor)  # the checkpoint's config says which backbones were pretrained
 
     dropout = model_args.backbone_dropout
     vision_config, vision = _backbone(model_args.vision_model, model_args.vision_config, "vision", dropout)
     text_config, text = _backbone(model_args.text_model, model_args.text_config, "text", dropout)
+    loaded = {"vision_model": vision, "text_model": text}
     config = VKOODConfig(
-        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **labels, **model_args.vkood_config
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        pretrained_backbones=[name for name, module in loaded.items() if module is not None],
+        **labels,
+        **model_args.vkood_config,
     )
     model = model_class(config)
-    pretrained = []
-    for name, module, sub_config in (("vision_model", vision, "vision_config"), ("text_model", text, "text_config")):
-        if module is not None:
-            setattr(model.vkood, name, module)
-            module.config = getattr(model.config, sub_config)
-            pretrained.append(name)
+    for name in config.pretrained_backbones:
+        setattr(model.vkood, name, loaded[name])
+        loaded[name].config = getattr(model.config, name.replace("_model", "_config"))
     tokenizer_name = model_args.tokenizer_name or model_args.text_model
     if tokenizer_name is None:
         raise ValueError("a text backbone built from a config needs --tokenizer_name")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     processor = VKOODProcessor.from_model_config(_image_processor(model_args, vision_config), tokenizer, config)
-    return BuiltModel(model, processor, tuple(pretrained))
+    return BuiltModel(model, processor)
 
 
 def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
@@ -103,20 +108,12 @@ def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
     if model_args.finetuning == "full":
         model.requires_grad_(True)
         return model
-    if not built.pretrained_backbones:
-        raise ValueError("LoRA needs at least one pretrained backbone; use --finetuning full for a model from configs")
-    backbones = "|".join(built.pretrained_backbones)
-    projections = "|".join(model_args.lora_target_modules)
-    # Transformer blocks are numbered `layer.N` (BERT, RoBERTa) or `layers.N` (CLIP, ViT variants).
-    layers = ""
-    if model_args.lora_layers is not None:
-        layers = r"layers?\.(" + "|".join(map(str, model_args.lora_layers)) + r")\..*"
     lora = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
-        target_modules=rf".*\.({backbones})\..*{layers}\.({projections})",
-        modules_to_save=model.modules_to_save(built.pretrained_backbones),
+        target_modules=model.lora_target_modules(model_args.lora_target_modules, model_args.lora_layers),
+        modules_to_save=model.modules_to_save(),
     )
     return get_peft_model(model, lora)
 

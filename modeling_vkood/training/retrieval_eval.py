@@ -1,8 +1,9 @@
 """Two-stage retrieval evaluation over a whole gallery (ALBEF/BLIP protocol) with recall@1/5/10 both ways.
 
 Stage 1 scores every image-text pair by ITC similarity; stage 2 re-scores each query's top `k_test` candidates with
-the fused ITM head (`VKOODForImageTextRetrieval.rank_gallery`). Encoding is sharded over the processes of a
-distributed run and gathered; ranking then runs on every process on the full gallery.
+the fused ITM head (`VKOODForImageTextRetrieval.rank_gallery`). In a distributed run both stages are sharded:
+each process encodes a share of the gallery (gathered, so every process holds all features), then re-ranks a share
+of the queries (gathered again). Everything runs under the accelerator's autocast, in the precision of the run.
 """
 
 import torch
@@ -50,6 +51,19 @@ def _encode(accelerator, items: list, encode_chunk, batch_size: int, description
     return _concat_padded(chunks)
 
 
+def _share(count: int, accelerator) -> torch.Tensor:
+    """This process's contiguous share of `count` queries (ceil(count / processes) each; the last may hold fewer)."""
+    per_process = -(-count // accelerator.num_processes)
+    start = min(accelerator.process_index * per_process, count)
+    return torch.arange(start, min(start + per_process, count), device=accelerator.device)
+
+
+def _gather_rows(accelerator, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """The (count, n) score matrix from each process's share of rows (see `_share`), in query order."""
+    rows = accelerator.pad_across_processes(rows, dim=0, pad_index=-100.0)  # the last shares may be shorter
+    return accelerator.gather(rows)[:count]
+
+
 @torch.no_grad()
 def evaluate_retrieval(model, dataset, pixels, processor, knowledge_base, max_knowledge_items: int, accelerator,
                        batch_size: int = 64, k_test: int | None = None) -> dict[str, float]:  # fmt: skip
@@ -67,12 +81,18 @@ def evaluate_retrieval(model, dataset, pixels, processor, knowledge_base, max_kn
         inputs = processor(text=chunk, knowledge=knowledge).to(device)
         return model.encode_gallery_texts(**inputs)
 
-    image_features = _encode(accelerator, images, encode_images, batch_size, "gallery images")
-    text_features = _encode(accelerator, texts, encode_texts, batch_size, "gallery texts")
-    i2t, t2i = model.rank_gallery(image_features, text_features, k_test=k_test)
+    with accelerator.autocast():
+        image_features = _encode(accelerator, images, encode_images, batch_size, "gallery images")
+        text_features = _encode(accelerator, texts, encode_texts, batch_size, "gallery texts")
+        image_queries = _share(len(images), accelerator)
+        text_queries = _share(len(texts), accelerator)
+        i2t, t2i = model.rank_gallery(image_features, text_features, k_test=k_test, image_queries=image_queries,
+                                      text_queries=text_queries)  # fmt: skip
+    i2t = _gather_rows(accelerator, i2t, len(images))
+    t2i = _gather_rows(accelerator, t2i, len(texts))
     model.train(was_training)
-    image_queries = retrieval_recall(i2t.cpu().numpy(), text_to_image)
-    text_queries = retrieval_recall(t2i.t().cpu().numpy(), text_to_image)
+    image_queries = retrieval_recall(i2t.float().cpu().numpy(), text_to_image)
+    text_queries = retrieval_recall(t2i.t().float().cpu().numpy(), text_to_image)
     metrics = {key: value for key, value in image_queries.items() if key.startswith("i2t_")}
     metrics.update({key: value for key, value in text_queries.items() if key.startswith("t2i_")})
     metrics["r_mean"] = sum(metrics.values()) / len(metrics)

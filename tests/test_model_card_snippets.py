@@ -1,0 +1,71 @@
+"""The model card's usage snippets run as written, for every task, against a saved checkpoint, in a Python process
+that does not have the vkood package (the Hub user's situation)."""
+
+import re
+import shutil
+import textwrap
+
+import PIL.Image
+import pytest
+from conftest import run_without_package, tiny_vkood_config
+from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+from hub_cards.model_card import TASKS, ModelDescription, model_card
+from modeling_vkood import (
+    VKOODForImagesAndTextClassification,
+    VKOODForImageTextRetrieval,
+    VKOODForQuestionAnswering,
+    VKOODProcessor,
+    pipeline_vkood,
+)
+
+CHECKPOINTS = {
+    "vqa": (VKOODForQuestionAnswering, {0: "yes", 1: "no", 2: "circle"}),
+    "nlvr2": (VKOODForImagesAndTextClassification, {0: "False", 1: "True"}),
+    "retrieval": (VKOODForImageTextRetrieval, None),
+}
+# What each task's snippet must leave behind (checked after the snippets ran).
+RESULTS = {
+    "vqa": "assert answer in model.config.id2label.values(), answer",
+    "nlvr2": 'assert prediction in ("False", "True"), prediction',
+    "retrieval": "assert best_caption in captions and tuple(match_probability.shape) == (2,)",
+}
+
+
+def save_checkpoint(task, folder, minilm_path):
+    model_class, id2label = CHECKPOINTS[task]
+    labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    model = model_class(tiny_vkood_config(ood_max_iter=3, **labels))
+    if task == "vqa":  # as save_output_folder ships a VQA checkpoint: with its pipeline
+        model.config.custom_pipelines = pipeline_vkood.VQA_PIPELINE
+        shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
+    model.save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    VKOODProcessor.from_model_config(image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config).save_pretrained(folder)
+
+
+def describe(task, model_id):
+    return ModelDescription(model_name="tiny", task=task, dataset_name="tiny", eval_split="test", vision_backbone="v",
+                            text_backbone="t", knowledge_source="k", finetuning="full", weights_form="w",
+                            command="python train.py", results={"eval_score": 1.0}, repo_id=model_id)  # fmt: skip
+
+
+def test_every_task_has_a_checkpoint_here():
+    assert set(CHECKPOINTS) == set(TASKS) == set(RESULTS)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_card_usage_snippets_run_without_the_package(task, tmp_path, minilm_path):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    save_checkpoint(task, folder, minilm_path)
+    for name, colour in (("photo", "red"), ("other", "blue"), ("left", "green"), ("right", "white")):
+        PIL.Image.new("RGB", (40, 36), colour).save(tmp_path / f"{name}.jpg")
+
+    card = model_card(describe(task, str(folder))).text
+    snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert snippets and all(str(folder) in snippet for snippet in snippets)
+    assert len(snippets) == (2 if task == "vqa" else 1)  # the VQA card also shows the pipeline
+    code = "\n".join(snippets) + "\n" + RESULTS[task] + "\nprint('snippets ran')\n"
+    result = run_without_package(textwrap.dedent(code), tmp_path)
+    assert "snippets ran" in result.stdout
