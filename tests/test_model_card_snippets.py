@@ -11,6 +11,7 @@ from conftest import run_without_package, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from hub_cards.model_card import TASKS, ModelDescription, model_card
+from modeling_vkood.knowledge import KnowledgeBase
 from modeling_vkood import (
     VKOODForImagesAndTextClassification,
     VKOODForImageTextRetrieval,
@@ -26,7 +27,9 @@ CHECKPOINTS = {
 }
 # What each task's snippet must leave behind (checked after the snippets ran).
 RESULTS = {
-    "vqa": "assert answer in model.config.id2label.values(), answer",
+    "vqa": "assert answer in model.config.id2label.values(), answer\n"
+    "assert found['answers'] and found['knowledge'], found\n"
+    "assert all(set(item) == {'text', 'score', 'gate', 'kept'} for item in found['knowledge'])",
     "nlvr2": 'assert prediction in ("False", "True"), prediction',
     "retrieval": "assert best_caption in captions and tuple(match_probability.shape) == (2,)",
 }
@@ -41,7 +44,9 @@ def save_checkpoint(task, folder, minilm_path):
         shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
     model.save_pretrained(folder)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    VKOODProcessor.from_model_config(image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config).save_pretrained(folder)
+    processor = VKOODProcessor.from_model_config(image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config)
+    processor.set_knowledge_source("starter", KnowledgeBase.starter().path, 4)  # as train.py does: the card retrieves
+    processor.save_pretrained(folder)
 
 
 def describe(task, model_id):
