@@ -231,7 +231,7 @@ class VKOODLogitScale(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # (1,): DeepSpeed ZeRO cannot broadcast 0-dim
 
     def forward(self):
         return self.log_scale.exp().clamp(max=self.max_scale)

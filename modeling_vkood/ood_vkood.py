@@ -161,7 +161,8 @@ class ImplicitOODLayer(nn.Module):
         self.hard_gate = config.ood_hard_gate
         self.use_gate = config.use_ood_gate
         self.projection = nn.Linear(config.hidden_size, config.ood_projection_dim)
-        self.threshold = nn.Parameter(torch.tensor(float(config.ood_threshold)))
+        # Shape (1,), not 0-dim: DeepSpeed ZeRO broadcasts parameters through `view(torch.uint8)`, which 0-dim tensors refuse.
+        self.threshold = nn.Parameter(torch.full((1,), float(config.ood_threshold)))
         self.calibration_quantile = config.ood_calibration_quantile
         # Saved with the weights, so a trained or reloaded model is never re-calibrated.
         self.register_buffer("threshold_calibrated", torch.tensor(config.ood_calibration_quantile is None))

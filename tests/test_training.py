@@ -362,6 +362,40 @@ def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_th
     assert (ddp / "model.safetensors").is_file()
 
 
+def test_two_process_deepspeed_zero2_run_gives_the_loss_of_one_process_on_the_same_global_batch(
+    workdir, tiny_text_model, easy_vqa_root
+):
+    """configuration/accelerate/deepspeed_zero2.yaml as shipped, on 2 CPU processes in fp32: ZeRO-2 shards the
+    optimizer state and gradients, the first step's loss and the evaluation are those of one process on 8 examples,
+    and tau is calibrated before DeepSpeed wraps the model (its master copy starts from the calibrated value)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the [test] extra; this machine lacks it")
+    deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
+                     "ood_tol": 1e-30}  # fmt: skip
+    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
+                         eval_split="test", max_steps=1, backbone_dropout=0.0)  # fmt: skip
+    vkood_config = yaml.safe_load(config.read_text())["vkood_config"]
+    arguments = [str(config), "--vkood_config", json.dumps({**vkood_config, **deterministic}),
+                 "--per_device_eval_batch_size", "3", "--max_grad_norm", "1.0"]  # fmt: skip
+    single, zero2 = workdir / "single_out", workdir / "zero2_out"
+    train.main([*arguments, "--per_device_train_batch_size", "8", "--output_dir", str(single)])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO_ROOT / "configuration" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", str(REPO_ROOT / "train.py"), *arguments,
+               "--per_device_train_batch_size", "4", "--output_dir", str(zero2)]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    (single_step, single_results), (zero2_step, zero2_results) = first_step_and_results(single), first_step_and_results(zero2)
+    assert (single_results["world_size"], zero2_results["world_size"]) == (1, 2)
+    assert zero2_step["loss"] == pytest.approx(single_step["loss"], rel=1e-4)
+    assert zero2_results["eval_loss"] == pytest.approx(single_results["eval_loss"], rel=1e-3)
+    tau = {name: load_file(output / "model.safetensors")["vkood.ood.threshold"] for name, output in
+           (("single", single), ("zero2", zero2))}  # fmt: skip
+    torch.testing.assert_close(tau["zero2"], tau["single"], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- building blocks
 
 
