@@ -5,7 +5,7 @@ import importlib
 import datasets
 from datasets import DatasetDict, load_dataset
 
-BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k")
+BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k", "knowledge_vqa")
 
 
 def load_splits(data_args, splits: list[str]) -> DatasetDict:
