@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path, data_args.max_knowledge_items)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
     if task == "vqa":
-        collator = VQACollator(built.processor, len(id2label), pixels)
+        relevance = built.model.config.ood_alignment == "contrastive" and built.model.config.ood_alignment_weight > 0
+        collator = VQACollator(built.processor, len(id2label), pixels, answer_relevance=relevance)
         compute_metrics = VQAMetrics(eval_dataset, id2label) if eval_dataset is not None else None
     elif task == "nlvr2":
         collator = NLVR2Collator(built.processor, pixels)

@@ -314,8 +314,8 @@ def vqa_targets(answers: Sequence[str], vocabulary_index: dict[str, int]) -> tup
 def finish_split(
     columns: dict[str, list],
     features: Features,
-    knowledge_base: KnowledgeBase,
-    text_column: str,
+    knowledge_base: KnowledgeBase | None,
+    text_column: str | None,
     *,
     split: str,
     max_knowledge_items: int,
@@ -326,12 +326,17 @@ def finish_split(
 ) -> Dataset:
     """Arrow dataset of one split: the read columns, the `knowledge` column, images embedded in "bytes" mode.
 
+    `knowledge_base` None: `columns` already hold the `knowledge` column (a builder that writes its own items).
+
     `work_dir` receives the intermediate Arrow files (needed for full-size builds, above all in "bytes" mode);
     without it everything stays in memory.
     """
     if image_mode not in IMAGE_MODES:
         raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
     base = Features({name: feature for name, feature in features.items() if name != "knowledge"})
+    if knowledge_base is None:  # the builder wrote the knowledge column itself
+        return _embed_images(Dataset.from_dict(columns, features=features, split=datasets.Split(split)), split,
+                             num_proc, image_mode, work_dir)  # fmt: skip
     dataset = Dataset.from_dict(columns, features=base, split=datasets.Split(split))
     dataset = dataset.map(
         KnowledgeAnnotator(knowledge_base, text_column, max_knowledge_items, several_texts),
@@ -342,6 +347,11 @@ def finish_split(
         new_fingerprint=f"vkood-knowledge-{split}",
         **_map_storage(work_dir, f"{split}-knowledge"),
     )
+    return _embed_images(dataset, split, num_proc, image_mode, work_dir)
+
+
+def _embed_images(dataset: Dataset, split: str, num_proc: int, image_mode: str, work_dir: Path | None) -> Dataset:
+    """In "bytes" mode, the image files' bytes go into the table; "path" mode leaves the paths."""
     if image_mode == "bytes":
         dataset = dataset.with_format("arrow").map(
             embed_table_storage,

@@ -9,6 +9,8 @@ from transformers.configuration_utils import SubConfigSpec
 OOD_GRADIENT_MODES = ("last_iterate", "implicit", "unrolled")
 CLASSIFIER_HEADS = ("mlp", "gated_product")
 BACKBONES = ("vision_model", "text_model")
+OOD_SCORES = ("gem", "log_likelihood")
+OOD_ALIGNMENTS = ("mean_direction", "contrastive")
 
 # One checkpoint serves every Auto class: the Hub copies these files and `from_pretrained(..., trust_remote_code=True)`
 # resolves the class named here. NLVR2 and retrieval have no dedicated transformers Auto class, so they use the
@@ -53,8 +55,16 @@ class VKOODConfig(PreTrainedConfig):
             it. Done once: the flag is saved with the weights. None keeps `ood_threshold`.
         ood_hard_gate: at inference, gate in {0, 1} (score > tau) instead of the soft sigmoid.
         use_ood_gate: False keeps every knowledge item with gate 1 (the "OOD layer off" ablation).
-        ood_alignment_weight: weight of the optional cross-modal alignment loss (VQA and NLVR2 heads): pulls the
-            projected knowledge items towards the image's mean direction on the hypersphere; 0 disables it.
+        ood_score: how an item is scored under the image's mixture: "gem" (the paper: the weight-free GEM energy of
+            Morteza & Li, standardised) or "log_likelihood" (the mixture density with weights and log-determinants,
+            relative to the mean log-likelihood of the image's own tokens, on the same scale).
+        ood_alignment_weight: weight of the optional cross-modal alignment loss (VQA and NLVR2 heads); 0 disables it.
+        ood_alignment: which alignment loss: "mean_direction" pulls every projected knowledge item towards the
+            image's mean direction on the hypersphere (whether it fits the image or not); "contrastive" is a
+            symmetric InfoNCE on the OOD scores themselves: each image's mixture must score its matching text (the
+            items that state the training answer, `knowledge_relevance`) above the other images' matching texts
+            (VQA head; needs `knowledge_relevance` in the batch, e.g. `VQACollator(answer_relevance=True)`).
+        ood_alignment_temperature: divides the scores in the contrastive alignment's logits.
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
         classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (METER,
@@ -101,7 +111,10 @@ class VKOODConfig(PreTrainedConfig):
     ood_calibration_quantile: float | None = 0.1
     ood_hard_gate: bool = False
     use_ood_gate: bool = True
+    ood_score: str = "gem"
     ood_alignment_weight: float = 0.0
+    ood_alignment: str = "mean_direction"
+    ood_alignment_temperature: float = 1.0
     projection_dim: int = 256
     k_test: int = 128
     pretrained_backbones: list[str] = field(default_factory=list)
@@ -131,7 +144,7 @@ class VKOODConfig(PreTrainedConfig):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"VKOODConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("ood_tol", "ood_variance_floor", "ood_temperature"):
+        for name in ("ood_tol", "ood_variance_floor", "ood_temperature", "ood_alignment_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"VKOODConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
@@ -141,6 +154,10 @@ class VKOODConfig(PreTrainedConfig):
             )
         if self.ood_gradient not in OOD_GRADIENT_MODES:
             raise ValueError(f"VKOODConfig.ood_gradient must be one of {OOD_GRADIENT_MODES}, got {self.ood_gradient!r}")
+        if self.ood_score not in OOD_SCORES:
+            raise ValueError(f"VKOODConfig.ood_score must be one of {OOD_SCORES}, got {self.ood_score!r}")
+        if self.ood_alignment not in OOD_ALIGNMENTS:
+            raise ValueError(f"VKOODConfig.ood_alignment must be one of {OOD_ALIGNMENTS}, got {self.ood_alignment!r}")
         if self.classifier_head not in CLASSIFIER_HEADS:
             raise ValueError(f"VKOODConfig.classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}")
         if self.ood_calibration_quantile is not None and not 0.0 <= self.ood_calibration_quantile <= 1.0:

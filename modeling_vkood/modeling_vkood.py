@@ -450,8 +450,11 @@ class VKOODModel(VKOODPreTrainedModel):
                 pooled = pooled.index_put((valid.nonzero().squeeze(-1),), item_vectors[inverse].to(dtype))
         return self.knowledge_projection(pooled.view(batch, items, width))
 
-    def fuse(self, image_tokens, text_tokens, text_mask, knowledge_tokens=None, knowledge_mask=None):
-        """OOD-gate the knowledge against the image, then run the co-attention layers over both streams."""
+    def fuse(self, image_tokens, text_tokens, text_mask, knowledge_tokens=None, knowledge_mask=None, knowledge_relevance=None):
+        """OOD-gate the knowledge against the image, then run the co-attention layers over both streams.
+
+        `knowledge_relevance` (B, M), optional, training only: the items that state the answer, for the contrastive
+        alignment loss (`config.ood_alignment`)."""
         batch = image_tokens.shape[0]
         if text_tokens.shape[0] != batch or (knowledge_tokens is not None and knowledge_tokens.shape[0] != batch):
             raise ValueError(
@@ -463,7 +466,7 @@ class VKOODModel(VKOODPreTrainedModel):
             knowledge_mask = torch.zeros(batch, 0, dtype=torch.long, device=image_tokens.device)
         if knowledge_mask is None:
             knowledge_mask = torch.ones(knowledge_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
-        ood = self.ood(image_tokens, knowledge_tokens, items_mask=knowledge_mask)
+        ood = self.ood(image_tokens, knowledge_tokens, items_mask=knowledge_mask, items_relevance=knowledge_relevance)
         dtype = text_tokens.dtype
         knowledge_tokens = knowledge_tokens * ood.gate.to(dtype).unsqueeze(-1)
         types = self.token_type_embeddings.weight
@@ -496,6 +499,7 @@ class VKOODModel(VKOODPreTrainedModel):
         knowledge_input_ids=None,
         knowledge_attention_mask=None,
         knowledge_mask=None,
+        knowledge_relevance=None,
     ):
         if pixel_values is None or input_ids is None:
             raise ValueError("VK-OOD needs both `pixel_values` and `input_ids`")
@@ -512,6 +516,7 @@ class VKOODModel(VKOODPreTrainedModel):
             attention_mask,
             knowledge,
             knowledge_mask,
+            knowledge_relevance,
         )
 
 
@@ -578,9 +583,13 @@ class VKOODForQuestionAnswering(VKOODPreTrainedModel):
         knowledge_attention_mask=None,
         knowledge_mask=None,
         labels=None,
+        knowledge_relevance=None,
     ):
+        """`knowledge_relevance` (B, M), optional: 1 for the items that state the answer (training batches of the
+        contrastive OOD alignment, `config.ood_alignment="contrastive"`); ignored otherwise."""
         outputs = self.vkood(
-            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask,
+            knowledge_relevance,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None

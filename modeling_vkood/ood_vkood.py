@@ -136,6 +136,25 @@ def gem_score(points, mixture):
     return (energy + 0.5 * dim) / math.sqrt(0.5 * dim)
 
 
+def log_likelihood(points, mixture):
+    """log sum_k w_k N(x | mu_k, diag var_k) of each point under its example's mixture, (B, M): the density itself,
+    with the weights and the log-determinants that GEM leaves out (scikit-learn's `GaussianMixture.score_samples`)."""
+    log_prob = component_log_prob(_features(points), mixture.weights, mixture.means, mixture.variances)
+    return torch.logsumexp(log_prob, dim=-1)
+
+
+def log_likelihood_score(points, mixture, context_points, context_mask):
+    """Mixture log-likelihood of each item relative to the example's own image tokens, (B, M).
+
+    (log p(x) - mean log p(image token)) / sqrt(d'/2): 0 for an item as likely as the image's tokens, and on the
+    scale of the standardised GEM (the log-density of an inlier varies by about sqrt(d'/2)), so the same threshold
+    and temperature apply.
+    """
+    dim = points.shape[-1]
+    reference = mixture_log_likelihood(context_points, context_mask, mixture.weights, mixture.means, mixture.variances)
+    return (log_likelihood(points, mixture) - reference.unsqueeze(-1)) / math.sqrt(0.5 * dim)
+
+
 def _relative_change(new, old):
     return (new - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1).clamp_min(1e-12)
 
@@ -160,6 +179,9 @@ class ImplicitOODLayer(nn.Module):
         self.temperature = config.ood_temperature
         self.hard_gate = config.ood_hard_gate
         self.use_gate = config.use_ood_gate
+        self.score_kind = config.ood_score
+        self.alignment_kind = config.ood_alignment
+        self.alignment_temperature = config.ood_alignment_temperature
         self.projection = nn.Linear(config.hidden_size, config.ood_projection_dim)
         # Shape (1,), not 0-dim: DeepSpeed ZeRO broadcasts parameters through `view(torch.uint8)`, which 0-dim tensors refuse.
         self.threshold = nn.Parameter(torch.full((1,), float(config.ood_threshold)))
@@ -239,8 +261,17 @@ class ImplicitOODLayer(nn.Module):
         projected = F.linear(hidden, self.projection.weight.to(dtype), self.projection.bias.to(dtype))
         return F.layer_norm(projected, projected.shape[-1:])
 
-    def forward(self, context, items, context_mask=None, items_mask=None):
-        """context (B, N, H) image tokens; items (B, M, H) knowledge vectors; masks 1/True for real entries."""
+    def score(self, item_points, mixture, context_points, context_mask):
+        """Per-item OOD score under the example's mixture (`config.ood_score`): "gem" (paper) or "log_likelihood"."""
+        if self.score_kind == "log_likelihood":
+            return log_likelihood_score(item_points, mixture, context_points, context_mask)
+        return gem_score(item_points, mixture)
+
+    def forward(self, context, items, context_mask=None, items_mask=None, items_relevance=None):
+        """context (B, N, H) image tokens; items (B, M, H) knowledge vectors; masks 1/True for real entries.
+
+        `items_relevance` (B, M), training only: 1 for the items that state the example's answer (the contrastive
+        alignment's positives; see `contrastive_alignment_loss`)."""
         dtype = torch.float64 if context.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=context.device.type, enabled=False):
             context_points = self.project(context.to(dtype))
@@ -249,9 +280,9 @@ class ImplicitOODLayer(nn.Module):
                 context_mask = torch.ones(context.shape[:2], device=context.device)
             if items_mask is None:
                 items_mask = torch.ones(items.shape[:2], device=items.device)
-            items_mask = items_mask.to(dtype)
-            mixture = self.fit_mixture(context_points, context_mask.to(dtype))
-            scores = gem_score(item_points, mixture) * items_mask
+            items_mask, context_mask = items_mask.to(dtype), context_mask.to(dtype)
+            mixture = self.fit_mixture(context_points, context_mask)
+            scores = self.score(item_points, mixture, context_points, context_mask) * items_mask
             if not self.use_gate:
                 log_gate = torch.zeros_like(scores)
             elif self.hard_gate and not self.training:
@@ -261,7 +292,10 @@ class ImplicitOODLayer(nn.Module):
                 log_gate = F.logsigmoid((scores - self.threshold.to(dtype)) / self.temperature)
             log_gate = log_gate.masked_fill(items_mask == 0, float("-inf"))
             gate = log_gate.exp()
-            alignment_loss = self.alignment_loss(context_points, context_mask.to(dtype), item_points, items_mask)
+            if self.alignment_kind == "contrastive":
+                alignment_loss = self.contrastive_alignment_loss(scores, items_mask, items_relevance)
+            else:
+                alignment_loss = self.alignment_loss(context_points, context_mask, item_points, items_mask)
         return ImplicitOODOutput(
             weights=mixture.weights,
             means=mixture.means,
@@ -309,6 +343,27 @@ class ImplicitOODLayer(nn.Module):
         self.threshold_calibrated.fill_(True)
         return threshold.item()
 
+    def contrastive_alignment_loss(self, scores, items_mask, items_relevance):
+        """Image-text contrastive loss on the OOD scores themselves (MMFT's alignment, with the layer's own density
+        as the similarity and the retrieved candidates as the negatives): under each image's mixture, the items that
+        state the example's answer (`items_relevance`: the pseudo-relevance of retrieval-augmented VQA, from the
+        training answers) must outscore its other candidates: -log sum_pos softmax(scores / temperature).
+
+        The scores see the image and the item, never the question; so when different questions about one image are
+        answered by different items that all fit it (its shape's fact, its colour's fact), the optimum scores every
+        fitting item alike and the others low: the loss teaches fit to the image, not the answer. Examples without
+        a positive, or without relevance, contribute nothing.
+        """
+        if items_relevance is None:
+            return scores.new_zeros(())
+        absent = torch.finfo(scores.dtype).min / 4  # large and finite: no NaN gradients from padded items
+        logits = (scores / self.alignment_temperature).masked_fill(items_mask == 0, absent)
+        positive = items_relevance.to(scores.dtype) * items_mask
+        has_positive = positive.sum(1) > 0
+        per_example = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(positive == 0, absent), 1)
+        weight = has_positive.to(scores.dtype)
+        return (per_example * weight).sum() / weight.sum().clamp_min(1.0)
+
     @staticmethod
     def alignment_loss(context_points, context_mask, item_points, items_mask):
         """Cross-modal alignment on the hypersphere: 1 - cos(item, mean image direction), averaged over real items."""
@@ -317,4 +372,4 @@ class ImplicitOODLayer(nn.Module):
         return ((1.0 - cosine) * items_mask).sum() / items_mask.sum().clamp_min(1.0)
 
 
-__all__ = ["ImplicitOODLayer", "ImplicitOODOutput", "GaussianMixtureOutput", "gem_score"]
+__all__ = ["ImplicitOODLayer", "ImplicitOODOutput", "GaussianMixtureOutput", "gem_score", "log_likelihood", "log_likelihood_score"]

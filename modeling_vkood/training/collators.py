@@ -6,6 +6,7 @@ seen many epochs, so decoding and resizing each image once saves most of the CPU
 """
 
 import hashlib
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -74,17 +75,44 @@ def soft_score_labels(label_ids: Sequence[Sequence[int]], label_scores: Sequence
     return torch.zeros(len(label_ids), num_labels).index_put_((rows, ids), scores)
 
 
-class VQACollator:
-    """VQA rows (image, question, knowledge, label_ids, label_scores) -> model inputs with dense soft-score labels."""
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"[a-z0-9]+", text.lower()))
 
-    def __init__(self, processor, num_labels: int, pixels: PixelCache):
+
+def states_answer(item_text: str, answers: Sequence[str]) -> bool:
+    """Whether a knowledge item's text contains one of the answers as whole words (pseudo-relevance)."""
+    words = _words(item_text)
+    for answer in answers:
+        target = _words(answer)
+        if target and any(words[i : i + len(target)] == target for i in range(len(words) - len(target) + 1)):
+            return True
+    return False
+
+
+class VQACollator:
+    """VQA rows (image, question, knowledge, label_ids, label_scores) -> model inputs with dense soft-score labels.
+
+    `answer_relevance`: also `knowledge_relevance` (B, M), 1 for the items whose text states one of the row's
+    answers: the pseudo-relevance labels of retrieval-augmented VQA, from the training answers only (the contrastive
+    OOD alignment's positives).
+    """
+
+    def __init__(self, processor, num_labels: int, pixels: PixelCache, answer_relevance: bool = False):
         self.processor, self.num_labels, self.pixels = processor, num_labels, pixels
+        self.answer_relevance = answer_relevance
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = dict(self.processor(text=[r["question"] for r in rows], knowledge=[r["knowledge"] for r in rows]))
         batch["pixel_values"] = self.pixels([r["image"] for r in rows])
         batch["labels"] = soft_score_labels([r["label_ids"] for r in rows], [r["label_scores"] for r in rows],
                                             self.num_labels)  # fmt: skip
+        if self.answer_relevance and "knowledge_mask" in batch:
+            relevance = torch.zeros(batch["knowledge_mask"].shape, dtype=torch.float32)
+            for row, r in enumerate(rows):
+                for position, item in enumerate(r["knowledge"][: relevance.shape[1]]):
+                    text = item["text"] if isinstance(item, Mapping) else getattr(item, "text", item)
+                    relevance[row, position] = float(states_answer(text, r["answers"]))
+            batch["knowledge_relevance"] = relevance
         return batch
 
 

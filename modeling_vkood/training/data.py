@@ -21,7 +21,7 @@ from datasets import DatasetDict, Features, Value, load_dataset, load_from_disk
 import data_scripts
 import modeling_vkood
 
-BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k")
+BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k", "knowledge_vqa")
 STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "starter.csv"
 # The code whose behaviour a built dataset depends on: the builders and the knowledge extraction.
 BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")

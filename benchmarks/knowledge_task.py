@@ -1,0 +1,301 @@
+"""Does the OOD layer keep the knowledge that fits the image and drop the rest? Measured on knowledge-VQA.
+
+knowledge-VQA (`data_scripts/knowledge_vqa.py`): every answer is stated only in one of the row's 11 candidate facts
+(the facts change from row to row), 2 of which are about what the image shows. Each model is trained by train.py
+(configuration/knowledge_vqa.yaml, a short CPU budget) on the candidates as retrieved, and measured on held-out
+test questions:
+
+- `auroc`: per question, how well the layer's scores rank its fitting items above its not-fitting ones (the mean
+  over questions of the within-question AUROC; `auroc_pooled` pools all items);
+- `accuracy` with 0/25/50/75% not-fitting items (both fitting items kept, not-fitting ones drawn to make that
+  share; at 25% the count is drawn so that the expected share is 25%) and `as_retrieved` (all 11, 82%);
+- `kept_fraction` (gate > 0.5) of fitting and of not-fitting items, on the candidates as retrieved;
+- a learning curve at 10/25/50/100% of the training questions (same step budget) with the layer and without it.
+
+Models: `ood` (recommended: contrastive alignment of the OOD scores + mixture log-likelihood), `ood_paper` (the
+paper's layer: GEM, no alignment), `gate_off` (gate fixed to 1: attention alone selects), `no_knowledge`, and
+`gold_fact` (only the answering fact, the ceiling). Means over seeds, standard errors in `*_stderr`.
+
+    python benchmarks/knowledge_task.py                      # 2 seeds in 2 parallel processes (README figures)
+    python benchmarks/knowledge_task.py --seeds 0 --max-steps 30 --test-samples 100   # quick look
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per process: on a shared CPU, threads mostly wait
+# This folder holds benchmarks/datasets.py, which would shadow the `datasets` library when run as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+CONFIG = REPO_ROOT / "configuration" / "knowledge_vqa.yaml"
+NOT_FITTING_SHARES = (0.0, 0.25, 0.5, 0.75)
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+MODELS = {
+    "ood": {"ood_score": "log_likelihood", "ood_alignment": "contrastive", "ood_alignment_weight": 1.0},
+    "ood_paper": {},
+    "gate_off": {"use_ood_gate": False},
+    "no_knowledge": {},
+    "gold_fact": {"use_ood_gate": False},
+}
+CURVE_MODELS = ("ood", "gate_off")
+
+
+# ------------------------------------------------------------------------------------------------ test variants
+
+
+def with_not_fitting_share(split, share, seed):
+    """Each row keeps its fitting items and as many not-fitting ones as make `share` of its list (in expectation:
+    a fractional count is rounded up with probability equal to its fraction), in a shuffled order."""
+
+    def choose(row):
+        rng = np.random.default_rng([seed, int(share * 100), row["question_id"]])
+        fitting = [item for item in row["knowledge"] if item["fits_image"]]
+        others = [item for item in row["knowledge"] if not item["fits_image"]]
+        wanted = len(fitting) * share / (1.0 - share)
+        count = min(len(others), int(wanted) + int(rng.random() < wanted - int(wanted)))
+        chosen = fitting + [others[i] for i in rng.choice(len(others), count, replace=False)]
+        return {"knowledge": [chosen[i] for i in rng.permutation(len(chosen))]}
+
+    return split.map(choose, desc=f"{share:.0%} not fitting")
+
+
+def gold_only(split):
+    return split.map(lambda row: {"knowledge": [{**row["gold"], "fits_image": True}]}, desc="gold fact only")
+
+
+def without_knowledge(split):
+    return split.map(lambda row: {"knowledge": []}, desc="no knowledge")
+
+
+# --------------------------------------------------------------------------------------------- training, scoring
+
+
+def train_model(name, train_split, overrides, seed, args, work):
+    """One train.py run (configuration/knowledge_vqa.yaml + `overrides`) on a prepared training split."""
+    import train
+
+    folder = work / f"seed{seed}" / name
+    recipe = yaml.safe_load(CONFIG.read_text())
+    argv = [
+        str(CONFIG), "--dataset", str(folder / "dataset"), "--output_dir", str(folder / "model"),
+        "--max_steps", str(args.max_steps), "--do_eval", "false", "--seed", str(seed), "--logging_steps", "50",
+        "--vkood_config", json.dumps({**recipe["vkood_config"], **overrides}), "--disable_tqdm", "true",
+    ]  # fmt: skip
+    (folder / "dataset" / "data").mkdir(parents=True, exist_ok=True)
+    train_split.to_parquet(str(folder / "dataset" / "data" / "train-00000-of-00001.parquet"))
+    train.main(argv)
+    return folder / "model"
+
+
+@torch.no_grad()
+def evaluate(model_folder, split, batch_size=256):
+    """Accuracy (%), and per real item: OOD score, gate, fits_image, question index."""
+    from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor
+
+    from modeling_vkood.evaluation import vqa_accuracy
+    from modeling_vkood.training import PixelCache
+
+    model = AutoModelForVisualQuestionAnswering.from_pretrained(model_folder).eval()
+    processor = AutoProcessor.from_pretrained(model_folder)
+    pixels = PixelCache(processor, capacity=10_000)
+    predictions, references, items = [], [], {"score": [], "gate": [], "fits": [], "question": []}
+    for start in range(0, len(split), batch_size):
+        rows = split[start : start + batch_size]
+        batch = dict(processor(text=rows["question"], knowledge=rows["knowledge"]))
+        outputs = model(pixel_values=pixels(rows["image"]), **batch)
+        predictions += [model.config.id2label[i] for i in outputs.logits.argmax(-1).tolist()]
+        references += rows["answers"]
+        if batch["knowledge_mask"].shape[1]:
+            mask = batch["knowledge_mask"].bool()
+            fits = torch.zeros_like(mask)
+            for row, knowledge in enumerate(rows["knowledge"]):
+                fits[row, : len(knowledge)] = torch.tensor([item["fits_image"] for item in knowledge])
+            question = torch.arange(start, start + mask.shape[0])[:, None].expand_as(mask)
+            for key, value in (("score", outputs.ood_scores), ("gate", outputs.ood_gate), ("fits", fits),
+                               ("question", question)):  # fmt: skip
+                items[key].append(value[mask])
+    items = {key: torch.cat(value).float().numpy() if value else np.zeros(0) for key, value in items.items()}
+    return vqa_accuracy(predictions, references)["overall"], items
+
+
+def within_question_auroc(items):
+    """Mean over questions of the AUROC of fitting vs not-fitting items of that question (pairs ranked right; ties
+    count half)."""
+    values = []
+    for question in np.unique(items["question"]):
+        chosen = items["question"] == question
+        fits, scores = items["fits"][chosen].astype(bool), items["score"][chosen]
+        if fits.any() and not fits.all():
+            difference = scores[fits][:, None] - scores[~fits][None, :]
+            values.append(float((difference > 0).mean() + 0.5 * (difference == 0).mean()))
+    return float(np.mean(values))
+
+
+def item_figures(items):
+    fits = items["fits"].astype(bool)
+    kept = items["gate"] > 0.5
+    return {
+        "auroc": within_question_auroc(items),
+        "auroc_pooled": float(roc_auc_score(fits, items["score"])),
+        "kept_fraction": {"fitting": float(kept[fits].mean()), "not_fitting": float(kept[~fits].mean())},
+    }
+
+
+def run_seed(seed, args):
+    """Every model of one seed; writes and returns its figures."""
+    from data_scripts import knowledge_vqa
+
+    datasets.disable_caching()
+    work = args.work
+    built = knowledge_vqa.build(check_images="none").dataset
+    train_full = built["train"].shuffle(seed=seed)
+    train_full = train_full.select(range(min(args.train_samples or len(train_full), len(train_full))))
+    test = built["test"].shuffle(seed=0).select(range(min(args.test_samples, len(built["test"]))))
+    test = test.cast_column("image", datasets.Image(decode=False))  # undecoded: the PixelCache keys by path
+    variants = {str(share): with_not_fitting_share(test, share, seed=7) for share in NOT_FITTING_SHARES}
+    variants["as_retrieved"] = test
+    figures = {"accuracy": {}, "items": {}, "learning_curve": {name: {} for name in CURVE_MODELS}}
+    for name, overrides in tqdm(MODELS.items(), desc=f"seed {seed} models"):
+        prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only}.get(name, lambda split: split)
+        folder = train_model(name, prepare(train_full), overrides, seed, args, work)
+        if name in ("no_knowledge", "gold_fact"):
+            accuracy = evaluate(folder, prepare(test))[0]
+            figures["accuracy"][name] = {key: accuracy for key in variants}
+            continue
+        figures["accuracy"][name] = {}
+        for key, split in variants.items():
+            figures["accuracy"][name][key], items = evaluate(folder, split)
+        figures["items"][name] = item_figures(items)  # the last variant: the candidates as retrieved
+        if name in CURVE_MODELS:
+            figures["learning_curve"][name]["1.0"] = figures["accuracy"][name]["as_retrieved"]
+    for fraction in args.fractions:
+        rows = train_full.select(range(int(fraction * len(train_full))))
+        for name in CURVE_MODELS:
+            folder = train_model(f"{name}-{fraction}", rows, MODELS[name], seed, args, work)
+            figures["learning_curve"][name][str(fraction)] = evaluate(folder, test)[0]
+    path = args.out / f"seed{seed}.json"
+    path.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+# --------------------------------------------------------------------------------------------- summary, plots
+
+
+def mean_and_stderr(values):
+    values = np.asarray(values, dtype=float)
+    stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return float(values.mean()), stderr
+
+
+def summarise(per_seed, seeds, settings):
+    """Means over seeds of every figure, standard errors under the same keys in the `*_stderr` twins."""
+    def leaves(get):
+        return mean_and_stderr([get(figures) for figures in per_seed])
+
+    result = {"seeds": seeds, "settings": settings}
+    for key, get_tree in (("accuracy", lambda f: f["accuracy"]), ("learning_curve", lambda f: f["learning_curve"])):
+        tree = get_tree(per_seed[0])
+        result[key] = {m: {k: leaves(lambda f, m=m, k=k: get_tree(f)[m][k])[0] for k in tree[m]} for m in tree}
+        result[f"{key}_stderr"] = {m: {k: leaves(lambda f, m=m, k=k: get_tree(f)[m][k])[1] for k in tree[m]}
+                                   for m in tree}  # fmt: skip
+    layered = list(per_seed[0]["items"])
+    for key in ("auroc", "auroc_pooled"):
+        result[key] = {m: leaves(lambda f, m=m: f["items"][m][key])[0] for m in layered}
+        result[f"{key}_stderr"] = {m: leaves(lambda f, m=m: f["items"][m][key])[1] for m in layered}
+    result["kept_fraction"] = {m: {k: leaves(lambda f, m=m, k=k: f["items"][m]["kept_fraction"][k])[0]
+                                   for k in ("fitting", "not_fitting")} for m in layered}  # fmt: skip
+    result["kept_fraction_stderr"] = {m: {k: leaves(lambda f, m=m, k=k: f["items"][m]["kept_fraction"][k])[1]
+                                          for k in ("fitting", "not_fitting")} for m in layered}  # fmt: skip
+    return result
+
+
+def plot(result, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    shares = [str(s) for s in NOT_FITTING_SHARES]
+    for name, row in result["accuracy"].items():
+        errors = result["accuracy_stderr"][name]
+        axes[0].errorbar([100 * float(s) for s in shares], [row[s] for s in shares], [errors[s] for s in shares],
+                         marker="o", capsize=3, label=name)  # fmt: skip
+    axes[0].set(xlabel="not-fitting knowledge items (%)", ylabel="test accuracy (%)", title="Accuracy vs knowledge noise")
+    axes[0].legend(fontsize=8)
+    for name, row in result["learning_curve"].items():
+        fractions = sorted(row, key=float)
+        errors = result["learning_curve_stderr"][name]
+        axes[1].errorbar([100 * float(f) for f in fractions], [row[f] for f in fractions],
+                         [errors[f] for f in fractions], marker="o", capsize=3, label=name)  # fmt: skip
+    axes[1].set(xlabel="training questions (%)", ylabel="test accuracy (%)", title="Learning curve (same steps)")
+    axes[1].legend(fontsize=8)
+    names = list(result["kept_fraction"])
+    positions = np.arange(len(names))
+    for offset, kind in ((-0.2, "fitting"), (0.2, "not_fitting")):
+        axes[2].bar(positions + offset, [result["kept_fraction"][n][kind] for n in names], 0.4,
+                    yerr=[result["kept_fraction_stderr"][n][kind] for n in names], capsize=3, label=kind)  # fmt: skip
+    axes[2].set_xticks(positions, [f"{n}\nAUROC {result['auroc'][n]:.3f}" for n in names], fontsize=8)
+    axes[2].set(ylabel="kept fraction (gate > 0.5)", title="Kept items, as retrieved")
+    axes[2].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "knowledge_task.png", dpi=110)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--max-steps", type=int, default=600, help="training steps per model")
+    parser.add_argument("--train-samples", type=int, default=None, help="default: the whole training split")
+    parser.add_argument("--test-samples", type=int, default=500)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS[:-1]),
+                        help="learning-curve shares of the training questions below 100%%")
+    parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once, one process each")
+    parser.add_argument("--seed-run", type=int, default=None, help=argparse.SUPPRESS)  # a worker: one seed
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "outputs" / "knowledge_task",
+                        help="trained models and their datasets")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.seed_run is not None:
+        run_seed(args.seed_run, args)
+        return
+    started = time.perf_counter()
+    passed = [a for a in sys.argv[1:]]
+    pending = list(args.seeds)
+    running = []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            seed = pending.pop(0)
+            running.append(subprocess.Popen([sys.executable, __file__, *passed, "--seed-run", str(seed)]))
+        running[0].wait()
+        if running[0].returncode:
+            raise SystemExit(f"a seed run failed with exit status {running[0].returncode}")
+        running.pop(0)
+    per_seed = [json.loads((args.out / f"seed{seed}.json").read_text()) for seed in args.seeds]
+    settings = {"max_steps": args.max_steps, "train_samples": args.train_samples, "test_samples": args.test_samples,
+                "config": str(CONFIG.relative_to(REPO_ROOT)), "models": MODELS,
+                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    result = summarise(per_seed, args.seeds, settings)
+    (args.out / "knowledge_task.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
