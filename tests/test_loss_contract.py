@@ -87,7 +87,7 @@ def test_gradient_accumulation_2x4_gives_the_gradient_of_one_batch_of_8(tmp_path
 
 @pytest.mark.parametrize("head", [VKOODForQuestionAnswering, VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval])
 def test_every_head_declares_its_loss_batch_averaged_also_under_peft_and_rejects_unknown_arguments(head, tmp_path):
-    model = head(tiny_vkood_config(num_labels=2))
+    model = head(tiny_vkood_config(num_labels=2, pretrained_backbones=["vision_model", "text_model"]))
     lora = LoraConfig(r=2, target_modules=model.lora_target_modules(), modules_to_save=model.modules_to_save())
     args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
     for wrapped in (model, get_peft_model(model, lora)):

@@ -26,15 +26,16 @@ def save_output_folder(trainer, task: str, description: ModelDescription, ood: d
     Nothing is uploaded here (`push_output_folder` does that once the card and plots are written).
     """
     trainer.model = merged_model(trainer.model)
-    trainer.model_wrapped = trainer.model
     if task == "vqa":
         trainer.model.config.custom_pipelines = pipeline_vkood.VQA_PIPELINE
-    # config, safetensors, remote-code files, processor (the Trainer's processing_class); `_internal_call` keeps
-    # save_model from pushing a folder without its card
-    trainer.save_model(_internal_call=True)
     if not trainer.is_world_process_zero():
         return None
     output_dir = Path(trainer.args.output_dir)
+    # config, safetensors, remote-code files, processor. The merged model is a plain module that every rank holds
+    # whole (DDP, ZeRO-2), so it is saved directly: `Trainer.save_model` would save the DeepSpeed engine's unmerged
+    # weights, and it would push a folder without its card.
+    trainer.model.save_pretrained(output_dir)
+    trainer.processing_class.save_pretrained(output_dir)
     for name in ADAPTER_FILES:
         (output_dir / name).unlink(missing_ok=True)
     if task == "vqa":
