@@ -37,6 +37,7 @@ from modeling_vkood.training import (  # noqa: E402
     push_output_folder,
     save_output_folder,
 )
+from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         knowledge_base = None  # a ready-built dataset brought its knowledge column; the index is not here
         logger.warning("knowledge index %s not found: the saved processor will not retrieve knowledge itself",
                        data_args.knowledge)  # fmt: skip
-    if knowledge_base is not None:
+    if knowledge_base is not None and knowledge_is_retrieved(data_args):
         # The processor (saved with every checkpoint, its index with it) retrieves at inference as the data did.
         built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path, data_args.max_knowledge_items)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None

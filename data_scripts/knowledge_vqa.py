@@ -47,6 +47,9 @@ QUESTIONS = {
     "colour": "what does the colour of the shape stand for?",
 }
 RELATION = "SymbolOf"
+# The knowledge column holds facts drawn per example, not items an index retrieves: a model trained on it gets its
+# facts from the caller at inference (train.py then saves no knowledge source with the processor).
+PER_EXAMPLE_KNOWLEDGE = True
 ITEM_FIELDS = {
     "head": Value("string"),
     "relation": Value("string"),

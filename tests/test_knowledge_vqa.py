@@ -231,3 +231,5 @@ def test_the_shipped_config_trains_evaluates_and_saves(tmp_path):
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
     config = json.loads((output / "config.json").read_text())
     assert config["max_knowledge_items"] == 11 and len(config["id2label"]) == len(knowledge_vqa.ANSWERS)
+    # Its facts are drawn per example: the saved processor must not retrieve starter-graph items in their place.
+    assert json.loads((output / "processor_config.json").read_text()).get("knowledge_source") is None

@@ -326,11 +326,10 @@ def first_step_and_results(output: Path) -> tuple[dict, dict]:
     return next(entry for entry in state["log_history"] if entry.get("step") == 1 and "loss" in entry), read_results(output)
 
 
-def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_the_same_global_batch(
-    workdir, tiny_text_model, easy_vqa_root
-):
-    """configuration/accelerate/ddp.yaml on CPU (gloo): 2 x 4 examples give the loss, gradient norm and evaluation of
-    1 x 8. Dropout is off and EM runs a fixed step count, so that the forward does not depend on the batch split."""
+def one_and_two_process_runs(workdir, tiny_text_model, easy_vqa_root, accelerate_config: str) -> tuple[Path, Path]:
+    """Output folders of one `train.py` step on 1 x 8 examples in this process and on 2 x 4 under
+    `accelerate launch --config_file configuration/accelerate/<accelerate_config> --num_processes 2` (CPU, fp32).
+    Dropout is off and EM runs a fixed step count, so that the forward does not depend on the batch split."""
     deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
                      "ood_tol": 1e-30}  # fmt: skip
     config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
@@ -340,17 +339,25 @@ def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_th
     # mean loss per example, so a wrapped-around padded batch would weigh its duplicates into eval_loss).
     arguments = [str(config), "--vkood_config", json.dumps({**vkood_config, **deterministic}),
                  "--per_device_eval_batch_size", "3"]  # fmt: skip
-    single, ddp = workdir / "single_out", workdir / "ddp_out"
+    single, multi = workdir / "single_out", workdir / f"{Path(accelerate_config).stem}_out"
     train.main([*arguments, "--per_device_train_batch_size", "8", "--output_dir", str(single)])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO_ROOT / "configuration" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+               str(REPO_ROOT / "configuration" / "accelerate" / accelerate_config), "--num_processes", "2",
                "--mixed_precision", "no", str(REPO_ROOT / "train.py"), *arguments,
-               "--per_device_train_batch_size", "4", "--output_dir", str(ddp)]  # fmt: skip
+               "--per_device_train_batch_size", "4", "--output_dir", str(multi)]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return single, multi
 
+
+def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_the_same_global_batch(
+    workdir, tiny_text_model, easy_vqa_root
+):
+    """configuration/accelerate/ddp.yaml on CPU (gloo): 2 x 4 examples give the loss, gradient norm and evaluation of
+    1 x 8."""
+    single, ddp = one_and_two_process_runs(workdir, tiny_text_model, easy_vqa_root, "ddp.yaml")
     (single_step, single_results), (ddp_step, ddp_results) = first_step_and_results(single), first_step_and_results(ddp)
     assert (single_results["world_size"], ddp_results["world_size"]) == (1, 2)
     card = ModelCard.load(ddp / "README.md").text
@@ -369,24 +376,7 @@ def test_two_process_deepspeed_zero2_run_gives_the_loss_of_one_process_on_the_sa
     optimizer state and gradients, the first step's loss and the evaluation are those of one process on 8 examples,
     and tau is calibrated before DeepSpeed wraps the model (its master copy starts from the calibrated value)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is in the [test] extra; this machine lacks it")
-    deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
-                     "ood_tol": 1e-30}  # fmt: skip
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", max_steps=1, backbone_dropout=0.0)  # fmt: skip
-    vkood_config = yaml.safe_load(config.read_text())["vkood_config"]
-    arguments = [str(config), "--vkood_config", json.dumps({**vkood_config, **deterministic}),
-                 "--per_device_eval_batch_size", "3", "--max_grad_norm", "1.0"]  # fmt: skip
-    single, zero2 = workdir / "single_out", workdir / "zero2_out"
-    train.main([*arguments, "--per_device_train_batch_size", "8", "--output_dir", str(single)])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO_ROOT / "configuration" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2",
-               "--mixed_precision", "no", str(REPO_ROOT / "train.py"), *arguments,
-               "--per_device_train_batch_size", "4", "--output_dir", str(zero2)]  # fmt: skip
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
+    single, zero2 = one_and_two_process_runs(workdir, tiny_text_model, easy_vqa_root, "deepspeed_zero2.yaml")
     (single_step, single_results), (zero2_step, zero2_results) = first_step_and_results(single), first_step_and_results(zero2)
     assert (single_results["world_size"], zero2_results["world_size"]) == (1, 2)
     assert zero2_step["loss"] == pytest.approx(single_step["loss"], rel=1e-4)

@@ -121,6 +121,14 @@ def _load_cached(path: Path) -> DatasetDict:
     return dataset
 
 
+def knowledge_is_retrieved(data_args) -> bool:
+    """Whether the dataset's knowledge items come from the run's index (so inference can retrieve them the same
+    way), rather than being drawn per example by the builder (`PER_EXAMPLE_KNOWLEDGE`, e.g. knowledge-VQA)."""
+    if data_args.dataset not in BUILDERS:
+        return True
+    return not getattr(importlib.import_module(f"data_scripts.{data_args.dataset}"), "PER_EXAMPLE_KNOWLEDGE", False)
+
+
 def load_splits(data_args, splits: list[str]) -> DatasetDict:
     """The requested splits, capped by max_*_samples, with image columns left undecoded for the PixelCache."""
     if data_args.dataset in BUILDERS:
