@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, DatasetDict, Features, Image, List, Value
+from datasets import DatasetDict, Features, List, Value
 
 from hub_cards.dataset_card import DatasetDescription
 
@@ -34,6 +34,7 @@ from .common import (
     load_json,
     question_record,
     select_splits,
+    vqa_features,
     vqa_targets,
 )
 from .easy_vqa import SHAPES, SPLITS, package_data
@@ -89,22 +90,15 @@ DESCRIPTION = DatasetDescription(
 
 
 def features() -> Features:
+    """The VQA columns of every VQA builder, with the candidates labelled `fits_image`, the answering fact and what
+    the image shows."""
     return Features(
         {
-            "question_id": Value("int64"),
-            "image_id": Value("int64"),
-            "image": Image(),
-            "question": Value("string"),
-            "answers": List(Value("string")),
-            "answer_type": Value("string"),
-            "question_type": Value("string"),
-            "multiple_choice_answer": Value("string"),
-            "label_ids": List(ClassLabel(names=list(ANSWERS))),
-            "label_scores": List(Value("float32")),
-            "shape": Value("string"),
-            "colour": Value("string"),
+            **vqa_features(ANSWERS),
             "knowledge": List({**ITEM_FIELDS, "fits_image": Value("bool")}),
             "gold": ITEM_FIELDS,
+            "shape": Value("string"),
+            "colour": Value("string"),
         }
     )
 

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import sys
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
