@@ -111,3 +111,42 @@ def tiny_batch(batch_size=3, items=4, item_length=5, seed=0, pairs=False):
         knowledge_attention_mask=torch.ones(batch_size, items, item_length, dtype=torch.long),
         knowledge_mask=knowledge_mask,
     )
+
+
+def save_tiny_bert(folder, minilm_path) -> str:
+    """A 2-layer BERT with MiniLM's vocabulary and tokenizer saved in `folder`: a "pretrained" text backbone for LoRA."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+class TinyVQARows:
+    """`tiny_batch` rows with soft-score labels over `num_labels` answers, as a map-style dataset for a Trainer."""
+
+    def __init__(self, size, num_labels=5, seed=0):
+        import torch
+
+        batch = tiny_batch(batch_size=size, seed=seed)
+        batch["labels"] = torch.rand(size, num_labels, generator=torch.Generator().manual_seed(1))
+        self.rows = [{key: value[i] for key, value in batch.items()} for i in range(size)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def stack(rows):
+    """Collator of `TinyVQARows`: every field stacked."""
+    import torch
+
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}

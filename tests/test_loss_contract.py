@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_batch, tiny_vkood_config
+from conftest import REPO_ROOT, TinyVQARows, stack, tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
-from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval, VKOODForQuestionAnswering
@@ -28,25 +27,6 @@ def deterministic_config(**overrides):
     config = tiny_vkood_config(**settings)
     config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     return config
-
-
-class EightVQAExamples(Dataset):
-    """Eight VQA examples with soft-score labels; some have no knowledge item, so the batch mean is over rows."""
-
-    def __init__(self, size=8, num_labels=5):
-        batch = tiny_batch(batch_size=size, seed=3)
-        batch["labels"] = torch.rand(size, num_labels, generator=torch.Generator().manual_seed(1))
-        self.rows = [{key: value[i] for key, value in batch.items()} for i in range(size)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-
-def stack(rows):
-    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 class GradientRecorder(TrainerCallback):
@@ -69,7 +49,7 @@ def first_step_gradients(tmp_path, per_device_batch, accumulation):
         gradient_accumulation_steps=accumulation, learning_rate=1e-3, max_grad_norm=1e9, remove_unused_columns=False,
         report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0,
     )  # fmt: skip
-    trainer = VKOODTrainer(model=model, args=args, train_dataset=EightVQAExamples(), data_collator=stack,
+    trainer = VKOODTrainer(model=model, args=args, train_dataset=TinyVQARows(8, seed=3), data_collator=stack,
                            callbacks=[recorder])  # fmt: skip
     trainer.train()
     return recorder.gradients
@@ -119,7 +99,7 @@ def test_tau_is_calibrated_alike_on_every_rank_and_kept_by_the_first_bf16_step(t
 
     # One process on the same 8 examples calibrates to the same tau.
     args = worker.training_arguments(tmp_path / "single", per_device_batch=8, bf16=True)
-    single = VKOODTrainer(model=worker.tiny_model(), args=args, train_dataset=EightVQAExamples(),
+    single = VKOODTrainer(model=worker.tiny_model(), args=args, train_dataset=TinyVQARows(8, seed=3),
                           data_collator=stack).calibrate_ood_threshold()  # fmt: skip
     tau = ranks[0]["tau_at_train_begin"]
     assert tau == pytest.approx(single, abs=2e-2) and abs(tau - tiny_vkood_config().ood_threshold) > 0.1

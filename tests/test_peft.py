@@ -2,29 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_vkood_config
+from conftest import TinyVQARows, stack, tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval, VKOODForQuestionAnswering
-
-
-class TinyVQA(Dataset):
-    def __init__(self, size=4):
-        batch = tiny_batch(batch_size=size)
-        batch["labels"] = torch.rand(size, 5, generator=torch.Generator().manual_seed(1))
-        self.rows = [{key: value[i] for key, value in batch.items()} for i in range(size)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
-
-
-def stack(rows):
-    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def test_lora_trainer_step_updates_adapters_and_vkood_modules_then_merges(tmp_path):
@@ -45,7 +27,7 @@ def test_lora_trainer_step_updates_adapters_and_vkood_modules_then_merges(tmp_pa
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
         remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
     )
-    Trainer(model=peft_model, args=args, train_dataset=TinyVQA(), data_collator=stack).train()
+    Trainer(model=peft_model, args=args, train_dataset=TinyVQARows(4), data_collator=stack).train()
 
     changed = {name for name, parameter in peft_model.named_parameters() if name in before and not torch.equal(parameter, before[name])}
     assert any("lora_B" in name and "text_model" in name for name in changed)

@@ -13,9 +13,8 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 from test_training import draw, tiny_config, train, write_easy_vqa
-from transformers import AutoTokenizer, BertConfig, BertModel
 
-from conftest import run_without_package
+from conftest import run_without_package, save_tiny_bert
 from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering, VKOODProcessor
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -53,15 +52,7 @@ def hub(monkeypatch, tmp_path):
 
 @pytest.fixture
 def text_model(tmp_path, minilm_path) -> str:
-    folder = tmp_path / "tiny_bert"
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    tokenizer.model_max_length = 128
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path / "tiny_bert", minilm_path)
 
 
 def test_push_with_checkpoints_uploads_a_clean_merged_folder(hub, text_model, tmp_path):

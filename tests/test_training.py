@@ -15,9 +15,9 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertModel, TrainingArguments
+from transformers import TrainingArguments
 
-from conftest import REPO_ROOT, run_without_package
+from conftest import REPO_ROOT, run_without_package, save_tiny_bert
 from data_scripts.common import answer_vocabulary
 from modeling_vkood.evaluation import vqa_accuracy
 from modeling_vkood.training import (
@@ -117,15 +117,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_text_model(workdir, minilm_path) -> str:
     """A 2-layer BERT with MiniLM's vocabulary and tokenizer, saved as a "pretrained" backbone for LoRA."""
-    folder = workdir / "tiny_bert"
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    tokenizer.model_max_length = 128
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(workdir / "tiny_bert", minilm_path)
 
 
 def tiny_config(workdir: Path, text_model: str, **overrides) -> Path:
