@@ -15,7 +15,7 @@ from sklearn.mixture import GaussianMixture
 
 from data_scripts import knowledge_vqa
 from data_scripts.__main__ import main
-from data_scripts.common import SkipReport
+from data_scripts.common import SkipReport, load_json
 from modeling_vkood import VKOODConfig
 from modeling_vkood.ood_vkood import (
     GaussianMixtureOutput,
@@ -102,19 +102,45 @@ def test_same_seed_same_rows_other_seed_other_facts(built):
     assert first["answers"] != rows(7)["answers"]
 
 
-def test_image_contents_read_from_easy_vqa_questions():
+def test_image_contents_read_from_the_answers_that_name_a_shape_or_colour():
     records = [
         ["what is the blue shape?", "rectangle", 0],
         ["what color is the triangle?", "red", 1],
-        ["is there not a green shape?", "yes", 1],  # negated: says nothing certain
-        ["does the image contain a circle?", "no", 2],
-        ["is there a yellow shape?", "yes", 2],
+        ["is there not a green shape?", "yes", 1],  # yes/no: never read
+        ["is no yellow shape present?", "yes", 2],  # the negation the old parser read as "yellow"
+        ["is no rectangle present?", "yes", 2],
+        ["what is the color of the shape?", "brown", 2],
+        ["what shape is present?", "circle", 3],
+        ["what is the gray shape?", "circle", 3],
+        ["what color is the circle?", "black", 3],  # a second colour: the image is dropped
     ]
     assert knowledge_vqa.image_contents(records) == {
         0: {"shape": "rectangle", "colour": "blue"},
         1: {"shape": "triangle", "colour": "red"},
-        2: {"colour": "yellow"},
+        2: {"colour": "brown"},
     }
+
+
+def test_the_colour_read_from_the_questions_is_the_colour_of_the_shape_pixels():
+    """Per image, the median colour of the pixels unlike the background (the commonest border colour) must be its
+    label's colour (the median over the images of that label): the regression test of the misread negations."""
+    from PIL import Image
+
+    from data_scripts.easy_vqa import package_data
+
+    root = package_data()
+    shown = {}
+    for image_id, found in knowledge_vqa.image_contents(load_json(root / "test" / "questions.json")).items():
+        if "colour" in found:
+            pixels = np.asarray(Image.open(root / "test" / "images" / f"{image_id}.png").convert("RGB"), dtype=float)
+            border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+            values, counts = np.unique(border, axis=0, return_counts=True)
+            shape = np.abs(pixels - values[counts.argmax()]).sum(-1) > 60
+            shown[image_id] = (found["colour"], np.median(pixels[shape], 0))
+    typical = {colour: np.median([rgb for c, rgb in shown.values() if c == colour], 0) for colour in knowledge_vqa.COLOURS}
+    wrong = [image_id for image_id, (colour, rgb) in shown.items() if np.abs(rgb - typical[colour]).max() > 60]
+    assert len(shown) > 800 and wrong == []
+    assert len({tuple(rgb.round()) for rgb in typical.values()}) == len(knowledge_vqa.COLOURS)  # 8 distinct colours
 
 
 def test_too_few_knowledge_slots_are_refused():
