@@ -37,6 +37,7 @@ from modeling_vkood.training import (  # noqa: E402
     push_output_folder,
     save_output_folder,
 )
+from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
 from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 
@@ -63,6 +64,7 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
     hyperparameters = {
         "learning_rate": training_args.learning_rate,
         "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
+        "ood_threshold_learning_rate": model_args.ood_threshold_learning_rate,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": training_args.world_size,
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path, data_args.max_knowledge_items)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
     if task == "vqa":
-        relevance = built.model.config.ood_alignment == "contrastive" and built.model.config.ood_alignment_weight > 0
+        relevance = built.model.config.ood_alignment in RELEVANCE_ALIGNMENTS and built.model.config.ood_alignment_weight > 0
         collator = VQACollator(built.processor, len(id2label), pixels, answer_relevance=relevance)
         compute_metrics = VQAMetrics(eval_dataset, id2label) if eval_dataset is not None else None
     elif task == "nlvr2":
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         preprocess_logits_for_metrics=predicted_class if task != "retrieval" else None,
         new_parameters=new_parameter_names(model, built.pretrained_backbones),
         new_modules_learning_rate=model_args.new_modules_learning_rate,
+        ood_threshold_learning_rate=model_args.ood_threshold_learning_rate,
         retrieval=retrieval,
         balance_by=data_args.balance_by,
     )

@@ -10,7 +10,9 @@ OOD_GRADIENT_MODES = ("last_iterate", "implicit", "unrolled")
 CLASSIFIER_HEADS = ("mlp", "gated_product")
 BACKBONES = ("vision_model", "text_model")
 OOD_SCORES = ("gem", "log_likelihood")
-OOD_ALIGNMENTS = ("mean_direction", "contrastive")
+OOD_ALIGNMENTS = ("mean_direction", "contrastive", "gate")
+# The alignments trained on `knowledge_relevance` (the items that state the training answer).
+RELEVANCE_ALIGNMENTS = ("contrastive", "gate")
 
 # One checkpoint serves every Auto class: the Hub copies these files and `from_pretrained(..., trust_remote_code=True)`
 # resolves the class named here. NLVR2 and retrieval have no dedicated transformers Auto class, so they use the
@@ -60,10 +62,12 @@ class VKOODConfig(PreTrainedConfig):
             relative to the mean log-likelihood of the image's own tokens, on the same scale).
         ood_alignment_weight: weight of the optional cross-modal alignment loss (VQA and NLVR2 heads); 0 disables it.
         ood_alignment: which alignment loss: "mean_direction" pulls every projected knowledge item towards the
-            image's mean direction on the hypersphere (whether it fits the image or not); "contrastive" is a
-            symmetric InfoNCE on the OOD scores themselves: each image's mixture must score its matching text (the
-            items that state the training answer, `knowledge_relevance`) above the other images' matching texts
-            (VQA head; needs `knowledge_relevance` in the batch, e.g. `VQACollator(answer_relevance=True)`).
+            image's mean direction on the hypersphere (whether it fits the image or not); "contrastive" is an
+            InfoNCE on the OOD scores over each question's candidates: the items that state the training answer
+            (`knowledge_relevance`) must outscore the others; "gate" adds to it a class-balanced binary cross-entropy
+            of the gate against the same relevance, on detached scores: the InfoNCE orders the scores, the BCE trains
+            where tau cuts them
+            (VQA head; both need `knowledge_relevance` in the batch, e.g. `VQACollator(answer_relevance=True)`).
         ood_alignment_temperature: divides the scores in the contrastive alignment's logits.
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.

@@ -187,8 +187,8 @@ def test_log_likelihood_score_is_relative_to_the_image_tokens_and_differs_from_g
 
 
 def contrastive_layer(**overrides):
-    config = tiny_vkood_config(ood_alignment="contrastive", ood_score="log_likelihood", ood_alignment_weight=1.0,
-                               **overrides)  # fmt: skip
+    config = tiny_vkood_config(**{"ood_alignment": "contrastive", "ood_score": "log_likelihood",
+                                  "ood_alignment_weight": 1.0, **overrides})  # fmt: skip
     return ImplicitOODLayer(config).double()
 
 
@@ -224,6 +224,50 @@ def test_contrastive_alignment_without_relevance_is_zero():
     layer = contrastive_layer()
     output = layer(torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 3, 32, dtype=torch.float64))
     assert float(output.alignment_loss) == 0.0
+
+
+def test_gate_alignment_adds_the_class_balanced_bce_of_the_gate_on_detached_scores_to_the_infonce():
+    torch.manual_seed(0)
+    layer = contrastive_layer(ood_alignment="gate", ood_temperature=2.0)
+    context, items = torch.randn(2, 6, 32, dtype=torch.float64), torch.randn(2, 4, 32, dtype=torch.float64)
+    items_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float64)
+    relevance = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.float64)
+    output = layer(context, items, items_mask=items_mask, items_relevance=relevance)
+    logits = (output.scores - layer.threshold) / 2.0
+    bce = torch.nn.functional.softplus
+    balanced = torch.stack([
+        bce(-logits[0, 0]) + bce(logits[0, 1:]).mean(),
+        bce(-logits[1, 1:3]).mean() + bce(logits[1, 0]),  # the padded item counts in neither term
+    ]).mean()  # fmt: skip
+    infonce = layer.contrastive_alignment_loss(output.scores, items_mask, relevance)
+    assert torch.allclose(output.alignment_loss, infonce + balanced)
+    (projection_grad,) = torch.autograd.grad(infonce, layer.projection.weight, retain_graph=True)
+    output.alignment_loss.backward()
+    assert layer.threshold.grad.abs() > 0  # tau is trained by it, unlike by the InfoNCE alone
+    assert torch.allclose(layer.projection.weight.grad, projection_grad)  # the scores only by the InfoNCE
+
+
+def test_balanced_gate_loss_keeps_an_item_that_answers_half_the_questions_and_drops_one_that_answers_none():
+    """Eleven candidates per question, one positive. Two items fit the image (its shape's and colour's facts) and each
+    answers one of its two questions; nine answer none. Minimising the loss over one logit per item puts each
+    fitting item's gate at 1/(1 + 1/10) and the others' near 0."""
+    logits = torch.zeros(11, requires_grad=True)
+    optimizer = torch.optim.LBFGS([logits], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+    mask = torch.ones(2, 11)
+    relevance = torch.zeros(2, 11)
+    relevance[0, 0] = relevance[1, 1] = 1.0
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ImplicitOODLayer.gate_relevance_loss(logits.expand(2, 11), mask, relevance)
+        loss = loss + 1e-3 * logits[2:].square().mean()  # keeps the never-relevant logits finite
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    gates = torch.sigmoid(logits.detach())
+    assert torch.allclose(gates[:2], torch.tensor(1 / (1 + 1 / 10)), atol=1e-3)
+    assert (gates[2:] < 0.1).all()
 
 
 def test_states_answer_matches_whole_words_only():

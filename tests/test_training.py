@@ -493,6 +493,11 @@ def test_lora_adapts_pretrained_attention_and_trains_new_modules_at_their_own_ra
     parameters = dict(model.named_parameters())
     assert by_rate[1e-3] == {id(parameters[n]) for n in lora}
     assert by_rate[3e-3] == {id(parameters[n]) for n in new}
+    trainer.optimizer = None  # the OOD threshold in a group of its own, without weight decay
+    trainer.ood_threshold_learning_rate = 0.05
+    (group,) = [g for g in trainer.create_optimizer().param_groups if g["lr"] == 0.05]
+    assert group["params"] == [parameters["base_model.model.vkood.ood.modules_to_save.default.threshold"]]
+    assert group["weight_decay"] == 0.0
 
     model_args.lora_layers = [1]  # only the top block: the backward pass stops there
     top_only = apply_finetuning(build_model(model_args, "vqa", {0: "yes", 1: "no"}), model_args)

@@ -107,6 +107,13 @@ class ModelArguments:
         metadata={"help": "learning rate of the newly initialised modules (fusion, OOD, heads, from-scratch "
                   "backbones); default: learning_rate"},  # fmt: skip
     )
+    ood_threshold_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the OOD threshold tau (no weight decay); default: "
+                  "new_modules_learning_rate. Adam moves a parameter by about its learning rate per step, and tau "
+                  "lives on the scale of the scores (units, not 1e-4s): a gate trained by `ood_alignment=gate` "
+                  "needs tau to travel several units"},  # fmt: skip
+    )
 
     given_backbones: dict = field(
         init=False, default_factory=dict, metadata={"help": "the backbone names as given, before package:// is resolved"}

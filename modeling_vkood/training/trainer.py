@@ -21,13 +21,15 @@ class VKOODTrainer(Trainer):
     """Trainer with per-group learning rates; for retrieval, `evaluate` runs the two-stage gallery protocol."""
 
     def __init__(self, *args, new_parameters=frozenset(), new_modules_learning_rate=None, retrieval=None,
-                 balance_by=None, **kwargs):  # fmt: skip
-        """`retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
+                 balance_by=None, ood_threshold_learning_rate=None, **kwargs):  # fmt: skip
+        """`ood_threshold_learning_rate`: the OOD threshold's own learning rate (no weight decay); None: as the
+        other new modules. `retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
         max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2. `balance_by`: a training column
         whose values are drawn equally often."""
         super().__init__(*args, **kwargs)
         self.new_parameters = set(new_parameters)
         self.new_modules_learning_rate = new_modules_learning_rate or self.args.learning_rate
+        self.ood_threshold_learning_rate = ood_threshold_learning_rate
         self.retrieval = retrieval
         self.balance_by = balance_by
 
@@ -82,17 +84,21 @@ class VKOODTrainer(Trainer):
             return self.optimizer
         model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(model))
+        # tau of every OOD layer (under PEFT, the trained modules_to_save copy and the frozen original)
+        thresholds = {id(m.threshold) for m in model.modules() if hasattr(m, "calibrate_threshold")}
         groups = {}
         for name, parameter in model.named_parameters():
             if not parameter.requires_grad:
                 continue
             new = name in self.new_parameters
-            key = (new, name in decay)
+            threshold = self.ood_threshold_learning_rate is not None and id(parameter) in thresholds
+            key = ("threshold",) if threshold else (new, name in decay)
             if key not in groups:
                 groups[key] = {
                     "params": [],
-                    "lr": self.new_modules_learning_rate if new else self.args.learning_rate,
-                    "weight_decay": self.args.weight_decay if name in decay else 0.0,
+                    "lr": self.ood_threshold_learning_rate if threshold
+                    else self.new_modules_learning_rate if new else self.args.learning_rate,
+                    "weight_decay": self.args.weight_decay if name in decay and not threshold else 0.0,
                 }
             groups[key]["params"].append(parameter)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
