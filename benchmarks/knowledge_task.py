@@ -12,9 +12,10 @@ test questions:
 - `kept_fraction` (gate > 0.5) of fitting and of not-fitting items, on the candidates as retrieved;
 - a learning curve at 10/25/50/100% of the training questions (same step budget) with the layer and without it.
 
-Models: `ood` (recommended: contrastive alignment of the OOD scores + mixture log-likelihood), `ood_paper` (the
-paper's layer: GEM, no alignment), `gate_off` (gate fixed to 1: attention alone selects), `no_knowledge`, and
-`gold_fact` (only the answering fact, the ceiling). Means over seeds, standard errors in `*_stderr`.
+Models: `ood` (recommended: the recipe's mixture log-likelihood, trained by the "gate" alignment on the items that
+state the training answer), `ood_paper` (the paper's layer: GEM, no alignment), `gate_off` (gate fixed to 1: attention alone selects), `no_knowledge`, and
+`gold_fact` (only the answering fact, the ceiling), `fitting_only` (the two fitting items, gate off: what a perfect
+hard gate would give the fusion). Means over seeds, standard errors in `*_stderr`.
 
     python benchmarks/knowledge_task.py                      # 2 seeds in 2 parallel processes (README figures)
     python benchmarks/knowledge_task.py --seeds 0 --max-steps 30 --test-samples 100   # quick look
@@ -44,12 +45,17 @@ sys.path.insert(0, str(REPO_ROOT))
 CONFIG = REPO_ROOT / "configuration" / "knowledge_vqa.yaml"
 NOT_FITTING_SHARES = (0.0, 0.25, 0.5, 0.75)
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+# name -> (VKOODConfig overrides of the recipe's vkood_config, extra train.py arguments). The recipe
+# (configuration/knowledge_vqa.yaml) is the recommended `ood`: the mixture log-likelihood, the "gate" alignment
+# (InfoNCE + class-balanced gate BCE on the answer-stating items), and tau's own learning rate.
+PAPER = {"ood_score": "gem", "ood_alignment": "mean_direction", "ood_alignment_weight": 0.0}
 MODELS = {
-    "ood": {"ood_score": "log_likelihood", "ood_alignment": "contrastive", "ood_alignment_weight": 1.0},
-    "ood_paper": {},
-    "gate_off": {"use_ood_gate": False},
-    "no_knowledge": {},
-    "gold_fact": {"use_ood_gate": False},
+    "ood": ({}, []),
+    "ood_paper": (PAPER, ["--ood_threshold_learning_rate", "none"]),
+    "gate_off": ({**PAPER, "use_ood_gate": False}, []),
+    "no_knowledge": (PAPER, []),
+    "gold_fact": ({**PAPER, "use_ood_gate": False}, []),
+    "fitting_only": ({**PAPER, "use_ood_gate": False}, []),  # a perfect hard gate: the ceiling of the OOD layer
 }
 CURVE_MODELS = ("ood", "gate_off")
 
@@ -77,6 +83,11 @@ def gold_only(split):
     return split.map(lambda row: {"knowledge": [{**row["gold"], "fits_image": True}]}, desc="gold fact only")
 
 
+def fitting_only(split):
+    return split.map(lambda row: {"knowledge": [item for item in row["knowledge"] if item["fits_image"]]},
+                     desc="fitting items only")
+
+
 def without_knowledge(split):
     return split.map(lambda row: {"knowledge": []}, desc="no knowledge")
 
@@ -84,8 +95,9 @@ def without_knowledge(split):
 # --------------------------------------------------------------------------------------------- training, scoring
 
 
-def train_model(name, train_split, overrides, seed, args, work):
-    """One train.py run (configuration/knowledge_vqa.yaml + `overrides`) on a prepared training split."""
+def train_model(name, train_split, model, seed, args, work):
+    """One train.py run (configuration/knowledge_vqa.yaml + the `MODELS` entry `model`) on a prepared training split."""
+    overrides, arguments = model
     import train
 
     folder = work / f"seed{seed}" / name
@@ -93,7 +105,7 @@ def train_model(name, train_split, overrides, seed, args, work):
     argv = [
         str(CONFIG), "--dataset", str(folder / "dataset"), "--output_dir", str(folder / "model"),
         "--max_steps", str(args.max_steps), "--do_eval", "false", "--seed", str(seed), "--logging_steps", "50",
-        "--vkood_config", json.dumps({**recipe["vkood_config"], **overrides}), "--disable_tqdm", "true",
+        "--vkood_config", json.dumps({**recipe["vkood_config"], **overrides}), "--disable_tqdm", "true", *arguments,
     ]  # fmt: skip
     (folder / "dataset" / "data").mkdir(parents=True, exist_ok=True)
     train_split.to_parquet(str(folder / "dataset" / "data" / "train-00000-of-00001.parquet"))
@@ -169,10 +181,11 @@ def run_seed(seed, args):
     variants = {str(share): with_not_fitting_share(test, share, seed=7) for share in NOT_FITTING_SHARES}
     variants["as_retrieved"] = test
     figures = {"accuracy": {}, "items": {}, "learning_curve": {name: {} for name in CURVE_MODELS}}
-    for name, overrides in tqdm(MODELS.items(), desc=f"seed {seed} models"):
-        prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only}.get(name, lambda split: split)
-        folder = train_model(name, prepare(train_full), overrides, seed, args, work)
-        if name in ("no_knowledge", "gold_fact"):
+    for name, model in tqdm(MODELS.items(), desc=f"seed {seed} models"):
+        prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only}.get(
+            name, lambda split: split)
+        folder = train_model(name, prepare(train_full), model, seed, args, work)
+        if name in ("no_knowledge", "gold_fact", "fitting_only"):
             accuracy = evaluate(folder, prepare(test))[0]
             figures["accuracy"][name] = {key: accuracy for key in variants}
             continue
