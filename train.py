@@ -64,7 +64,8 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
     hyperparameters = {
         "learning_rate": training_args.learning_rate,
         "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
-        "ood_threshold_learning_rate": model_args.ood_threshold_learning_rate,
+        "ood_threshold_learning_rate": model_args.ood_threshold_learning_rate
+        or model_args.new_modules_learning_rate or training_args.learning_rate,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": training_args.world_size,

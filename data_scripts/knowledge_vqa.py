@@ -145,15 +145,15 @@ def read_split(root: Path, image_root: Path, split: str, seed: int, report: Skip
     vocabulary_index = {answer: label for label, answer in enumerate(ANSWERS)}
     concepts = SHAPES + COLOURS
     split_index = SPLITS.index(split)
-    for image_id in sorted(contents):
-        found = contents[image_id]
+    for image_id in sorted({image_id for _, _, image_id in records}):
+        found = contents.get(image_id, {})
         image = image_root / split / "images" / f"{image_id}.png"
         if not image.is_file():
             report.missing_image(split, f"image_id={image_id}", image)
             continue
         if set(found) != {"shape", "colour"}:
             report.skipped.append({"split": split, "record": f"image_id={image_id}", "path": str(image),
-                                   "reason": "shape or colour not named by the answer of an easy-VQA question"})  # fmt: skip
+                                   "reason": "shape or colour not named (once) by the answers of its easy-VQA questions"})  # fmt: skip
             continue
         for kind, question in QUESTIONS.items():
             question_id = len(columns["question_id"])
