@@ -48,7 +48,8 @@ FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 # name -> (VKOODConfig overrides of the recipe's vkood_config, extra train.py arguments). The recipe
 # (configuration/knowledge_vqa.yaml) is the recommended `ood`: the mixture log-likelihood, the "gate" alignment
 # (InfoNCE + class-balanced gate BCE on the answer-stating items), and tau's own learning rate.
-PAPER = {"ood_score": "gem", "ood_alignment": "mean_direction", "ood_alignment_weight": 0.0}
+PAPER = {"ood_score": "gem", "ood_alignment": "mean_direction", "ood_alignment_weight": 0.0,
+         "ood_calibration_quantile": 0.1}  # the library's defaults: GEM's tau calibrated on the first batch
 MODELS = {
     "ood": ({}, []),
     "ood_paper": (PAPER, ["--ood_threshold_learning_rate", "none"]),
