@@ -65,9 +65,8 @@ class VKOODConfig(PreTrainedConfig):
             image's mean direction on the hypersphere (whether it fits the image or not); "contrastive" is an
             InfoNCE on the OOD scores over each question's candidates: the items that state the training answer
             (`knowledge_relevance`) must outscore the others; "gate" adds to it a class-balanced binary cross-entropy
-            of the gate against the same relevance, on detached scores: the InfoNCE orders the scores, the BCE trains
-            where tau cuts them
-            (VQA head; both need `knowledge_relevance` in the batch, e.g. `VQACollator(answer_relevance=True)`).
+            of the gate against the same relevance, on detached scores: the InfoNCE orders the scores, the BCE
+            places tau (VQA head; both need `knowledge_relevance` in the batch, e.g. `VQACollator(answer_relevance=True)`).
         ood_alignment_temperature: divides the scores in the contrastive alignment's logits.
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
