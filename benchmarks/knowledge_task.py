@@ -13,11 +13,12 @@ test questions:
 - a learning curve at 10/25/50/100% of the training questions (same step budget) with the layer and without it.
 
 Models: `ood` (recommended: the recipe's mixture log-likelihood, trained by the "gate" alignment on the items that
-state the training answer), `ood_paper` (the paper's layer: GEM, no alignment), `gate_off` (gate fixed to 1: attention alone selects), `no_knowledge`, and
-`gold_fact` (only the answering fact, the ceiling), `fitting_only` (the two fitting items, gate off: what a perfect
-hard gate would give the fusion). Means over seeds, standard errors in `*_stderr`.
+state the training answer), `ood_paper` (the paper's layer: GEM, no alignment), `gate_off` (gate fixed to 1:
+attention alone selects), `no_knowledge`, `gold_fact` (only the answering fact, the ceiling) and `fitting_only` (the
+two fitting items, gate off: what a perfect hard gate would give the fusion). Means over seeds, standard errors in
+`*_stderr`.
 
-    python benchmarks/knowledge_task.py                      # 2 seeds in 2 parallel processes (README figures)
+    python benchmarks/knowledge_task.py --max-steps 600      # 2 seeds in 2 parallel processes (README figures)
     python benchmarks/knowledge_task.py --seeds 0 --max-steps 30 --test-samples 100   # quick look
 """
 

@@ -112,7 +112,7 @@ def image_contents(records: Sequence) -> dict[int, dict[str, str]]:
     Such an answer names what the image shows, and so does a shape or colour word of its question ("what is the blue
     shape?" -> rectangle, blue). Yes/no questions are not read: their negations take many forms ("is no yellow shape
     present?", "does the image not contain a circle?"), and reading them mislabelled 1 image in 4 of the first 12.
-    An image whose questions name two shapes or two colours is dropped (its entry is left empty).
+    An image whose questions name two shapes or two colours is left out.
     """
     stated: dict[int, dict[str, set]] = {}
     for question, answer, image_id in records:
