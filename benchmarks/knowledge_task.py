@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+from modeling_vkood import VKOODConfig  # noqa: E402
 
 CONFIG = REPO_ROOT / "configuration" / "knowledge_vqa.yaml"
 NOT_FITTING_SHARES = (0.0, 0.25, 0.5, 0.75)
@@ -49,8 +50,12 @@ FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 # name -> (VKOODConfig overrides of the recipe's vkood_config, extra train.py arguments). The recipe
 # (configuration/knowledge_vqa.yaml) is the recommended `ood`: the mixture log-likelihood, the "gate" alignment
 # (InfoNCE + class-balanced gate BCE on the answer-stating items), and tau's own learning rate.
-PAPER = {"ood_score": "gem", "ood_alignment": "mean_direction", "ood_alignment_weight": 0.0,
-         "ood_calibration_quantile": 0.1}  # the library's defaults: GEM's tau calibrated on the first batch
+RECIPE = yaml.safe_load(CONFIG.read_text())
+# The paper's layer: the options with which the recipe makes the recommended one, back at the library's defaults
+# (GEM, no alignment, tau calibrated on the first batch).
+RECOMMENDED_OPTIONS = ("ood_score", "ood_alignment", "ood_alignment_weight", "ood_calibration_quantile",
+                       "ood_threshold")
+PAPER = {key: getattr(VKOODConfig(), key) for key in RECOMMENDED_OPTIONS}
 MODELS = {
     "ood": ({}, []),
     "ood_paper": (PAPER, ["--ood_threshold_learning_rate", "none"]),
@@ -103,11 +108,10 @@ def train_model(name, train_split, model, seed, args, work):
     import train
 
     folder = work / f"seed{seed}" / name
-    recipe = yaml.safe_load(CONFIG.read_text())
     argv = [
         str(CONFIG), "--dataset", str(folder / "dataset"), "--output_dir", str(folder / "model"),
         "--max_steps", str(args.max_steps), "--do_eval", "false", "--seed", str(seed), "--logging_steps", "50",
-        "--vkood_config", json.dumps({**recipe["vkood_config"], **overrides}), "--disable_tqdm", "true", *arguments,
+        "--vkood_config", json.dumps({**RECIPE["vkood_config"], **overrides}), "--disable_tqdm", "true", *arguments,
     ]  # fmt: skip
     (folder / "dataset" / "data").mkdir(parents=True, exist_ok=True)
     train_split.to_parquet(str(folder / "dataset" / "data" / "train-00000-of-00001.parquet"))
