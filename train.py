@@ -39,6 +39,7 @@ from modeling_vkood.training import (  # noqa: E402
 )
 from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
 from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
+from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -66,6 +67,8 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
         "ood_threshold_learning_rate": model_args.ood_threshold_learning_rate
         or model_args.new_modules_learning_rate or training_args.learning_rate,
+        "ood_gate_forcing_steps": model_args.ood_gate_forcing_steps,
+        "ood_gate_handover_steps": model_args.ood_gate_handover_steps,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": training_args.world_size,
@@ -139,8 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         # The processor (saved with every checkpoint, its index with it) retrieves at inference as the data did.
         built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path, data_args.max_knowledge_items)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
+    forcing = model_args.ood_gate_forcing_steps + model_args.ood_gate_handover_steps > 0
+    if forcing and task != "vqa":
+        raise ValueError("--ood_gate_forcing_steps / --ood_gate_handover_steps need the VQA task's relevance labels")
     if task == "vqa":
-        relevance = built.model.config.ood_alignment in RELEVANCE_ALIGNMENTS and built.model.config.ood_alignment_weight > 0
+        relevance = forcing or (
+            built.model.config.ood_alignment in RELEVANCE_ALIGNMENTS and built.model.config.ood_alignment_weight > 0
+        )
         collator = VQACollator(built.processor, len(id2label), pixels, answer_relevance=relevance)
         compute_metrics = VQAMetrics(eval_dataset, id2label) if eval_dataset is not None else None
     elif task == "nlvr2":
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         ood_threshold_learning_rate=model_args.ood_threshold_learning_rate,
         retrieval=retrieval,
         balance_by=data_args.balance_by,
+        callbacks=[GateForcingSchedule(model_args.ood_gate_forcing_steps, model_args.ood_gate_handover_steps)]
+        if forcing else None,
     )
     metrics = {"world_size": training_args.world_size}  # the processes this run had (all_results.json and the card)
     if training_args.do_train:

@@ -188,6 +188,9 @@ class ImplicitOODLayer(nn.Module):
         self.calibration_quantile = config.ood_calibration_quantile
         # Saved with the weights, so a trained or reloaded model is never re-calibrated.
         self.register_buffer("threshold_calibrated", torch.tensor(config.ood_calibration_quantile is None))
+        # Share of the relevance labels in the gate the fusion sees, training only (a schedule sets it: see
+        # `relevance_forced_gate`); 0 outside training, not saved.
+        self.relevance_forcing = 0.0
 
     def _solve(self, problem, start):
         """Iterate T from `start` until every example's relative change is below tol, or max_iter."""
@@ -292,6 +295,8 @@ class ImplicitOODLayer(nn.Module):
                 # logsigmoid, not log(sigmoid): finite gradients even for items far outside the mixture
                 log_gate = F.logsigmoid(gate_logits)
             log_gate = log_gate.masked_fill(items_mask == 0, float("-inf"))
+            if self.training and self.relevance_forcing > 0 and items_relevance is not None:
+                log_gate = self.relevance_forced_gate(log_gate, items_mask, items_relevance)
             gate = log_gate.exp()
             if self.alignment_kind == "contrastive":
                 alignment_loss = self.contrastive_alignment_loss(scores, items_mask, items_relevance)
@@ -314,6 +319,16 @@ class ImplicitOODLayer(nn.Module):
             log_gate=log_gate,
             alignment_loss=alignment_loss,
         )
+
+    def relevance_forced_gate(self, log_gate, items_mask, items_relevance):
+        """log of (1 - s) * gate + s * relevance, s = `relevance_forcing`: the gate teacher-forced by the items that
+        state the training answer. A fusion trained from scratch behind a gate that is still learning which items
+        fit the image learns to ignore the knowledge (it then stays at the answer prior); forced first, it learns to
+        read the selected item, and a schedule hands the selection over to the learned gate."""
+        share = self.relevance_forcing
+        forced = math.log1p(-share) + log_gate if share < 1 else torch.full_like(log_gate, float("-inf"))
+        relevant = (items_relevance.to(log_gate.dtype) * items_mask) > 0
+        return torch.where(relevant, torch.logaddexp(forced, log_gate.new_tensor(math.log(share))), forced)
 
     @property
     def needs_calibration(self) -> bool:

@@ -270,6 +270,31 @@ def test_balanced_gate_loss_keeps_an_item_that_answers_half_the_questions_and_dr
     assert (gates[2:] < 0.1).all()
 
 
+@pytest.mark.parametrize("share", [0.3, 1.0])
+def test_relevance_forced_gate_mixes_the_relevance_labels_into_the_gate(share):
+    torch.manual_seed(0)
+    layer = contrastive_layer(ood_alignment="gate").train()
+    context, items = torch.randn(2, 6, 32, dtype=torch.float64), torch.randn(2, 4, 32, dtype=torch.float64)
+    items_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float64)
+    relevance = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 1]], dtype=torch.float64)  # row 1: the relevant slot 3 is padding
+    learned = layer(context, items, items_mask=items_mask, items_relevance=relevance).gate
+    layer.relevance_forcing = share
+    forced = layer(context, items, items_mask=items_mask, items_relevance=relevance)
+    assert torch.allclose(forced.gate, (1 - share) * learned + share * relevance * items_mask)
+    assert torch.allclose(forced.log_gate.exp(), forced.gate) and forced.gate[1, 3] == 0
+    assert torch.allclose(layer.eval()(context, items, items_mask=items_mask, items_relevance=relevance).gate, learned)
+    assert torch.allclose(layer.train()(context, items, items_mask=items_mask).gate, learned)  # no labels: learned
+
+
+def test_gate_forcing_share_holds_then_hands_over_linearly():
+    from modeling_vkood.training.gate_forcing import GateForcingSchedule, forcing_share
+
+    assert [forcing_share(step, 2, 4) for step in range(8)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert [forcing_share(step, 0, 0) for step in range(2)] == [0.0, 0.0]
+    with pytest.raises(ValueError, match=">= 0"):
+        GateForcingSchedule(-1, 2)
+
+
 def test_states_answer_matches_whole_words_only():
     assert states_answer("the circle is the symbol of the harbour", ["harbour"])
     assert not states_answer("the circle is the symbol of the harbours", ["harbour"])
@@ -289,14 +314,25 @@ def test_new_ood_options_default_to_the_paper():
     assert (config.ood_score, config.ood_alignment, config.ood_alignment_weight) == ("gem", "mean_direction", 0.0)
 
 
-def test_the_shipped_config_trains_evaluates_and_saves(tmp_path):
-    """configuration/knowledge_vqa.yaml as shipped (the study's recipe), cut to 2 steps on 64 questions."""
+def test_the_shipped_config_trains_evaluates_and_saves(tmp_path, monkeypatch):
+    """configuration/knowledge_vqa.yaml as shipped (the study's recipe), cut to 4 steps on 64 questions, its gate
+    forcing to 1 forced step and 2 handover steps: every training forward sees the scheduled share, and the labels."""
     import train
 
+    seen, forward = [], ImplicitOODLayer.forward
+
+    def recording(self, *args, items_relevance=None, **kwargs):
+        if self.training:
+            seen.append((self.relevance_forcing, items_relevance is not None))
+        return forward(self, *args, items_relevance=items_relevance, **kwargs)
+
+    monkeypatch.setattr(ImplicitOODLayer, "forward", recording)
     output = tmp_path / "run"
-    metrics = train.main(["configuration/knowledge_vqa.yaml", "--max_steps", "2", "--max_train_samples", "64",
-                          "--max_eval_samples", "64", "--check_images", "none", "--dataset_cache_dir",
-                          str(tmp_path / "cache"), "--output_dir", str(output)])  # fmt: skip
+    metrics = train.main(["configuration/knowledge_vqa.yaml", "--max_steps", "4", "--max_train_samples", "64",
+                          "--per_device_train_batch_size", "16", "--ood_gate_forcing_steps", "1",
+                          "--ood_gate_handover_steps", "2", "--max_eval_samples", "64", "--check_images", "none",
+                          "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(output)])  # fmt: skip
+    assert seen == [(1.0, True), (1.0, True), (0.5, True), (0.0, True)]
     assert 0.0 <= metrics["eval_vqa_accuracy"] <= 100.0 and metrics["world_size"] == 1
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
     config = json.loads((output / "config.json").read_text())

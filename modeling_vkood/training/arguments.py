@@ -114,6 +114,17 @@ class ModelArguments:
                   "lives on the scale of the scores (units, not 1e-4s): a gate trained by `ood_alignment=gate` "
                   "needs tau to travel several units"},  # fmt: skip
     )
+    ood_gate_forcing_steps: int = field(
+        default=0,
+        metadata={"help": "optimizer steps during which the fusion sees the relevance labels (the knowledge items "
+                  "that state the training answer) as the OOD gate, while the OOD layer learns from its alignment "
+                  "loss (VQA; see modeling_vkood/training/gate_forcing.py); 0: the learned gate from the start"},  # fmt: skip
+    )
+    ood_gate_handover_steps: int = field(
+        default=0,
+        metadata={"help": "optimizer steps after --ood_gate_forcing_steps over which the forced gate hands over "
+                  "linearly to the learned one"},  # fmt: skip
+    )
 
     given_backbones: dict = field(
         init=False, default_factory=dict, metadata={"help": "the backbone names as given, before package:// is resolved"}
