@@ -18,7 +18,7 @@ attention alone selects), `no_knowledge`, `gold_fact` (only the answering fact, 
 two fitting items, gate off: what a perfect hard gate would give the fusion). Means over seeds, standard errors in
 `*_stderr`.
 
-    python benchmarks/knowledge_task.py --max-steps 600      # 2 seeds in 2 parallel processes (README figures)
+    python benchmarks/knowledge_task.py      # 2 seeds in 2 parallel processes, the recipe's steps (README figures)
     python benchmarks/knowledge_task.py --seeds 0 --max-steps 30 --test-samples 100   # quick look
 """
 
@@ -108,10 +108,15 @@ def train_model(name, train_split, model, seed, args, work):
     import train
 
     folder = work / f"seed{seed}" / name
+    # The gate-forcing schedule keeps its share of the run at another step budget.
+    schedule = [(flag, str(round(RECIPE[key] * args.max_steps / RECIPE["max_steps"])))
+                for flag, key in (("--ood_gate_forcing_steps", "ood_gate_forcing_steps"),
+                                  ("--ood_gate_handover_steps", "ood_gate_handover_steps"))]  # fmt: skip
     argv = [
         str(CONFIG), "--dataset", str(folder / "dataset"), "--output_dir", str(folder / "model"),
         "--max_steps", str(args.max_steps), "--do_eval", "false", "--seed", str(seed), "--logging_steps", "50",
-        "--vkood_config", json.dumps({**RECIPE["vkood_config"], **overrides}), "--disable_tqdm", "true", *arguments,
+        "--vkood_config", json.dumps({**RECIPE["vkood_config"], **overrides}), "--disable_tqdm", "true",
+        *[part for pair in schedule for part in pair], *arguments,
     ]  # fmt: skip
     (folder / "dataset" / "data").mkdir(parents=True, exist_ok=True)
     train_split.to_parquet(str(folder / "dataset" / "data" / "train-00000-of-00001.parquet"))
@@ -279,7 +284,7 @@ def plot(result, out):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--max-steps", type=int, default=600, help="training steps per model")
+    parser.add_argument("--max-steps", type=int, default=RECIPE["max_steps"], help="training steps per model")
     parser.add_argument("--train-samples", type=int, default=None, help="default: the whole training split")
     parser.add_argument("--test-samples", type=int, default=500)
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS[:-1]),
