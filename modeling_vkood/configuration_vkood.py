@@ -43,6 +43,10 @@ class VKOODConfig(PreTrainedConfig):
         ood_projection_dim: width d' of the shared projection in which the mixture is fitted.
         ood_num_components: K, the Gaussian components fitted to each image's tokens.
         ood_max_iter, ood_tol: EM fixed-point budget and relative-change tolerance.
+        ood_convergence_check_every: how many EM iterations pass between the host's reads of whether every example
+            has converged, to stop early (each read is a host synchronisation; converged examples are frozen on the
+            device either way). 0: never read, always run `ood_max_iter` iterations: no synchronisation at all, as
+            CUDA graphs and `torch.compile(fullgraph=True)` need. The implicit gradient's adjoint solve follows it too.
         ood_variance_floor: added to every variance in the M step (scikit-learn's `reg_covar`). The projected points
             are standardised per vector (coordinates of unit mean square, on a sphere of radius sqrt(d')), so the
             floor also bounds the squared Mahalanobis distance by 4 d' / floor: 0.1 keeps scores of far items in the
@@ -107,6 +111,7 @@ class VKOODConfig(PreTrainedConfig):
     ood_num_components: int = 4
     ood_max_iter: int = 50
     ood_tol: float = 1e-4
+    ood_convergence_check_every: int = 5
     ood_variance_floor: float = 0.1
     ood_gradient: str = "last_iterate"
     ood_temperature: float = 1.0
@@ -165,6 +170,8 @@ class VKOODConfig(PreTrainedConfig):
             raise ValueError(f"VKOODConfig.classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}")
         if self.ood_calibration_quantile is not None and not 0.0 <= self.ood_calibration_quantile <= 1.0:
             raise ValueError(f"VKOODConfig.ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}")
+        if self.ood_convergence_check_every < 0:
+            raise ValueError(f"VKOODConfig.ood_convergence_check_every must be >= 0, got {self.ood_convergence_check_every}")
         if self.ood_alignment_weight < 0:
             raise ValueError(f"VKOODConfig.ood_alignment_weight must be >= 0, got {self.ood_alignment_weight}")
         unknown = sorted(set(self.pretrained_backbones) - set(BACKBONES))

@@ -7,6 +7,7 @@ VQA (VKOODForQuestionAnswering), NLVR2 (VKOODForImagesAndTextClassification), re
 
 import inspect
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
@@ -23,6 +25,7 @@ from .configuration_vkood import VKOODConfig
 from .ood_vkood import ImplicitOODLayer
 
 TEXT_TYPE, IMAGE_TYPE, KNOWLEDGE_TYPE = 0, 1, 2
+NON_FINITE_PIXELS = "pixel_values contains NaN or Inf; check the image files and the image processor"
 
 
 @dataclass
@@ -31,7 +34,7 @@ class VKOODModelOutput(ModelOutput):
 
     last_hidden_state: text stream [text ; knowledge] (B, L + M, H); image_last_hidden_state (B, N, H);
     pooler_output: concat(pooled text CLS, pooled image CLS) (B, 2H); ood_scores / ood_gate (B, M);
-    ood_iterations (B,) EM steps (the same count for the batch); ood_residual (B,) last relative change;
+    ood_iterations (B,) EM steps of each example; ood_residual (B,) its last relative change;
     ood_alignment_loss: the OOD layer's cross-modal alignment loss (scalar; added by the heads when its weight > 0).
     """
 
@@ -145,6 +148,12 @@ def knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask=None, know
     if knowledge_attention_mask is not None:
         return knowledge_attention_mask.any(-1).long()
     return torch.ones(knowledge_input_ids.shape[:2], dtype=torch.long, device=knowledge_input_ids.device)
+
+
+def _builds_transformers_masks(model):
+    """Whether `model`'s module builds its attention masks with transformers' `create_bidirectional_mask`, which
+    takes an already prepared 4D mask as it is."""
+    return getattr(sys.modules.get(type(model).__module__), "create_bidirectional_mask", None) is create_bidirectional_mask
 
 
 def _key_bias(mask, dtype):
@@ -381,6 +390,10 @@ class VKOODPreTrainedModel(PreTrainedModel):
 class VKOODModel(VKOODPreTrainedModel):
     """Backbones, knowledge encoder, implicit OOD layer and co-attention fusion; returns fused states (no head)."""
 
+    # True: always take the fixed-shape path without host reads, which accelerators and torch.compile get anyway
+    # (tests and benchmarks set it on the CPU). Not saved: it changes no result, only how it is computed.
+    force_fixed_shapes = False
+
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config, **backbone_kwargs(config.vision_config))
@@ -396,10 +409,23 @@ class VKOODModel(VKOODPreTrainedModel):
         self.image_pooler = VKOODPooler(config)
         self.post_init()
 
+    def _fixed_shapes(self, tensor):
+        """Whether to avoid data-dependent shapes and host reads: on an accelerator each one drains the launch queue,
+        under torch.compile each breaks the graph. On the CPU (no queue to drain) the shortcuts stay: distinct texts
+        encoded once, a ValueError for bad pixels."""
+        return self.force_fixed_shapes or tensor.device.type != "cpu" or torch.compiler.is_compiling()
+
     def encode_image(self, pixel_values):
-        """Vision tokens projected to the fusion width, (B, N, H); feature maps (B, C, h, w) become h*w tokens."""
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contains NaN or Inf; check the image files and the image processor")
+        """Vision tokens projected to the fusion width, (B, N, H); feature maps (B, C, h, w) become h*w tokens.
+
+        Non-finite pixels raise a ValueError on the CPU; on the fixed-shape path `torch._assert_async` checks them
+        without a host read (on CUDA a device-side assertion that stops the process; the processor rejects
+        non-finite images before that)."""
+        finite = torch.isfinite(pixel_values).all()
+        if self._fixed_shapes(pixel_values):
+            torch._assert_async(finite, NON_FINITE_PIXELS)
+        elif not finite:
+            raise ValueError(NON_FINITE_PIXELS)
         hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
         if hidden.dim() == 4:
             hidden = hidden.flatten(2).transpose(1, 2)
@@ -408,29 +434,41 @@ class VKOODModel(VKOODPreTrainedModel):
             hidden = getattr(self.vision_model, "vision_model", self.vision_model).post_layernorm(hidden)
         return self.image_projection(hidden)
 
+    def _text_states(self, input_ids, attention_mask):
+        """Text-encoder states (R, L, W); masked tokens become the pad token, so that equal rows give equal states.
+
+        On the fixed-shape path the 4D mask is prepared here as the encoder would prepare it, but without its host
+        read of "is any token padded?" (with none, transformers drops the mask for SDPA)."""
+        input_ids = input_ids.masked_fill(attention_mask == 0, self.config.text_config.pad_token_id or 0)
+        mask = attention_mask
+        if self._fixed_shapes(input_ids) and not torch.compiler.is_compiling() and _builds_transformers_masks(self.text_model):
+            shape_only = torch.empty(*input_ids.shape, 0, dtype=self.text_model.dtype, device=input_ids.device)
+            mask = create_bidirectional_mask(self.text_model.config, shape_only, attention_mask, allow_is_bidirectional_skip=False)
+        return self.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
     def _encode_distinct(self, input_ids, attention_mask):
         """Text-encoder states of each distinct (tokens, mask) row, encoded once: questions and knowledge items
         repeat a lot within a batch (easy-VQA has 107 distinct questions). Returns (states, mask, inverse) with
-        `states[inverse]` the states of every input row."""
+        `states[inverse]` the states of every input row. Data-dependent shapes: the CPU path only."""
         keyed = input_ids.masked_fill(attention_mask == 0, -1)
         unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
         unique_mask = (unique != -1).long()
-        pad_id = self.config.text_config.pad_token_id or 0
-        states = self.text_model(input_ids=unique.masked_fill(unique == -1, pad_id), attention_mask=unique_mask)
-        return states.last_hidden_state, unique_mask, inverse
+        return self._text_states(unique, unique_mask), unique_mask, inverse
 
     def encode_text(self, input_ids, attention_mask=None):
         """Text tokens projected to the fusion width, (B, L, H)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self._fixed_shapes(input_ids):
+            return self.text_projection(self._text_states(input_ids, attention_mask))
         states, _, inverse = self._encode_distinct(input_ids, attention_mask)
         return self.text_projection(states[inverse])
 
     def encode_knowledge(self, knowledge_input_ids, knowledge_attention_mask=None, knowledge_mask=None):
         """One vector per knowledge item, (B, M, H): mean-pooled text-encoder states of each item.
 
-        Items repeat a lot within a batch (the same triple for many questions), so each distinct item is encoded
-        once and scattered back.
+        Items repeat a lot within a batch (the same triple for many questions), so on the CPU each distinct item is
+        encoded once and scattered back; the fixed-shape path encodes every item slot, padded ones zero-masked.
         """
         batch, items, length = knowledge_input_ids.shape
         knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
@@ -440,7 +478,16 @@ class VKOODModel(VKOODPreTrainedModel):
         dtype = self.knowledge_projection.weight.dtype
         pooled = knowledge_input_ids.new_zeros(batch * items, width, dtype=dtype)
         valid = knowledge_mask.reshape(-1).bool()
-        if items and length:
+        if items and length and self._fixed_shapes(knowledge_input_ids):
+            flat_mask = knowledge_attention_mask.reshape(-1, length)
+            # A slot without a real token attends to its first one: no fully masked row (NaN under SDPA) reaches
+            # the encoder; its vector is zeroed below like every padded slot's.
+            first_token = (torch.arange(length, device=flat_mask.device) == 0).to(flat_mask.dtype)
+            empty = flat_mask.sum(-1, keepdim=True) == 0
+            states = self._text_states(knowledge_input_ids.reshape(-1, length), torch.where(empty, first_token, flat_mask))
+            weights = (flat_mask * valid.unsqueeze(-1)).unsqueeze(-1).to(states.dtype)
+            pooled = ((states * weights).sum(1) / weights.sum(1).clamp_min(1.0)).to(dtype)
+        elif items and length:
             flat_ids = knowledge_input_ids.reshape(-1, length)[valid]
             flat_mask = knowledge_attention_mask.reshape(-1, length)[valid]
             if flat_ids.shape[0]:
@@ -486,7 +533,7 @@ class VKOODModel(VKOODPreTrainedModel):
             pooler_output=pooled,
             ood_scores=ood.scores,
             ood_gate=ood.gate,
-            ood_iterations=ood.iterations.expand(batch),
+            ood_iterations=ood.iterations,
             ood_residual=ood.residual,
             ood_alignment_loss=ood.alignment_loss,
         )

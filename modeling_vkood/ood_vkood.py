@@ -18,12 +18,13 @@ from transformers.utils import ModelOutput
 
 @dataclass
 class GaussianMixtureOutput(ModelOutput):
-    """A batch of fitted mixtures; `iterations` is the EM step count, `residual` the last relative change per example."""
+    """A batch of fitted mixtures. `iterations` (B,) counts the EM steps of each example (it stops changing once that
+    example has converged); `residual` (B,) is each example's last relative change of its EM statistics."""
 
     weights: torch.FloatTensor | None = None  # (B, K)
     means: torch.FloatTensor | None = None  # (B, K, d')
     variances: torch.FloatTensor | None = None  # (B, K, d')
-    iterations: torch.LongTensor | None = None  # ()
+    iterations: torch.LongTensor | None = None  # (B,)
     residual: torch.FloatTensor | None = None  # (B,)
 
 
@@ -38,32 +39,38 @@ class ImplicitOODOutput(GaussianMixtureOutput):
     alignment_loss: torch.FloatTensor | None = None
 
 
-def _pack(weights, means, variances):
-    return torch.cat([weights.unsqueeze(-1), means, variances], dim=-1)
-
-
-def _unpack(theta):
-    dim = (theta.shape[-1] - 1) // 2
-    return theta[..., 0], theta[..., 1 : 1 + dim], theta[..., 1 + dim :]
-
-
 def _features(points):
-    """[x, x^2]: with it the E step and the M step are one batched matmul each (no (B, N, K, d) tensor)."""
+    """[x, x^2]: with it a squared distance to every component is one batched matmul (no (B, N, K, d) tensor)."""
     return torch.cat([points, points.square()], dim=-1)
 
 
 class EMProblem(NamedTuple):
-    """What every EM step of one fit reuses: the point features, the mask and the masked global moments."""
+    """What every EM step of one fit reuses, laid out so that the E step and the M step are one batched matmul each.
 
-    features: torch.Tensor  # (B, N, 2d') = [x, x^2]
+    The EM state is the tensor of sufficient statistics S (B, 1 + 2d', K): per component its mass, sum of x and sum
+    of x^2 over the responsibilities, each plus a pseudo-count carrying the example's global moments.
+    """
+
+    design: torch.Tensor  # (B, N, 3d') = [x, -x^2/2, -1/2]: the E step's logits are design @ [mu/var; 1/var; log var + mu^2/var]
+    statistics_design: torch.Tensor  # (B, 1 + 2d', N) = mask * [1; x; x^2]: the M step's S is statistics_design @ resp
+    prior: torch.Tensor  # (B, 1 + 2d', 1) = pseudo-count * [1; global mean of x; global mean of x^2]
     mask: torch.Tensor  # (B, N), 1 for real points
-    global_moments: torch.Tensor  # (B, 2d') mean of [x, x^2] over the real points
 
 
 def em_problem(points, mask):
-    features = _features(points)
+    """The EM problem of points (B, N, d') with `mask` (B, N), 1 for real points.
+
+    A pseudo-count of 10 machine epsilons carrying the example's global mean and variance keeps empty components
+    (fewer tokens than components, fully padded rows) finite, as scikit-learn's `nk + 10 * eps` does.
+    """
+    pseudo = 10 * torch.finfo(points.dtype).eps
+    ones = torch.ones_like(points[..., :1])
+    moments = torch.cat([ones, points, points.square()], dim=-1) * mask.unsqueeze(-1)  # (B, N, 1 + 2d')
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
-    return EMProblem(features, mask, torch.einsum("bn,bnf->bf", mask, features) / count)
+    prior = moments.sum(1) / count
+    prior = torch.cat([torch.ones_like(count), prior[:, 1:]], dim=-1) * pseudo
+    design = torch.cat([points, -0.5 * points.square(), -0.5 * torch.ones_like(points)], dim=-1)
+    return EMProblem(design, moments.transpose(1, 2).contiguous(), prior.unsqueeze(-1), mask)
 
 
 def mahalanobis_sq(features, means, variances):
@@ -88,40 +95,64 @@ def mixture_log_likelihood(points, mask, weights, means, variances):
     return (per_point * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-def m_step(problem, resp, variance_floor):
-    """Weights, means and diagonal variances from responsibilities (B, N, K).
-
-    A pseudo-count of 10 machine epsilons carrying the example's global mean and variance keeps empty components
-    (fewer tokens than components, fully padded rows) finite, as scikit-learn's `nk + 10 * eps` does; the variance
-    floor is added, like scikit-learn's `reg_covar`, so the map stays smooth for the implicit gradient.
-    """
-    pseudo = 10 * torch.finfo(problem.features.dtype).eps
-    resp = resp * problem.mask.unsqueeze(-1)
-    mass = resp.sum(1) + pseudo  # (B, K)
-    moments = (resp.transpose(1, 2) @ problem.features + pseudo * problem.global_moments.unsqueeze(1)) / mass.unsqueeze(-1)
-    means, second = moments.chunk(2, dim=-1)
-    variances = (second - means.square()).clamp_min(0.0) + variance_floor
-    return mass / mass.sum(-1, keepdim=True), means, variances
+def _responsibilities(problem, log_mass, means, variances):
+    """E step, log domain: softmax over components of log w_k + log N(x | mu_k, var_k) up to a per-point constant
+    (2 pi and the weights' normaliser cancel in the softmax). `log_mass` (B, 1, K), means and variances (B, d', K)."""
+    precision = variances.reciprocal()
+    coefficient = means * precision
+    coefficients = torch.cat([coefficient, precision, torch.addcmul(variances.log(), means, coefficient)], dim=1)
+    return torch.softmax(torch.baddbmm(log_mass, problem.design, coefficients), dim=-1)
 
 
-def _em_step(problem, weights, means, variances, variance_floor):
-    resp = torch.softmax(component_log_prob(problem.features, weights, means, variances), dim=-1)
-    return m_step(problem, resp, variance_floor)
+def _statistics(problem, resp):
+    """M step, first half: the sufficient statistics S (B, 1 + 2d', K) of responsibilities (B, N, K)."""
+    return torch.baddbmm(problem.prior, problem.statistics_design, resp)
+
+
+def _parameters(statistics, variance_floor):
+    """M step, second half: log mass (B, 1, K), means and variances (B, d', K) of statistics S. The variance floor is
+    added, like scikit-learn's `reg_covar`, so the map stays smooth for the implicit gradient."""
+    dim = (statistics.shape[1] - 1) // 2
+    mass, first, second = statistics.split([1, dim, dim], dim=1)
+    means = first / mass
+    variances = torch.addcmul(second / mass, means, means, value=-1.0).clamp_min(0.0) + variance_floor
+    return mass.log(), means, variances
+
+
+def _em_update(problem, statistics, variance_floor):
+    """One EM application T on the sufficient statistics: parameters, E step, statistics."""
+    return _statistics(problem, _responsibilities(problem, *_parameters(statistics, variance_floor)))
+
+
+def _mixture(statistics, variance_floor):
+    """(weights (B, K), means (B, K, d'), variances (B, K, d')) of statistics S."""
+    log_mass, means, variances = _parameters(statistics, variance_floor)
+    mass = statistics[:, 0]
+    return mass / mass.sum(-1, keepdim=True), means.transpose(1, 2), variances.transpose(1, 2)
 
 
 def em_step(points, mask, weights, means, variances, variance_floor):
-    """One EM application T(theta; Z): log-domain E step (softmax of log-probabilities), then the M step."""
-    return _em_step(em_problem(points, mask), weights, means, variances, variance_floor)
+    """One EM application T(theta; Z) to theta = (weights (B, K), means, variances (B, K, d')): log-domain E step,
+    then the M step."""
+    problem = em_problem(points, mask)
+    log_weights = weights.clamp_min(torch.finfo(weights.dtype).tiny).log().unsqueeze(1)
+    resp = _responsibilities(problem, log_weights, means.transpose(1, 2), variances.transpose(1, 2))
+    return _mixture(_statistics(problem, resp), variance_floor)
 
 
-def initial_mixture(problem, num_components, variance_floor):
+def _initial_statistics(problem, num_components):
     """Deterministic start: the real tokens, in order, cut into K contiguous groups (spatial bands for patches)."""
     mask = problem.mask
     rank = mask.cumsum(1) - 1.0  # position of each real token among the real tokens
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
-    group = torch.div(rank.clamp_min(0.0) * num_components, count, rounding_mode="floor").long().clamp_max(num_components - 1)
-    resp = F.one_hot(group, num_components).to(problem.features.dtype)
-    return m_step(problem, resp, variance_floor)
+    group = torch.div(rank.clamp_min(0.0) * num_components, count, rounding_mode="floor").clamp_max(num_components - 1)
+    components = torch.arange(num_components, device=mask.device, dtype=group.dtype)
+    return _statistics(problem, (group.unsqueeze(-1) == components).to(mask.dtype))  # one-hot, without a sync
+
+
+def initial_mixture(problem, num_components, variance_floor):
+    """The deterministic start as (weights, means, variances)."""
+    return _mixture(_initial_statistics(problem, num_components), variance_floor)
 
 
 def gem_score(points, mixture):
@@ -156,7 +187,17 @@ def log_likelihood_score(points, mixture, context_points, context_mask):
 
 
 def _relative_change(new, old):
-    return (new - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1).clamp_min(1e-12)
+    """||new - old|| / ||old|| per example, shaped (B, 1, 1) like the (B, F, K) statistics it compares."""
+    norm = lambda tensor: torch.linalg.vector_norm(tensor, dim=(1, 2), keepdim=True)  # noqa: E731
+    return norm(new - old) / norm(old).clamp_min(1e-30)
+
+
+def _no_mixture(points):
+    """The fit of zero components (no EM ran): empty weights, means and variances sliced from the points (B, N, d'),
+    on their device, dtype and autograd graph; 0 iterations and residual 0 per example."""
+    empty = points[:, :0]
+    zeros = points.new_zeros(points.shape[0])
+    return GaussianMixtureOutput(weights=empty[..., 0], means=empty, variances=empty, iterations=zeros.long(), residual=zeros)
 
 
 class ImplicitOODLayer(nn.Module):
@@ -167,6 +208,11 @@ class ImplicitOODLayer(nn.Module):
       carries the gradient, so memory does not grow with the iteration count.
     - "implicit": implicit function theorem; the backward solves the adjoint fixed point u = g + (dT/dtheta)^T u.
     - "unrolled": autograd through every iteration (the reference the other two are tested against).
+
+    The solver is a fixed-shape loop on the device: an example whose relative change falls below tol is frozen
+    (`torch.where`; its state, residual and iteration count stop changing), and the host reads whether all have
+    converged only every `config.ood_convergence_check_every` iterations (0: never, a fixed budget of `ood_max_iter`),
+    each read being a host synchronisation. An example's fit therefore does not depend on the rest of its batch.
     """
 
     def __init__(self, config):
@@ -174,6 +220,7 @@ class ImplicitOODLayer(nn.Module):
         self.num_components = config.ood_num_components
         self.max_iter = config.ood_max_iter
         self.tol = config.ood_tol
+        self.check_every = config.ood_convergence_check_every
         self.variance_floor = config.ood_variance_floor
         self.gradient_mode = config.ood_gradient
         self.temperature = config.ood_temperature
@@ -191,19 +238,30 @@ class ImplicitOODLayer(nn.Module):
         # Share of the relevance labels in the gate the fusion sees, training only (a schedule sets it: see
         # `relevance_forced_gate`); 0 outside training, not saved.
         self.relevance_forcing = 0.0
+        self._known_calibrated = None  # (the flag tensor, its version) once it was read True: no further host reads
 
-    def _solve(self, problem, start):
-        """Iterate T from `start` until every example's relative change is below tol, or max_iter."""
-        state = start
-        residual = torch.zeros(problem.mask.shape[0], dtype=problem.features.dtype, device=problem.features.device)
-        iterations = 0
-        for iterations in range(1, self.max_iter + 1):
-            new_state = _em_step(problem, *state, self.variance_floor)
-            residual = _relative_change(_pack(*new_state), _pack(*state))
-            state = new_state
-            if bool((residual < self.tol).all()):
+    def _may_stop(self, step, active):
+        """Whether the host stops the loop after `step`: only every `check_every` steps does it read `active` (a
+        host synchronisation), and never after the last step, which ends the loop anyway."""
+        if not self.check_every or step % self.check_every or step >= self.max_iter:
+            return False
+        return not bool(active.any())
+
+    def _solve(self, problem, statistics):
+        """Iterate T from `statistics` until every example's relative change is below tol, or max_iter; converged
+        examples are frozen. Returns the statistics, the iterations (B,) and the last relative change (B,)."""
+        residual = torch.zeros_like(statistics[:, :1, :1])  # (B, 1, 1), like every per-example state below
+        iterations = torch.zeros_like(residual, dtype=torch.long)
+        active = torch.ones_like(residual, dtype=torch.bool)
+        for step in range(1, self.max_iter + 1):
+            new_statistics = _em_update(problem, statistics, self.variance_floor)
+            residual = torch.where(active, _relative_change(new_statistics, statistics), residual)
+            statistics = torch.where(active, new_statistics, statistics)
+            iterations = iterations + active
+            active = residual >= self.tol
+            if self._may_stop(step, active):
                 break
-        return state, iterations, residual
+        return statistics, iterations.flatten(), residual.flatten()
 
     def fit_mixture(self, points, mask=None):
         """Fit the mixture to already-projected points (B, N, d'); `mask` is 1 for real points."""
@@ -214,26 +272,19 @@ class ImplicitOODLayer(nn.Module):
         unrolled = differentiable and self.gradient_mode == "unrolled"
         problem = em_problem(points, mask)  # built once: the solver and the differentiable step share it
         with torch.set_grad_enabled(unrolled):
-            start = initial_mixture(problem, self.num_components, self.variance_floor)
-            state, iterations, residual = self._solve(problem, start)
+            statistics, iterations, residual = self._solve(problem, _initial_statistics(problem, self.num_components))
         if differentiable and not unrolled:
-            state = self._attach_gradient(problem, state)
-        weights, means, variances = state
-        return GaussianMixtureOutput(
-            weights=weights,
-            means=means,
-            variances=variances,
-            iterations=torch.tensor(iterations, device=points.device),
-            residual=residual,
-        )
+            statistics = self._attach_gradient(problem, statistics)
+        weights, means, variances = _mixture(statistics, self.variance_floor)
+        return GaussianMixtureOutput(weights=weights, means=means, variances=variances, iterations=iterations, residual=residual)
 
-    def _attach_gradient(self, problem, state):
+    def _attach_gradient(self, problem, statistics):
         """One differentiable step from the detached fixed point; in implicit mode its gradient is IFT-corrected."""
-        theta_star = _pack(*state).detach().requires_grad_(self.gradient_mode == "implicit")
-        theta = _pack(*_em_step(problem, *_unpack(theta_star), self.variance_floor))
+        theta_star = statistics.detach().requires_grad_(self.gradient_mode == "implicit")
+        theta = _em_update(problem, theta_star, self.variance_floor)
         if self.gradient_mode == "implicit":
             theta.register_hook(self._adjoint_hook(theta, theta_star))
-        return _unpack(theta)
+        return theta
 
     def _adjoint_hook(self, theta, theta_star):
         solving = []  # non-empty while the vector-Jacobian products below flow back through `theta` itself
@@ -242,14 +293,17 @@ class ImplicitOODLayer(nn.Module):
             if solving or grad is None:
                 return grad
             solving.append(True)
-            # u = g + J^T u with J = dT/dtheta at theta*: a contraction where EM converges, solved by iteration.
+            # u = g + J^T u with J = dT/dtheta at theta*: a contraction where EM converges, solved by iteration,
+            # with the forward solver's rules: converged examples frozen, the host looking every `check_every` steps.
             adjoint = grad
-            for _ in range(self.max_iter):
+            active = torch.ones_like(grad[:, :1, :1], dtype=torch.bool)
+            for step in range(1, self.max_iter + 1):
                 (vjp,) = torch.autograd.grad(theta, theta_star, adjoint, retain_graph=True)
                 new_adjoint = grad + vjp
-                change = (new_adjoint - adjoint).norm() / new_adjoint.norm().clamp_min(1e-30)
-                adjoint = new_adjoint
-                if bool(change < self.tol):
+                change = _relative_change(new_adjoint, adjoint)
+                adjoint = torch.where(active, new_adjoint, adjoint)
+                active = active & (change >= self.tol)
+                if self._may_stop(step, active):
                     break
             solving.clear()
             return adjoint
@@ -284,8 +338,12 @@ class ImplicitOODLayer(nn.Module):
             if items_mask is None:
                 items_mask = torch.ones(items.shape[:2], device=items.device)
             items_mask, context_mask = items_mask.to(dtype), context_mask.to(dtype)
-            mixture = self.fit_mixture(context_points, context_mask)
-            scores = self.score(item_points, mixture, context_points, context_mask) * items_mask
+            if items.shape[1] == 0:  # no knowledge item (a static shape): nothing to score, so no EM
+                mixture = _no_mixture(context_points)
+                scores = item_points.sum(-1)  # (B, 0), from the items like the scores it stands for
+            else:
+                mixture = self.fit_mixture(context_points, context_mask)
+                scores = self.score(item_points, mixture, context_points, context_mask) * items_mask
             gate_logits = (scores - self.threshold.to(dtype)) / self.temperature
             if not self.use_gate:
                 log_gate = torch.zeros_like(scores)
@@ -332,8 +390,23 @@ class ImplicitOODLayer(nn.Module):
 
     @property
     def needs_calibration(self) -> bool:
-        """True until `calibrate_threshold` has set tau (a saved, trained or reloaded model never needs it)."""
-        return self.use_gate and not bool(self.threshold_calibrated)
+        """True until `calibrate_threshold` has set tau (a saved, trained or reloaded model never needs it).
+
+        Reading the flag is a host synchronisation; once it was read True, that answer is kept host-side for as long
+        as the flag tensor is the same object at the same version (`load_state_dict`, `from_pretrained` and
+        `_init_weights` write or replace it, and the next read looks again)."""
+        if not self.use_gate:
+            return False
+        flag = self.threshold_calibrated
+        if flag.is_inference():  # inference tensors keep no version counter: read it every time
+            return not bool(flag)
+        known = self._known_calibrated
+        if known is not None and known[0] is flag and known[1] == flag._version:
+            return False
+        if not bool(flag):
+            return True
+        self._known_calibrated = (flag, flag._version)
+        return False
 
     @torch.no_grad()
     def calibrate_threshold(self, scores):
@@ -383,8 +456,8 @@ class ImplicitOODLayer(nn.Module):
         positive = items_relevance.to(scores.dtype) * items_mask
         has_positive = positive.sum(1) > 0
         per_example = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(positive == 0, absent), 1)
-        weight = has_positive.to(scores.dtype)
-        return (per_example * weight).sum() / weight.sum().clamp_min(1.0)
+        # where, not a product: with no item at all (M = 0) per_example is -inf - (-inf)
+        return torch.where(has_positive, per_example, 0.0).sum() / has_positive.sum().clamp_min(1)
 
     @staticmethod
     def gate_relevance_loss(gate_logits, items_mask, items_relevance):

@@ -128,7 +128,7 @@ def _saved_bytes(mode, iterations):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = layer(context, items)
-    assert output.iterations.item() == iterations
+    assert output.iterations.tolist() == [iterations] * 4  # per example, (B,)
     output.gate.sum().backward()
     assert torch.isfinite(context.grad).all()
     return sum(total)
@@ -290,3 +290,135 @@ def test_variance_floor_bounds_how_far_a_score_can_fall():
     dim = 16
     bound = (-0.5 * 4 * dim / 0.1 + 0.5 * dim) / math.sqrt(0.5 * dim)
     assert (output.scores >= bound - 1e-4).all()
+
+
+def _fit(check_every, max_iter=200, tol=1e-10, mode="last_iterate"):
+    layer = make_layer(ood_num_components=3, ood_max_iter=max_iter, ood_tol=tol, ood_convergence_check_every=check_every,
+                       ood_gradient=mode)  # fmt: skip
+    points = clustered_points(batch=3, count=40, seed=4)
+    points[1] = points[1, :1].expand(40, -1)  # identical tokens: converges at once, long before the others
+    return layer.fit_mixture(points)
+
+
+def test_converged_examples_are_frozen_so_the_check_interval_changes_nothing():
+    """A converged example stops changing: the host looking every step, every 7 or never (a fixed budget of 200)
+    gives the very same mixture, and each example keeps its own iteration count."""
+    every_step, every_7, never = _fit(1), _fit(7), _fit(0)
+    assert every_step.iterations[1] < every_step.iterations[0] and (every_step.residual < 1e-10).all()
+    for other in (every_7, never):
+        for name in ("weights", "means", "variances", "iterations", "residual"):
+            assert torch.equal(getattr(every_step, name), getattr(other, name)), name
+    assert every_step.iterations.shape == (3,) and every_step.iterations.dtype == torch.long
+
+
+def test_an_example_fit_does_not_depend_on_its_batch():
+    batched = _fit(5)
+    points = clustered_points(batch=3, count=40, seed=4)
+    alone = make_layer(ood_num_components=3, ood_max_iter=200, ood_tol=1e-10).fit_mixture(points[2:])
+    assert alone.iterations.item() == batched.iterations[2].item()
+    torch.testing.assert_close(alone.means[0], batched.means[2], rtol=0, atol=1e-12)
+
+
+def _trained_calibrated_layer(**overrides):
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.5, ood_tol=1e-30, **overrides)).train()
+    layer.calibrate_threshold(torch.randn(20))
+    assert not layer.needs_calibration  # read once here: from now on a host-side answer
+    return layer
+
+
+def _syncs_of_a_training_step(layer):
+    from benchmarks.dispatch_counts import HostSyncCounter
+
+    context, items = torch.randn(3, 20, 32, requires_grad=True), torch.randn(3, 5, 32, requires_grad=True)
+    items_mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [0.0] * 5])
+    with HostSyncCounter() as syncs:
+        assert not layer.needs_calibration
+        output = layer(context, items, items_mask=items_mask)
+        (output.gate.sum() + output.scores.sum() + output.alignment_loss).backward()
+    assert torch.isfinite(context.grad).all()
+    return syncs.events
+
+
+@pytest.mark.parametrize("mode", ["last_iterate", "implicit", "unrolled"])
+def test_training_step_host_synchronisations(mode):
+    """After calibration: none with a fixed budget; one host read per `check_every` steps otherwise (forward and,
+    in implicit mode, the adjoint solve), at most ceil(max_iter / k) each."""
+    assert _syncs_of_a_training_step(_trained_calibrated_layer(ood_gradient=mode, ood_convergence_check_every=0)) == []
+    events = _syncs_of_a_training_step(_trained_calibrated_layer(ood_gradient=mode, ood_max_iter=12,
+                                                                 ood_convergence_check_every=5))  # fmt: skip
+    solves = 2 if mode == "implicit" else 1
+    assert len(events) == solves * 2 <= solves * math.ceil(12 / 5)  # reads after steps 5 and 10, not after 12
+    assert {name for name, _ in events} == {"_local_scalar_dense"} and all("_may_stop" in where for _, where in events)
+
+
+def test_fixed_budget_implicit_gradient_equals_the_early_stopped_one():
+    points = _separated_points()
+    gradients = []
+    for check_every in (0, 1):
+        layer = make_layer(ood_num_components=2, ood_max_iter=400, ood_tol=1e-13, ood_gradient="implicit",
+                           ood_convergence_check_every=check_every)  # fmt: skip
+        (gradient,) = torch.autograd.grad(_fit_fn(layer)(points).square().sum(), points)
+        gradients.append(gradient)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("alignment", ["mean_direction", "contrastive", "gate"])
+@pytest.mark.parametrize("score", ["gem", "log_likelihood"])
+def test_no_knowledge_items_means_no_em(monkeypatch, alignment, score):
+    from modeling_vkood import ood_vkood
+
+    monkeypatch.setattr(ood_vkood, "_em_update", lambda *args: pytest.fail("EM ran without any item to score"))
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_alignment=alignment, ood_score=score)).train()
+    context = torch.randn(2, 10, 32, requires_grad=True)
+    output = layer(context, torch.randn(2, 0, 32), items_relevance=torch.zeros(2, 0))
+    assert output.scores.shape == output.gate.shape == output.log_gate.shape == (2, 0)
+    assert output.iterations.tolist() == [0, 0] and output.residual.tolist() == [0.0, 0.0]
+    assert output.means.shape == (2, 0, 8) and output.weights.shape == (2, 0)
+    assert torch.isfinite(output.alignment_loss) and output.alignment_loss == 0
+    (output.alignment_loss + output.gate.sum()).backward()  # the layer's parameters stay in the graph (DDP)
+    assert layer.threshold.grad is not None and layer.projection.weight.grad is not None
+
+
+def test_needs_calibration_reads_the_flag_until_it_is_true_and_sees_every_reload():
+    from benchmarks.dispatch_counts import HostSyncCounter
+
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.5))
+    fresh_state = {key: value.clone() for key, value in layer.state_dict().items()}
+    with HostSyncCounter() as syncs:
+        assert layer.needs_calibration and layer.needs_calibration
+    assert syncs.count == 2  # not calibrated yet: read each time
+    layer.calibrate_threshold(torch.randn(10))
+    with HostSyncCounter() as syncs:
+        assert not layer.needs_calibration
+    assert syncs.count == 1
+    with HostSyncCounter() as syncs:
+        assert not layer.needs_calibration and not layer.needs_calibration
+    assert syncs.count == 0
+    calibrated_state = {key: value.clone() for key, value in layer.state_dict().items()}
+    layer.load_state_dict(fresh_state)  # writes the flag in place: a new version
+    assert layer.needs_calibration
+    layer.load_state_dict(calibrated_state)
+    assert not layer.needs_calibration
+    layer.threshold_calibrated = torch.tensor(False)  # a replaced buffer (as a meta-device load does)
+    assert layer.needs_calibration
+
+
+def test_compiled_fixed_budget_layer_has_no_graph_break_and_matches_eager():
+    """torch.compile(fullgraph=True) raises on any graph break; forward and backward must agree with eager."""
+    torch.manual_seed(0)
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_max_iter=6, ood_convergence_check_every=0)).train()
+    layer.calibrate_threshold(torch.randn(10))
+    context, items = torch.randn(2, 12, 32), torch.randn(2, 3, 32)
+
+    def step(function):
+        layer.zero_grad()
+        inputs = [context.clone().requires_grad_(), items.clone().requires_grad_()]
+        output = function(*inputs, items_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))
+        (output.gate.sum() + output.scores.sum() + output.means.sum()).backward()
+        return [output.scores, output.gate, output.means, output.iterations, *(x.grad for x in inputs),
+                layer.projection.weight.grad.clone(), layer.threshold.grad.clone()]  # fmt: skip
+
+    compiled = step(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    eager = step(layer)
+    for ours, reference in zip(compiled, eager):
+        torch.testing.assert_close(ours, reference)
