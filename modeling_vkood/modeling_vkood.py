@@ -214,7 +214,8 @@ class VKOODAttention(nn.Module):
     (B, 1, 1, Lk), added to the attention logits, carries the padding of the keys and the log-gate of the knowledge
     items; every implementation receives it as the float mask (B, 1, Lq, Lk) (a broadcast view, no copy), so its
     gradient reaches the gate. Returns the attended states (B, Lq, H) and the attention probabilities
-    (B, heads, Lq, Lk) where the implementation computes them (eager), else None.
+    (B, heads, Lq, Lk) where the implementation computes them (eager), else None. transformers' flex_attention takes
+    no attention dropout: train with it only at `attention_probs_dropout_prob=0` (it raises otherwise).
     """
 
     is_causal = False  # read by the sdpa and flash implementations
@@ -609,9 +610,11 @@ class VKOODModel(VKOODPreTrainedModel):
         text_history, image_history, attentions = [text_states], [image_states], []
         for layer in self.fusion_layers:
             text_states, image_states, *layer_attentions = layer(text_states, image_states, text_bias, image_bias)
-            text_history.append(text_states)
-            image_history.append(image_states)
-            attentions.append(layer_attentions)
+            if output_hidden_states:
+                text_history.append(text_states)
+                image_history.append(image_states)
+            if output_attentions:  # kept only when asked: (B, heads, Lq, Lk) per layer and attention is large
+                attentions.append(layer_attentions)
         requested = dict(zip(FUSION_ATTENTIONS, zip(*attentions))) if output_attentions else {}
         if output_hidden_states:
             requested.update(text_hidden_states=tuple(text_history), image_hidden_states=tuple(image_history))

@@ -15,7 +15,7 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODModel,
 )
-from modeling_vkood.modeling_vkood import FUSION_ATTENTIONS, VKOODAttention
+from modeling_vkood.modeling_vkood import FUSION_OUTPUTS, VKOODAttention
 
 try:
     from torch.nn.attention.flex_attention import flex_attention
@@ -32,7 +32,8 @@ HEADS = {
 
 def deterministic_config(**overrides):
     """The tiny config with every dropout at 0, backbones included, so that implementations compare in train mode."""
-    config = tiny_vkood_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0, **overrides)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    config = tiny_vkood_config(**no_dropout, **overrides)
     config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     return config
 
@@ -198,8 +199,9 @@ def test_output_hidden_states_hold_the_fusion_input_and_every_layer():
         output = model(**batch, output_hidden_states=True)
         config.output_hidden_states = True  # the config's value is the default
         from_config = model(**batch)
-    assert all(getattr(plain, name) is None for name in ("text_hidden_states", "image_hidden_states") + FUSION_ATTENTIONS)
-    for stream, last, length in (("text", "last_hidden_state", TEXT_LENGTH + ITEMS), ("image", "image_last_hidden_state", IMAGE_TOKENS)):
+    assert all(getattr(plain, name) is None for name in FUSION_OUTPUTS)
+    streams = (("text", "last_hidden_state", TEXT_LENGTH + ITEMS), ("image", "image_last_hidden_state", IMAGE_TOKENS))
+    for stream, last, length in streams:
         states = getattr(output, f"{stream}_hidden_states")
         assert len(states) == config.num_fusion_layers + 1
         assert all(state.shape == (3, length, 32) for state in states)
@@ -209,7 +211,9 @@ def test_output_hidden_states_hold_the_fusion_input_and_every_layer():
     torch.testing.assert_close(output.pooler_output, plain.pooler_output, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("task, return_loss", [("vqa", None), ("nlvr2", None), ("retrieval", False), ("retrieval", True)])
+@pytest.mark.parametrize(
+    "task, return_loss", [("vqa", None), ("nlvr2", None), ("retrieval", False), ("retrieval", True)]
+)
 def test_return_dict_false_gives_the_outputs_tuple_and_heads_keep_their_pairs(task, return_loss):
     model_class, kwargs = HEADS[task]
     torch.manual_seed(0)
