@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
 
@@ -36,6 +37,20 @@ class VKOODModelOutput(ModelOutput):
     pooler_output: concat(pooled text CLS, pooled image CLS) (B, 2H); ood_scores / ood_gate (B, M);
     ood_iterations (B,) EM steps of each example; ood_residual (B,) its last relative change;
     ood_alignment_loss: the OOD layer's cross-modal alignment loss (scalar; added by the heads when its weight > 0).
+
+    With `output_hidden_states=True` (default `config.output_hidden_states`), per stream a tuple of
+    `config.num_fusion_layers + 1` states: the fusion's input (token-type embeddings added, knowledge scaled by its
+    gate) and the output of each co-attention layer, the last equal to the last hidden state:
+    text_hidden_states (B, L + M, H) each; image_hidden_states (B, N, H) each.
+
+    With `output_attentions=True` (default `config.output_attentions`; needs `attn_implementation="eager"`), per
+    attention a tuple of one tensor per co-attention layer, (B, heads, queries, keys), softmax over the keys:
+    text_self_attentions (B, heads, L + M, L + M); text_cross_attentions, the text stream over the image tokens
+    (B, heads, L + M, N); image_self_attentions (B, heads, N, N); image_cross_attentions, the image over
+    [text ; knowledge] (B, heads, N, L + M). Padded keys and hard-gated-out knowledge items get weight 0; soft-gated
+    items are down-weighted by their gate (their logits carry log(gate)).
+
+    `return_dict=False` gives `to_tuple()`: the fields above that are set, in this order.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -46,11 +61,21 @@ class VKOODModelOutput(ModelOutput):
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
     ood_alignment_loss: torch.FloatTensor | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class VKOODClassificationOutput(ModelOutput):
-    """Loss and logits of the VQA and NLVR2 heads, with the pooled output and OOD diagnostics of the fused pass."""
+    """Loss and logits of the VQA and NLVR2 heads, with the pooled output and OOD diagnostics of the fused pass.
+
+    The hidden states and attentions (when asked for) are those of `VKOODModelOutput`; NLVR2 fuses each image of a
+    pair separately, so its tensors carry a pair axis after the batch: (B, 2, ...), as its `ood_scores` do.
+    """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -59,11 +84,21 @@ class VKOODClassificationOutput(ModelOutput):
     ood_gate: torch.FloatTensor | None = None
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class VKOODRetrievalOutput(ModelOutput):
-    """ITC + ITM loss; `logits_per_image` (B, B) ITC similarities; `itm_logits` (B, 2) for the given pairs."""
+    """ITC + ITM loss; `logits_per_image` (B, B) ITC similarities; `itm_logits` (B, 2) for the given pairs.
+
+    The hidden states and attentions (when asked for) are those of `VKOODModelOutput` for the fused (ITM) pass of
+    the given pairs (B, ...); the hard-negative pairs of the training loss are left out, as in `itm_logits`.
+    """
 
     loss: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
@@ -77,6 +112,12 @@ class VKOODRetrievalOutput(ModelOutput):
     ood_gate: torch.FloatTensor | None = None
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # Vision towers (the CLIP family) whose `post_layernorm` normalises the pooled CLS token only, not
@@ -161,13 +202,39 @@ def _key_bias(mask, dtype):
     return ((1.0 - mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0):
+    """Attention in plain torch ops, the "eager" implementation and the reference of the others: softmax(q k^T *
+    scaling + mask) v with the softmax in float32. Returns the attended values (B, Lq, heads, d) and the attention
+    probabilities (B, heads, Lq, Lk), after dropout as in transformers' eager attentions."""
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        logits = logits + attention_mask
+    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class VKOODAttention(nn.Module):
-    """Multi-head attention through torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
+    """Multi-head attention of the fusion, run by the implementation `config._attn_implementation` names through
+    transformers' attention interface: "eager", "sdpa", "flex_attention" or any function registered with
+    `AttentionInterface.register` (flash attention is refused at construction, see `VKOODPreTrainedModel`).
+
+    Non-causal; in cross-attention the queries and keys come from different streams of different lengths. `bias`
+    (B, 1, 1, Lk), added to the attention logits, carries the padding of the keys and the log-gate of the knowledge
+    items; every implementation receives it as the float mask (B, 1, Lq, Lk) (a broadcast view, no copy), so its
+    gradient reaches the gate. Returns the attended states (B, Lq, H) and the attention probabilities
+    (B, heads, Lq, Lk) where the implementation computes them (eager), else None. transformers' flex_attention takes
+    no attention dropout: train with it only at `attention_probs_dropout_prob=0` (it raises otherwise).
+    """
+
+    is_causal = False  # read by the sdpa and flash implementations
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # shared with the model: `set_attn_implementation` reaches every layer
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
@@ -180,15 +247,17 @@ class VKOODAttention(nn.Module):
 
     def forward(self, queries, keys, bias=None):
         query, key, value = self._heads(self.query(queries)), self._heads(self.key(keys)), self._heads(self.value(keys))
-        bias = None if bias is None else bias.to(query.dtype)
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        mask = None if bias is None else bias.to(query.dtype).expand(-1, -1, query.shape[2], -1)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attended, weights = attention(
+            self, query, key, value, mask, scaling=self.scaling, dropout=self.dropout if self.training else 0.0
         )
-        return self.output(attended.transpose(1, 2).flatten(2))
+        return self.output(attended.flatten(2)), weights
 
 
 class VKOODFusionBlock(nn.Module):
-    """One stream of a co-attention layer: self-attention, cross-attention to the other stream, feed-forward."""
+    """One stream of a co-attention layer: self-attention, cross-attention to the other stream, feed-forward.
+    Returns the new states and the self- and cross-attention probabilities (None outside eager)."""
 
     def __init__(self, config):
         super().__init__()
@@ -203,13 +272,25 @@ class VKOODFusionBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, states, self_bias, other, other_bias):
-        states = self.self_norm(states + self.dropout(self.self_attention(states, states, self_bias)))
-        states = self.cross_norm(states + self.dropout(self.cross_attention(states, other, other_bias)))
-        return self.output_norm(states + self.dropout(self.output(self.activation(self.intermediate(states)))))
+        attended, self_weights = self.self_attention(states, states, self_bias)
+        states = self.self_norm(states + self.dropout(attended))
+        attended, cross_weights = self.cross_attention(states, other, other_bias)
+        states = self.cross_norm(states + self.dropout(attended))
+        states = self.output_norm(states + self.dropout(self.output(self.activation(self.intermediate(states)))))
+        return states, self_weights, cross_weights
+
+
+# The attention probabilities of a fusion layer, in the order `VKOODFusionLayer` returns them (fields of the outputs).
+FUSION_ATTENTIONS = ("text_self_attentions", "text_cross_attentions", "image_self_attentions", "image_cross_attentions")
+# Everything `output_hidden_states` / `output_attentions` add to the outputs.
+FUSION_OUTPUTS = ("text_hidden_states", "image_hidden_states") + FUSION_ATTENTIONS
 
 
 class VKOODFusionLayer(GradientCheckpointingLayer):
-    """Co-attention layer (METER): both streams attend to themselves and to the other stream's input states."""
+    """Co-attention layer (METER): both streams attend to themselves and to the other stream's input states.
+
+    Returns a flat tuple (gradient checkpointing keeps flat tuples): the new text and image states, then the four
+    attention probabilities in `FUSION_ATTENTIONS` order (None outside eager)."""
 
     def __init__(self, config):
         super().__init__()
@@ -217,9 +298,9 @@ class VKOODFusionLayer(GradientCheckpointingLayer):
         self.image_block = VKOODFusionBlock(config)
 
     def forward(self, text_states, image_states, text_bias, image_bias):
-        new_text = self.text_block(text_states, text_bias, image_states, image_bias)
-        new_image = self.image_block(image_states, image_bias, text_states, text_bias)
-        return new_text, new_image
+        new_text, text_self, text_cross = self.text_block(text_states, text_bias, image_states, image_bias)
+        new_image, image_self, image_cross = self.image_block(image_states, image_bias, text_states, text_bias)
+        return new_text, new_image, text_self, text_cross, image_self, image_cross
 
 
 class VKOODPooler(nn.Module):
@@ -312,7 +393,35 @@ class VKOODPreTrainedModel(PreTrainedModel):
     # it by the number of processes (`average_tokens_across_devices`). The Trainer reads this flag through PEFT.
     accepts_loss_kwargs = False
     _no_split_modules = ["VKOODFusionLayer"]
+    # The fusion attention (VKOODAttention) runs through transformers' attention interface: `attn_implementation=`
+    # in from_pretrained / from_config / the config, or `set_attn_implementation`, picks "eager", "sdpa" (the default)
+    # or "flex_attention"; a string also applies to the backbones, a dict sets each of them ({"": fusion,
+    # "vision_config": ..., "text_config": ...}). As in transformers, the choice is not saved with the checkpoint.
     _supports_sdpa = True
+    _supports_flex_attn = True
+    # Refused with the reason (`_flash_attn_can_dispatch`): the fusion needs an additive float bias.
+    _supports_flash_attn = False
+    # The forward takes no attention kwargs to pass down to the attention layers (the TGI / vLLM backend contract).
+    _supports_attention_backend = False
+
+    def _flash_attn_can_dispatch(self, flash_attn_version, is_init_check=False):
+        """Refuse flash attention for the fusion with the reason and the alternatives (transformers calls this when
+        `attn_implementation="flash_attention_N"` is asked for the model itself)."""
+        raise ValueError(
+            f"VK-OOD's fusion attention cannot run on flash attention {flash_attn_version}: it adds a float bias to "
+            "the attention logits, log(gate) of every knowledge item (soft in training), and the image stream's "
+            "cross-attention masks the padding of the [text ; knowledge] keys only, neither of which flash kernels "
+            "take. Use attn_implementation=\"sdpa\" (its memory-efficient kernel takes the bias) or "
+            "\"flex_attention\", or give flash attention to the backbones only: attn_implementation={\"\": \"sdpa\", "
+            f"\"vision_config\": \"flash_attention_{flash_attn_version}\", "
+            f"\"text_config\": \"flash_attention_{flash_attn_version}\"}}."
+        )
+
+    def _returned(self, output, return_dict=None):
+        """`output`, or its tuple of set fields (`ModelOutput.to_tuple`) when `return_dict` (default
+        `config.return_dict`) is False, as transformers' models return."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -497,11 +606,32 @@ class VKOODModel(VKOODPreTrainedModel):
                 pooled = pooled.index_put((valid.nonzero().squeeze(-1),), item_vectors[inverse].to(dtype))
         return self.knowledge_projection(pooled.view(batch, items, width))
 
-    def fuse(self, image_tokens, text_tokens, text_mask, knowledge_tokens=None, knowledge_mask=None, knowledge_relevance=None):
+    def fuse(
+        self,
+        image_tokens,
+        text_tokens,
+        text_mask,
+        knowledge_tokens=None,
+        knowledge_mask=None,
+        knowledge_relevance=None,
+        output_attentions=None,
+        output_hidden_states=None,
+    ):
         """OOD-gate the knowledge against the image, then run the co-attention layers over both streams.
 
         `knowledge_relevance` (B, M), optional, training only: the items that state the answer, for the contrastive
-        alignment loss (`config.ood_alignment`)."""
+        alignment loss (`config.ood_alignment`). `output_attentions` / `output_hidden_states` (default: the
+        config's) add the fields described in `VKOODModelOutput`, which this always returns."""
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions needs the eager attention, not {self.config._attn_implementation!r} (which does "
+                "not compute the probabilities): load with attn_implementation=\"eager\" or call "
+                "model.set_attn_implementation(\"eager\")"
+            )
         batch = image_tokens.shape[0]
         if text_tokens.shape[0] != batch or (knowledge_tokens is not None and knowledge_tokens.shape[0] != batch):
             raise ValueError(
@@ -524,8 +654,17 @@ class VKOODModel(VKOODPreTrainedModel):
         log_gate = ood.log_gate.clamp_min(minimum).masked_fill(knowledge_mask == 0, minimum)
         text_bias = torch.cat([_key_bias(text_mask, dtype), log_gate.to(dtype)[:, None, None, :]], dim=-1)
         image_bias = None
+        text_history, image_history, attentions = [text_states], [image_states], []
         for layer in self.fusion_layers:
-            text_states, image_states = layer(text_states, image_states, text_bias, image_bias)
+            text_states, image_states, *layer_attentions = layer(text_states, image_states, text_bias, image_bias)
+            if output_hidden_states:
+                text_history.append(text_states)
+                image_history.append(image_states)
+            if output_attentions:  # kept only when asked: (B, heads, Lq, Lk) per layer and attention is large
+                attentions.append(layer_attentions)
+        requested = dict(zip(FUSION_ATTENTIONS, zip(*attentions))) if output_attentions else {}
+        if output_hidden_states:
+            requested.update(text_hidden_states=tuple(text_history), image_hidden_states=tuple(image_history))
         pooled = torch.cat([self.text_pooler(text_states), self.image_pooler(image_states)], dim=-1)
         return VKOODModelOutput(
             last_hidden_state=text_states,
@@ -536,6 +675,7 @@ class VKOODModel(VKOODPreTrainedModel):
             ood_iterations=ood.iterations,
             ood_residual=ood.residual,
             ood_alignment_loss=ood.alignment_loss,
+            **requested,
         )
 
     def forward(
@@ -547,7 +687,12 @@ class VKOODModel(VKOODPreTrainedModel):
         knowledge_attention_mask=None,
         knowledge_mask=None,
         knowledge_relevance=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
     ):
+        """Encode, gate and fuse; a `VKOODModelOutput` (its tuple with `return_dict=False`). `output_attentions`,
+        `output_hidden_states` and `return_dict` default to the config's values, as in transformers' models."""
         if pixel_values is None or input_ids is None:
             raise ValueError("VK-OOD needs both `pixel_values` and `input_ids`")
         check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
@@ -557,14 +702,17 @@ class VKOODModel(VKOODPreTrainedModel):
         if knowledge_input_ids is not None:
             knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
             knowledge = self.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-        return self.fuse(
+        output = self.fuse(
             self.encode_image(pixel_values),
             self.encode_text(input_ids, attention_mask),
             attention_mask,
             knowledge,
             knowledge_mask,
             knowledge_relevance,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
+        return self._returned(output, return_dict)
 
 
 class VKOODGatedProductHead(nn.Module):
@@ -608,6 +756,12 @@ def _classifier(config, pairs):
     )
 
 
+def _fusion_outputs(fused, select=lambda tensor: tensor):
+    """The hidden states and attentions `fused` (a `VKOODModelOutput`) holds, as keyword fields of a head's output,
+    each tensor passed through `select` (the heads keep the given pairs, or group NLVR2's pairs)."""
+    return {name: tuple(map(select, getattr(fused, name))) for name in FUSION_OUTPUTS if getattr(fused, name) is not None}
+
+
 class VKOODForQuestionAnswering(VKOODPreTrainedModel):
     """VQAv2 / OK-VQA / easy-VQA: a classifier over the answer vocabulary, BCE on the soft VQA scores.
 
@@ -631,19 +785,31 @@ class VKOODForQuestionAnswering(VKOODPreTrainedModel):
         knowledge_mask=None,
         labels=None,
         knowledge_relevance=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
     ):
         """`knowledge_relevance` (B, M), optional: 1 for the items that state the answer (training batches of the
-        contrastive OOD alignment, `config.ood_alignment="contrastive"`); ignored otherwise."""
+        contrastive OOD alignment, `config.ood_alignment="contrastive"`); ignored otherwise. `output_attentions`,
+        `output_hidden_states` and `return_dict` as in `VKOODModel.forward`."""
         outputs = self.vkood(
-            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask,
+            pixel_values,
+            input_ids,
+            attention_mask,
+            knowledge_input_ids,
+            knowledge_attention_mask,
+            knowledge_mask,
             knowledge_relevance,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * labels.shape[-1]
             loss = loss + self.config.ood_alignment_weight * outputs.ood_alignment_loss
-        return VKOODClassificationOutput(
+        output = VKOODClassificationOutput(
             loss=loss,
             logits=logits,
             pooler_output=outputs.pooler_output,
@@ -651,7 +817,9 @@ class VKOODForQuestionAnswering(VKOODPreTrainedModel):
             ood_gate=outputs.ood_gate,
             ood_iterations=outputs.ood_iterations,
             ood_residual=outputs.ood_residual,
+            **_fusion_outputs(outputs),
         )
+        return self._returned(output, return_dict)
 
 
 class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
@@ -674,7 +842,11 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         knowledge_attention_mask=None,
         knowledge_mask=None,
         labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
     ):
+        """`output_attentions`, `output_hidden_states` and `return_dict` as in `VKOODModel.forward`."""
         if pixel_values is None or pixel_values.dim() != 5 or pixel_values.shape[1] != self.num_images:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (B, {self.num_images}, C, H, W), got {shape}")
@@ -697,6 +869,8 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
             attention_mask.repeat_interleave(self.num_images, 0),
             knowledge,
             knowledge_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         pooled = outputs.pooler_output.reshape(batch, -1)
         logits = self.classifier(pooled)
@@ -704,7 +878,7 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.long()) + self.config.ood_alignment_weight * outputs.ood_alignment_loss
         per_pair = lambda tensor: tensor.reshape(batch, self.num_images, *tensor.shape[1:])  # noqa: E731
-        return VKOODClassificationOutput(
+        output = VKOODClassificationOutput(
             loss=loss,
             logits=logits,
             pooler_output=pooled,
@@ -712,7 +886,9 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
             ood_gate=per_pair(outputs.ood_gate),
             ood_iterations=per_pair(outputs.ood_iterations),
             ood_residual=per_pair(outputs.ood_residual),
+            **_fusion_outputs(outputs, per_pair),
         )
+        return self._returned(output, return_dict)
 
 
 class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
@@ -731,8 +907,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
     def _embed(self, projection, tokens):
         return F.normalize(projection(tokens[:, 0]).float(), dim=-1)
 
-    def _itm_scores(self, image_tokens, text_tokens, text_mask, knowledge, knowledge_mask):
-        fused = self.vkood.fuse(image_tokens, text_tokens, text_mask, knowledge, knowledge_mask)
+    def _itm_scores(self, image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, **requested):
+        """ITM logits (B, 2) and the fused pass; `requested`: fuse's `output_attentions` / `output_hidden_states`."""
+        fused = self.vkood.fuse(image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, **requested)
         return self.itm_head(fused.pooler_output), fused
 
     def forward(
@@ -745,8 +922,13 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         knowledge_mask=None,
         image_ids=None,
         return_loss=True,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
     ):
-        """`image_ids` (B,) marks pairs that share an image as positives (several captions of one image)."""
+        """`image_ids` (B,) marks pairs that share an image as positives (several captions of one image).
+        `output_attentions`, `output_hidden_states` and `return_dict` as in `VKOODModel.forward`."""
+        requested = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         base = self.vkood
         if attention_mask is None:
@@ -766,8 +948,10 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         else:
             positives = image_ids[:, None] == image_ids[None, :]
         if not return_loss:
-            itm_logits, fused = self._itm_scores(image_tokens, text_tokens, attention_mask, knowledge, knowledge_mask)
-            return VKOODRetrievalOutput(
+            itm_logits, fused = self._itm_scores(
+                image_tokens, text_tokens, attention_mask, knowledge, knowledge_mask, **requested
+            )
+            output = VKOODRetrievalOutput(
                 logits_per_image=logits_per_image,
                 logits_per_text=logits_per_image.t(),
                 itm_logits=itm_logits,
@@ -777,7 +961,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
                 ood_gate=fused.ood_gate,
                 ood_iterations=fused.ood_iterations,
                 ood_residual=fused.ood_residual,
+                **_fusion_outputs(fused),
             )
+            return self._returned(output, return_dict)
         itc_loss = contrastive_loss(image_embeds, text_embeds, self.logit_scale(), image_ids, gather=self.training)
         # Hard negatives: for each image a text (and for each text an image) drawn with probability softmax(sim)
         # among the non-positives. A row without any negative (batch of one image, or every caption of the batch
@@ -798,7 +984,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         if knowledge is not None:
             pair_knowledge = torch.cat([knowledge, knowledge[negative_text], knowledge])
             pair_knowledge_mask = torch.cat([knowledge_mask, knowledge_mask[negative_text], knowledge_mask])
-        itm_logits, fused = self._itm_scores(pair_image, pair_text, pair_mask, pair_knowledge, pair_knowledge_mask)
+        itm_logits, fused = self._itm_scores(
+            pair_image, pair_text, pair_mask, pair_knowledge, pair_knowledge_mask, **requested
+        )
         ignore = torch.full_like(negative_text, -100)
         itm_labels = torch.cat(
             [
@@ -808,7 +996,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             ]
         )
         itm_loss = F.cross_entropy(itm_logits.float(), itm_labels, ignore_index=-100)
-        return VKOODRetrievalOutput(
+        output = VKOODRetrievalOutput(
             loss=itc_loss + itm_loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),
@@ -821,7 +1009,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             ood_gate=fused.ood_gate[:batch],
             ood_iterations=fused.ood_iterations[:batch],
             ood_residual=fused.ood_residual[:batch],
+            **_fusion_outputs(fused, lambda tensor: tensor[:batch]),
         )
+        return self._returned(output, return_dict)
 
     @torch.no_grad()
     def encode_gallery_images(self, pixel_values):
