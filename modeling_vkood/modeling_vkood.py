@@ -215,9 +215,11 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class VKOODAttention(nn.Module):
-    """Multi-head attention of the fusion, run by the implementation `config._attn_implementation` names through
+    """Multi-head attention of the fusion, run by the implementation `attn_implementation` names through
     transformers' attention interface: "eager", "sdpa", "flex_attention" or any function registered with
-    `AttentionInterface.register` (flash attention is refused at construction, see `VKOODPreTrainedModel`).
+    `AttentionInterface.register` (flash attention is refused at construction, see `VKOODPreTrainedModel`). The model
+    passes its `config._attn_implementation` at every call rather than each layer keeping a config: copies of the
+    layers (PEFT's `modules_to_save`) then follow `set_attn_implementation` too.
 
     Non-causal; in cross-attention the queries and keys come from different streams of different lengths. `bias`
     (B, 1, 1, Lk), added to the attention logits, carries the padding of the keys and the log-gate of the knowledge
@@ -231,7 +233,6 @@ class VKOODAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config  # shared with the model: `set_attn_implementation` reaches every layer
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
@@ -245,10 +246,10 @@ class VKOODAttention(nn.Module):
         batch, length, _ = states.shape
         return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, queries, keys, bias=None):
+    def forward(self, queries, keys, bias, attn_implementation):
         query, key, value = self._heads(self.query(queries)), self._heads(self.key(keys)), self._heads(self.value(keys))
         mask = None if bias is None else bias.to(query.dtype).expand(-1, -1, query.shape[2], -1)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
         attended, weights = attention(
             self, query, key, value, mask, scaling=self.scaling, dropout=self.dropout if self.training else 0.0
         )
@@ -271,10 +272,10 @@ class VKOODFusionBlock(nn.Module):
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, states, self_bias, other, other_bias):
-        attended, self_weights = self.self_attention(states, states, self_bias)
+    def forward(self, states, self_bias, other, other_bias, attn_implementation):
+        attended, self_weights = self.self_attention(states, states, self_bias, attn_implementation)
         states = self.self_norm(states + self.dropout(attended))
-        attended, cross_weights = self.cross_attention(states, other, other_bias)
+        attended, cross_weights = self.cross_attention(states, other, other_bias, attn_implementation)
         states = self.cross_norm(states + self.dropout(attended))
         states = self.output_norm(states + self.dropout(self.output(self.activation(self.intermediate(states)))))
         return states, self_weights, cross_weights
@@ -297,9 +298,13 @@ class VKOODFusionLayer(GradientCheckpointingLayer):
         self.text_block = VKOODFusionBlock(config)
         self.image_block = VKOODFusionBlock(config)
 
-    def forward(self, text_states, image_states, text_bias, image_bias):
-        new_text, text_self, text_cross = self.text_block(text_states, text_bias, image_states, image_bias)
-        new_image, image_self, image_cross = self.image_block(image_states, image_bias, text_states, text_bias)
+    def forward(self, text_states, image_states, text_bias, image_bias, attn_implementation):
+        new_text, text_self, text_cross = self.text_block(
+            text_states, text_bias, image_states, image_bias, attn_implementation
+        )
+        new_image, image_self, image_cross = self.image_block(
+            image_states, image_bias, text_states, text_bias, attn_implementation
+        )
         return new_text, new_image, text_self, text_cross, image_self, image_cross
 
 
@@ -655,8 +660,12 @@ class VKOODModel(VKOODPreTrainedModel):
         text_bias = torch.cat([_key_bias(text_mask, dtype), log_gate.to(dtype)[:, None, None, :]], dim=-1)
         image_bias = None
         text_history, image_history, attentions = [text_states], [image_states], []
+        implementation = self.config._attn_implementation
         for layer in self.fusion_layers:
-            text_states, image_states, *layer_attentions = layer(text_states, image_states, text_bias, image_bias)
+            # the implementation as a keyword: gradient checkpointing replays the positional (tensor) arguments
+            text_states, image_states, *layer_attentions = layer(
+                text_states, image_states, text_bias, image_bias, attn_implementation=implementation
+            )
             if output_hidden_states:
                 text_history.append(text_states)
                 image_history.append(image_states)

@@ -3,6 +3,7 @@ gradients, the attention bias (key padding and each knowledge item's log-gate) r
 attention is refused with its reason, and output_attentions / output_hidden_states / return_dict behave as in
 transformers' own models."""
 
+import copy
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODModel,
 )
-from modeling_vkood.modeling_vkood import FUSION_OUTPUTS, VKOODAttention
+from modeling_vkood.modeling_vkood import FUSION_ATTENTIONS, FUSION_OUTPUTS, VKOODAttention
 
 try:
     from torch.nn.attention.flex_attention import flex_attention
@@ -79,7 +80,6 @@ def test_eager_and_sdpa_give_the_same_logits_loss_and_gradients(training):
     for implementation in ("eager", "sdpa"):
         model.set_attn_implementation(implementation)
         assert model.config._attn_implementation == implementation
-        assert model.vkood.fusion_layers[0].text_block.self_attention.config._attn_implementation == implementation
         model.zero_grad()
         output = model(**batch)
         output.loss.backward()
@@ -111,17 +111,15 @@ IMPLEMENTATIONS_WITH_GRADIENTS = [
 def test_the_attention_bias_gets_the_same_gradient_as_in_eager(implementation, device):
     """A log-gate-like bias with padded keys (-inf-like) in cross-attention (9 queries, 6 keys)."""
     torch.manual_seed(0)
-    config = deterministic_config()
-    attention = VKOODAttention(config).to(device)
+    attention = VKOODAttention(deterministic_config()).to(device)
     queries, keys = torch.randn(2, 9, 32, device=device), torch.randn(2, 6, 32, device=device)
     bias = torch.nn.functional.logsigmoid(torch.randn(2, 1, 1, 6, device=device))
     bias[1, ..., 4:] = torch.finfo(bias.dtype).min
     bias.requires_grad_(True)
     results = {}
     for name in ("eager", implementation):
-        config._attn_implementation = name
         bias.grad = None
-        attended, _ = attention(queries, keys, bias)
+        attended, _ = attention(queries, keys, bias, name)
         (attended * torch.linspace(-1, 1, 32, device=device)).sum().backward()
         results[name] = (attended, bias.grad.clone())
     torch.testing.assert_close(results[implementation][0], results["eager"][0], rtol=1e-4, atol=1e-5)
@@ -288,7 +286,7 @@ def test_attn_implementation_is_honoured_by_from_pretrained_for_the_fusion_and_e
         reloaded = VKOODForQuestionAnswering.from_pretrained(tmp_path, **kwargs).eval()
         base = reloaded.vkood
         found = (
-            base.fusion_layers[-1].image_block.cross_attention.config._attn_implementation,
+            base.config._attn_implementation,
             base.vision_model.config._attn_implementation,
             base.text_model.config._attn_implementation,
         )
@@ -297,3 +295,18 @@ def test_attn_implementation_is_honoured_by_from_pretrained_for_the_fusion_and_e
             logits = reloaded(**batch).logits
         exact = found == ("eager", "eager", "eager")
         torch.testing.assert_close(logits, expected, rtol=0 if exact else 1e-4, atol=0 if exact else 1e-5)
+
+
+def test_copies_of_the_fusion_layers_follow_set_attn_implementation():
+    """PEFT's `modules_to_save` runs deep copies of the fusion layers: they take the model's implementation at every
+    call, so switching it reaches them (eager's attention probabilities come back from every layer)."""
+    torch.manual_seed(0)
+    model = VKOODForQuestionAnswering(deterministic_config(num_labels=5)).eval()
+    model.vkood.fusion_layers[0] = copy.deepcopy(model.vkood.fusion_layers[0])
+    batch = inputs(padded_batch())
+    with torch.no_grad():
+        sdpa = model(**batch).logits
+        model.set_attn_implementation("eager")
+        eager = model(**batch, output_attentions=True)
+    assert all(isinstance(weights, torch.Tensor) for name in FUSION_ATTENTIONS for weights in getattr(eager, name))
+    torch.testing.assert_close(eager.logits, sdpa, rtol=1e-4, atol=1e-5)

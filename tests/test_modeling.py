@@ -115,10 +115,9 @@ def test_save_load_same_logits_also_as_remote_code(task, classifier_head, tmp_pa
         torch.testing.assert_close(logits, data["expected"], rtol=0, atol=0)
         base = transformers.AutoModel.from_pretrained("checkpoint", trust_remote_code=True, attn_implementation="eager")
         assert type(base).__name__ == "VKOODModel"
-        attention = base.fusion_layers[0].text_block.self_attention
-        assert attention.config._attn_implementation == base.text_model.config._attn_implementation == "eager"
+        assert base.config._attn_implementation == base.text_model.config._attn_implementation == "eager"
         base.set_attn_implementation("sdpa")  # transformers reads the remote module's source to allow it
-        assert attention.config._attn_implementation == base.vision_model.config._attn_implementation == "sdpa"
+        assert base.config._attn_implementation == base.vision_model.config._attn_implementation == "sdpa"
         """,
         tmp_path,
     )
