@@ -53,7 +53,7 @@ class EMProblem(NamedTuple):
     output columns are several times slower.
     """
 
-    # (B, N, 3d') = [x, -x^2/2, -1/2]: the E step's logits are [mu/var, 1/var, log var + mu^2/var] @ design^T
+    # (B, 2d' + 1, N) = [x, -x^2/2, -1/2]^T: the E step's logits are [mu/var, 1/var, sum(log var + mu^2/var)] @ design
     design: torch.Tensor
     statistics_design: torch.Tensor  # (B, N, 1 + 2d') = mask * [1, x, x^2]: the M step's S = resp @ statistics_design
     prior: torch.Tensor  # (B, 1, 1 + 2d') = pseudo-count * [1, global mean of x, global mean of x^2]
@@ -72,7 +72,7 @@ def em_problem(points, mask):
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
     prior = moments.sum(1) / count
     prior = torch.cat([torch.ones_like(count), prior[:, 1:]], dim=-1) * pseudo
-    design = torch.cat([points, -0.5 * points.square(), -0.5 * ones], dim=-1)
+    design = torch.cat([points, -0.5 * points.square(), -0.5 * ones], dim=-1).transpose(1, 2)
     return EMProblem(design, moments, prior.unsqueeze(1), mask)
 
 
@@ -105,7 +105,7 @@ def _responsibilities(problem, log_mass, means, variances):
     coefficient = means * precision
     constant = torch.addcmul(variances.log(), means, coefficient).sum(-1, keepdim=True)
     coefficients = torch.cat([coefficient, precision, constant], dim=-1)
-    return torch.softmax(torch.baddbmm(log_mass, coefficients, problem.design.transpose(1, 2)), dim=1)
+    return torch.softmax(torch.baddbmm(log_mass, coefficients, problem.design), dim=1)
 
 
 def _statistics(problem, resp):
