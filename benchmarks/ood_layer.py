@@ -3,7 +3,12 @@
 - forward+backward milliseconds per gradient mode at the paper's shapes (B=32, N=197, H=768, d'=64, K=4, M=16);
 - bytes saved for backward at 5 and 50 EM iterations per mode (the last-iterate claim: memory does not grow);
 - ood_share_of_step: the layer's forward+backward time on the inputs of one full VKOODForQuestionAnswering
-  training step (paper backbones CLIP-ViT-B/16 + RoBERTa-base, random weights), over that step's time.
+  training step (paper backbones CLIP-ViT-B/16 + RoBERTa-base, random weights), over that step's time;
+- host_syncs: host synchronisations (`dispatch_counts.HostSyncCounter`, classified as on CUDA) of one OOD-layer
+  forward (eval) and training step (after calibration), with the default check interval and with a fixed budget
+  (`ood_convergence_check_every=0`), and of one whole-model eval forward with knowledge on the fixed-shape path;
+- aten_ops: ops dispatched by one EM step (`_em_update`) and by one solver iteration (EM step + convergence
+  bookkeeping: the op count of a fixed-budget fit of n + 1 iterations minus that of n).
 
     python benchmarks/ood_layer.py [--device cuda --dtype bf16] [--step-batch 2] [--repeats 5]
 """
@@ -18,7 +23,9 @@ import torch
 from tqdm import tqdm
 
 from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering
-from modeling_vkood.ood_vkood import ImplicitOODLayer
+from modeling_vkood.ood_vkood import ImplicitOODLayer, _em_update, _initial_statistics, em_problem
+
+from dispatch_counts import HostSyncCounter, OpCounter  # noqa: I001 (this folder's sibling: run as a script)
 
 MODES = ("last_iterate", "implicit", "unrolled")
 
@@ -61,8 +68,53 @@ def saved_bytes(config, iterations, mode, context, items):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = layer(context.detach().requires_grad_(), items.detach().requires_grad_())
-    assert int(output.iterations) == iterations
+    assert (output.iterations == iterations).all()
     return total[0]
+
+
+def layer_syncs(config, context, items, training):
+    """Host synchronisations of one forward (eval) or forward+backward (training, after calibration)."""
+    layer = ImplicitOODLayer(VKOODConfig(**config)).to(context.device).train(training)
+    layer.calibrate_threshold(torch.randn(16, device=context.device))
+    assert not layer.needs_calibration  # the one read of the flag: from now on answered host-side
+    with HostSyncCounter() as syncs:
+        if training:
+            layer_step(layer, context, items, None)
+        else:
+            with torch.no_grad():
+                layer(context, items)
+    return syncs.count
+
+
+def aten_ops(config, context):
+    """(ops of one EM step, ops of one solver iteration) on the projected context tokens."""
+    layer = ImplicitOODLayer(VKOODConfig(**config, ood_convergence_check_every=0)).to(context.device)
+    with torch.no_grad():
+        points = layer.project(context)
+        problem = em_problem(points, torch.ones(points.shape[:2], device=points.device))
+        statistics = _initial_statistics(problem, layer.num_components)
+        with OpCounter() as step:
+            _em_update(problem, statistics, layer.variance_floor)
+        fits = []
+        for iterations in (5, 6):
+            layer.max_iter = iterations
+            with OpCounter() as fit:
+                layer.fit_mixture(points)
+            fits.append(fit.count)
+    return step.count, fits[1] - fits[0]
+
+
+def model_syncs(model, batch, check_every):
+    """Host synchronisations of one eval forward of the whole model on the fixed-shape path."""
+    base = model.vkood
+    base.force_fixed_shapes, base.ood.check_every = True, check_every
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), HostSyncCounter() as syncs:
+        model(**{key: value for key, value in batch.items() if key != "labels"})
+    model.train(was_training)
+    base.force_fixed_shapes, base.ood.check_every = False, model.config.ood_convergence_check_every
+    return syncs.count
 
 
 def main():
@@ -89,7 +141,7 @@ def main():
         output = layer_step(layer, context, items, autocast_dtype)
         per_mode[mode] = {
             "forward_backward_ms": timed(lambda: layer_step(layer, context, items, autocast_dtype), device, args.repeats),
-            "em_iterations": int(output.iterations),
+            "em_iterations_max": int(output.iterations.max()),
             "saved_bytes_5_iter": saved_bytes(config, 5, mode, context, items),
             "saved_bytes_50_iter": saved_bytes(config, 50, mode, context, items),
         }
@@ -97,6 +149,17 @@ def main():
     for mode in MODES:
         per_mode[mode]["time_vs_last_iterate"] = per_mode[mode]["forward_backward_ms"] / per_mode["last_iterate"]["forward_backward_ms"]
     result["modes"] = per_mode
+    check_every = VKOODConfig().ood_convergence_check_every
+    result["host_syncs"] = {
+        "ood_convergence_check_every": check_every,
+        "ood_max_iter": VKOODConfig().ood_max_iter,
+        "ood_layer_eval_forward": layer_syncs(config, context, items, training=False),
+        "ood_layer_eval_forward_fixed_budget": layer_syncs({**config, "ood_convergence_check_every": 0}, context, items, False),
+        "ood_layer_training_step": layer_syncs(config, context, items, training=True),
+        "ood_layer_training_step_fixed_budget": layer_syncs({**config, "ood_convergence_check_every": 0}, context, items, True),
+    }
+    ops_per_step, ops_per_iteration = aten_ops(config, context)
+    result["aten_ops"] = {"per_em_step": ops_per_step, "per_solver_iteration": ops_per_iteration}
 
     model = VKOODForQuestionAnswering(VKOODConfig(num_labels=3129)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -116,6 +179,8 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    result["host_syncs"]["model_eval_forward_fixed_shapes"] = model_syncs(model, batch, check_every)
+    result["host_syncs"]["model_eval_forward_fixed_shapes_fixed_budget"] = model_syncs(model, batch, 0)
     step_ms = timed(train_step, device, args.repeats)
     ood_ms = timed(lambda: layer_step(model.vkood.ood, captured["context"], captured["items"], autocast_dtype), device, args.repeats)
     result["full_step"] = {

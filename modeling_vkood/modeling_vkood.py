@@ -555,10 +555,11 @@ class VKOODModel(VKOODPreTrainedModel):
         read of "is any token padded?" (with none, transformers drops the mask for SDPA)."""
         input_ids = input_ids.masked_fill(attention_mask == 0, self.config.text_config.pad_token_id or 0)
         mask = attention_mask
-        if self._fixed_shapes(input_ids) and not torch.compiler.is_compiling() and _builds_transformers_masks(self.text_model):
-            shape_only = torch.empty(*input_ids.shape, 0, dtype=self.text_model.dtype, device=input_ids.device)
-            mask = create_bidirectional_mask(self.text_model.config, shape_only, attention_mask, allow_is_bidirectional_skip=False)
-        return self.text_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        encoder = self.text_model
+        if self._fixed_shapes(input_ids) and not torch.compiler.is_compiling() and _builds_transformers_masks(encoder):
+            shape_only = torch.empty(*input_ids.shape, 0, dtype=encoder.dtype, device=input_ids.device)
+            mask = create_bidirectional_mask(encoder.config, shape_only, mask, allow_is_bidirectional_skip=False)
+        return encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def _encode_distinct(self, input_ids, attention_mask):
         """Text-encoder states of each distinct (tokens, mask) row, encoded once: questions and knowledge items
@@ -594,11 +595,12 @@ class VKOODModel(VKOODPreTrainedModel):
         valid = knowledge_mask.reshape(-1).bool()
         if items and length and self._fixed_shapes(knowledge_input_ids):
             flat_mask = knowledge_attention_mask.reshape(-1, length)
-            # A slot without a real token attends to its first one: no fully masked row (NaN under SDPA) reaches
-            # the encoder; its vector is zeroed below like every padded slot's.
+            # A slot without a real token (padding) attends to its first one, so that no fully masked row reaches
+            # the encoder (a softmax over -inf gives NaN in encoders that mask that way, and the zero weights below
+            # would not remove it); its vector is zeroed like every padded slot's.
             first_token = (torch.arange(length, device=flat_mask.device) == 0).to(flat_mask.dtype)
-            empty = flat_mask.sum(-1, keepdim=True) == 0
-            states = self._text_states(knowledge_input_ids.reshape(-1, length), torch.where(empty, first_token, flat_mask))
+            encoder_mask = torch.where(flat_mask.sum(-1, keepdim=True) == 0, first_token, flat_mask)
+            states = self._text_states(knowledge_input_ids.reshape(-1, length), encoder_mask)
             weights = (flat_mask * valid.unsqueeze(-1)).unsqueeze(-1).to(states.dtype)
             pooled = ((states * weights).sum(1) / weights.sum(1).clamp_min(1.0)).to(dtype)
         elif items and length:

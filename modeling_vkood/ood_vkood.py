@@ -47,13 +47,16 @@ def _features(points):
 class EMProblem(NamedTuple):
     """What every EM step of one fit reuses, laid out so that the E step and the M step are one batched matmul each.
 
-    The EM state is the tensor of sufficient statistics S (B, 1 + 2d', K): per component its mass, sum of x and sum
-    of x^2 over the responsibilities, each plus a pseudo-count carrying the example's global moments.
+    The EM state is the tensor of sufficient statistics S (B, K, 1 + 2d'): per component its mass, sum of x and sum
+    of x^2 over the responsibilities, each plus a pseudo-count carrying the example's global moments. Components
+    come first (responsibilities are (B, K, N)): on the CPU a softmax over a short last axis and a matmul with K
+    output columns are several times slower.
     """
 
-    design: torch.Tensor  # (B, N, 3d') = [x, -x^2/2, -1/2]: the E step's logits are design @ [mu/var; 1/var; log var + mu^2/var]
-    statistics_design: torch.Tensor  # (B, 1 + 2d', N) = mask * [1; x; x^2]: the M step's S is statistics_design @ resp
-    prior: torch.Tensor  # (B, 1 + 2d', 1) = pseudo-count * [1; global mean of x; global mean of x^2]
+    # (B, 2d' + 1, N) = [x, -x^2/2, -1/2]^T: the E step's logits are [mu/var, 1/var, sum(log var + mu^2/var)] @ design
+    design: torch.Tensor
+    statistics_design: torch.Tensor  # (B, N, 1 + 2d') = mask * [1, x, x^2]: the M step's S = resp @ statistics_design
+    prior: torch.Tensor  # (B, 1, 1 + 2d') = pseudo-count * [1, global mean of x, global mean of x^2]
     mask: torch.Tensor  # (B, N), 1 for real points
 
 
@@ -69,8 +72,8 @@ def em_problem(points, mask):
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
     prior = moments.sum(1) / count
     prior = torch.cat([torch.ones_like(count), prior[:, 1:]], dim=-1) * pseudo
-    design = torch.cat([points, -0.5 * points.square(), -0.5 * torch.ones_like(points)], dim=-1)
-    return EMProblem(design, moments.transpose(1, 2).contiguous(), prior.unsqueeze(-1), mask)
+    design = torch.cat([points, -0.5 * points.square(), -0.5 * ones], dim=-1).transpose(1, 2)
+    return EMProblem(design, moments, prior.unsqueeze(1), mask)
 
 
 def mahalanobis_sq(features, means, variances):
@@ -97,23 +100,24 @@ def mixture_log_likelihood(points, mask, weights, means, variances):
 
 def _responsibilities(problem, log_mass, means, variances):
     """E step, log domain: softmax over components of log w_k + log N(x | mu_k, var_k) up to a per-point constant
-    (2 pi and the weights' normaliser cancel in the softmax). `log_mass` (B, 1, K), means and variances (B, d', K)."""
+    (2 pi and the weights' normaliser cancel in the softmax), (B, K, N). `log_mass` (B, K, 1), the others (B, K, d')."""
     precision = variances.reciprocal()
     coefficient = means * precision
-    coefficients = torch.cat([coefficient, precision, torch.addcmul(variances.log(), means, coefficient)], dim=1)
-    return torch.softmax(torch.baddbmm(log_mass, problem.design, coefficients), dim=-1)
+    constant = torch.addcmul(variances.log(), means, coefficient).sum(-1, keepdim=True)
+    coefficients = torch.cat([coefficient, precision, constant], dim=-1)
+    return torch.softmax(torch.baddbmm(log_mass, coefficients, problem.design), dim=1)
 
 
 def _statistics(problem, resp):
-    """M step, first half: the sufficient statistics S (B, 1 + 2d', K) of responsibilities (B, N, K)."""
-    return torch.baddbmm(problem.prior, problem.statistics_design, resp)
+    """M step, first half: the sufficient statistics S (B, K, 1 + 2d') of responsibilities (B, K, N)."""
+    return torch.baddbmm(problem.prior, resp, problem.statistics_design)
 
 
 def _parameters(statistics, variance_floor):
-    """M step, second half: log mass (B, 1, K), means and variances (B, d', K) of statistics S. The variance floor is
+    """M step, second half: log mass (B, K, 1), means and variances (B, K, d') of statistics S. The variance floor is
     added, like scikit-learn's `reg_covar`, so the map stays smooth for the implicit gradient."""
-    dim = (statistics.shape[1] - 1) // 2
-    mass, first, second = statistics.split([1, dim, dim], dim=1)
+    dim = (statistics.shape[-1] - 1) // 2
+    mass, first, second = statistics.split([1, dim, dim], dim=-1)
     means = first / mass
     variances = torch.addcmul(second / mass, means, means, value=-1.0).clamp_min(0.0) + variance_floor
     return mass.log(), means, variances
@@ -126,17 +130,17 @@ def _em_update(problem, statistics, variance_floor):
 
 def _mixture(statistics, variance_floor):
     """(weights (B, K), means (B, K, d'), variances (B, K, d')) of statistics S."""
-    log_mass, means, variances = _parameters(statistics, variance_floor)
-    mass = statistics[:, 0]
-    return mass / mass.sum(-1, keepdim=True), means.transpose(1, 2), variances.transpose(1, 2)
+    _, means, variances = _parameters(statistics, variance_floor)
+    mass = statistics[..., 0]
+    return mass / mass.sum(-1, keepdim=True), means, variances
 
 
 def em_step(points, mask, weights, means, variances, variance_floor):
     """One EM application T(theta; Z) to theta = (weights (B, K), means, variances (B, K, d')): log-domain E step,
     then the M step."""
     problem = em_problem(points, mask)
-    log_weights = weights.clamp_min(torch.finfo(weights.dtype).tiny).log().unsqueeze(1)
-    resp = _responsibilities(problem, log_weights, means.transpose(1, 2), variances.transpose(1, 2))
+    log_weights = weights.clamp_min(torch.finfo(weights.dtype).tiny).log().unsqueeze(-1)
+    resp = _responsibilities(problem, log_weights, means, variances)
     return _mixture(_statistics(problem, resp), variance_floor)
 
 
@@ -147,7 +151,7 @@ def _initial_statistics(problem, num_components):
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
     group = torch.div(rank.clamp_min(0.0) * num_components, count, rounding_mode="floor").clamp_max(num_components - 1)
     components = torch.arange(num_components, device=mask.device, dtype=group.dtype)
-    return _statistics(problem, (group.unsqueeze(-1) == components).to(mask.dtype))  # one-hot, without a sync
+    return _statistics(problem, (components.unsqueeze(-1) == group.unsqueeze(1)).to(mask.dtype))  # one-hot, no sync
 
 
 def initial_mixture(problem, num_components, variance_floor):
@@ -187,7 +191,7 @@ def log_likelihood_score(points, mixture, context_points, context_mask):
 
 
 def _relative_change(new, old):
-    """||new - old|| / ||old|| per example, shaped (B, 1, 1) like the (B, F, K) statistics it compares."""
+    """||new - old|| / ||old|| per example, shaped (B, 1, 1) like the (B, K, F) statistics it compares."""
     norm = lambda tensor: torch.linalg.vector_norm(tensor, dim=(1, 2), keepdim=True)  # noqa: E731
     return norm(new - old) / norm(old).clamp_min(1e-30)
 
@@ -197,7 +201,9 @@ def _no_mixture(points):
     on their device, dtype and autograd graph; 0 iterations and residual 0 per example."""
     empty = points[:, :0]
     zeros = points.new_zeros(points.shape[0])
-    return GaussianMixtureOutput(weights=empty[..., 0], means=empty, variances=empty, iterations=zeros.long(), residual=zeros)
+    return GaussianMixtureOutput(
+        weights=empty[..., 0], means=empty, variances=empty, iterations=zeros.long(), residual=zeros
+    )
 
 
 class ImplicitOODLayer(nn.Module):
@@ -276,7 +282,9 @@ class ImplicitOODLayer(nn.Module):
         if differentiable and not unrolled:
             statistics = self._attach_gradient(problem, statistics)
         weights, means, variances = _mixture(statistics, self.variance_floor)
-        return GaussianMixtureOutput(weights=weights, means=means, variances=variances, iterations=iterations, residual=residual)
+        return GaussianMixtureOutput(
+            weights=weights, means=means, variances=variances, iterations=iterations, residual=residual
+        )
 
     def _attach_gradient(self, problem, statistics):
         """One differentiable step from the detached fixed point; in implicit mode its gradient is IFT-corrected."""

@@ -20,8 +20,8 @@ from modeling_vkood.training import VKOODTrainer
 
 def deterministic_config(**overrides):
     """A tiny config whose forward does not depend on how examples are grouped into batches: no dropout anywhere,
-    and EM always runs `ood_max_iter` steps (it stops when every example of the batch has converged, so a batch of 8
-    may otherwise run more steps than each of its halves)."""
+    and EM always runs `ood_max_iter` steps (each example is frozen once it converges, but a rounding difference
+    between a batch of 8 and its halves could otherwise move that step)."""
     settings = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0, ood_tol=1e-30,
                     ood_max_iter=8, **overrides)  # fmt: skip
     config = tiny_vkood_config(**settings)
