@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
 
 from .configuration_vkood import VKOODConfig
-from .ood_vkood import ImplicitOODLayer
+from .ood_vkood import ImageFit, ImplicitOODLayer
 
 TEXT_TYPE, IMAGE_TYPE, KNOWLEDGE_TYPE = 0, 1, 2
 NON_FINITE_PIXELS = "pixel_values contains NaN or Inf; check the image files and the image processor"
@@ -623,12 +623,14 @@ class VKOODModel(VKOODPreTrainedModel):
         knowledge_relevance=None,
         output_attentions=None,
         output_hidden_states=None,
+        image_fit=None,
     ):
         """OOD-gate the knowledge against the image, then run the co-attention layers over both streams.
 
         `knowledge_relevance` (B, M), optional, training only: the items that state the answer, for the contrastive
         alignment loss (`config.ood_alignment`). `output_attentions` / `output_hidden_states` (default: the
-        config's) add the fields described in `VKOODModelOutput`, which this always returns."""
+        config's) add the fields described in `VKOODModelOutput`, which this always returns. `image_fit`: the OOD
+        layer's `fit_images` of each row's image, when an image's mixture is fitted once for several rows."""
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         if output_hidden_states is None:
@@ -650,7 +652,8 @@ class VKOODModel(VKOODPreTrainedModel):
             knowledge_mask = torch.zeros(batch, 0, dtype=torch.long, device=image_tokens.device)
         if knowledge_mask is None:
             knowledge_mask = torch.ones(knowledge_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
-        ood = self.ood(image_tokens, knowledge_tokens, items_mask=knowledge_mask, items_relevance=knowledge_relevance)
+        ood = self.ood(image_tokens, knowledge_tokens, items_mask=knowledge_mask, items_relevance=knowledge_relevance,
+                       image_fit=image_fit)  # fmt: skip
         dtype = text_tokens.dtype
         knowledge_tokens = knowledge_tokens * ood.gate.to(dtype).unsqueeze(-1)
         types = self.token_type_embeddings.weight
@@ -918,10 +921,21 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
     def _embed(self, projection, tokens):
         return F.normalize(projection(tokens[:, 0]).float(), dim=-1)
 
-    def _itm_scores(self, image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, **requested):
+    def _itm_scores(self, image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, image_fit=None, **requested):
         """ITM logits (B, 2) and the fused pass; `requested`: fuse's `output_attentions` / `output_hidden_states`."""
-        fused = self.vkood.fuse(image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, **requested)
+        fused = self.vkood.fuse(image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, image_fit=image_fit,
+                                **requested)  # fmt: skip
         return self.itm_head(fused.pooler_output), fused
+
+    def _fit_images(self, image_tokens, knowledge, chunk=None):
+        """Each image's OOD mixture, fitted once for all the pairs it is in (`chunk`: images per EM batch); None
+        when there is no knowledge item to score."""
+        if knowledge is None or knowledge.shape[1] == 0:
+            return None
+        chunk = chunk or image_tokens.shape[0]
+        fits = [self.vkood.ood.fit_images(image_tokens[start : start + chunk])
+                for start in range(0, image_tokens.shape[0], chunk)]  # fmt: skip
+        return ImageFit.cat(fits) if len(fits) > 1 else fits[0]
 
     def forward(
         self,
@@ -988,7 +1002,10 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             image_weights = torch.where(has_image_negative[:, None], logits.t().softmax(1), 1.0)
             negative_text = torch.multinomial(text_weights, 1).squeeze(1)
             negative_image = torch.multinomial(image_weights, 1).squeeze(1)
-        pair_image = torch.cat([image_tokens, image_tokens, image_tokens[negative_image]])
+        arange = torch.arange(batch, device=image_tokens.device)
+        pair_image_index = torch.cat([arange, arange, negative_image])
+        pair_image = image_tokens[pair_image_index]
+        image_fit = self._fit_images(image_tokens, knowledge)  # one fit per image for its 3 pairs
         pair_text = torch.cat([text_tokens, text_tokens[negative_text], text_tokens])
         pair_mask = torch.cat([attention_mask, attention_mask[negative_text], attention_mask])
         pair_knowledge = pair_knowledge_mask = None
@@ -996,8 +1013,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             pair_knowledge = torch.cat([knowledge, knowledge[negative_text], knowledge])
             pair_knowledge_mask = torch.cat([knowledge_mask, knowledge_mask[negative_text], knowledge_mask])
         itm_logits, fused = self._itm_scores(
-            pair_image, pair_text, pair_mask, pair_knowledge, pair_knowledge_mask, **requested
-        )
+            pair_image, pair_text, pair_mask, pair_knowledge, pair_knowledge_mask,
+            image_fit=None if image_fit is None else image_fit.select(pair_image_index), **requested,
+        )  # fmt: skip
         ignore = torch.full_like(negative_text, -100)
         itm_labels = torch.cat(
             [
@@ -1056,11 +1074,14 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         device = similarity.device
         image_queries = torch.arange(similarity.shape[0], device=device) if image_queries is None else image_queries
         text_queries = torch.arange(similarity.shape[1], device=device) if text_queries is None else text_queries
-        i2t = self._rerank(similarity[image_queries], image_queries, images, texts, k_test, pair_batch_size, True)
-        t2i = self._rerank(similarity.t()[text_queries], text_queries, images, texts, k_test, pair_batch_size, False)
+        # Every gallery image's mixture is fitted once, for all the pairs it is re-ranked in.
+        image_fit = self._fit_images(images["tokens"], texts.get("knowledge"), chunk=pair_batch_size)
+        i2t = self._rerank(similarity[image_queries], image_queries, images, texts, k_test, pair_batch_size, True, image_fit)
+        t2i = self._rerank(similarity.t()[text_queries], text_queries, images, texts, k_test, pair_batch_size, False,
+                           image_fit)  # fmt: skip
         return i2t, t2i
 
-    def _rerank(self, similarity, query_ids, images, texts, k_test, pair_batch_size, image_queries):
+    def _rerank(self, similarity, query_ids, images, texts, k_test, pair_batch_size, image_queries, image_fit):
         """Scores of the queries `query_ids` (the rows of `similarity`): ITM margin + ITC on their top k, -100 else."""
         k = min(k_test, similarity.shape[1])
         top_similarity, top_index = similarity.topk(k, dim=1)
@@ -1074,8 +1095,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             knowledge = texts["knowledge"][text_part] if "knowledge" in texts else None
             knowledge_mask = texts["knowledge_mask"][text_part] if "knowledge_mask" in texts else None
             logits, _ = self._itm_scores(
-                images["tokens"][image_part], texts["tokens"][text_part], texts["mask"][text_part], knowledge, knowledge_mask
-            )
+                images["tokens"][image_part], texts["tokens"][text_part], texts["mask"][text_part], knowledge,
+                knowledge_mask, image_fit=None if image_fit is None else image_fit.select(image_part),
+            )  # fmt: skip
             itm.append((logits[:, 1] - logits[:, 0]).to(similarity.dtype))
         scores = torch.full_like(similarity, -100.0)
         return scores.scatter(1, top_index, torch.cat(itm).view(-1, k) + top_similarity)

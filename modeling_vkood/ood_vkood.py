@@ -185,9 +185,13 @@ def log_likelihood_score(points, mixture, context_points, context_mask):
     scale of the standardised GEM (the log-density of an inlier varies by about sqrt(d'/2)), so the same threshold
     and temperature apply.
     """
-    dim = points.shape[-1]
     reference = mixture_log_likelihood(context_points, context_mask, mixture.weights, mixture.means, mixture.variances)
-    return (log_likelihood(points, mixture) - reference.unsqueeze(-1)) / math.sqrt(0.5 * dim)
+    return relative_log_likelihood(points, mixture, reference)
+
+
+def relative_log_likelihood(points, mixture, reference):
+    """`log_likelihood_score` given the mean log-likelihood of the image's own tokens, `reference` (B,)."""
+    return (log_likelihood(points, mixture) - reference.unsqueeze(-1)) / math.sqrt(0.5 * points.shape[-1])
 
 
 def _relative_change(new, old):
@@ -204,6 +208,36 @@ def _no_mixture(points):
     return GaussianMixtureOutput(
         weights=empty[..., 0], means=empty, variances=empty, iterations=zeros.long(), residual=zeros
     )
+
+
+_MIXTURE_FIELDS = ("weights", "means", "variances", "iterations", "residual")
+
+
+class ImageFit(NamedTuple):
+    """What the layer keeps of each image to score knowledge against it, fitted once per image and shared by every
+    pair the image is in (ITM's positive and negative pairs, a gallery's re-ranked pairs): the mixture, the mean
+    log-likelihood of the image's own tokens (`reference` (B,), the "log_likelihood" score's zero) and the mean
+    direction of its projected tokens (`direction` (B, d'), the "mean_direction" alignment's target)."""
+
+    mixture: GaussianMixtureOutput
+    reference: torch.Tensor
+    direction: torch.Tensor
+
+    def select(self, index):
+        """The fits of the images `index` (a LongTensor), e.g. one row per pair."""
+        mixture = GaussianMixtureOutput(**{field: getattr(self.mixture, field)[index] for field in _MIXTURE_FIELDS})
+        return ImageFit(mixture, self.reference[index], self.direction[index])
+
+    @staticmethod
+    def cat(fits):
+        """The fits of consecutive chunks of images, as one."""
+        def joined(get):
+            return torch.cat([get(fit) for fit in fits])
+
+        mixture = GaussianMixtureOutput(
+            **{field: joined(lambda fit, field=field: getattr(fit.mixture, field)) for field in _MIXTURE_FIELDS}
+        )
+        return ImageFit(mixture, joined(lambda fit: fit.reference), joined(lambda fit: fit.direction))
 
 
 class ImplicitOODLayer(nn.Module):
@@ -326,32 +360,53 @@ class ImplicitOODLayer(nn.Module):
         projected = F.linear(hidden, self.projection.weight.to(dtype), self.projection.bias.to(dtype))
         return F.layer_norm(projected, projected.shape[-1:])
 
-    def score(self, item_points, mixture, context_points, context_mask):
+    def score(self, item_points, fit):
         """Per-item OOD score under the example's mixture (`config.ood_score`): "gem" (paper) or "log_likelihood"."""
         if self.score_kind == "log_likelihood":
-            return log_likelihood_score(item_points, mixture, context_points, context_mask)
-        return gem_score(item_points, mixture)
+            return relative_log_likelihood(item_points, fit.mixture, fit.reference)
+        return gem_score(item_points, fit.mixture)
 
-    def forward(self, context, items, context_mask=None, items_mask=None, items_relevance=None):
+    @staticmethod
+    def _dtype(tensor):
+        return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+    def fit_images(self, context, context_mask=None):
+        """The `ImageFit` of each image: context (B, N, H) image tokens, `context_mask` 1/True for real ones."""
+        dtype = self._dtype(context)
+        with torch.autocast(device_type=context.device.type, enabled=False):
+            points = self.project(context.to(dtype))
+            mask = torch.ones(points.shape[:2], device=points.device) if context_mask is None else context_mask
+            mask = mask.to(dtype)
+            mixture = self.fit_mixture(points, mask)
+            if self.score_kind == "log_likelihood":
+                reference = mixture_log_likelihood(points, mask, mixture.weights, mixture.means, mixture.variances)
+            else:
+                reference = points.new_zeros(points.shape[0])
+            direction = F.normalize((points * mask.unsqueeze(-1)).sum(1), dim=-1)
+        return ImageFit(mixture, reference, direction)
+
+    def forward(self, context, items, context_mask=None, items_mask=None, items_relevance=None, image_fit=None):
         """context (B, N, H) image tokens; items (B, M, H) knowledge vectors; masks 1/True for real entries.
 
         `items_relevance` (B, M), training only: 1 for the items that state the example's answer (the contrastive
-        alignment's positives; see `contrastive_alignment_loss`)."""
-        dtype = torch.float64 if context.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=context.device.type, enabled=False):
-            context_points = self.project(context.to(dtype))
+        alignment's positives; see `contrastive_alignment_loss`). `image_fit`: the `fit_images` of each row's image,
+        when it was fitted once for several rows (`context` is then not read)."""
+        dtype = self._dtype(items)
+        with torch.autocast(device_type=items.device.type, enabled=False):
             item_points = self.project(items.to(dtype))
-            if context_mask is None:
-                context_mask = torch.ones(context.shape[:2], device=context.device)
-            if items_mask is None:
-                items_mask = torch.ones(items.shape[:2], device=items.device)
-            items_mask, context_mask = items_mask.to(dtype), context_mask.to(dtype)
+            items_mask = torch.ones(items.shape[:2], device=items.device) if items_mask is None else items_mask
+            items_mask = items_mask.to(dtype)
             if items.shape[1] == 0:  # no knowledge item (a static shape): nothing to score, so no EM
-                mixture = _no_mixture(context_points)
+                # the empty mixture hangs on the image's graph where there is one (its gradient is then a zero)
+                mixture = _no_mixture(item_points if context is None else self.project(context.to(dtype)))
+                direction = item_points.new_zeros(item_points.shape[0], item_points.shape[-1])
                 scores = item_points.sum(-1)  # (B, 0), from the items like the scores it stands for
             else:
-                mixture = self.fit_mixture(context_points, context_mask)
-                scores = self.score(item_points, mixture, context_points, context_mask) * items_mask
+                fit = self.fit_images(context, context_mask) if image_fit is None else image_fit
+                if fit.reference.shape[0] != items.shape[0]:
+                    raise ValueError(f"image_fit holds {fit.reference.shape[0]} images for {items.shape[0]} rows")
+                mixture, direction = fit.mixture, fit.direction
+                scores = self.score(item_points, fit) * items_mask
             gate_logits = (scores - self.threshold.to(dtype)) / self.temperature
             if not self.use_gate:
                 log_gate = torch.zeros_like(scores)
@@ -373,7 +428,7 @@ class ImplicitOODLayer(nn.Module):
                 alignment_loss = self.contrastive_alignment_loss(scores, items_mask, items_relevance)
                 alignment_loss = alignment_loss + self.gate_relevance_loss(cut, items_mask, items_relevance)
             else:
-                alignment_loss = self.alignment_loss(context_points, context_mask, item_points, items_mask)
+                alignment_loss = self.alignment_loss(direction, item_points, items_mask)
         return ImplicitOODOutput(
             weights=mixture.weights,
             means=mixture.means,
@@ -489,11 +544,19 @@ class ImplicitOODLayer(nn.Module):
         return ((positive_term + negative_term) * has_positive).sum() / has_positive.sum().clamp_min(1.0)
 
     @staticmethod
-    def alignment_loss(context_points, context_mask, item_points, items_mask):
+    def alignment_loss(image_direction, item_points, items_mask):
         """Cross-modal alignment on the hypersphere: 1 - cos(item, mean image direction), averaged over real items."""
-        image_direction = F.normalize((context_points * context_mask.unsqueeze(-1)).sum(1), dim=-1)
         cosine = torch.einsum("bmd,bd->bm", F.normalize(item_points, dim=-1), image_direction)
         return ((1.0 - cosine) * items_mask).sum() / items_mask.sum().clamp_min(1.0)
 
 
-__all__ = ["ImplicitOODLayer", "ImplicitOODOutput", "GaussianMixtureOutput", "gem_score", "log_likelihood", "log_likelihood_score"]
+__all__ = [
+    "ImplicitOODLayer",
+    "ImplicitOODOutput",
+    "GaussianMixtureOutput",
+    "ImageFit",
+    "gem_score",
+    "log_likelihood",
+    "log_likelihood_score",
+    "relative_log_likelihood",
+]

@@ -117,6 +117,7 @@ def test_implicit_equals_unrolled_at_convergence_and_last_iterate_is_one_step():
 
 
 def _saved_bytes(mode, iterations):
+    torch.manual_seed(0)  # unseeded, EM sometimes reached its fixed point exactly and that row stopped early
     layer = ImplicitOODLayer(tiny_vkood_config(ood_max_iter=iterations, ood_tol=1e-30, ood_gradient=mode))
     context = torch.randn(4, 50, 32, requires_grad=True)
     items = torch.randn(4, 6, 32, requires_grad=True)
