@@ -430,8 +430,12 @@ class Page:
 
         def new_status():  # Gradio's status tracker (a timer, "processing") overlays the line until it is done
             tracker = self.find("#status [data-testid=status-tracker]")
+            # Pending while the tracker shows its timer: it was once seen with its "hide" class and "0.1s" on top
+            # of the previous answer, which then passed for the new status.
+            if "hide" not in tracker.get_attribute("class").split() or tracker.text.strip():
+                return None
             text = self.find("#status").text.strip()
-            return text if "hide" in tracker.get_attribute("class").split() and text and text != before else None
+            return text if text and text != before else None
 
         for _ in range(3):
             self.find("#run").click()
