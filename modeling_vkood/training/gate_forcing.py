@@ -29,15 +29,19 @@ class GateForcingSchedule(TrainerCallback):
             raise ValueError(f"gate forcing steps must be >= 0, got {forced_steps} and {handover_steps}")
         self.forced_steps = forced_steps
         self.handover_steps = handover_steps
+        self.layers = []
 
-    def _set(self, model, step):
+    def _set(self, step):
         share = forcing_share(step, self.forced_steps, self.handover_steps)
-        for module in model.modules():
-            if hasattr(module, "relevance_forcing"):
-                module.relevance_forcing = share
+        for layer in self.layers:
+            layer.relevance_forcing = share
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._set(model, state.global_step)
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # found once, not at every step: the model's modules do not change during training
+        self.layers = [module for module in model.modules() if hasattr(module, "relevance_forcing")]
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._set(model, self.forced_steps + self.handover_steps)  # 0: evaluation and saving see the learned gate
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._set(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._set(self.forced_steps + self.handover_steps)  # 0: evaluation and saving see the learned gate
