@@ -39,6 +39,7 @@ from modeling_vkood.training import (  # noqa: E402
 )
 from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
 from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
+from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
 from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         id2label = dict(enumerate(dataset[splits[0]].features["label"].names))
     built = build_model(model_args, task, id2label)
     model = apply_finetuning(built, model_args)
+    text_cache = FrozenTextPrefixCache(built.model.base_model.text_model) if model_args.cache_frozen_text_blocks else None
 
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)
     try:
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
             metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())
     if data_args.predict_split is not None:
         export_predictions(trainer, dataset, data_args, id2label, training_args.output_dir)
+    if text_cache is not None:
+        text_cache.remove()
+        metrics["frozen_text_cache_hit_fraction"] = text_cache.hits / max(text_cache.hits + text_cache.misses, 1)
     trainer.save_metrics("all", metrics, combined=False)
     description = describe(model_args, data_args, card_args, training_args, built, metrics, argv)
     save_output_folder(trainer, task, description, ood, MAIN_METRIC[task])

@@ -312,6 +312,21 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny
     assert any(not torch.equal(at_four[key], at_two[key]) for key in at_two)  # steps 3-4 did move the weights
 
 
+def test_cached_frozen_text_blocks_train_to_the_weights_of_the_plain_run(workdir, tiny_text_model, easy_vqa_root):
+    """`--cache_frozen_text_blocks`: LoRA on the tiny BERT's top block, its bottom block looked up per distinct row."""
+    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
+                         eval_split="test", max_steps=3, backbone_dropout=0.0, lora_layers=[1])  # fmt: skip
+    plain, cached = workdir / "plain_text", workdir / "cached_text"
+    train.main([str(config), "--output_dir", str(plain)])
+    train.main([str(config), "--output_dir", str(cached), "--cache_frozen_text_blocks", "true"])
+    expected, actual = load_file(plain / "model.safetensors"), load_file(cached / "model.safetensors")
+    assert expected.keys() == actual.keys()  # the cache leaves module names (and checkpoints) as they are
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-5, msg=key)
+    assert 0.5 < read_results(cached)["frozen_text_cache_hit_fraction"] < 1.0  # repeated texts were looked up
+    assert "frozen_text_cache_hit_fraction" not in read_results(plain)
+
+
 def first_step_and_results(output: Path) -> tuple[dict, dict]:
     state = json.loads((output / "trainer_state.json").read_text())
     return next(entry for entry in state["log_history"] if entry.get("step") == 1 and "loss" in entry), read_results(output)

@@ -126,6 +126,13 @@ class ModelArguments:
                   "linearly to the learned one"},  # fmt: skip
     )
 
+    cache_frozen_text_blocks: bool = field(
+        default=False,
+        metadata={"help": "keep the outputs of the text encoder's frozen lower blocks (below the lowest LoRA layer) "
+                  "per distinct token row and look them up instead of recomputing them; needs backbone dropout 0 "
+                  "(see modeling_vkood/training/frozen_text_cache.py)"},  # fmt: skip
+    )
+
     given_backbones: dict = field(
         init=False, default_factory=dict, metadata={"help": "the backbone names as given, before package:// is resolved"}
     )
