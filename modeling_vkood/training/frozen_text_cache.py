@@ -13,6 +13,8 @@ of the frozen block instances only; module names, parameters and the state dict 
 unchanged, and `remove()` restores the plain encoder.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -68,16 +70,31 @@ class FrozenTextPrefixCache:
         self._row_keys = None  # (R, L) keys of the encoder call in progress: token ids, -1 where masked
         self._keys = self._values = None  # (C, Lc) and (C, Lc, W)
         self._hook = encoder.register_forward_pre_hook(self._remember_keys, with_kwargs=True)
+        self._patch()
+
+    def _patch(self):
         self.blocks[0].forward = self._first_block
         for block in self.blocks[1:]:
             block.forward = self._pass_through
 
+    def _unpatch(self):
+        for block in self.blocks:
+            del block.forward
+
     def remove(self):
         """Restore the plain encoder."""
         self._hook.remove()
-        for block in self.blocks:
-            del block.forward
+        self._unpatch()
         self._keys = self._values = self._row_keys = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The plain encoder inside the block, the cache and its contents back after it (for comparisons)."""
+        self._unpatch()
+        try:
+            yield self
+        finally:
+            self._patch()
 
     def _remember_keys(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
