@@ -41,6 +41,7 @@ from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E40
 from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
 from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
 from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
+from modeling_vkood.training.metrics import knowledge_fit_labels, ood_fit_metrics  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 
 logger = logging.getLogger("train")
@@ -199,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  training_args.device)  # fmt: skip
         if len(ood["gates"]):
             metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())
+        plotted = eval_dataset.select(range(min(data_args.ood_plot_examples, len(eval_dataset))))
+        fits = knowledge_fit_labels(plotted, built.processor.max_knowledge_items) if task == "vqa" else None
+        if fits is not None:  # a dataset that labels its items (knowledge-VQA): does the layer keep the fitting ones?
+            metrics.update(ood_fit_metrics(ood["scores"], ood["gates"], fits))
     if data_args.predict_split is not None:
         export_predictions(trainer, dataset, data_args, id2label, training_args.output_dir)
     if text_cache is not None:

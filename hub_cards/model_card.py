@@ -42,8 +42,11 @@ class ModelDescription:
 
 
 def reported_results(metrics: dict[str, float]) -> dict[str, float]:
-    """The evaluation metrics worth a row: eval_* keys except loss and timing."""
-    return {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and k not in _NOT_RESULTS}
+    """The evaluation metrics worth a row: eval_* keys except loss and timing, and the OOD layer's diagnostics (ood_*:
+    the fraction of items its gate keeps; on a dataset that labels its items, the AUROC of fitting against not-fitting
+    items and the kept fraction of each)."""
+    return {k: float(v) for k, v in metrics.items()
+            if (k.startswith("eval_") and k not in _NOT_RESULTS) or k.startswith("ood_")}  # fmt: skip
 
 
 def model_card(description: ModelDescription) -> ModelCard:

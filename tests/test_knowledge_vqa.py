@@ -339,3 +339,38 @@ def test_the_shipped_config_trains_evaluates_and_saves(tmp_path, monkeypatch):
     assert config["max_knowledge_items"] == 11 and len(config["id2label"]) == len(knowledge_vqa.ANSWERS)
     # Its facts are drawn per example: the saved processor must not retrieve starter-graph items in their place.
     assert json.loads((output / "processor_config.json").read_text()).get("knowledge_source") is None
+
+
+def test_auroc_and_kept_fractions_match_sklearn_and_count_the_gated_items():
+    from sklearn.metrics import roc_auc_score
+
+    from modeling_vkood.training.metrics import ood_fit_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (300,), generator=generator).float()  # many ties
+    fits = torch.rand(300, generator=generator) < 0.25
+    gates = torch.rand(300, generator=generator)
+    metrics = ood_fit_metrics(scores, gates, fits)
+    assert metrics["ood_auroc_fitting"] == pytest.approx(roc_auc_score(fits.numpy(), scores.numpy()), abs=1e-12)
+    assert metrics["ood_kept_fraction_fitting"] == pytest.approx(float((gates[fits] > 0.5).float().mean()))
+    assert metrics["ood_kept_fraction_not_fitting"] == pytest.approx(float((gates[~fits] > 0.5).float().mean()))
+    with pytest.raises(ValueError, match="out of step"):
+        ood_fit_metrics(scores[:-1], gates[:-1], fits)
+
+
+def test_the_shipped_knowledge_vqa_recipe_runs_and_reports_how_the_layer_treats_fitting_items(tmp_path):
+    """configuration/knowledge_vqa.yaml end to end at a few steps: gate forcing, handover, evaluation, the card."""
+    import train
+
+    output = tmp_path / "out"
+    metrics = train.main(["configuration/knowledge_vqa.yaml", "--train_split", "test", "--max_train_samples", "64",
+                          "--max_eval_samples", "40", "--ood_plot_examples", "40", "--max_steps", "3",
+                          "--ood_gate_forcing_steps", "1", "--ood_gate_handover_steps", "1",
+                          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "20",
+                          "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+                          "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(output)])  # fmt: skip
+    assert 0.0 <= metrics["ood_auroc_fitting"] <= 1.0
+    assert 0.0 <= metrics["ood_kept_fraction_fitting"] <= 1.0 and 0.0 <= metrics["ood_kept_fraction_not_fitting"] <= 1.0
+    saved = json.loads((output / "all_results.json").read_text())
+    assert saved["ood_auroc_fitting"] == metrics["ood_auroc_fitting"] and 0.0 <= saved["eval_vqa_accuracy"] <= 100.0
+    assert "ood_auroc_fitting" in (output / "README.md").read_text()  # the card reports it

@@ -6,6 +6,7 @@ come from the evaluation dataset, which the Trainer walks in order.
 """
 
 import numpy as np
+import torch
 
 from modeling_vkood.evaluation import nlvr2_accuracy, vqa_accuracy
 
@@ -52,3 +53,38 @@ class NLVR2Metrics:
 
 
 __all__ = ["NLVR2Metrics", "VQAMetrics", "predicted_class"]
+
+
+def knowledge_fit_labels(dataset, max_items: int) -> torch.Tensor | None:
+    """`fits_image` of the items the collator encodes (the first `max_items` of each row, in order), flat; None when
+    the dataset does not label its items (only the knowledge-conditioned task does)."""
+    knowledge = dataset.features.get("knowledge")
+    item_features = getattr(knowledge, "feature", None)
+    if not isinstance(item_features, dict) or "fits_image" not in item_features:
+        return None
+    return torch.tensor([item["fits_image"] for row in dataset["knowledge"] for item in row[:max_items]], dtype=torch.bool)
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` for `positive` against the rest (Mann-Whitney, ties count half)."""
+    positives, negatives = int(positive.sum()), int((~positive).sum())
+    if not positives or not negatives:
+        raise ValueError("AUROC needs both positive and negative items")
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    counts = counts.double()
+    ranks = (counts.cumsum(0) - counts + (counts + 1) / 2)[inverse]  # 1-based ranks, the mean rank for ties
+    return float((ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def ood_fit_metrics(scores: torch.Tensor, gates: torch.Tensor, fits: torch.Tensor) -> dict[str, float]:
+    """How well the OOD layer tells the items that fit the image from the others: AUROC of the scores, and the
+    fraction of each kind that the gate keeps (gate > 0.5)."""
+    if len(scores) != len(fits):
+        raise ValueError(f"{len(scores)} OOD scores for {len(fits)} labelled items: the collated items and the "
+                         "dataset's knowledge column are out of step")  # fmt: skip
+    kept = gates > 0.5
+    return {
+        "ood_auroc_fitting": auroc(scores, fits),
+        "ood_kept_fraction_fitting": float(kept[fits].float().mean()),
+        "ood_kept_fraction_not_fitting": float(kept[~fits].float().mean()),
+    }
