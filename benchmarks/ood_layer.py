@@ -10,7 +10,9 @@
 - aten_ops: ops dispatched by one EM step (`_em_update`) and by one solver iteration (EM step + convergence
   bookkeeping: the op count of a fixed-budget fit of n + 1 iterations minus that of n).
 
-    python benchmarks/ood_layer.py [--device cuda --dtype bf16] [--step-batch 2] [--repeats 5]
+- compiled (with --compile): eager vs torch.compile(fullgraph=True) forward+backward ms of the layer.
+
+    python benchmarks/ood_layer.py [--device cuda --dtype bf16] [--step-batch 2] [--repeats 5] [--compile]
 """
 
 import argparse
@@ -117,12 +119,32 @@ def model_syncs(model, batch, check_every):
     return syncs.count
 
 
+def compiled_vs_eager(config, context, items, autocast_dtype, device, repeats):
+    """Forward+backward ms of the layer (last iterate, training, fixed EM budget: what compiles without a graph break)
+    eager and under torch.compile(fullgraph=True), alternated so that a change of machine speed hits both alike."""
+    layer = ImplicitOODLayer(VKOODConfig(**config, ood_convergence_check_every=0)).to(device).train()
+    layer.threshold_calibrated.fill_(True)
+    compiled = torch.compile(layer, fullgraph=True)
+    start = time.perf_counter()
+    layer_step(compiled, context, items, autocast_dtype)
+    compile_seconds = time.perf_counter() - start
+    eager_ms, compiled_ms = [], []
+    for _ in tqdm(range(repeats), desc="eager vs compiled"):
+        eager_ms.append(timed(lambda: layer_step(layer, context, items, autocast_dtype), device, 1))
+        compiled_ms.append(timed(lambda: layer_step(compiled, context, items, autocast_dtype), device, 1))
+    eager, fast = statistics.median(eager_ms), statistics.median(compiled_ms)
+    return {"eager_ms": eager, "compiled_ms": fast, "speedup": eager / fast, "compile_seconds": compile_seconds,
+            "em_iterations": layer.max_iter}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the full step")
     parser.add_argument("--step-batch", type=int, default=2, help="batch of the full training step")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(layer, fullgraph=True) against eager (inductor; minutes on a CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -149,6 +171,8 @@ def main():
     for mode in MODES:
         per_mode[mode]["time_vs_last_iterate"] = per_mode[mode]["forward_backward_ms"] / per_mode["last_iterate"]["forward_backward_ms"]
     result["modes"] = per_mode
+    if args.compile:
+        result["compiled"] = compiled_vs_eager(config, context, items, autocast_dtype, device, args.repeats)
     check_every = VKOODConfig().ood_convergence_check_every
     result["host_syncs"] = {
         "ood_convergence_check_every": check_every,
