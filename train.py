@@ -85,7 +85,9 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         "balance_by": data_args.balance_by,
         "vkood_config": model_args.vkood_config,
     }
-    hyperparameters.update({name: getattr(model_args, name) for name in ("mad_weight", "masd_weight") if getattr(model_args, name)})
+    for name in ("mad_weight", "masd_weight"):
+        if getattr(model_args, name):
+            hyperparameters[name] = getattr(model_args, name)
     if model_args.wise_ft_alpha is not None:
         hyperparameters["wise_ft_alpha"] = model_args.wise_ft_alpha
     if data_args.train_fraction is not None:
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = apply_finetuning(built, model_args)
     objectives = extra_losses(model, model_args, task, training_args.device)
     # WiSE-FT's theta_0 for a fully fine-tuned model (under LoRA the frozen base weights are theta_0)
-    initial_weights = pretrained_state(model) if model_args.wise_ft_alpha is not None and model_args.finetuning == "full" else None
+    wise_full = model_args.wise_ft_alpha is not None and model_args.finetuning == "full"
+    initial_weights = pretrained_state(model) if wise_full else None
 
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)
     try:

@@ -133,7 +133,8 @@ def plot(summary: dict, options, fractions, path: Path):
         rows = [summary.get(f"{option}@{fraction}") for fraction in fractions]
         positions = np.arange(len(fractions)) + index * width
         accuracy = [row["accuracies"]["clean"]["mean"] if row else np.nan for row in rows]
-        kept = [np.mean([v["mean"] for v in row["relative_robustness"].values() if v]) if row else np.nan for row in rows]
+        kept = [np.mean([v["mean"] for v in row["relative_robustness"].values() if v]) if row else np.nan
+                for row in rows]
         accuracy_axis.bar(positions, accuracy, width, label=option)
         robustness_axis.bar(positions, kept, width, label=option)
     for axis, label in ((accuracy_axis, "clean test accuracy (%)"), (robustness_axis, "relative robustness (mean)")):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_training import read_results, tiny_config, train, write_easy_vqa
 from transformers import TrainerCallback, TrainingArguments
 
-from modeling_vkood import VKOODForQuestionAnswering
+from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForQuestionAnswering
 from modeling_vkood.training import VKOODTrainer, merged_model
 from modeling_vkood.training.distillation import (
     MultimodalAdaptiveDistillation,
@@ -195,6 +195,29 @@ def test_masd_term_of_a_real_model_is_positive_and_differentiable(finetuning):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_masd_runs_on_the_nlvr2_head_and_removes_relevance_labels_with_the_knowledge():
+    torch.manual_seed(0)
+    model = VKOODForImagesAndTextClassification(tiny_vkood_config(num_labels=2))
+    batch = tiny_batch(pairs=True)
+    blank = augment_modalities(batch, ["image"])
+    assert blank["pixel_values"].shape == batch["pixel_values"].shape and not blank["pixel_values"].any()
+    loss = ModalityAugmentedSelfDistillation(weight=1.0, augmentations=["image"])(model, model(**batch), batch)
+    assert loss > 0
+    relevance = {**tiny_batch(), "knowledge_relevance": torch.ones(3, 4)}
+    assert not augment_modalities(relevance, ["knowledge"])["knowledge_relevance"].any()
+    assert augment_modalities(relevance, ["image"])["knowledge_relevance"].all()  # kept: gate forcing sees it
+
+
+def test_train_py_refuses_options_a_task_cannot_take():
+    arguments = SimpleNamespace(mad_weight=1.0, masd_weight=0.0, mad_temperature=0.05, mad_token_fraction=0.5)
+    with pytest.raises(ValueError, match="MAD distils into the VQA head"):
+        train.extra_losses(tiny_model("full"), arguments, "nlvr2", "cpu")
+    arguments = SimpleNamespace(mad_weight=0.0, masd_weight=1.0, masd_temperature=1.0, masd_augmentations=["image"])
+    with pytest.raises(ValueError, match="MASD distils a classifier"):
+        train.extra_losses(tiny_model("full"), arguments, "retrieval", "cpu")
+    assert len(train.extra_losses(tiny_model("full"), arguments, "nlvr2", "cpu")) == 1
+
+
 # ---------------------------------------------------------------------------------------------- WiSE-FT
 
 
@@ -260,7 +283,8 @@ def options_config(workdir, tiny_text_model, easy_vqa_root, **overrides):
     deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
                      "ood_tol": 1e-30}  # fmt: skip
     config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", backbone_dropout=0.0, mad_weight=1.0, masd_weight=1.0, **overrides)  # fmt: skip
+                         eval_split="test", backbone_dropout=0.0, mad_weight=1.0, masd_weight=1.0,
+                         **overrides)  # fmt: skip
     values = yaml.safe_load(config.read_text())
     values["vkood_config"].update(deterministic)
     config.write_text(yaml.safe_dump(values))
@@ -289,8 +313,8 @@ def test_a_run_with_mad_masd_and_wise_ft_resumes_to_the_weights_of_an_uninterrup
     expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
-    train.main([str(config), "--output_dir", str(baseline), "--mad_weight", "0", "--masd_weight", "0", "--max_steps", "1",
-                "--save_strategy", "no"])  # fmt: skip
+    train.main([str(config), "--output_dir", str(baseline), "--mad_weight", "0", "--masd_weight", "0",
+                "--max_steps", "1", "--save_strategy", "no"])  # fmt: skip
     assert first_step(straight)["loss"] > first_step(baseline)["loss"]  # the two terms were added
     state = json.loads((straight / "trainer_state.json").read_text())
     assert state["log_history"][-1]["train_runtime"] > 0

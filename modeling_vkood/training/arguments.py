@@ -152,7 +152,8 @@ class ModelArguments:
         default=None,
         metadata={"help": "WiSE-FT after training: the pretrained backbones' weights become (1 - alpha) initial + "
                   "alpha fine-tuned (LoRA: the adapter delta scaled by alpha); the new modules keep their "
-                  "fine-tuned weights (see modeling_vkood/training/wise_ft.py); None: off"},  # fmt: skip
+                  "fine-tuned weights (see modeling_vkood/training/wise_ft.py). Applied once training ends: the "
+                  "checkpoints keep the fine-tuned weights (a resumed run interpolates at its end); None: off"},  # fmt: skip
     )
 
     given_backbones: dict = field(

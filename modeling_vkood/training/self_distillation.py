@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 AUGMENTATIONS = ("image", "question", "shorten", "knowledge")
-# The inputs of the augmented pass: no labels (no task loss) and no relevance labels (no alignment loss).
+# The inputs of the augmented pass: no labels (no task loss, hence no alignment loss either); the relevance labels
+# stay where the batch has them, so that a gate-forcing schedule (gate_forcing.py) gates both passes alike.
 STUDENT_INPUTS = ("pixel_values", "input_ids", "attention_mask", "knowledge_input_ids", "knowledge_attention_mask",
-                  "knowledge_mask")  # fmt: skip
+                  "knowledge_mask", "knowledge_relevance")  # fmt: skip
 
 
 def _per_example(flags, tensor):
@@ -52,13 +53,10 @@ def augment_modalities(batch: dict, augmentations=AUGMENTATIONS, generator=None)
         _per_example(chosen.get("shorten", none), attention) & halves & ~first
     )
     inputs["attention_mask"] = attention.masked_fill(drop, 0)
-    if "knowledge_input_ids" in inputs:
-        removed = chosen.get("knowledge", none)
-        if "knowledge_mask" in inputs:
-            inputs["knowledge_mask"] = inputs["knowledge_mask"].masked_fill(_per_example(removed, inputs["knowledge_mask"]), 0)
-        if "knowledge_attention_mask" in inputs:
-            mask = inputs["knowledge_attention_mask"]
-            inputs["knowledge_attention_mask"] = mask.masked_fill(_per_example(removed, mask), 0)
+    removed = chosen.get("knowledge", none)
+    for key in ("knowledge_mask", "knowledge_attention_mask", "knowledge_relevance"):
+        if key in inputs:
+            inputs[key] = inputs[key].masked_fill(_per_example(removed, inputs[key]), 0)
     return inputs
 
 

@@ -26,8 +26,8 @@ class VKOODTrainer(Trainer):
         other new modules. `retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
         max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2. `balance_by`: a training column
         whose values are drawn equally often. `extra_losses`: training-only loss terms added to the head's loss
-        (`MultimodalAdaptiveDistillation`, `ModalityAugmentedSelfDistillation`): callables (model, outputs, batch)
-        -> a batch-averaged scalar, with a `needs_hidden_states` attribute."""
+        (`MultimodalAdaptiveDistillation`, `ModalityAugmentedSelfDistillation`): callables (model, outputs, batch,
+        unwrapped=) -> a batch-averaged scalar, with a `needs_hidden_states` attribute."""
         super().__init__(*args, **kwargs)
         self.extra_losses = tuple(extra_losses)
         self.new_parameters = set(new_parameters)
