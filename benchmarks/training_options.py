@@ -7,15 +7,15 @@ and option), for each of `--seeds`:
 - mad: + multimodal adaptive distillation (`--mad_weight`; the embedded default's vision encoder is trained from
   scratch, so only its pretrained text encoder teaches);
 - masd: + modality-augmented self-distillation (`--masd_weight`);
-- wise_ft: the baseline's weights interpolated with the initial pretrained backbones at `--wise-ft-alpha`
-  (modeling_vkood/training/wise_ft.py; no extra training: the same as `train.py --wise_ft_alpha`).
+- wise_ft_<alpha>: the baseline's weights interpolated with the initial pretrained backbones at each of
+  `--wise-ft-alphas` (modeling_vkood/training/wise_ft.py; no extra training: the same as `train.py --wise_ft_alpha`).
 Each is evaluated on `--test-samples` test questions, clean and under the missing-modality conditions of
 benchmarks/robustness.py (image missing or noised, question missing / shortened / words dropped, knowledge missing
 or half irrelevant), reported as accuracy, relative robustness (accuracy kept) and effective robustness (above the
 baseline runs' clean-vs-condition trend), with the training cost in seconds per step. An option that needs a
 pretrained backbone (MAD, WiSE-FT) is reported as not applicable on a config without one (knowledge_vqa.yaml).
 
-    python benchmarks/training_options.py                                   # easy-VQA, 2 fractions x 2 seeds
+    python benchmarks/training_options.py     # easy-VQA, 2 fractions x 2 seeds: 12 runs of 120 steps, 16 models x 8 evals
     python benchmarks/training_options.py --config configuration/knowledge_vqa.yaml
     python benchmarks/training_options.py --steps 2 --test-samples 16 --seeds 0 --fractions 0.1   # smoke test
 
@@ -69,7 +69,7 @@ def run_argv(args, option, fraction, seed, output) -> list[str]:
 
 def train_once(args, option, fraction, seed) -> tuple[Path, list[str], float]:
     """(model folder, argv, seconds per optimizer step) of one run, reused when its record matches."""
-    trained_as = "baseline" if option == "wise_ft" else option
+    trained_as = "baseline" if option.startswith("wise_ft") else option
     output = args.out.parent / "training_options_runs" / f"{trained_as}-f{fraction}-s{seed}"
     argv = run_argv(args, trained_as, fraction, seed, output)
     record = output / "benchmark_run.json"
@@ -86,12 +86,13 @@ def has_pretrained_backbone(args) -> bool:
     return model_args.model_name_or_path is not None or bool(model_args.vision_model or model_args.text_model)
 
 
-def evaluator_for(args, option, folder, argv):
+def evaluator_for(args, folder, argv, alpha=None):
+    """The robustness Evaluator of a trained run; with `alpha`, of its WiSE-FT interpolation."""
     evaluator = robustness.Evaluator(folder, args.batch_size)
-    if option == "wise_ft":
+    if alpha is not None:
         # theta_0: the run's pretrained backbones as built before training (same config, same files)
         built = build_model(parse_arguments(argv)[0], "vqa", evaluator.model.config.id2label)
-        wise_ft(evaluator.model, args.wise_ft_alpha, pretrained_state(built.model))
+        wise_ft(evaluator.model, alpha, pretrained_state(built.model))
     return evaluator
 
 
@@ -156,8 +157,8 @@ def main():
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
     parser.add_argument("--mad-weight", type=float, default=1.0)
     parser.add_argument("--masd-weight", type=float, default=1.0)
-    parser.add_argument("--wise-ft-alpha", type=float, default=0.5)
-    parser.add_argument("--test-samples", type=int, default=1000)
+    parser.add_argument("--wise-ft-alphas", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--test-samples", type=int, default=500, help="each is evaluated 8 times per model")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "training_options.json")
     args = parser.parse_args()
@@ -168,17 +169,21 @@ def main():
     pretrained = has_pretrained_backbone(args)
     test, noisy = test_splits(args)
     recipe = yaml.safe_load(args.config.read_text())
-    grid = [(fraction, seed, option) for fraction in args.fractions for seed in args.seeds for option in args.options]
+    # wise_ft expands into one entry per alpha, each an interpolation of that fraction and seed's baseline run
+    options = [name for option in args.options
+               for name in ([f"wise_ft_{alpha}" for alpha in args.wise_ft_alphas] if option == "wise_ft" else [option])]
+    grid = [(fraction, seed, option) for fraction in args.fractions for seed in args.seeds for option in options]
     runs = []
     for number, (fraction, seed, option) in enumerate(grid, 1):
         run = {"option": option, "fraction": fraction, "seed": seed}
-        if option in ("mad", "wise_ft") and not pretrained:
+        wise = option.startswith("wise_ft")
+        if (option == "mad" or wise) and not pretrained:
             run["not_applicable"] = f"{args.config.name} has no pretrained backbone to distil from / interpolate toward"
             runs.append(run)
             log(f"[{number}/{len(grid)}] {option} fraction {fraction} seed {seed}: not applicable")
             continue
         folder, argv, seconds_per_step = train_once(args, option, fraction, seed)
-        evaluator = evaluator_for(args, option, folder, argv)
+        evaluator = evaluator_for(args, folder, argv, float(option.rsplit("_", 1)[1]) if wise else None)
         run.update(seconds_per_step=seconds_per_step, accuracies=robustness.modality_accuracies(evaluator, test, noisy))
         run["relative_robustness"] = robustness.relative_robustness(run["accuracies"])
         runs.append(run)
@@ -196,14 +201,15 @@ def main():
             "accuracies": "VQA accuracy (%) on the clean test subset and under each condition",
             "relative_robustness": "accuracy(condition) / accuracy(clean)",
             "effective_robustness": "accuracy(condition) minus the baseline runs' linear clean-vs-condition trend",
-            "seconds_per_step": "train_runtime / steps of the run (this machine, shared)",
+            "seconds_per_step": "train_runtime / steps of the run, start-up included (OOD calibration, first image "
+                                "decodes); WiSE-FT adds no training: its baseline run's",
         },
         "runs": runs,
         "summary": summary,
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
     args.out.write_text(json.dumps(results, indent=2))
-    plot(summary, args.options, args.fractions, args.out.with_suffix(".png"))
+    plot(summary, options, args.fractions, args.out.with_suffix(".png"))
     print(json.dumps(results, indent=2))
 
 
