@@ -15,7 +15,7 @@ or half irrelevant), reported as accuracy, relative robustness (accuracy kept) a
 baseline runs' clean-vs-condition trend), with the training cost in seconds per step. An option that needs a
 pretrained backbone (MAD, WiSE-FT) is reported as not applicable on a config without one (knowledge_vqa.yaml).
 
-    python benchmarks/training_options.py     # easy-VQA, 2 fractions x 2 seeds: 12 runs of 120 steps, 16 models x 8 evals
+    python benchmarks/training_options.py   # easy-VQA, 2 fractions x 2 seeds: 12 runs of 120 steps, 16 models x 8 evals
     python benchmarks/training_options.py --config configuration/knowledge_vqa.yaml
     python benchmarks/training_options.py --steps 2 --test-samples 16 --seeds 0 --fractions 0.1   # smoke test
 
