@@ -39,7 +39,10 @@ from modeling_vkood.training import (  # noqa: E402
 )
 from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
 from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
+from modeling_vkood.training.distillation import MultimodalAdaptiveDistillation, UnimodalTeacher  # noqa: E402
 from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
+from modeling_vkood.training.self_distillation import ModalityAugmentedSelfDistillation  # noqa: E402
+from modeling_vkood.training.wise_ft import pretrained_state, wise_ft  # noqa: E402
 from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
 from modeling_vkood.training.metrics import knowledge_fit_labels, ood_fit_metrics  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
@@ -84,6 +87,13 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         "balance_by": data_args.balance_by,
         "vkood_config": model_args.vkood_config,
     }
+    for name in ("mad_weight", "masd_weight"):
+        if getattr(model_args, name):
+            hyperparameters[name] = getattr(model_args, name)
+    if model_args.wise_ft_alpha is not None:
+        hyperparameters["wise_ft_alpha"] = model_args.wise_ft_alpha
+    if data_args.train_fraction is not None:
+        hyperparameters["train_fraction"] = data_args.train_fraction
     hyperparameters.update({k: round(v, 2) for k, v in metrics.items() if k in ("train_runtime", "eval_runtime")})
     return ModelDescription(
         model_name=card_args.model_name or os.path.basename(os.path.normpath(training_args.output_dir)),
@@ -109,6 +119,27 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
     )
 
 
+def extra_losses(model, model_args, task: str, device) -> list:
+    """The training-only loss terms asked for: MAD (VQA) and MASD (VQA, NLVR2). Build before training starts: the MAD
+    teacher of a fully fine-tuned model is a frozen copy of the initial encoders."""
+    terms = []
+    if model_args.mad_weight > 0:
+        if task != "vqa":
+            raise ValueError(f"--mad_weight: MAD distils into the VQA head's fused tokens; task {task!r} has none")
+        teacher = UnimodalTeacher(model).to(device)
+        if teacher.sides != ("text_model", "vision_model"):
+            logger.warning("MAD distils only %s: the other backbone is trained from scratch (no pretrained teacher)",
+                           ", ".join(teacher.sides))  # fmt: skip
+        terms.append(MultimodalAdaptiveDistillation(teacher, model_args.mad_weight, model_args.mad_temperature,
+                                                    model_args.mad_token_fraction))  # fmt: skip
+    if model_args.masd_weight > 0:
+        if task == "retrieval":
+            raise ValueError("--masd_weight: MASD distils a classifier's answer distribution (VQA, NLVR2)")
+        terms.append(ModalityAugmentedSelfDistillation(model_args.masd_weight, model_args.masd_temperature,
+                                                       model_args.masd_augmentations))  # fmt: skip
+    return terms
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, card_args, training_args = parse_arguments(argv)
@@ -130,6 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
         id2label = dict(enumerate(dataset[splits[0]].features["label"].names))
     built = build_model(model_args, task, id2label)
     model = apply_finetuning(built, model_args)
+    objectives = extra_losses(model, model_args, task, training_args.device)
+    # WiSE-FT's theta_0 for a fully fine-tuned model (under LoRA the frozen base weights are theta_0)
+    wise_full = model_args.wise_ft_alpha is not None and model_args.finetuning == "full"
+    initial_weights = pretrained_state(model) if wise_full else None
     text_cache = FrozenTextPrefixCache(built.model.base_model.text_model) if model_args.cache_frozen_text_blocks else None
 
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)
@@ -183,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         balance_by=data_args.balance_by,
         callbacks=[GateForcingSchedule(model_args.ood_gate_forcing_steps, model_args.ood_gate_handover_steps)]
         if forcing else None,
+        extra_losses=objectives,
     )
     metrics = {"world_size": training_args.world_size}  # the processes this run had (all_results.json and the card)
     if training_args.do_train:
@@ -190,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         metrics.update(result.metrics)
+    if model_args.wise_ft_alpha is not None:
+        wise_ft(trainer.accelerator.unwrap_model(trainer.model), model_args.wise_ft_alpha, initial_weights)
+        metrics["wise_ft_alpha"] = model_args.wise_ft_alpha
     ood = None
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()

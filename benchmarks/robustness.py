@@ -6,8 +6,9 @@ starter graph. Reported, side by side in one run:
 - accuracy at each noise rate for models trained the same way at that rate: OOD layer on, OOD layer off (gate
   fixed to 1, knowledge kept), no knowledge, and (optional) the OOD layer with the cross-modal alignment loss;
 - test-time noise only: the models trained clean, evaluated at each noise rate;
-- modality robustness of the clean OOD model: blank image, noised image, half the question words dropped,
-  knowledge removed;
+- modality robustness of the clean OOD model (`modality_accuracies`, the missing-modality framework of McKinzie et
+  al.): image missing (black) or noised, question missing, shortened (first half) or with half its words dropped,
+  knowledge missing or half irrelevant; and its relative robustness (accuracy kept under each condition);
 - a learning curve with and without knowledge at 10/25/50/100% of the training subset.
 
     python benchmarks/robustness.py                      # every model at the full default recipe (about 10 min each here)
@@ -137,6 +138,10 @@ class Evaluator:
             questions = rows["question"]
             if corruption == "drop_words":
                 questions = [" ".join(w for w in q.split() if rng.random() >= 0.5) for q in questions]
+            elif corruption == "shorten_question":
+                questions = [" ".join(q.split()[: (len(q.split()) + 1) // 2]) for q in questions]
+            elif corruption == "no_question":
+                questions = ["" for _ in questions]
             knowledge = [[] for _ in questions] if corruption == "no_knowledge" else rows["knowledge"]
             batch = dict(self.processor(text=questions, knowledge=knowledge))
             pixel_values = self.pixels(rows["image"])
@@ -158,6 +163,54 @@ class Evaluator:
         scores = torch.cat(scores).numpy() if scores else np.zeros(0)
         injected = torch.cat(injected).numpy() if injected else np.zeros(0, dtype=bool)
         return accuracy, scores, injected
+
+
+# The modality conditions of the missing-modality framework (McKinzie et al., "On Robustness in Multimodal
+# Learning"), as `Evaluator` corruptions: a modality missing at test time, or degraded (noised, shortened).
+MODALITY_CONDITIONS = {
+    "missing_image": "blank_image",  # a black image
+    "noisy_image": "noise_image",  # N(0, 1) added to the normalised pixels
+    "missing_question": "no_question",  # the empty string
+    "shortened_question": "shorten_question",  # its first half of the words
+    "dropped_words": "drop_words",  # each word dropped with probability 1/2
+    "missing_knowledge": "no_knowledge",  # no item
+}
+
+
+def modality_accuracies(evaluator, test_split, noisy_knowledge_split=None, seed=0) -> dict[str, float]:
+    """Accuracy on the clean test split and under each of MODALITY_CONDITIONS; with `noisy_knowledge_split` (the test
+    split with irrelevant items injected, `inject_noise`) also "noisy_knowledge"."""
+    accuracies = {"clean": evaluator(test_split, seed=seed)[0]}
+    accuracies.update({name: evaluator(test_split, corruption, seed=seed)[0]
+                       for name, corruption in MODALITY_CONDITIONS.items()})  # fmt: skip
+    if noisy_knowledge_split is not None:
+        accuracies["noisy_knowledge"] = evaluator(noisy_knowledge_split, seed=seed)[0]
+    return accuracies
+
+
+def relative_robustness(accuracies: dict[str, float]) -> dict[str, float | None]:
+    """Per condition, the share of the clean accuracy a model keeps: accuracy(condition) / accuracy(clean) (1: the
+    condition costs nothing). The intervention studies compare it across models ("1.5-4x more robust")."""
+    clean = accuracies["clean"]
+    return {name: (value / clean if clean else None) for name, value in accuracies.items() if name != "clean"}
+
+
+def effective_robustness(accuracies: dict[str, float], baseline_points: list[dict[str, float]]) -> dict[str, float | None]:
+    """Per condition, accuracy(condition) minus what the baseline models' trend predicts from the clean accuracy
+    (Taori et al. 2020): a line fitted through the (clean, condition) accuracies of `baseline_points` (models trained
+    without the intervention, e.g. at several data sizes and seeds). 0: as robust as the baseline trend; None with
+    fewer than two distinct baseline clean accuracies."""
+    cleans = np.array([point["clean"] for point in baseline_points], dtype=float)
+    result = {}
+    for name, value in accuracies.items():
+        if name == "clean":
+            continue
+        if len(np.unique(cleans)) < 2:
+            result[name] = None
+            continue
+        slope, intercept = np.polyfit(cleans, np.array([point[name] for point in baseline_points], dtype=float), 1)
+        result[name] = float(value - (slope * accuracies["clean"] + intercept))
+    return result
 
 
 def auroc(scores, injected):
@@ -266,10 +319,8 @@ def main():
     plot_noise(results, args.out / "knowledge_noise.png")
 
     ood_on = evaluators["ood_on"]
-    results["modality_robustness"] = {
-        corruption or "clean": ood_on(test_clean, corruption)[0]
-        for corruption in (None, "blank_image", "noise_image", "drop_words", "no_knowledge")
-    }
+    results["modality_robustness"] = modality_accuracies(ood_on, test_clean, noisy_test[0.5])
+    results["relative_robustness"] = relative_robustness(results["modality_robustness"])
     if args.learning_curve:
         curve = {"with knowledge": {"1.0": results["trained_noisy"]["ood_on"]["0.0"]}, "without knowledge": {"1.0": accuracy}}
         for fraction in args.fractions:

@@ -125,6 +125,36 @@ class ModelArguments:
         metadata={"help": "optimizer steps after --ood_gate_forcing_steps over which the forced gate hands over "
                   "linearly to the learned one"},  # fmt: skip
     )
+    mad_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of multimodal adaptive distillation (MAD): the pretrained unimodal encoders, as they "
+                  "were before fine-tuning, teach the fused question and image tokens (VQA; a backbone trained from "
+                  "scratch is not distilled; see modeling_vkood/training/distillation.py); 0: off"},  # fmt: skip
+    )
+    mad_temperature: float = field(
+        default=0.05, metadata={"help": "MAD: temperature of the teacher's token salience (lower: sharper choice)"}
+    )
+    mad_token_fraction: float = field(
+        default=0.5, metadata={"help": "MAD: share of each example's real tokens distilled, the most salient first"}
+    )
+    masd_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of modality-augmented self-distillation (MASD): the model on an input with one "
+                  "modality removed learns its own predictions on the full input (VQA, NLVR2; see "
+                  "modeling_vkood/training/self_distillation.py); 0: off"},  # fmt: skip
+    )
+    masd_temperature: float = field(default=1.0, metadata={"help": "MASD: distillation temperature"})
+    masd_augmentations: list[str] = field(
+        default_factory=lambda: ["image", "question", "shorten", "knowledge"],
+        metadata={"help": "MASD: the modality augmentations drawn per example (image, question, shorten, knowledge)"},
+    )
+    wise_ft_alpha: float | None = field(
+        default=None,
+        metadata={"help": "WiSE-FT after training: the pretrained backbones' weights become (1 - alpha) initial + "
+                  "alpha fine-tuned (LoRA: the adapter delta scaled by alpha); the new modules keep their "
+                  "fine-tuned weights (see modeling_vkood/training/wise_ft.py). Applied once training ends: the "
+                  "checkpoints keep the fine-tuned weights (a resumed run interpolates at its end); None: off"},  # fmt: skip
+    )
 
     cache_frozen_text_blocks: bool = field(
         default=False,
@@ -144,6 +174,10 @@ class ModelArguments:
         self.vkood_config = dict(self.vkood_config or {})
         if self.finetuning not in FINETUNING:
             raise ValueError(f"--finetuning must be one of {FINETUNING}, got {self.finetuning!r}")
+        if self.mad_weight < 0 or self.masd_weight < 0:
+            raise ValueError(f"--mad_weight and --masd_weight must be >= 0, got {self.mad_weight}, {self.masd_weight}")
+        if self.wise_ft_alpha is not None and not 0 <= self.wise_ft_alpha <= 1:
+            raise ValueError(f"--wise_ft_alpha must be in [0, 1], got {self.wise_ft_alpha}")
         self.text_model = resolve_model_path(self.text_model)
         self.vision_model = resolve_model_path(self.vision_model)
         self.tokenizer_name = resolve_model_path(self.tokenizer_name)
@@ -185,6 +219,12 @@ class DataArguments:
         metadata={"help": "where --predict_split's file goes (default: output_dir/predictions_<split>.json / .csv)"},
     )
     max_train_samples: int | None = None
+    train_fraction: float | None = field(
+        default=None,
+        metadata={"help": "train on this share of the training split (0 < f <= 1): the first round(f * rows) rows of "
+                  "a fixed shuffle (seed 0, whatever --seed: runs of different seeds see the same rows); after "
+                  "max_train_samples"},  # fmt: skip
+    )
     max_eval_samples: int | None = None
     preprocessing_num_workers: int = 1
     check_images: str = field(
@@ -214,6 +254,8 @@ class DataArguments:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
         if self.predict_split is not None and self.task == "retrieval":
             raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
+        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
+            raise ValueError(f"--train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.check_images not in IMAGE_CHECKS:
             raise ValueError(f"--check_images must be one of {IMAGE_CHECKS}, got {self.check_images!r}")
 

@@ -27,6 +27,7 @@ STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "s
 BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
 
 
+TRAIN_FRACTION_SEED = 0  # `train_fraction` keeps the same rows whatever the run's seed
 IMAGE_STORAGE = {"bytes": Value("binary"), "path": Value("string")}  # how an Image column is stored in Arrow
 IMAGE_COLUMNS_FILE = "vkood_image_columns.json"
 
@@ -148,6 +149,10 @@ def load_splits(data_args, splits: list[str]) -> DatasetDict:
     for split, cap in caps.items():
         if split in dataset and cap is not None:
             dataset[split] = dataset[split].select(range(min(cap, len(dataset[split]))))
+    if data_args.train_fraction is not None and data_args.train_split in dataset:
+        train = dataset[data_args.train_split]
+        rows = max(1, round(data_args.train_fraction * len(train)))
+        dataset[data_args.train_split] = train.shuffle(seed=TRAIN_FRACTION_SEED).select(range(rows))
     return dataset
 
 

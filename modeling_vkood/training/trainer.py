@@ -21,12 +21,15 @@ class VKOODTrainer(Trainer):
     """Trainer with per-group learning rates; for retrieval, `evaluate` runs the two-stage gallery protocol."""
 
     def __init__(self, *args, new_parameters=frozenset(), new_modules_learning_rate=None, retrieval=None,
-                 balance_by=None, ood_threshold_learning_rate=None, **kwargs):  # fmt: skip
+                 balance_by=None, ood_threshold_learning_rate=None, extra_losses=(), **kwargs):  # fmt: skip
         """`ood_threshold_learning_rate`: the OOD threshold's own learning rate (no weight decay); None: as the
         other new modules. `retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
         max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2. `balance_by`: a training column
-        whose values are drawn equally often."""
+        whose values are drawn equally often. `extra_losses`: training-only loss terms added to the head's loss
+        (`MultimodalAdaptiveDistillation`, `ModalityAugmentedSelfDistillation`): callables (model, outputs, batch,
+        unwrapped=) -> a batch-averaged scalar, with a `needs_hidden_states` attribute."""
         super().__init__(*args, **kwargs)
+        self.extra_losses = tuple(extra_losses)
         self.new_parameters = set(new_parameters)
         self.new_modules_learning_rate = new_modules_learning_rate or self.args.learning_rate
         self.ood_threshold_learning_rate = ood_threshold_learning_rate
@@ -67,6 +70,21 @@ class VKOODTrainer(Trainer):
         # One OOD layer per model; PEFT's modules_to_save holds a trained copy next to the original: both get tau.
         thresholds = {layer.calibrate_threshold(scores.to(args.device)) for layer in layers}
         return thresholds.pop()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The head's loss plus, in training, each of `extra_losses`. Every term is a mean over this batch, like the
+        head's loss, so the sum keeps the loss contract: the Trainer divides it by the accumulation steps only."""
+        if not (self.extra_losses and model.training):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        hidden = any(getattr(term, "needs_hidden_states", False) for term in self.extra_losses)
+        loss, outputs = super().compute_loss(model, {**inputs, **({"output_hidden_states": True} if hidden else {})},
+                                             return_outputs=True, num_items_in_batch=num_items_in_batch)  # fmt: skip
+        unwrapped = self.accelerator.unwrap_model(model)
+        for term in self.extra_losses:
+            # The student passes go through `model` (DDP-wrapped: its gradients are synchronised); a teacher uses
+            # the unwrapped module under no_grad.
+            loss = loss + term(model, outputs, inputs, unwrapped=unwrapped)
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         if self.balance_by is None:
