@@ -1,0 +1,56 @@
+"""Training-loss curves and final metrics of several `train.py` output folders, side by side (JSON + PNG).
+
+    python benchmarks/compare_runs.py NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] --out benchmarks/results/NAME
+
+Reads each folder's `trainer_state.json` (the loss logged every `logging_steps`) and `all_results.json`, writes
+OUT.json ({name: {"loss": [[step, loss], ...], "results": {...}}}) and OUT.png (the loss curves on a log scale,
+each labelled with its main accuracy when the run evaluated).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MAIN_METRICS = ("eval_vqa_accuracy", "eval_nlvr2_accuracy", "eval_r_mean")
+
+
+def read_run(folder: Path) -> dict:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    results = json.loads((folder / "all_results.json").read_text())
+    loss = [[entry["step"], entry["loss"]] for entry in state["log_history"] if "loss" in entry and "step" in entry]
+    return {"loss": loss, "results": results}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="NAME=OUTPUT_DIR")
+    parser.add_argument("--out", type=Path, required=True, help="path without suffix for the .json and .png")
+    parser.add_argument("--title", default="training loss")
+    args = parser.parse_args()
+    runs = {}
+    for spec in args.runs:
+        name, _, folder = spec.partition("=")
+        runs[name] = read_run(Path(folder))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(runs, indent=2))
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, run in runs.items():
+        metric = next((m for m in MAIN_METRICS if m in run["results"]), None)
+        label = name if metric is None else f"{name}: {metric.removeprefix('eval_')} {run['results'][metric]:.2f}"
+        axis.plot(*zip(*run["loss"]), label=label)
+    axis.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title=args.title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(args.out.with_suffix(".png"), dpi=110)
+    plt.close(figure)
+    print(json.dumps({name: {k: v for k, v in run["results"].items() if k.startswith(("eval_vqa", "train_runtime"))}
+                      for name, run in runs.items()}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
