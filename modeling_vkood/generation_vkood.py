@@ -84,15 +84,15 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
             raise ValueError("VKOODForConditionalGeneration needs config.decoder_config (a causal LM config that "
                              "supports cross-attention, e.g. {'model_type': 'bert', ...})")  # fmt: skip
         self.vkood = VKOODModel(config)
-        self.decoder = AutoModelForCausalLM.from_config(config.decoder_config)
+        self.text_decoder = AutoModelForCausalLM.from_config(config.decoder_config)
         self.memory_projection = nn.Linear(config.hidden_size, config.decoder_config.hidden_size)
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.decoder.get_input_embeddings()
+        return self.text_decoder.get_input_embeddings()
 
     def get_output_embeddings(self):
-        return self.decoder.get_output_embeddings()
+        return self.text_decoder.get_output_embeddings()
 
     def encode(
         self,
@@ -159,7 +159,7 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
             if labels is None:
                 raise ValueError("give decoder_input_ids or labels")
             decoder_input_ids = labels.masked_fill(labels == IGNORE_INDEX, self.config.decoder_config.pad_token_id or 0)
-        decoded = self.decoder(
+        decoded = self.text_decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=memory.states,
@@ -217,9 +217,9 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         if generate_kwargs.get("use_cache", True) and generate_kwargs.get("cache") is None:
             # transformers gives a decoder-only model a self-attention cache only; the cross-attention keys and
             # values of the memory are cached too (computed at the first step, reused at every later one).
-            config = self.decoder.config
+            config = self.text_decoder.config
             generate_kwargs["cache"] = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-        return self.decoder.generate(
+        return self.text_decoder.generate(
             input_ids=decoder_input_ids,
             encoder_hidden_states=memory.states,
             encoder_attention_mask=memory.mask,
@@ -229,7 +229,7 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False):
         """The decoder's `GenerationMixin.compute_transition_scores`: per generated token its log-probability, from
         a `generate(..., return_dict_in_generate=True, output_scores=True)` result."""
-        return self.decoder.compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
+        return self.text_decoder.compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
 
 
 __all__ = ["VKOODForConditionalGeneration", "VKOODGenerationMemory", "VKOODGenerationOutput", "answer_token_loss"]

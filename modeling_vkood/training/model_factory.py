@@ -114,7 +114,7 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
         setattr(model.vkood, name, loaded[name])
         loaded[name].config = getattr(model.config, name.replace("_model", "_config"))
     if decoder is not None:  # trained in full: its new cross-attention layers start from a random initialisation
-        model.decoder = decoder
+        model.text_decoder = decoder
         decoder.config = model.config.decoder_config
     processor = VKOODProcessor.from_model_config(_image_processor(model_args, vision_config), tokenizer, config)
     return BuiltModel(model, processor)
