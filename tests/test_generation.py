@@ -219,10 +219,14 @@ def test_save_load_as_remote_code_gives_the_same_generations_and_pipeline_answer
     assert [a["score"] for a in top3] == sorted((a["score"] for a in top3), reverse=True) and top3[0]["score"] <= 1.0
 
 
-def test_question_answer_texts_round_trip():
+def test_question_answer_texts_round_trip_also_through_the_tokenizer(minilm_path):
     text = question_answer_text(" what shape is in the image? ", "circle ")
     assert text == "question: what shape is in the image? answer: circle"
     assert parse_question_answer(text) == ("what shape is in the image?", "circle")
+    # What the teacher's generated ids decode to (WordPiece writes "question : ... answer : ...").
+    processor = tiny_processor(minilm_path, deterministic_config())
+    decoded = processor.decode_answers(processor.decoder_targets([text])["decoder_input_ids"])
+    assert parse_question_answer(decoded[0]) == ("what shape is in the image?", "circle")
     for broken in ("what shape? circle", "question: answer: circle", "question: what shape? answer:"):
         assert parse_question_answer(broken) is None
 

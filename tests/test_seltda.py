@@ -56,8 +56,10 @@ def test_teacher_pseudo_labels_and_the_target_trains_on_both(workdir, easy_vqa_r
                   decoder_config=tiny_decoder_config(), labelled_fraction=0.5)  # fmt: skip
     # Step 1: the question-answer generator, conditioned on the image alone.
     teacher = workdir / "teacher"
+    # A constant, large step: the decoder starts uniform over 30522 tokens and must learn the template in 40 steps.
     config = tiny_config(workdir, tiny_text_model, **common, generation_target="question_answer", max_steps=40,
-                         per_device_train_batch_size=6)  # fmt: skip
+                         per_device_train_batch_size=6, learning_rate=1e-2, new_modules_learning_rate=1e-2,
+                         lr_scheduler_type="constant")  # fmt: skip
     metrics = train.main([str(config), "--output_dir", str(teacher)])
     assert "eval_loss" in metrics and "eval_vqa_accuracy" not in metrics  # its texts are pairs, not answers
     assert json.loads((teacher / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"]

@@ -124,7 +124,8 @@ def most_frequent_answer(answers: Sequence[str]) -> str:
 
 
 QUESTION_ANSWER_TEMPLATE = "question: {question} answer: {answer}"
-_QUESTION_ANSWER = re.compile(r"^\s*question:\s*(?P<question>.+?)\s+answer:\s*(?P<answer>.+?)\s*$", re.DOTALL)
+# WordPiece decoding puts a space before the colons ("question : ... answer : ..."): accepted.
+_QUESTION_ANSWER = re.compile(r"^\s*question\s*:\s*(?P<question>.+?)\s+answer\s*:\s*(?P<answer>.+?)\s*$", re.DOTALL)
 
 
 def question_answer_text(question: str, answer: str) -> str:

@@ -226,8 +226,12 @@ def main(argv=None) -> Path:
                        report.per_reason())  # fmt: skip
     features = labelled.features.copy()
     features["image"] = datasets.Image()
-    split = finish_split(columns, features, open_knowledge(args.knowledge), "question", split="train",
-                         max_knowledge_items=args.max_knowledge_items, num_proc=1, image_mode="path", work_dir=None)  # fmt: skip
+    if columns["question_id"]:
+        split = finish_split(columns, features, open_knowledge(args.knowledge), "question", split="train",
+                             max_knowledge_items=args.max_knowledge_items, num_proc=1, image_mode="path",
+                             work_dir=None)  # fmt: skip
+    else:  # `map` adds no column to an empty table
+        split = datasets.Dataset.from_dict({name: [] for name in features}, features=features, split="train")
     dataset = DatasetDict({"train": split})
     out = args.out.resolve()
     with scratch_folder(out.parent, f".{out.name}.tmp-") as scratch:
