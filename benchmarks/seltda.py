@@ -8,7 +8,8 @@ configuration/easy_vqa_generative.yaml for the generative head) under one step b
 - SelTDA: `teacher_5` (the generative head trained on the same 5% as a question-answer generator for the image
   alone), which pseudo-labels the unlabelled images (`python -m modeling_vkood.training.seltda`); then
   `generative_5_seltda` and `classifier_5_seltda`: the 5% runs again with the pseudo-labelled questions added.
-Each target model is scored (official VQA accuracy; generated answers for the generative head) on the test
+Finished runs (their all_results.json) are reused when the study is rerun with the same work folder. Each
+target model is scored (official VQA accuracy; generated answers for the generative head) on the test
 questions and on `rephrased` test questions: a deterministic paraphrase of each of easy-VQA's question templates
 that keeps the answer (`rephrase`), with knowledge retrieved for the new wording.
 
@@ -111,6 +112,10 @@ class Study:
 
     def run(self, name: str, argv: list[str]) -> dict:
         self.count += 1
+        finished = Path(argv[argv.index("--output_dir") + 1]) / "all_results.json"
+        if finished.is_file():  # a rerun with the same settings reuses the finished runs
+            log(f"[{self.count}/{self.total}] {name}: reused {finished}")
+            return json.loads(finished.read_text())
         log(f"[{self.count}/{self.total}] {name}: python train.py {' '.join(argv)}")
         start = time.time()
         metrics = train.main(argv)
@@ -133,6 +138,9 @@ class Study:
     def pseudo_label(self, seed: int, teacher: Path) -> Path:
         self.count += 1
         out = self.work / f"seed{seed}" / "pseudo_labelled"
+        if (out / "skip_report.json").is_file():
+            log(f"[{self.count}/{self.total}] seed {seed}: reused {out}")
+            return out
         argv = ["--teacher", str(teacher), "--labelled_fraction", str(self.args.fraction), "--out", str(out),
                 "--dataset_cache_dir", str(self.work / "datasets"), "--max_knowledge_items", str(MAX_KNOWLEDGE_ITEMS),
                 "--pairs_per_image", str(self.args.pairs_per_image), "--seed", str(seed)]  # fmt: skip
