@@ -8,7 +8,7 @@ configuration/easy_vqa_generative.yaml for the generative head) under one step b
 - SelTDA: `teacher_5` (the generative head trained on the same 5% as a question-answer generator for the image
   alone), which pseudo-labels the unlabelled images (`python -m modeling_vkood.training.seltda`); then
   `generative_5_seltda` and `classifier_5_seltda`: the 5% runs again with the pseudo-labelled questions added.
-Finished runs (their all_results.json) are reused when the study is rerun with the same work folder. Each
+Finished runs (those with their model card) are reused when the study is rerun with the same work folder. Each
 target model is scored (official VQA accuracy; generated answers for the generative head) on the test
 questions and on `rephrased` test questions: a deterministic paraphrase of each of easy-VQA's question templates
 that keeps the answer (`rephrase`), with knowledge retrieved for the new wording.
@@ -112,10 +112,10 @@ class Study:
 
     def run(self, name: str, argv: list[str]) -> dict:
         self.count += 1
-        finished = Path(argv[argv.index("--output_dir") + 1]) / "all_results.json"
-        if finished.is_file():  # a rerun with the same settings reuses the finished runs
-            log(f"[{self.count}/{self.total}] {name}: reused {finished}")
-            return json.loads(finished.read_text())
+        output = Path(argv[argv.index("--output_dir") + 1])
+        if (output / "README.md").is_file():  # the model card is written last: a finished run, reused
+            log(f"[{self.count}/{self.total}] {name}: reused {output}")
+            return json.loads((output / "all_results.json").read_text())
         log(f"[{self.count}/{self.total}] {name}: python train.py {' '.join(argv)}")
         start = time.time()
         metrics = train.main(argv)
@@ -158,25 +158,30 @@ class Study:
                 results[name], models[name] = self.train(seed, head, name, *extra)
         teacher_metrics, teacher = self.train(seed, "generative", "teacher_5", *fraction, "--generation_target",
                                               "question_answer", "--do_eval", "false")  # fmt: skip
-        pseudo = self.pseudo_label(seed, teacher)
-        pseudo_report = json.loads((pseudo / "skip_report.json").read_text())
-        pseudo_rows = len(load_dataset(str(pseudo), split="train"))
-        with_pseudo = [*fraction, "--pseudo_labelled_dataset", str(pseudo)]
-        for head in ("generative", "classifier"):
-            name = f"{head}_5_seltda"
-            results[name], models[name] = self.train(seed, head, name, *with_pseudo)
+        try:
+            pseudo = self.pseudo_label(seed, teacher)
+        except seltda.NoPseudoLabels as error:  # a teacher trained too briefly (--quick): no SelTDA runs
+            log(f"seed {seed}: {error}")
+            pseudo_labels = {"questions": 0, "error": str(error)}
+        else:
+            pseudo_labels = {"questions": len(load_dataset(str(pseudo), split="train")),
+                             "left_out": json.loads((pseudo / "skip_report.json").read_text())["per_reason"]}  # fmt: skip
+            with_pseudo = [*fraction, "--pseudo_labelled_dataset", str(pseudo)]
+            for head in ("generative", "classifier"):
+                name = f"{head}_5_seltda"
+                results[name], models[name] = self.train(seed, head, name, *with_pseudo)
         summary = {name: {"test": metrics["eval_vqa_accuracy"]} for name, metrics in results.items()}
         for name, model in models.items():
             head = name.split("_")[0]
             summary[name]["rephrased"] = self.rephrased(seed, head, name, model, rephrased)["eval_vqa_accuracy"]
-        summary["pseudo_labels"] = {"questions": pseudo_rows, "left_out": pseudo_report["per_reason"],
-                                    "teacher_train_loss": teacher_metrics.get("train_loss")}  # fmt: skip
+        summary["pseudo_labels"] = {**pseudo_labels, "teacher_train_loss": teacher_metrics.get("train_loss")}
         return summary
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """Mean and per-seed values of every run and split, and the differences the study is about."""
-    runs = [name for name in next(iter(per_seed.values())) if name != "pseudo_labels"]
+    runs = [name for name in next(iter(per_seed.values())) if name != "pseudo_labels"
+            and all(name in seed for seed in per_seed.values())]  # fmt: skip
     mean = {run: {split: statistics.mean(seed[run][split] for seed in per_seed.values()) for split in ("test", "rephrased")}
             for run in runs}  # fmt: skip
 
@@ -184,19 +189,19 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
         return {split: [round(seed[a][split] - seed[b][split], 2) for seed in per_seed.values()]
                 for split in ("test", "rephrased")}  # fmt: skip
 
+    pairs = {"generative_minus_classifier_5": ("generative_5", "classifier_5"),
+             "generative_minus_classifier_100": ("generative_100", "classifier_100"),
+             "seltda_gain_generative_5": ("generative_5_seltda", "generative_5"),
+             "seltda_gain_classifier_5": ("classifier_5_seltda", "classifier_5")}  # fmt: skip
     return {
         "mean_accuracy": {run: {k: round(v, 2) for k, v in values.items()} for run, values in mean.items()},
-        "per_seed_differences": {
-            "generative_minus_classifier_5": difference("generative_5", "classifier_5"),
-            "generative_minus_classifier_100": difference("generative_100", "classifier_100"),
-            "seltda_gain_generative_5": difference("generative_5_seltda", "generative_5"),
-            "seltda_gain_classifier_5": difference("classifier_5_seltda", "classifier_5"),
-        },
+        "per_seed_differences": {name: difference(a, b) for name, (a, b) in pairs.items() if a in runs and b in runs},
     }
 
 
 def plot(per_seed: dict[int, dict], path: Path) -> None:
-    runs = [name for name in next(iter(per_seed.values())) if name != "pseudo_labels"]
+    runs = [name for name in next(iter(per_seed.values())) if name != "pseudo_labels"
+            and all(name in seed for seed in per_seed.values())]  # fmt: skip
     figure, axis = plt.subplots(figsize=(11, 4))
     width = 0.38
     for offset, split in ((-width / 2, "test"), (width / 2, "rephrased")):

@@ -20,7 +20,6 @@ in the skip report.
 """
 
 import argparse
-import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -41,12 +40,15 @@ from .arguments import DataArguments
 from .collators import parse_question_answer
 from .data import labelled_image_ids, load_splits
 
-logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SELTDA_CITATION = """@inproceedings{khan2023seltda,
   title={Q: How to Specialize Large Vision-Language Models to Data-Scarce {VQA} Tasks? A: Self-Train on Unlabeled Images!},
   author={Khan, Zaid and BG, Vijay Kumar and Schulter, Samuel and Yu, Xiang and Fu, Yun and Chandraker, Manmohan},
   booktitle={CVPR}, year={2023}}"""
+
+
+class NoPseudoLabels(ValueError):
+    """The teacher wrote no usable question-answer pair for the pool (nothing to write)."""
 
 
 def dataset_pool(labelled_split: datasets.Dataset, fraction: float | None, seed: int) -> list[dict]:
@@ -221,17 +223,13 @@ def main(argv=None) -> Path:
                                args.max_new_tokens, args.seed)  # fmt: skip
     report = SkipReport(f"{args.dataset}_seltda", image_check="none")
     columns = pseudo_labelled_rows(generated, pool, labelled, report)
-    if not columns["question_id"]:  # still written: a run may add it, and the card and report say why it is empty
-        logger.warning("none of the %d generations is a usable question-answer pair: %s", len(generated),
-                       report.per_reason())  # fmt: skip
+    if not columns["question_id"]:  # an empty Parquet split is not a dataset `load_dataset` can read
+        raise NoPseudoLabels(f"none of the {len(generated)} generations is a usable question-answer pair "
+                             f"{report.per_reason()}: train the teacher longer")  # fmt: skip
     features = labelled.features.copy()
     features["image"] = datasets.Image()
-    if columns["question_id"]:
-        split = finish_split(columns, features, open_knowledge(args.knowledge), "question", split="train",
-                             max_knowledge_items=args.max_knowledge_items, num_proc=1, image_mode="path",
-                             work_dir=None)  # fmt: skip
-    else:  # `map` adds no column to an empty table
-        split = datasets.Dataset.from_dict({name: [] for name in features}, features=features, split="train")
+    split = finish_split(columns, features, open_knowledge(args.knowledge), "question", split="train",
+                         max_knowledge_items=args.max_knowledge_items, num_proc=1, image_mode="path", work_dir=None)  # fmt: skip
     dataset = DatasetDict({"train": split})
     out = args.out.resolve()
     with scratch_folder(out.parent, f".{out.name}.tmp-") as scratch:
