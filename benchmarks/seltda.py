@@ -13,8 +13,10 @@ target model is scored (official VQA accuracy; generated answers for the generat
 questions and on `rephrased` test questions: a deterministic paraphrase of each of easy-VQA's question templates
 that keeps the answer (`rephrase`), with knowledge retrieved for the new wording.
 
-    python benchmarks/seltda.py                 # the measurement: 2 seeds, 150 steps a model (about 35 min on 2 cores)
+    python benchmarks/seltda.py                 # the measurement: 2 seeds, 150 steps a model, the whole pool
+    python benchmarks/seltda.py --steps 100 --pool-images 1000   # a smaller budget
     python benchmarks/seltda.py --quick         # a smoke run: a few steps and examples, to check the pipeline
+                                                # (its 2-step teacher writes no usable pair: the SelTDA runs are skipped)
 """
 
 import argparse
