@@ -166,7 +166,7 @@ class Study:
             log(f"seed {seed}: {error}")
             pseudo_labels = {"questions": 0, "error": str(error)}
         else:
-            pseudo_labels = {"questions": len(load_dataset(str(pseudo), split="train")),
+            pseudo_labels = {"questions": len(load_dataset(str(pseudo), split="train", download_mode="force_redownload")),
                              "left_out": json.loads((pseudo / "skip_report.json").read_text())["per_reason"]}  # fmt: skip
             with_pseudo = [*fraction, "--pseudo_labelled_dataset", str(pseudo)]
             for head in ("generative", "classifier"):

@@ -179,7 +179,10 @@ def labelled_subset(split: datasets.Dataset, fraction: float, seed: int) -> data
 def with_pseudo_labels(split: datasets.Dataset, pseudo_labelled: str) -> datasets.Dataset:
     """`split` followed by the train split of the pseudo-labelled dataset `pseudo_labelled` (a folder or Hub id
     written by `modeling_vkood.training.seltda`), which must hold the same columns and answer vocabulary."""
-    pseudo = load_dataset(pseudo_labelled, split="train")
+    # A local folder is read afresh: `datasets` keys its cache of a folder by the file names, not their contents, so a
+    # folder pseudo-labelled again (same names) would otherwise come back with the rows of the previous labelling.
+    fresh = {"download_mode": "force_redownload"} if Path(pseudo_labelled).is_dir() else {}
+    pseudo = load_dataset(pseudo_labelled, split="train", **fresh)
     for name, feature in pseudo.features.items():
         if isinstance(feature, datasets.Image):
             pseudo = pseudo.cast_column(name, datasets.Image(decode=False))
