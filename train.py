@@ -20,6 +20,7 @@ from data_scripts.common import answer_vocabulary, open_knowledge  # noqa: E402
 from hub_cards.model_card import ModelDescription  # noqa: E402
 from modeling_vkood.training import (  # noqa: E402
     PACKAGE_SCHEME,
+    GenerativeVQACollator,
     NLVR2Collator,
     NLVR2Metrics,
     PixelCache,
@@ -48,7 +49,8 @@ from modeling_vkood.training.metrics import knowledge_fit_labels, ood_fit_metric
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 
 logger = logging.getLogger("train")
-MAIN_METRIC = {"vqa": "eval_vqa_accuracy", "nlvr2": "eval_nlvr2_accuracy", "retrieval": "eval_r_mean"}
+MAIN_METRIC = {"vqa": "eval_vqa_accuracy", "nlvr2": "eval_nlvr2_accuracy", "retrieval": "eval_r_mean",
+               "generative_vqa": "eval_vqa_accuracy"}  # fmt: skip
 
 
 def describe_backbone(name_or_path, config) -> str:
@@ -192,9 +194,17 @@ def main(argv: list[str] | None = None) -> dict:
     elif task == "nlvr2":
         collator = NLVR2Collator(built.processor, pixels)
         compute_metrics = NLVR2Metrics(eval_dataset) if eval_dataset is not None else None
+    elif task == "generative_vqa":
+        collator = GenerativeVQACollator(built.processor, pixels, data_args.generation_target, data_args.max_answer_length)
+        compute_metrics = None
+        training_args.prediction_loss_only = True  # the loss; the accuracy comes from generated answers
     else:
         collator = RetrievalCollator(built.processor, pixels, knowledge_base, data_args.max_knowledge_items)
         compute_metrics = None
+    generation = None
+    if task == "generative_vqa" and data_args.generation_target == "answer":
+        generation = {"collator": GenerativeVQACollator(built.processor, pixels, with_targets=False),
+                      "max_new_tokens": data_args.generation_max_new_tokens, "num_beams": data_args.generation_num_beams}  # fmt: skip
     retrieval = None
     if task == "retrieval":
         retrieval = {"pixels": pixels, "processor": built.processor, "knowledge_base": knowledge_base,
@@ -210,11 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collator,
         processing_class=built.processor,
         compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=predicted_class if task != "retrieval" else None,
+        preprocess_logits_for_metrics=predicted_class if task in ("vqa", "nlvr2") else None,
         new_parameters=new_parameter_names(model, built.pretrained_backbones),
         new_modules_learning_rate=model_args.new_modules_learning_rate,
         ood_threshold_learning_rate=model_args.ood_threshold_learning_rate,
         retrieval=retrieval,
+        generation=generation,
         balance_by=data_args.balance_by,
         callbacks=[GateForcingSchedule(model_args.ood_gate_forcing_steps, model_args.ood_gate_handover_steps)]
         if forcing else None,

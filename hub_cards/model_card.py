@@ -15,6 +15,8 @@ TASKS = {
     "nlvr2": ("visual-reasoning", "visual reasoning over image pairs (NLVR2)", "AutoModelForSequenceClassification",
               None),
     "retrieval": ("image-text-retrieval", "image-text retrieval", "AutoModelForZeroShotImageClassification", None),
+    "generative_vqa": ("visual-question-answering", "visual question answering with generated answers",
+                       "AutoModelForImageTextToText", "visual-question-answering"),
 }  # fmt: skip
 
 

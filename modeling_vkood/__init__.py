@@ -7,6 +7,7 @@ works on a VK-OOD folder with or without `trust_remote_code` (remote code is for
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
     AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
@@ -14,6 +15,7 @@ from transformers import (
 )
 
 from .configuration_vkood import VKOODConfig
+from .generation_vkood import VKOODForConditionalGeneration, VKOODGenerationMemory, VKOODGenerationOutput
 from .modeling_vkood import (
     VKOODClassificationOutput,
     VKOODForImagesAndTextClassification,
@@ -32,6 +34,7 @@ _TASK_AUTO_CLASSES = (
     (AutoModelForVisualQuestionAnswering, VKOODForQuestionAnswering),
     (AutoModelForSequenceClassification, VKOODForImagesAndTextClassification),
     (AutoModelForZeroShotImageClassification, VKOODForImageTextRetrieval),
+    (AutoModelForImageTextToText, VKOODForConditionalGeneration),
 )
 
 AutoConfig.register(VKOODConfig.model_type, VKOODConfig, exist_ok=True)
@@ -48,9 +51,12 @@ __all__ = [
     "VKOODForQuestionAnswering",
     "VKOODForImagesAndTextClassification",
     "VKOODForImageTextRetrieval",
+    "VKOODForConditionalGeneration",
     "VKOODModelOutput",
     "VKOODClassificationOutput",
     "VKOODRetrievalOutput",
+    "VKOODGenerationMemory",
+    "VKOODGenerationOutput",
     "ImplicitOODLayer",
     "ImplicitOODOutput",
     "GaussianMixtureOutput",

@@ -25,6 +25,8 @@ VKOOD_AUTO_MAP = {
     "AutoModelForZeroShotImageClassification": "modeling_vkood.VKOODForImageTextRetrieval",
     "AutoProcessor": "processing_vkood.VKOODProcessor",
 }
+# The generative head's entry, preset only in configs that hold a `decoder_config` (only its checkpoints ship the file).
+GENERATION_AUTO_MAP = {"AutoModelForImageTextToText": "generation_vkood.VKOODForConditionalGeneration"}
 
 
 @strict
@@ -80,6 +82,9 @@ class VKOODConfig(PreTrainedConfig):
         pretrained_backbones: the backbones (of "vision_model", "text_model") whose weights came from a pretrained
             checkpoint; the others were trained from scratch. A run continuing from this checkpoint adapts the first
             with LoRA and trains the others in full.
+        decoder_config: the text decoder of `VKOODForConditionalGeneration` (any causal LM config that supports
+            cross-attention, e.g. BERT with `is_decoder=True, add_cross_attention=True`); None for the other heads.
+            Its `bos_token_id` / `eos_token_id` / `pad_token_id` are the decoder's start, end and padding tokens.
     """
 
     model_type = "vkood"
@@ -90,10 +95,12 @@ class VKOODConfig(PreTrainedConfig):
             init_kwargs={"patch_size": 16, "image_size": 224, "hidden_size": 768, "projection_dim": 512},
         ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="roberta"),
+        "decoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
+    decoder_config: dict | PreTrainedConfig | None = None
     hidden_size: int = 768
     num_fusion_layers: int = 6
     num_attention_heads: int = 12
@@ -130,6 +137,11 @@ class VKOODConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         preset = dict(VKOOD_AUTO_MAP)
+        if self.decoder_config is not None:
+            # A causal decoder that reads the fused states through cross-attention, whatever the given config said.
+            self.decoder_config.is_decoder = True
+            self.decoder_config.add_cross_attention = True
+            preset.update(GENERATION_AUTO_MAP)
         preset.update(getattr(self, "auto_map", None) or {})
         self.auto_map = preset
 

@@ -12,6 +12,10 @@ knowledge source retrieves each question's items itself, as its training data di
     vqa(image=image, question=q, return_knowledge=True)
     # -> {"answers": [{"answer", "score"}, ...], "knowledge": [{"text", "score", "gate", "kept"}, ...]}
 
+A generative checkpoint (`VKOODForConditionalGeneration`) answers with the texts its decoder generates: the top_k
+beams of a beam search (greedy decoding for top_k=1), each with its sequence probability as `score` (the product of
+its tokens' probabilities, end token included); `max_new_tokens` (default 16) bounds an answer's length.
+
 In the knowledge list, `score` is the OOD layer's GEM score of the item against the image, `gate` its gate (the hard
 0/1 gate when the model is configured with `ood_hard_gate`) and `kept` whether the gate lets it through (> 0.5).
 """
@@ -26,6 +30,10 @@ VQA_PIPELINE = {
         "type": "multimodal",
     }
 }
+# A generative checkpoint (VKOODForConditionalGeneration) names the same pipeline under its own Auto class.
+GENERATIVE_VQA_PIPELINE = {
+    "visual-question-answering": {**VQA_PIPELINE["visual-question-answering"], "pt": ["AutoModelForImageTextToText"]}
+}
 KEPT_ABOVE = 0.5
 
 
@@ -37,12 +45,15 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, top_k=None, timeout=None, return_knowledge=None, **kwargs):
+    def _sanitize_parameters(self, top_k=None, timeout=None, return_knowledge=None, max_new_tokens=None, **kwargs):
         preprocess = {} if timeout is None else {"timeout": timeout}
         postprocess = {} if top_k is None else {"top_k": top_k}
+        forward = {} if top_k is None else {"top_k": top_k}
+        if max_new_tokens is not None:
+            forward["max_new_tokens"] = max_new_tokens
         if return_knowledge is not None:
             postprocess["return_knowledge"] = return_knowledge
-        return preprocess, {}, postprocess
+        return preprocess, forward, postprocess
 
     def __call__(self, image, question=None, knowledge=None, **kwargs):
         """`image` (PIL image, path or URL) with `question` (and optional `knowledge` items), or a dict / list of
@@ -66,17 +77,41 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
         model_inputs = self.processor(images=image, text=question, knowledge=[sentences])
         return {**model_inputs, "knowledge_texts": sentences}
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs, top_k=5, max_new_tokens=16):
         sentences = model_inputs.pop("knowledge_texts")
+        if getattr(self.model, "generates_answers", False):
+            return {**self._generate(model_inputs, top_k, max_new_tokens), "knowledge_texts": sentences}
         outputs = self.model(**model_inputs)
         return {"logits": outputs.logits, "ood_scores": outputs.ood_scores, "ood_gate": outputs.ood_gate,
                 "knowledge_texts": sentences}  # fmt: skip
 
+    def _generate(self, model_inputs, top_k, max_new_tokens):
+        """The top_k generated answers of one example, their log-probabilities and the fused pass's OOD outputs."""
+        memory = self.model.encode(**model_inputs)
+        beams = {"num_beams": top_k, "num_return_sequences": top_k, "length_penalty": 0.0} if top_k > 1 else {}
+        generated = self.model.generate(memory=memory, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                                        output_scores=True, **beams)  # fmt: skip
+        token_scores = self.model.compute_transition_scores(
+            generated.sequences, generated.scores, getattr(generated, "beam_indices", None), normalize_logits=True
+        )
+        # A sequence's tokens up to its first end token (the padding of a finished sequence is not part of it).
+        ends = generated.sequences[:, -token_scores.shape[1] :] == self.model.config.decoder_config.eos_token_id
+        counted = (ends.long().cumsum(-1) - ends.long()) == 0
+        log_probabilities = token_scores.float().masked_fill(~counted, 0.0).sum(-1)
+        return {"sequences": generated.sequences, "log_probabilities": log_probabilities,
+                "ood_scores": memory.ood_scores, "ood_gate": memory.ood_gate}  # fmt: skip
+
     def postprocess(self, model_outputs, top_k=5, return_knowledge=False):
-        probabilities = model_outputs["logits"].float().sigmoid()[0]
-        scores, ids = probabilities.topk(min(top_k, probabilities.shape[-1]))
-        id2label = self.model.config.id2label
-        answers = [{"score": score, "answer": id2label[i]} for score, i in zip(scores.tolist(), ids.tolist())]
+        if "sequences" in model_outputs:
+            texts = self.processor.decode_answers(model_outputs["sequences"])
+            probabilities = model_outputs["log_probabilities"].exp().tolist()
+            answers = [{"score": score, "answer": text} for score, text in zip(probabilities, texts)]
+            answers = sorted(answers, key=lambda answer: -answer["score"])
+        else:
+            probabilities = model_outputs["logits"].float().sigmoid()[0]
+            scores, ids = probabilities.topk(min(top_k, probabilities.shape[-1]))
+            id2label = self.model.config.id2label
+            answers = [{"score": score, "answer": id2label[i]} for score, i in zip(scores.tolist(), ids.tolist())]
         if not return_knowledge:
             return answers
         sentences = model_outputs["knowledge_texts"]

@@ -46,6 +46,19 @@ def usable_text_length(text_config) -> int | None:
     return positions
 
 
+def tokenizer_decoder_tokens(tokenizer) -> dict[str, int]:
+    """The start, end and padding token ids of decoder texts in `tokenizer`: BERT-style [CLS] / [SEP] / [PAD], or a
+    causal tokenizer's BOS / EOS / PAD (EOS pads where there is no PAD). What `VKOODConfig.decoder_config` holds as
+    `bos_token_id` / `eos_token_id` / `pad_token_id`, so that the model starts and stops where the targets do."""
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    if start is None or end is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither [CLS]/[SEP] nor BOS/EOS tokens to start and end "
+                         "decoder texts")  # fmt: skip
+    return {"bos_token_id": start, "eos_token_id": end, "pad_token_id": pad}
+
+
 def _is_single_image(value) -> bool:
     return isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor))
 
@@ -368,6 +381,8 @@ class VKOODProcessor(ProcessorMixin):
         padding: bool | str = True,
         truncation: bool = True,
         max_length: int | None = None,
+        answers: str | list[str] | None = None,
+        max_answer_length: int = 32,
         **kwargs,
     ) -> BatchFeature:
         """Encode a batch (or one example) of any of images, text and knowledge.
@@ -389,13 +404,16 @@ class VKOODProcessor(ProcessorMixin):
                 knowledge=None (the default): with a `knowledge_source` and a text, each text's items are retrieved
                 (`retrieve_knowledge`), exactly as the dataset builders stored them for training; otherwise no
                 knowledge keys are returned.
+            answers: a string or a list of strings, the target texts of `VKOODForConditionalGeneration` (one per
+                example) -> `decoder_input_ids`, `decoder_attention_mask` and `labels` (`decoder_targets`), each text
+                cut to `max_answer_length` tokens, start and end tokens included.
             return_tensors: "pt" (default) or "np".
             **kwargs: passed to the image processor (e.g. `do_center_crop=False`).
         """
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
-        if images is None and text is None and knowledge is None:
-            raise ValueError("VKOODProcessor needs at least one of images, text or knowledge")
+        if images is None and text is None and knowledge is None and answers is None:
+            raise ValueError("VKOODProcessor needs at least one of images, text, knowledge or answers")
         if images is None and kwargs:
             raise TypeError(f"image processor options {sorted(kwargs)} were given without images")
 
@@ -435,12 +453,50 @@ class VKOODProcessor(ProcessorMixin):
             data.update(self._encode_knowledge(examples))
             sizes["knowledge"] = len(examples)
 
+        if answers is not None:
+            targets = [answers] if isinstance(answers, str) else answers
+            data.update(self.decoder_targets(targets, max_answer_length))
+            sizes["answers"] = len(targets)
+
         if len(set(sizes.values())) > 1:
-            described = ", ".join(f"{name}={sizes.get(name, 'not given')}" for name in ("images", "text", "knowledge"))
+            described = ", ".join(f"{name}={sizes.get(name, 'not given')}"
+                                  for name in ("images", "text", "knowledge", "answers"))  # fmt: skip
             raise ValueError(f"batch sizes differ: {described}")
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data=data)
+
+    # -------------------------------------------------------------------------------------- decoder texts
+    def decoder_special_tokens(self) -> dict[str, int]:
+        """The decoder's start, end and padding token ids (`tokenizer_decoder_tokens` of this tokenizer)."""
+        return tokenizer_decoder_tokens(self.tokenizer)
+
+    def decoder_targets(self, texts: list[str], max_length: int = 32) -> dict[str, torch.Tensor]:
+        """Decoder inputs and labels for target `texts`: `decoder_input_ids` (B, T) = [start, tokens..., end, pad...]
+        (at most `max_length` tokens: a longer text is cut, and still ends with the end token), its
+        `decoder_attention_mask`, and `labels` = the same tokens with -100 at the start token and the padding, so that
+        the loss counts exactly the text's tokens and its end."""
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("answers must be a string or a list of strings")
+        if max_length < 3:
+            raise ValueError(f"max_answer_length={max_length} leaves no room for a token between start and end")
+        special = self.decoder_special_tokens()
+        encoded = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length - 2,
+                                 return_attention_mask=False)["input_ids"]  # fmt: skip
+        rows = [[special["bos_token_id"], *ids, special["eos_token_id"]] for ids in encoded]
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), special["pad_token_id"], dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = torch.tensor(row)
+            attention_mask[index, : len(row)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, 0] = -100
+        return {"decoder_input_ids": input_ids, "decoder_attention_mask": attention_mask, "labels": labels}
+
+    def decode_answers(self, sequences) -> list[str]:
+        """The texts of generated token ids (B, T): special tokens (start, end, padding) dropped, stripped."""
+        return [text.strip() for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
 
     def _text_length(self, max_length: int | None) -> int | None:
         """The `max_length` for the tokenizer: the caller's, checked against `max_text_length`, or the default."""
@@ -534,4 +590,4 @@ class VKOODProcessor(ProcessorMixin):
 
 VKOODProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["VKOODProcessor", "usable_text_length"]
+__all__ = ["VKOODProcessor", "tokenizer_decoder_tokens", "usable_text_length"]

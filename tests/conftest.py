@@ -92,6 +92,15 @@ def tiny_vkood_config(**overrides):
     return VKOODConfig(**settings)
 
 
+def tiny_decoder_config(**overrides):
+    """`decoder_config` of a tiny `VKOODForConditionalGeneration`: a 2-layer BERT decoder of width 32 over the
+    BERT / MiniLM vocabulary, starting, ending and padding with [CLS], [SEP], [PAD] as the MiniLM tokenizer does."""
+    settings = dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0)  # fmt: skip
+    settings.update(overrides)
+    return settings
+
+
 def tiny_batch(batch_size=3, items=4, item_length=5, seed=0, pairs=False):
     """Random model inputs for `tiny_vkood_config` models; example 0 and 1 share an item, the last has none."""
     import torch

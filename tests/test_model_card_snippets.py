@@ -7,12 +7,13 @@ import textwrap
 
 import PIL.Image
 import pytest
-from conftest import run_without_package, tiny_vkood_config
+from conftest import run_without_package, tiny_decoder_config, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from hub_cards.model_card import TASKS, ModelDescription, model_card
 from modeling_vkood.knowledge import KnowledgeBase
 from modeling_vkood import (
+    VKOODForConditionalGeneration,
     VKOODForImagesAndTextClassification,
     VKOODForImageTextRetrieval,
     VKOODForQuestionAnswering,
@@ -24,6 +25,7 @@ CHECKPOINTS = {
     "vqa": (VKOODForQuestionAnswering, {0: "yes", 1: "no", 2: "circle"}),
     "nlvr2": (VKOODForImagesAndTextClassification, {0: "False", 1: "True"}),
     "retrieval": (VKOODForImageTextRetrieval, None),
+    "generative_vqa": (VKOODForConditionalGeneration, None),
 }
 # What each task's snippet must leave behind (checked after the snippets ran).
 RESULTS = {
@@ -32,15 +34,20 @@ RESULTS = {
     "assert all(set(item) == {'text', 'score', 'gate', 'kept'} for item in found['knowledge'])",
     "nlvr2": 'assert prediction in ("False", "True"), prediction',
     "retrieval": "assert best_caption in captions and tuple(match_probability.shape) == (2,)",
+    "generative_vqa": "assert isinstance(answer, str), answer\n"
+    "assert found['answers'] and found['knowledge'], found\n"
+    "assert all(0.0 <= a['score'] <= 1.0 and isinstance(a['answer'], str) for a in found['answers'])",
 }
+PIPELINES = {"vqa": pipeline_vkood.VQA_PIPELINE, "generative_vqa": pipeline_vkood.GENERATIVE_VQA_PIPELINE}
 
 
 def save_checkpoint(task, folder, minilm_path):
     model_class, id2label = CHECKPOINTS[task]
     labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    model = model_class(tiny_vkood_config(ood_max_iter=3, **labels))
-    if task == "vqa":  # as save_output_folder ships a VQA checkpoint: with its pipeline
-        model.config.custom_pipelines = pipeline_vkood.VQA_PIPELINE
+    decoder = {"decoder_config": tiny_decoder_config()} if task == "generative_vqa" else {}
+    model = model_class(tiny_vkood_config(ood_max_iter=3, **labels, **decoder))
+    if task in PIPELINES:  # as save_output_folder ships a VQA checkpoint: with its pipeline
+        model.config.custom_pipelines = PIPELINES[task]
         shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
     model.save_pretrained(folder)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -70,7 +77,7 @@ def test_card_usage_snippets_run_without_the_package(task, tmp_path, minilm_path
     card = model_card(describe(task, str(folder))).text
     snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
     assert snippets and all(str(folder) in snippet for snippet in snippets)
-    assert len(snippets) == (2 if task == "vqa" else 1)  # the VQA card also shows the pipeline
+    assert len(snippets) == (2 if task in PIPELINES else 1)  # the VQA cards also show the pipeline
     code = "\n".join(snippets) + "\n" + RESULTS[task] + "\nprint('snippets ran')\n"
     result = run_without_package(textwrap.dedent(code), tmp_path)
     assert "snippets ran" in result.stdout

@@ -1,6 +1,7 @@
 """The shipped run configs (configuration/*.yaml): they parse with the installed transformers, mean what their
 comments say, and travel with the package so that an installed `train.py` finds them outside a checkout."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from modeling_vkood.training.arguments import (
     resolve_config_path,
 )
 
-TASK_CONFIGS = ("vqav2", "okvqa", "nlvr2", "coco_retrieval", "flickr30k_zeroshot")
+TASK_CONFIGS = ("vqav2", "okvqa", "nlvr2", "coco_retrieval", "flickr30k_zeroshot", "easy_vqa_generative")
 PAPER_TRAINING_CONFIGS = ("vqav2", "okvqa", "nlvr2", "coco_retrieval")
 
 
@@ -28,7 +29,7 @@ def test_every_shipped_config_parses_without_deprecated_keys(name):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*deprecated.*", category=FutureWarning)
         _, data, _, training = parse_arguments([f"configuration/{name}.yaml", "--bf16", "false"])
-    assert data.task in ("vqa", "nlvr2", "retrieval")
+    assert data.task in ("vqa", "nlvr2", "retrieval", "generative_vqa")
     if name in PAPER_TRAINING_CONFIGS:
         # METER's schedule: 10% linear warm-up, now a fraction given as warmup_steps below 1.
         assert training.get_warmup_steps(1000) == 100
@@ -96,3 +97,24 @@ def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_pa
                             text=True, timeout=300)  # fmt: skip
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert "--warmup_steps" in helped.stdout
+
+
+def test_the_shipped_generative_config_trains_evaluates_generated_answers_and_saves(tmp_path):
+    """configuration/easy_vqa_generative.yaml as shipped (its backbones, decoder and recipe), on a tiny easy-VQA
+    of the package's layout for 2 steps: it trains, evaluates generated answers and writes the Hub folder."""
+    from test_training import train, write_easy_vqa
+
+    root = write_easy_vqa(tmp_path / "easy_vqa")
+    output = tmp_path / "run"
+    metrics = train.main(["configuration/easy_vqa_generative.yaml", "--dataset_root", str(root), "--max_steps", "2",
+                          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+                          "--generation_max_new_tokens", "4", "--dataset_cache_dir", str(tmp_path / "cache"),
+                          "--output_dir", str(output), "--save_strategy", "no", "--disable_tqdm", "true"])  # fmt: skip
+    assert 0.0 <= metrics["eval_vqa_accuracy"] <= 100.0 and "eval_loss" in metrics
+    config = json.loads((output / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "generation_vkood.VKOODForConditionalGeneration"
+    assert config["custom_pipelines"]["visual-question-answering"]["pt"] == ["AutoModelForImageTextToText"]
+    assert config["decoder_config"]["is_decoder"] and config["decoder_config"]["add_cross_attention"]
+    for name in ("generation_vkood.py", "modeling_vkood.py", "pipeline_vkood.py", "model.safetensors", "README.md"):
+        assert (output / name).is_file(), name
+    assert "AutoModelForImageTextToText" in (output / "README.md").read_text()

@@ -21,7 +21,11 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from data_scripts.image_check import IMAGE_CHECKS
 
-TASKS = ("vqa", "nlvr2", "retrieval")
+TASKS = ("vqa", "nlvr2", "retrieval", "generative_vqa")
+VQA_TASKS = ("vqa", "generative_vqa")  # the tasks that read VQA datasets
+# What the generative head learns to write: the answer to the question, or (the SelTDA teacher) a question and its
+# answer for the image alone.
+GENERATION_TARGETS = ("answer", "question_answer")
 FINETUNING = ("lora", "full")
 PACKAGE_SCHEME = "package://"
 # `configuration/` sits beside `modeling_vkood/` both in a checkout and in an installed wheel (package data).
@@ -77,6 +81,18 @@ class ModelArguments:
     )
     text_config: dict | str | None = field(default=None, metadata={"help": "text backbone built from a config, JSON"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the text backbone's)"})
+    decoder_config: dict | str | None = field(
+        default=None,
+        metadata={"help": "generative_vqa: the text decoder built from this config (any causal LM config with "
+                  "cross-attention, e.g. a small BERT), JSON; default: the text backbone's config as a decoder. "
+                  "It reads the processor's tokenizer, so its vocabulary must cover it"},  # fmt: skip
+    )
+    decoder_model: str | None = field(
+        default=None,
+        metadata={"help": "generative_vqa: a pretrained causal LM checkpoint as the decoder (loaded with "
+                  "is_decoder=True and new cross-attention layers, trained in full); it must share the text "
+                  "backbone's tokenizer (e.g. the text backbone itself, as BLIP initialises its decoder from BERT)"},  # fmt: skip
+    )
     image_size: int | None = field(
         default=None, metadata={"help": "image side for a vision backbone built from a config (default: its image_size)"}
     )
@@ -169,7 +185,7 @@ class ModelArguments:
 
     def __post_init__(self):
         self.given_backbones = {"vision": self.vision_model, "text": self.text_model}  # for the model card
-        for name in ("vision_config", "text_config", "vkood_config"):
+        for name in ("vision_config", "text_config", "vkood_config", "decoder_config"):
             setattr(self, name, _json_field(getattr(self, name), name))
         self.vkood_config = dict(self.vkood_config or {})
         if self.finetuning not in FINETUNING:
@@ -180,6 +196,9 @@ class ModelArguments:
             raise ValueError(f"--wise_ft_alpha must be in [0, 1], got {self.wise_ft_alpha}")
         self.text_model = resolve_model_path(self.text_model)
         self.vision_model = resolve_model_path(self.vision_model)
+        self.decoder_model = resolve_model_path(self.decoder_model)
+        if self.decoder_model is not None and self.decoder_config is not None:
+            raise ValueError("give at most one of --decoder_model (pretrained) and --decoder_config (from scratch)")
         self.tokenizer_name = resolve_model_path(self.tokenizer_name)
         if self.model_name_or_path is None:
             for side in ("vision", "text"):
@@ -249,9 +268,48 @@ class DataArguments:
                   "values is equally frequent; for a task type that is rare in the data but needs its own features"},  # fmt: skip
     )
 
+    labelled_fraction: float | None = field(
+        default=None,
+        metadata={"help": "VQA tasks, data-scarce setting: keep the questions of this fraction of the training "
+                  "images (drawn with --labelled_fraction_seed); the other training images are the unlabelled pool "
+                  "that SelTDA pseudo-labels (`python -m modeling_vkood.training.seltda`). None: every question"},  # fmt: skip
+    )
+    labelled_fraction_seed: int = field(
+        default=0, metadata={"help": "seed of the draw of --labelled_fraction's images (the same for every run seed)"}
+    )
+    pseudo_labelled_dataset: str | None = field(
+        default=None,
+        metadata={"help": "VQA tasks: a dataset written by `python -m modeling_vkood.training.seltda` (a folder or a "
+                  "Hub id) whose train split is added to the (labelled) training split: SelTDA's step 3"},  # fmt: skip
+    )
+    generation_target: str = field(
+        default="answer",
+        metadata={"help": f"generative_vqa: one of {GENERATION_TARGETS}: the most frequent human answer of each "
+                  "question, or \"question: Q answer: A\" for the image alone (the SelTDA teacher, no question "
+                  "and no knowledge given)"},  # fmt: skip
+    )
+    max_answer_length: int = field(
+        default=32, metadata={"help": "generative_vqa: tokens of a target text, start and end tokens included"}
+    )
+    generation_max_new_tokens: int = field(
+        default=16, metadata={"help": "generative_vqa evaluation: most tokens generated per answer"}
+    )
+    generation_num_beams: int = field(
+        default=1, metadata={"help": "generative_vqa evaluation: beams of the beam search (1: greedy decoding)"}
+    )
+
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.generation_target not in GENERATION_TARGETS:
+            raise ValueError(f"--generation_target must be one of {GENERATION_TARGETS}, got {self.generation_target!r}")
+        if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
+            raise ValueError(f"--labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
+        if (self.labelled_fraction is not None or self.pseudo_labelled_dataset) and self.task not in VQA_TASKS:
+            raise ValueError("--labelled_fraction / --pseudo_labelled_dataset are for the VQA tasks")
+        if self.predict_split is not None and self.task == "generative_vqa":
+            raise ValueError("--predict_split writes the classifier's submission files; evaluate the generative "
+                             "head with do_eval (generated answers, official VQA accuracy)")  # fmt: skip
         if self.predict_split is not None and self.task == "retrieval":
             raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:

@@ -7,7 +7,7 @@ seen many epochs, so decoding and resizing each image once saves most of the CPU
 
 import hashlib
 import re
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 
 import datasets
@@ -113,6 +113,59 @@ class VQACollator:
                     text = item["text"] if isinstance(item, Mapping) else getattr(item, "text", item)
                     relevance[row, position] = float(states_answer(text, r["answers"]))
             batch["knowledge_relevance"] = relevance
+        return batch
+
+
+def most_frequent_answer(answers: Sequence[str]) -> str:
+    """The answer given most often (the first of them on a tie): VQA's `multiple_choice_answer`, the text target of
+    the generative head."""
+    counts = Counter(answers)
+    return max(counts, key=lambda answer: (counts[answer], -answers.index(answer)))
+
+
+QUESTION_ANSWER_TEMPLATE = "question: {question} answer: {answer}"
+# WordPiece decoding puts a space before the colons ("question : ... answer : ..."): accepted.
+_QUESTION_ANSWER = re.compile(r"^\s*question\s*:\s*(?P<question>.+?)\s+answer\s*:\s*(?P<answer>.+?)\s*$", re.DOTALL)
+
+
+def question_answer_text(question: str, answer: str) -> str:
+    """The SelTDA teacher's target text for one labelled question."""
+    return QUESTION_ANSWER_TEMPLATE.format(question=question.strip(), answer=answer.strip())
+
+
+def parse_question_answer(text: str) -> tuple[str, str] | None:
+    """(question, answer) of a text the teacher generated, or None when it does not have the template's form."""
+    match = _QUESTION_ANSWER.match(text)
+    return None if match is None else (match["question"], match["answer"])
+
+
+class GenerativeVQACollator:
+    """VQA rows -> inputs of `VKOODForConditionalGeneration` with its decoder targets.
+
+    `target="answer"`: the question (and its knowledge) in, the most frequent human answer as the text to generate.
+    `target="question_answer"`: the SelTDA teacher: an empty prompt and no knowledge in, "question: Q answer: A" out,
+    so that it learns to write question-answer pairs for an image alone. `with_targets=False` leaves the targets out
+    (the inputs of `generate`).
+    """
+
+    def __init__(self, processor, pixels: PixelCache, target: str = "answer", max_answer_length: int = 32,
+                 with_targets: bool = True):  # fmt: skip
+        if target not in ("answer", "question_answer"):
+            raise ValueError(f"target must be 'answer' or 'question_answer', got {target!r}")
+        self.processor, self.pixels, self.target = processor, pixels, target
+        self.max_answer_length, self.with_targets = max_answer_length, with_targets
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if self.target == "answer":
+            inputs = {"text": [r["question"] for r in rows], "knowledge": [r["knowledge"] for r in rows]}
+            targets = [most_frequent_answer(r["answers"]) for r in rows]
+        else:
+            inputs = {"text": [""] * len(rows), "knowledge": []}
+            targets = [question_answer_text(r["question"], most_frequent_answer(r["answers"])) for r in rows]
+        if self.with_targets:
+            inputs.update(answers=targets, max_answer_length=self.max_answer_length)
+        batch = dict(self.processor(**inputs))
+        batch["pixel_values"] = self.pixels([r["image"] for r in rows])
         return batch
 
 

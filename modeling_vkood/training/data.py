@@ -11,11 +11,13 @@ builds, the others then find the cache.
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import datasets
+import torch
 from datasets import DatasetDict, Features, Value, load_dataset, load_from_disk
 
 import data_scripts
@@ -145,6 +147,10 @@ def load_splits(data_args, splits: list[str]) -> DatasetDict:
             dataset = dataset.cast_column(name, datasets.Image(decode=False))
     if data_args.task == "retrieval" and data_args.train_split in dataset:
         dataset[data_args.train_split] = one_row_per_caption(dataset[data_args.train_split])
+    train_split = data_args.train_split
+    if train_split in dataset and getattr(data_args, "labelled_fraction", None) is not None:
+        dataset[train_split] = labelled_subset(dataset[train_split], data_args.labelled_fraction,
+                                               data_args.labelled_fraction_seed)  # fmt: skip
     caps = {data_args.train_split: data_args.max_train_samples, data_args.eval_split: data_args.max_eval_samples}
     for split, cap in caps.items():
         if split in dataset and cap is not None:
@@ -153,7 +159,44 @@ def load_splits(data_args, splits: list[str]) -> DatasetDict:
         train = dataset[data_args.train_split]
         rows = max(1, round(data_args.train_fraction * len(train)))
         dataset[data_args.train_split] = train.shuffle(seed=TRAIN_FRACTION_SEED).select(range(rows))
+    if train_split in dataset and getattr(data_args, "pseudo_labelled_dataset", None):
+        dataset[train_split] = with_pseudo_labels(dataset[train_split], data_args.pseudo_labelled_dataset)
     return dataset
+
+
+def labelled_image_ids(split: datasets.Dataset, fraction: float, seed: int) -> set[int]:
+    """The training images whose questions stay labelled: ceil(fraction x images) of the split's distinct
+    `image_id`s, drawn with `seed` (the same draw for every run seed, so runs that differ only in their seed see the
+    same labelled questions). The other images are the unlabelled pool."""
+    images = sorted(set(split["image_id"]))
+    count = math.ceil(fraction * len(images))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return {images[index] for index in order.tolist()}
+
+
+def labelled_subset(split: datasets.Dataset, fraction: float, seed: int) -> datasets.Dataset:
+    """The questions of `labelled_image_ids` (in their original order): the data-scarce training split."""
+    kept = labelled_image_ids(split, fraction, seed)
+    rows = [index for index, image_id in enumerate(split["image_id"]) if image_id in kept]
+    return split.select(rows)
+
+
+def with_pseudo_labels(split: datasets.Dataset, pseudo_labelled: str) -> datasets.Dataset:
+    """`split` followed by the train split of the pseudo-labelled dataset `pseudo_labelled` (a folder or Hub id
+    written by `modeling_vkood.training.seltda`), which must hold the same columns and answer vocabulary."""
+    # A local folder is read afresh: `datasets` keys its cache of a folder by the file names, not their contents, so a
+    # folder pseudo-labelled again (same names) would otherwise come back with the rows of the previous labelling.
+    fresh = {"download_mode": "force_redownload"} if Path(pseudo_labelled).is_dir() else {}
+    pseudo = load_dataset(pseudo_labelled, split="train", **fresh)
+    for name, feature in pseudo.features.items():
+        if isinstance(feature, datasets.Image):
+            pseudo = pseudo.cast_column(name, datasets.Image(decode=False))
+    if pseudo.features != split.features:
+        differing = sorted(name for name in set(pseudo.features) | set(split.features)
+                           if pseudo.features.get(name) != split.features.get(name))  # fmt: skip
+        raise ValueError(f"{pseudo_labelled}: its columns differ from the training split's in {differing} (a "
+                         "pseudo-labelled dataset must be written against the same dataset and vocabulary)")  # fmt: skip
+    return datasets.concatenate_datasets([split, pseudo])
 
 
 def one_row_per_caption(split: datasets.Dataset) -> datasets.Dataset:

@@ -9,21 +9,32 @@ from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, CLIPImageProcessorPil
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+)
 
 from modeling_vkood import (
     VKOODConfig,
+    VKOODForConditionalGeneration,
     VKOODForImagesAndTextClassification,
     VKOODForImageTextRetrieval,
     VKOODForQuestionAnswering,
     VKOODProcessor,
 )
 from modeling_vkood.modeling_vkood import backbone_kwargs
+from modeling_vkood.processing_vkood import tokenizer_decoder_tokens
 
 TASK_MODELS = {
     "vqa": VKOODForQuestionAnswering,
     "nlvr2": VKOODForImagesAndTextClassification,
     "retrieval": VKOODForImageTextRetrieval,
+    "generative_vqa": VKOODForConditionalGeneration,
 }
 
 
@@ -83,9 +94,17 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
     vision_config, vision = _backbone(model_args.vision_model, model_args.vision_config, "vision", dropout)
     text_config, text = _backbone(model_args.text_model, model_args.text_config, "text", dropout)
     loaded = {"vision_model": vision, "text_model": text}
+    tokenizer_name = model_args.tokenizer_name or model_args.text_model
+    if tokenizer_name is None:
+        raise ValueError("a text backbone built from a config needs --tokenizer_name")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    decoder_config, decoder = None, None
+    if task == "generative_vqa":
+        decoder_config, decoder = _decoder(model_args, text_config, tokenizer)
     config = VKOODConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
+        decoder_config=decoder_config,
         pretrained_backbones=[name for name, module in loaded.items() if module is not None],
         **labels,
         **model_args.vkood_config,
@@ -94,12 +113,33 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
     for name in config.pretrained_backbones:
         setattr(model.vkood, name, loaded[name])
         loaded[name].config = getattr(model.config, name.replace("_model", "_config"))
-    tokenizer_name = model_args.tokenizer_name or model_args.text_model
-    if tokenizer_name is None:
-        raise ValueError("a text backbone built from a config needs --tokenizer_name")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    if decoder is not None:  # trained in full: its new cross-attention layers start from a random initialisation
+        model.text_decoder = decoder
+        decoder.config = model.config.decoder_config
     processor = VKOODProcessor.from_model_config(_image_processor(model_args, vision_config), tokenizer, config)
     return BuiltModel(model, processor)
+
+
+def _decoder(model_args, text_config, tokenizer) -> tuple[dict, nn.Module | None]:
+    """(decoder config as a dict, pretrained decoder or None) of a generative run: `--decoder_model` loaded as a
+    causal LM with cross-attention, or a decoder built from `--decoder_config` (default: the text backbone's
+    config). Its start / end / padding tokens are the tokenizer's (`VKOODProcessor.decoder_special_tokens`)."""
+    special = tokenizer_decoder_tokens(tokenizer)
+    decoder = None
+    if model_args.decoder_model is not None:
+        decoder = AutoModelForCausalLM.from_pretrained(model_args.decoder_model, is_decoder=True,
+                                                       add_cross_attention=True, **special)  # fmt: skip
+        config = decoder.config.to_dict()
+    elif model_args.decoder_config is not None:
+        config = dict(model_args.decoder_config)
+    else:
+        config = text_config.to_dict()
+    config.update(special)
+    vocabulary = config.get("vocab_size")
+    if vocabulary is not None and vocabulary < len(tokenizer):
+        raise ValueError(f"the decoder's vocab_size ({vocabulary}) is smaller than the tokenizer's {len(tokenizer)} "
+                         "tokens: the decoder writes the processor's tokens")  # fmt: skip
+    return config, decoder
 
 
 def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:

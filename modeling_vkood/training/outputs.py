@@ -18,6 +18,8 @@ PLOTS_DIR = "plots"
 # `--push_to_hub` run. Next to the merged model, `from_pretrained` would apply that stale adapter a second time, and
 # for a Hub id it would load the adapter's base model instead: the published folder must not hold them.
 ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+# The tasks whose checkpoints ship the VQA pipeline, and how it loads their model.
+PIPELINES = {"vqa": pipeline_vkood.VQA_PIPELINE, "generative_vqa": pipeline_vkood.GENERATIVE_VQA_PIPELINE}
 
 
 def save_output_folder(trainer, task: str, description: ModelDescription, ood: dict | None, metric: str | None):
@@ -26,8 +28,8 @@ def save_output_folder(trainer, task: str, description: ModelDescription, ood: d
     Nothing is uploaded here (`push_output_folder` does that once the card and plots are written).
     """
     trainer.model = merged_model(trainer.model)
-    if task == "vqa":
-        trainer.model.config.custom_pipelines = pipeline_vkood.VQA_PIPELINE
+    if task in PIPELINES:
+        trainer.model.config.custom_pipelines = PIPELINES[task]
     if not trainer.is_world_process_zero():
         return None
     output_dir = Path(trainer.args.output_dir)
@@ -38,7 +40,7 @@ def save_output_folder(trainer, task: str, description: ModelDescription, ood: d
     trainer.processing_class.save_pretrained(output_dir)
     for name in ADAPTER_FILES:
         (output_dir / name).unlink(missing_ok=True)
-    if task == "vqa":
+    if task in PIPELINES:
         shutil.copy(pipeline_vkood.__file__, output_dir / "pipeline_vkood.py")
     plots = output_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 from transformers import Trainer
 from transformers.utils import logging
 
+from .generation_eval import generate_texts, generated_vqa_metrics
 from .retrieval_eval import evaluate_retrieval
 
 logger = logging.get_logger(__name__)
@@ -21,13 +22,17 @@ class VKOODTrainer(Trainer):
     """Trainer with per-group learning rates; for retrieval, `evaluate` runs the two-stage gallery protocol."""
 
     def __init__(self, *args, new_parameters=frozenset(), new_modules_learning_rate=None, retrieval=None,
-                 balance_by=None, ood_threshold_learning_rate=None, extra_losses=(), **kwargs):  # fmt: skip
+                 balance_by=None, ood_threshold_learning_rate=None, extra_losses=(), generation=None,
+                 **kwargs):  # fmt: skip
         """`ood_threshold_learning_rate`: the OOD threshold's own learning rate (no weight decay); None: as the
         other new modules. `retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
         max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2. `balance_by`: a training column
         whose values are drawn equally often. `extra_losses`: training-only loss terms added to the head's loss
         (`MultimodalAdaptiveDistillation`, `ModalityAugmentedSelfDistillation`): callables (model, outputs, batch,
-        unwrapped=) -> a batch-averaged scalar, with a `needs_hidden_states` attribute."""
+        unwrapped=) -> a batch-averaged scalar, with a `needs_hidden_states` attribute. `generation`: for the
+        generative head answering questions, dict of `generate_texts` arguments (collator without targets,
+        max_new_tokens, num_beams): `evaluate` adds the official VQA accuracy of the generated answers to the
+        evaluation loss."""
         super().__init__(*args, **kwargs)
         self.extra_losses = tuple(extra_losses)
         self.new_parameters = set(new_parameters)
@@ -35,6 +40,7 @@ class VKOODTrainer(Trainer):
         self.ood_threshold_learning_rate = ood_threshold_learning_rate
         self.retrieval = retrieval
         self.balance_by = balance_by
+        self.generation = generation
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """Calibrate the OOD threshold, then train. A resumed run takes tau from its checkpoint."""
@@ -138,6 +144,8 @@ class VKOODTrainer(Trainer):
         """Keep the vkood card that `save_output_folder` wrote: `push_to_hub` would replace it by a generic one."""
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.generation is not None:
+            return self._evaluate_generation(eval_dataset, ignore_keys, metric_key_prefix)
         if self.retrieval is None:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -149,6 +157,18 @@ class VKOODTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _evaluate_generation(self, eval_dataset, ignore_keys, metric_key_prefix):
+        """The Trainer's evaluation loss (teacher-forced), then the official VQA accuracy of generated answers."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        predictions = generate_texts(model, dataset, batch_size=self.args.per_device_eval_batch_size,
+                                     device=self.args.device, accelerator=self.accelerator, **self.generation)  # fmt: skip
+        generated = {f"{metric_key_prefix}_{key}": value for key, value in generated_vqa_metrics(predictions, dataset).items()}
+        self.log(generated)
+        metrics.update(generated)
         return metrics
 
 

@@ -1,0 +1,235 @@
+"""VKOODForConditionalGeneration: answers as text, from a decoder that cross-attends to VK-OOD's fused states.
+
+Hub remote code: imports torch, transformers, the standard library and its flat siblings only.
+
+The fused pass of `VKOODModel` (image, question and OOD-gated knowledge through the co-attention layers) is run once
+per example; its two streams, [text ; knowledge] and image, projected to the decoder's width, are the memory that
+every decoder layer cross-attends to. The decoder is any causal LM with cross-attention (`config.decoder_config`,
+BERT-style with `is_decoder=True, add_cross_attention=True` by default; or a pretrained checkpoint loaded in its
+place, as BLIP initialises its decoder from BERT). `generate()` encodes the memory once and hands it to the
+decoder's own `GenerationMixin.generate`, which keeps it fixed across decoding steps (expanded once per beam) and
+caches the decoder's self- and cross-attention keys/values, so greedy search, beam search, sampling and every
+`GenerationConfig` option work as for any transformers decoder.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.utils import ModelOutput
+
+from .configuration_vkood import VKOODConfig
+from .modeling_vkood import VKOODModel, VKOODPreTrainedModel, check_inputs, knowledge_item_mask
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VKOODGenerationMemory(ModelOutput):
+    """What the decoder cross-attends to: `states` (B, L + M + N, D) = projected [text ; knowledge ; image] fused
+    states, `mask` (B, L + M + N) 1 for real positions (padding and hard-gated-out knowledge items are 0), and the OOD
+    diagnostics of the fused pass (B, M) / (B,)."""
+
+    states: torch.FloatTensor | None = None
+    mask: torch.LongTensor | None = None
+    ood_scores: torch.FloatTensor | None = None
+    ood_gate: torch.FloatTensor | None = None
+    ood_iterations: torch.LongTensor | None = None
+    ood_residual: torch.FloatTensor | None = None
+    ood_alignment_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class VKOODGenerationOutput(ModelOutput):
+    """`loss`: token cross-entropy over the answer tokens of the batch (labels != -100), averaged over those tokens;
+    `logits` (B, T, vocabulary) of the decoder; `cache` its key/value cache when `use_cache`; the OOD diagnostics."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    ood_scores: torch.FloatTensor | None = None
+    ood_gate: torch.FloatTensor | None = None
+    ood_iterations: torch.LongTensor | None = None
+    ood_residual: torch.FloatTensor | None = None
+
+
+def answer_token_loss(logits, labels):
+    """Cross-entropy of next-token `logits` (B, T, V) against `labels` (B, T), the tokens of the decoder input
+    (position t of the logits predicts label t + 1), -100 wherever no answer token is to be predicted: the mean over
+    the batch's answer tokens (0 for a batch without any, rather than NaN)."""
+    targets = labels[:, 1:]
+    summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="sum")  # fmt: skip
+    return summed / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+
+class VKOODForConditionalGeneration(VKOODPreTrainedModel):
+    """Open-ended VQA (answers as text) and question-answer generation (the SelTDA teacher) on VK-OOD's fused states.
+
+    Training batches carry `labels` (B, T): the decoder input tokens [start, answer..., end, pad...] with -100 at
+    every position that is not an answer token to predict (start, padding); `decoder_input_ids` default to them
+    (-100 read as padding). `VKOODProcessor(..., answers=...)` writes all three. Like the other heads, the loss is
+    already averaged over its batch (here over its answer tokens) and takes no Trainer loss kwargs.
+    """
+
+    # The VQA pipeline answers by generation with this head (and by the classifier's top-k otherwise).
+    generates_answers = True
+
+    def __init__(self, config: VKOODConfig):
+        super().__init__(config)
+        if config.decoder_config is None:
+            raise ValueError("VKOODForConditionalGeneration needs config.decoder_config (a causal LM config that "
+                             "supports cross-attention, e.g. {'model_type': 'bert', ...})")  # fmt: skip
+        self.vkood = VKOODModel(config)
+        self.text_decoder = AutoModelForCausalLM.from_config(config.decoder_config)
+        self.memory_projection = nn.Linear(config.hidden_size, config.decoder_config.hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.text_decoder.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.text_decoder.get_output_embeddings()
+
+    def encode(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        knowledge_input_ids=None,
+        knowledge_attention_mask=None,
+        knowledge_mask=None,
+        knowledge_relevance=None,
+    ) -> VKOODGenerationMemory:
+        """The decoder's memory from one fused pass (image, question or prompt, knowledge)."""
+        if pixel_values is None or input_ids is None:
+            raise ValueError("VK-OOD needs both `pixel_values` and `input_ids` (an empty prompt for the question "
+                             "generator: the processor's text=\"\")")  # fmt: skip
+        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if knowledge_input_ids is not None:
+            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+        fused = self.vkood(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask,
+            knowledge_relevance, output_attentions=False, output_hidden_states=False, return_dict=True,
+        )  # fmt: skip
+        batch, items = fused.ood_gate.shape
+        item_mask = knowledge_mask if knowledge_mask is not None else attention_mask.new_zeros(batch, items)
+        item_mask = item_mask.to(attention_mask.dtype) * (fused.ood_gate > 0).to(attention_mask.dtype)
+        image_mask = attention_mask.new_ones(batch, fused.image_last_hidden_state.shape[1])
+        states = torch.cat([fused.last_hidden_state, fused.image_last_hidden_state], dim=1)
+        return VKOODGenerationMemory(
+            states=self.memory_projection(states),
+            mask=torch.cat([attention_mask, item_mask, image_mask], dim=1),
+            ood_scores=fused.ood_scores,
+            ood_gate=fused.ood_gate,
+            ood_iterations=fused.ood_iterations,
+            ood_residual=fused.ood_residual,
+            ood_alignment_loss=fused.ood_alignment_loss,
+        )
+
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        knowledge_input_ids=None,
+        knowledge_attention_mask=None,
+        knowledge_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        labels=None,
+        knowledge_relevance=None,
+        memory=None,
+        cache=None,
+        use_cache=None,
+        return_dict=None,
+    ):
+        """Teacher-forced decoding of `decoder_input_ids` (default: `labels` with -100 as padding) over the fused
+        states; the loss when `labels` are given. `memory`: a `VKOODGenerationMemory` from `encode`, to decode
+        several sequences against one fused pass."""
+        if memory is None:
+            memory = self.encode(pixel_values, input_ids, attention_mask, knowledge_input_ids,
+                                 knowledge_attention_mask, knowledge_mask, knowledge_relevance)  # fmt: skip
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("give decoder_input_ids or labels")
+            decoder_input_ids = labels.masked_fill(labels == IGNORE_INDEX, self.config.decoder_config.pad_token_id or 0)
+        decoded = self.text_decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=memory.states,
+            encoder_attention_mask=memory.mask,
+            cache=cache,
+            use_cache=use_cache if labels is None else False,
+            return_dict=True,
+        )
+        loss = None
+        if labels is not None:
+            loss = answer_token_loss(decoded.logits, labels)
+            if memory.ood_alignment_loss is not None:
+                loss = loss + self.config.ood_alignment_weight * memory.ood_alignment_loss
+        output = VKOODGenerationOutput(
+            loss=loss,
+            logits=decoded.logits,
+            cache=decoded.cache,
+            ood_scores=memory.ood_scores,
+            ood_gate=memory.ood_gate,
+            ood_iterations=memory.ood_iterations,
+            ood_residual=memory.ood_residual,
+        )
+        return self._returned(output, return_dict)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        attention_mask=None,
+        knowledge_input_ids=None,
+        knowledge_attention_mask=None,
+        knowledge_mask=None,
+        decoder_input_ids=None,
+        memory=None,
+        **generate_kwargs,
+    ):
+        """Generate answers (or question-answer pairs) for the images and prompts: one fused pass, then the decoder's
+        `GenerationMixin.generate` with `generate_kwargs` (`max_new_tokens`, `num_beams`, `do_sample`,
+        `num_return_sequences`, `return_dict_in_generate`, `output_scores`, a `generation_config`...).
+
+        Returns what transformers' `generate` returns: the token ids (B * num_return_sequences, T), starting with the
+        decoder's start token (`decoder_config.bos_token_id`, or the given `decoder_input_ids` as a prefix); decode
+        them with `processor.decode_answers`. `memory`: a `VKOODGenerationMemory` from `encode` instead of the inputs.
+        """
+        if memory is None:
+            memory = self.encode(pixel_values, input_ids, attention_mask, knowledge_input_ids,
+                                 knowledge_attention_mask, knowledge_mask)  # fmt: skip
+        if decoder_input_ids is None:
+            start = self.config.decoder_config.bos_token_id
+            if start is None:
+                raise ValueError("config.decoder_config.bos_token_id (the decoder's start token) is not set")
+            decoder_input_ids = torch.full((memory.states.shape[0], 1), start, dtype=torch.long,
+                                           device=memory.states.device)  # fmt: skip
+        if generate_kwargs.get("use_cache", True) and generate_kwargs.get("cache") is None:
+            # transformers gives a decoder-only model a self-attention cache only; the cross-attention keys and
+            # values of the memory are cached too (computed at the first step, reused at every later one).
+            config = self.text_decoder.config
+            generate_kwargs["cache"] = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        return self.text_decoder.generate(
+            input_ids=decoder_input_ids,
+            encoder_hidden_states=memory.states,
+            encoder_attention_mask=memory.mask,
+            **generate_kwargs,
+        )
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits=False):
+        """The decoder's `GenerationMixin.compute_transition_scores`: per generated token its log-probability, from
+        a `generate(..., return_dict_in_generate=True, output_scores=True)` result."""
+        return self.text_decoder.compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
+
+
+__all__ = ["VKOODForConditionalGeneration", "VKOODGenerationMemory", "VKOODGenerationOutput", "answer_token_loss"]

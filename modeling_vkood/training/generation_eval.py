@@ -1,0 +1,43 @@
+"""Evaluation of the generative head: answers generated for every question, scored with the official VQA accuracy
+(`modeling_vkood.evaluation.vqa_accuracy`: the answers normalised as the official toolkit does)."""
+
+import torch
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from modeling_vkood.evaluation import vqa_accuracy
+
+
+@torch.no_grad()
+def generate_texts(model, dataset, collator, batch_size: int, device, max_new_tokens: int = 16, num_beams: int = 1,
+                   accelerator=None, description: str = "generating") -> list[str]:  # fmt: skip
+    """The text the model generates for every row of `dataset` (in order), `collator` giving the inputs (a
+    `GenerativeVQACollator(..., with_targets=False)`). Under `accelerator` with several processes each process
+    generates for every world_size-th row and all of them receive the whole list."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine = list(range(rank, len(dataset), world))
+    was_training = model.training
+    model.eval()
+    texts = []
+    batches = DataLoader(Subset(dataset, mine), batch_size=batch_size, collate_fn=collator)
+    for batch in tqdm(batches, desc=description, disable=rank != 0):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        sequences = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        texts.extend(collator.processor.decode_answers(sequences))
+    model.train(was_training)
+    if world == 1:
+        return texts
+    gathered = gather_object([(index, text) for index, text in zip(mine, texts)])
+    return [text for _, text in sorted(gathered)]
+
+
+def generated_vqa_metrics(predictions: list[str], dataset) -> dict[str, float]:
+    """Official VQA accuracy (percent) of generated answers, overall and per answer type, named as the classifier's
+    `VQAMetrics` names them (`vqa_accuracy`, `vqa_accuracy_<type>`)."""
+    scores = vqa_accuracy(predictions, list(dataset["answers"]), list(dataset["answer_type"]))
+    per_type = {f"vqa_accuracy_{t.replace('/', '_')}": v for t, v in scores["per_answer_type"].items()}
+    return {"vqa_accuracy": scores["overall"], **per_type}
+
+
+__all__ = ["generate_texts", "generated_vqa_metrics"]
