@@ -44,11 +44,15 @@ class ModelDescription:
 
 
 def reported_results(metrics: dict[str, float]) -> dict[str, float]:
-    """The evaluation metrics worth a row: eval_* keys except loss and timing, and the OOD layer's diagnostics (ood_*:
-    the fraction of items its gate keeps; on a dataset that labels its items, the AUROC of fitting against not-fitting
-    items and the kept fraction of each)."""
-    return {k: float(v) for k, v in metrics.items()
-            if (k.startswith("eval_") and k not in _NOT_RESULTS) or k.startswith("ood_")}  # fmt: skip
+    """The evaluation metrics worth a row and a model-index entry: eval_* keys except loss and timing."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and k not in _NOT_RESULTS}
+
+
+def ood_diagnostics(metrics: dict[str, float]) -> dict[str, float]:
+    """The OOD layer's diagnostics, rows of the results table but not benchmark results (no model-index entry): the
+    fraction of items its gate keeps; on a dataset that labels its items, the AUROC of fitting against not-fitting
+    items and the kept fraction of each."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith("ood_")}
 
 
 def model_card(description: ModelDescription) -> ModelCard:
@@ -84,7 +88,7 @@ def model_card(description: ModelDescription) -> ModelCard:
         card_data,
         template_path=str(TEMPLATE_PATH),
         description=description,
-        results=results,
+        results={**results, **ood_diagnostics(description.results)},
         task_title=title,
         auto_class=auto_class,
         model_id=description.repo_id or "path/to/this/folder",
