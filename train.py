@@ -1,6 +1,6 @@
 """Fine-tune and evaluate VK-OOD with the Hugging Face Trainer (PEFT LoRA, accelerate for multi-GPU / multi-node).
 
-    python train.py                                             # embedded default: configuration/easy_vqa.yaml
+    python train.py                                             # embedded default: configuration/knowledge_vqa.yaml
     python train.py configuration/vqav2.yaml --learning_rate 1e-4
     accelerate launch --config_file configuration/accelerate/ddp.yaml train.py configuration/nlvr2.yaml
 
@@ -39,6 +39,7 @@ from modeling_vkood.training import (  # noqa: E402
     save_output_folder,
 )
 from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
+from modeling_vkood.training.arguments import VQA_TASKS  # noqa: E402
 from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
 from modeling_vkood.training.distillation import MultimodalAdaptiveDistillation, UnimodalTeacher  # noqa: E402
 from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
@@ -59,8 +60,17 @@ def describe_backbone(name_or_path, config) -> str:
     return f"`{config['model_type']}` built from a config and trained from scratch ({config})"
 
 
-def describe(model_args, data_args, card_args, training_args, built, metrics, argv) -> ModelDescription:
-    """The model card's description of this run."""
+def card_example(rows) -> dict:
+    """The VQA snippets' question and knowledge: the first example of the run's data that has both."""
+    for row in rows:
+        texts = [item["text"] if isinstance(item, dict) else str(item) for item in row.get("knowledge") or []][:4]
+        if row.get("question") and texts:
+            return {"example_question": row["question"], "example_knowledge": texts}
+    return {}
+
+
+def describe(model_args, data_args, card_args, training_args, built, metrics, argv, example) -> ModelDescription:
+    """The model card's description of this run; `example` (`card_example`) replaces the snippets' generic one."""
     lora = model_args.finetuning == "lora"
     finetuning = (
         f"LoRA (r={model_args.lora_r}, alpha={model_args.lora_alpha}) on the attention projections of the "
@@ -68,7 +78,13 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         if lora
         else "full fine-tuning of every weight"
     )
-    knowledge = "the vkood starter graph" if data_args.knowledge == "starter" else f"`{data_args.knowledge}`"
+    retrieved = built.processor.has_knowledge_source  # set in main where the index is at hand
+    if not knowledge_is_retrieved(data_args):
+        knowledge = "the facts that come with each question of the dataset (drawn per example; none are retrieved)"
+    elif data_args.knowledge == "starter":
+        knowledge = "the vkood starter graph"
+    else:
+        knowledge = f"`{data_args.knowledge}`"
     hyperparameters = {
         "learning_rate": training_args.learning_rate,
         "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
@@ -118,6 +134,9 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
                      if m and not os.path.isdir(m) and not m.startswith(PACKAGE_SCHEME)],  # fmt: skip
         license=card_args.license,
         repo_id=training_args.hub_model_id,
+        retrieves_knowledge=retrieved,
+        ood_score=built.model.config.ood_score,
+        **example,
     )
 
 
@@ -260,7 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
         text_cache.remove()
         metrics["frozen_text_cache_hit_fraction"] = text_cache.hits / max(text_cache.hits + text_cache.misses, 1)
     trainer.save_metrics("all", metrics, combined=False)
-    description = describe(model_args, data_args, card_args, training_args, built, metrics, argv)
+    rows = dataset[splits[0]]
+    columns = [name for name in ("question", "knowledge") if name in rows.column_names]
+    example = card_example(rows.select_columns(columns).select(range(min(len(rows), 64)))) if task in VQA_TASKS else {}
+    description = describe(model_args, data_args, card_args, training_args, built, metrics, argv, example)
     save_output_folder(trainer, task, description, ood, MAIN_METRIC[task])
     if training_args.push_to_hub:
         push_output_folder(trainer, commit_message="vkood: trained model, processor, card and plots")

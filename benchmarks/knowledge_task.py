@@ -191,8 +191,10 @@ def run_seed(seed, args):
     test = test.cast_column("image", datasets.Image(decode=False))  # undecoded: the PixelCache keys by path
     variants = {str(share): with_not_fitting_share(test, share, seed=7) for share in NOT_FITTING_SHARES}
     variants["as_retrieved"] = test
-    figures = {"accuracy": {}, "items": {}, "learning_curve": {name: {} for name in CURVE_MODELS}}
-    for name, model in tqdm(MODELS.items(), desc=f"seed {seed} models"):
+    curve_models = [name for name in CURVE_MODELS if name in args.models]
+    figures = {"accuracy": {}, "items": {}, "learning_curve": {name: {} for name in curve_models}}
+    chosen = {name: MODELS[name] for name in args.models}
+    for name, model in tqdm(chosen.items(), desc=f"seed {seed} models"):
         prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only}.get(
             name, lambda split: split)
         folder = train_model(name, prepare(train_full), model, seed, args, work)
@@ -204,14 +206,14 @@ def run_seed(seed, args):
         for key, split in variants.items():
             figures["accuracy"][name][key], items = evaluate(folder, split)
         figures["items"][name] = item_figures(items)  # the last variant: the candidates as retrieved
-        if name in CURVE_MODELS:
+        if name in curve_models:
             figures["learning_curve"][name]["1.0"] = figures["accuracy"][name]["as_retrieved"]
     for fraction in args.fractions:
         rows = train_full.select(range(int(fraction * len(train_full))))
-        for name in CURVE_MODELS:
+        for name in curve_models:
             folder = train_model(f"{name}-{fraction}", rows, MODELS[name], seed, args, work)
             figures["learning_curve"][name][str(fraction)] = evaluate(folder, test)[0]
-    path = args.out / f"seed{seed}.json"
+    path = args.out / f"knowledge_task_seed{seed}.json"
     path.write_text(json.dumps(figures, indent=2))
     return figures
 
@@ -253,7 +255,9 @@ def plot(result, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    curve = any(result["learning_curve"].values())  # a study run with --fractions and nothing else has none
+    figure, axes = plt.subplots(1, 3 if curve else 2, figsize=(15 if curve else 10, 4))
+    axes = list(axes) if curve else [axes[0], None, axes[1]]
     shares = [str(s) for s in NOT_FITTING_SHARES]
     for name, row in result["accuracy"].items():
         errors = result["accuracy_stderr"][name]
@@ -261,13 +265,14 @@ def plot(result, out):
                          marker="o", capsize=3, label=name)  # fmt: skip
     axes[0].set(xlabel="not-fitting knowledge items (%)", ylabel="test accuracy (%)", title="Accuracy vs knowledge noise")
     axes[0].legend(fontsize=8)
-    for name, row in result["learning_curve"].items():
+    for name, row in result["learning_curve"].items() if curve else ():
         fractions = sorted(row, key=float)
         errors = result["learning_curve_stderr"][name]
         axes[1].errorbar([100 * float(f) for f in fractions], [row[f] for f in fractions],
                          [errors[f] for f in fractions], marker="o", capsize=3, label=name)  # fmt: skip
-    axes[1].set(xlabel="training questions (%)", ylabel="test accuracy (%)", title="Learning curve (same steps)")
-    axes[1].legend(fontsize=8)
+    if curve:
+        axes[1].set(xlabel="training questions (%)", ylabel="test accuracy (%)", title="Learning curve (same steps)")
+        axes[1].legend(fontsize=8)
     names = list(result["kept_fraction"])
     positions = np.arange(len(names))
     for offset, kind in ((-0.2, "fitting"), (0.2, "not_fitting")):
@@ -287,8 +292,10 @@ def main():
     parser.add_argument("--max-steps", type=int, default=RECIPE["max_steps"], help="training steps per model")
     parser.add_argument("--train-samples", type=int, default=None, help="default: the whole training split")
     parser.add_argument("--test-samples", type=int, default=500)
-    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS[:-1]),
-                        help="learning-curve shares of the training questions below 100%%")
+    parser.add_argument("--fractions", type=float, nargs="*", default=list(FRACTIONS[:-1]),
+                        help="learning-curve shares of the training questions below 100%% (none: no curve)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="the models to train (default: all)")
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once, one process each")
     parser.add_argument("--seed-run", type=int, default=None, help=argparse.SUPPRESS)  # a worker: one seed
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
@@ -311,9 +318,9 @@ def main():
         if running[0].returncode:
             raise SystemExit(f"a seed run failed with exit status {running[0].returncode}")
         running.pop(0)
-    per_seed = [json.loads((args.out / f"seed{seed}.json").read_text()) for seed in args.seeds]
+    per_seed = [json.loads((args.out / f"knowledge_task_seed{seed}.json").read_text()) for seed in args.seeds]
     settings = {"max_steps": args.max_steps, "train_samples": args.train_samples, "test_samples": args.test_samples,
-                "config": str(CONFIG.relative_to(REPO_ROOT)), "models": MODELS,
+                "config": str(CONFIG.relative_to(REPO_ROOT)), "models": {name: MODELS[name] for name in args.models},
                 "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     result = summarise(per_seed, args.seeds, settings)
     (args.out / "knowledge_task.json").write_text(json.dumps(result, indent=2))

@@ -20,6 +20,12 @@ TASKS = {
 }  # fmt: skip
 
 
+SCORE_MEANINGS = {
+    "gem": "its standardised GEM score",
+    "log_likelihood": "its log-density under the image's mixture relative to the image's own tokens (0: as likely as they are)",
+}
+
+
 @dataclass
 class ModelDescription:
     """What the card says about one trained model; `results` are the Trainer's final metrics (eval_* keys)."""
@@ -41,6 +47,13 @@ class ModelDescription:
     license: str = "apache-2.0"
     plots: list[str] = field(default_factory=list)
     repo_id: str | None = None
+    # The VQA snippets' question and knowledge: one of the run's own examples where it has one.
+    example_question: str = "what shape is in the image?"
+    example_knowledge: list[str] = field(default_factory=lambda: ["a circle is a shape"])
+    # Whether the processor retrieves knowledge itself when none is passed (False where the dataset draws each
+    # question's facts, as knowledge-VQA does: a user passes them), and what the OOD scores are.
+    retrieves_knowledge: bool = True
+    ood_score: str = "gem"
 
 
 def reported_results(metrics: dict[str, float]) -> dict[str, float]:
@@ -91,5 +104,6 @@ def model_card(description: ModelDescription) -> ModelCard:
         results={**results, **ood_diagnostics(description.results)},
         task_title=title,
         auto_class=auto_class,
+        score_meaning=SCORE_MEANINGS[description.ood_score],
         model_id=description.repo_id or "path/to/this/folder",
     )

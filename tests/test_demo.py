@@ -337,7 +337,7 @@ def test_command_line_defaults_and_space_header(monkeypatch, capsys, tmp_path):
     assert app.server_port(None, {}) == 7860
     assert app.server_port(None, {"GRADIO_SERVER_PORT": "7999"}) == 7999
     assert app.server_port(8123, {"GRADIO_SERVER_PORT": "7999"}) == 8123
-    assert app.default_model({}) == "outputs/easy_vqa"
+    assert app.default_model({}) == "outputs/knowledge_vqa"
     assert app.default_model({"VKOOD_DEMO_MODEL": "someone/model", "SPACE_ID": "a/b"}) == "someone/model"
 
     import yaml
@@ -350,11 +350,11 @@ def test_command_line_defaults_and_space_header(monkeypatch, capsys, tmp_path):
                     if line and not line.startswith("#")]  # fmt: skip
     assert {"torch", "transformers"} <= set(requirements) and "vkood" not in requirements  # remote code suffices
 
-    monkeypatch.chdir(tmp_path)  # no outputs/easy_vqa here, and (offline) none on the Hub
+    monkeypatch.chdir(tmp_path)  # no outputs/knowledge_vqa here, and (offline) none on the Hub
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert app.main([]) == 2
     error = capsys.readouterr().err
-    assert "outputs/easy_vqa" in error and "python train.py" in error and "Traceback" not in error
+    assert "outputs/knowledge_vqa" in error and "python train.py" in error and "Traceback" not in error
 
 
 # ------------------------------------------------------------------------------------------- the page, in a browser

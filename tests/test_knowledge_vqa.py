@@ -337,8 +337,12 @@ def test_the_shipped_config_trains_evaluates_and_saves(tmp_path, monkeypatch):
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
     config = json.loads((output / "config.json").read_text())
     assert config["max_knowledge_items"] == 11 and len(config["id2label"]) == len(knowledge_vqa.ANSWERS)
-    # Its facts are drawn per example: the saved processor must not retrieve starter-graph items in their place.
+    # Its facts are drawn per example: the saved processor must not retrieve starter-graph items in their place,
+    # and the card says so, with one of the run's questions and its facts in the snippets.
     assert json.loads((output / "processor_config.json").read_text()).get("knowledge_source") is None
+    card = (output / "README.md").read_text()
+    assert "retrieves none itself" in card and "starter graph" not in card and " means " in card
+    assert "stand for?" in card and "relative to the image's own tokens" in card
 
 
 def test_auroc_and_kept_fractions_match_sklearn_and_count_the_gated_items():

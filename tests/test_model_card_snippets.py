@@ -41,7 +41,7 @@ RESULTS = {
 PIPELINES = {"vqa": pipeline_vkood.VQA_PIPELINE, "generative_vqa": pipeline_vkood.GENERATIVE_VQA_PIPELINE}
 
 
-def save_checkpoint(task, folder, minilm_path):
+def save_checkpoint(task, folder, minilm_path, retrieves=True):
     model_class, id2label = CHECKPOINTS[task]
     labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     decoder = {"decoder_config": tiny_decoder_config()} if task == "generative_vqa" else {}
@@ -52,14 +52,15 @@ def save_checkpoint(task, folder, minilm_path):
     model.save_pretrained(folder)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = VKOODProcessor.from_model_config(image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config)
-    processor.set_knowledge_source("starter", KnowledgeBase.starter().path, 4)  # as train.py does: the card retrieves
+    if retrieves:  # as train.py does where the data was retrieved: the card's pipeline retrieves
+        processor.set_knowledge_source("starter", KnowledgeBase.starter().path, 4)
     processor.save_pretrained(folder)
 
 
-def describe(task, model_id):
+def describe(task, model_id, **fields):
     return ModelDescription(model_name="tiny", task=task, dataset_name="tiny", eval_split="test", vision_backbone="v",
                             text_backbone="t", knowledge_source="k", finetuning="full", weights_form="w",
-                            command="python train.py", results={"eval_score": 1.0}, repo_id=model_id)  # fmt: skip
+                            command="python train.py", results={"eval_score": 1.0}, repo_id=model_id, **fields)  # fmt: skip
 
 
 def test_every_task_has_a_checkpoint_here():
@@ -79,5 +80,25 @@ def test_card_usage_snippets_run_without_the_package(task, tmp_path, minilm_path
     assert snippets and all(str(folder) in snippet for snippet in snippets)
     assert len(snippets) == (2 if task in PIPELINES else 1)  # the VQA cards also show the pipeline
     code = "\n".join(snippets) + "\n" + RESULTS[task] + "\nprint('snippets ran')\n"
+    result = run_without_package(textwrap.dedent(code), tmp_path)
+    assert "snippets ran" in result.stdout
+
+
+def test_a_card_of_per_example_facts_passes_the_run_s_own_example_and_its_snippets_run(tmp_path, minilm_path):
+    """knowledge-VQA's facts come with each question: the card shows one of the run's questions with its facts,
+    says that nothing is retrieved, names the score the model computes, and its snippets run as written."""
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    save_checkpoint("vqa", folder, minilm_path, retrieves=False)
+    PIL.Image.new("RGB", (40, 36), "red").save(tmp_path / "photo.jpg")
+    question, facts = "what does the colour of the shape stand for?", ["red means harbour", "circle's means castle"]
+    card = model_card(describe("vqa", str(folder), example_question=question, example_knowledge=facts,
+                               retrieves_knowledge=False, ood_score="log_likelihood")).text  # fmt: skip
+    assert "retrieves none itself" in card and "knowledge_index.sqlite" not in card
+    assert "relative to the image's own tokens" in card and "GEM" not in card
+    snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(snippets) == 2 and all(question in snippet for snippet in snippets)
+    code = "\n".join(snippets) + "\n" + RESULTS["vqa"] + "\nassert [item['text'] for item in found['knowledge']] == "
+    code += repr(facts) + "\nprint('snippets ran')\n"
     result = run_without_package(textwrap.dedent(code), tmp_path)
     assert "snippets ran" in result.stdout

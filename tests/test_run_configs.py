@@ -92,7 +92,7 @@ def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_pa
     result = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=user_env, capture_output=True, text=True,
                             timeout=300, check=True)  # fmt: skip
     module_file, *parsed = result.stdout.split()
-    assert Path(module_file).is_relative_to(site) and parsed == ["easy_vqa", "vqav2", "100"]
+    assert Path(module_file).is_relative_to(site) and parsed == ["knowledge_vqa", "vqav2", "100"]
     helped = subprocess.run([sys.executable, "train.py", "--help"], cwd=elsewhere, env=user_env, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert helped.returncode == 0, helped.stderr[-3000:]

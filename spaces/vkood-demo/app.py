@@ -3,7 +3,7 @@
     python spaces/vkood-demo/app.py [--model PATH_OR_HUB_ID] [--port N] [--host NAME]
 
 The model defaults to $VKOOD_DEMO_MODEL, else (on a Space) the first `models:` entry of this folder's README, else
-`outputs/easy_vqa` (what `python train.py` writes). The port: --port, else $GRADIO_SERVER_PORT, else 7860. Runs
+`outputs/knowledge_vqa` (what `python train.py` writes). The port: --port, else $GRADIO_SERVER_PORT, else 7860. Runs
 offline on a local checkpoint. The page adapts to the checkpoint's task: VQA (answers, knowledge table, score plot
 against tau, per-item ablation), NLVR2 (two images and a sentence: true or false) or retrieval (captions ranked for
 an image). Handlers below only format what `vkood_demo` computes; every error reaches the page as a sentence.
@@ -36,7 +36,7 @@ from vkood_demo import (  # noqa: E402
 )
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = "outputs/easy_vqa"
+DEFAULT_MODEL = "outputs/knowledge_vqa"
 DEFAULT_PORT = 7860
 EXAMPLE_COUNT = 4
 
@@ -255,7 +255,7 @@ def space_model(readme: Path = HERE / "README.md") -> str | None:
 
 
 def default_model(environ=os.environ) -> str:
-    """$VKOOD_DEMO_MODEL, else on a Space ($SPACE_ID set) the README's model, else `outputs/easy_vqa`."""
+    """$VKOOD_DEMO_MODEL, else on a Space ($SPACE_ID set) the README's model, else `outputs/knowledge_vqa`."""
     if environ.get("VKOOD_DEMO_MODEL"):
         return environ["VKOOD_DEMO_MODEL"]
     if environ.get("SPACE_ID") and space_model():
