@@ -22,7 +22,8 @@ TASKS = {
 
 SCORE_MEANINGS = {
     "gem": "its standardised GEM score",
-    "log_likelihood": "its log-density under the image's mixture relative to the image's own tokens (0: as likely as they are)",
+    "log_likelihood": "its log-density under the image's mixture relative to the image's own tokens "
+    "(0: as likely as they are)",
 }
 
 
