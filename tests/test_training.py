@@ -438,7 +438,9 @@ def test_cpu_machines_default_to_accelerates_cpu_mode_and_fsdp_there_is_refused(
 
 
 def test_backbone_dropout_overrides_every_dropout_of_the_pretrained_backbone(tiny_text_model):
-    arguments = ["--vision_config", '{"model_type": "resnet", "hidden_sizes": [8], "depths": [1], "embedding_size": 8}',
+    # easy_vqa.yaml: a recipe with a pretrained text backbone (the default, knowledge-VQA, builds its own)
+    arguments = ["configuration/easy_vqa.yaml",
+                 "--vision_config", '{"model_type": "resnet", "hidden_sizes": [8], "depths": [1], "embedding_size": 8}',
                  "--image_size", "32", "--text_model", tiny_text_model, "--vkood_config", '{"hidden_size": 16, "num_attention_heads": 2}']  # fmt: skip
     for probability in (0.3, 0.0):  # the tiny backbone was saved with BERT's 0.1
         built = build_model(parse_arguments([*arguments, "--backbone_dropout", str(probability)])[0], "vqa", {0: "a"})
