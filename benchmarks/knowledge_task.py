@@ -257,30 +257,30 @@ def plot(result, out):
 
     curve = any(result["learning_curve"].values())  # a study run with --fractions and nothing else has none
     figure, axes = plt.subplots(1, 3 if curve else 2, figsize=(15 if curve else 10, 4))
-    axes = list(axes) if curve else [axes[0], None, axes[1]]
+    noise, kept = axes[0], axes[-1]  # the learning curve, when there is one, in between
     shares = [str(s) for s in NOT_FITTING_SHARES]
     for name, row in result["accuracy"].items():
         errors = result["accuracy_stderr"][name]
-        axes[0].errorbar([100 * float(s) for s in shares], [row[s] for s in shares], [errors[s] for s in shares],
-                         marker="o", capsize=3, label=name)  # fmt: skip
-    axes[0].set(xlabel="not-fitting knowledge items (%)", ylabel="test accuracy (%)", title="Accuracy vs knowledge noise")
-    axes[0].legend(fontsize=8)
-    for name, row in result["learning_curve"].items() if curve else ():
-        fractions = sorted(row, key=float)
-        errors = result["learning_curve_stderr"][name]
-        axes[1].errorbar([100 * float(f) for f in fractions], [row[f] for f in fractions],
-                         [errors[f] for f in fractions], marker="o", capsize=3, label=name)  # fmt: skip
+        noise.errorbar([100 * float(s) for s in shares], [row[s] for s in shares], [errors[s] for s in shares],
+                       marker="o", capsize=3, label=name)  # fmt: skip
+    noise.set(xlabel="not-fitting knowledge items (%)", ylabel="test accuracy (%)", title="Accuracy vs knowledge noise")
+    noise.legend(fontsize=8)
     if curve:
+        for name, row in result["learning_curve"].items():
+            fractions = sorted(row, key=float)
+            errors = result["learning_curve_stderr"][name]
+            axes[1].errorbar([100 * float(f) for f in fractions], [row[f] for f in fractions],
+                             [errors[f] for f in fractions], marker="o", capsize=3, label=name)  # fmt: skip
         axes[1].set(xlabel="training questions (%)", ylabel="test accuracy (%)", title="Learning curve (same steps)")
         axes[1].legend(fontsize=8)
     names = list(result["kept_fraction"])
     positions = np.arange(len(names))
     for offset, kind in ((-0.2, "fitting"), (0.2, "not_fitting")):
-        axes[2].bar(positions + offset, [result["kept_fraction"][n][kind] for n in names], 0.4,
-                    yerr=[result["kept_fraction_stderr"][n][kind] for n in names], capsize=3, label=kind)  # fmt: skip
-    axes[2].set_xticks(positions, [f"{n}\nAUROC {result['auroc'][n]:.3f}" for n in names], fontsize=8)
-    axes[2].set(ylabel="kept fraction (gate > 0.5)", title="Kept items, as retrieved")
-    axes[2].legend(fontsize=8)
+        kept.bar(positions + offset, [result["kept_fraction"][n][kind] for n in names], 0.4,
+                 yerr=[result["kept_fraction_stderr"][n][kind] for n in names], capsize=3, label=kind)  # fmt: skip
+    kept.set_xticks(positions, [f"{n}\nAUROC {result['auroc'][n]:.3f}" for n in names], fontsize=8)
+    kept.set(ylabel="kept fraction (gate > 0.5)", title="Kept items, as retrieved")
+    kept.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "knowledge_task.png", dpi=110)
     plt.close(figure)
