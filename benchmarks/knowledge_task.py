@@ -191,8 +191,12 @@ def run_seed(seed, args):
     test = test.cast_column("image", datasets.Image(decode=False))  # undecoded: the PixelCache keys by path
     variants = {str(share): with_not_fitting_share(test, share, seed=7) for share in NOT_FITTING_SHARES}
     variants["as_retrieved"] = test
-    curve_models = [name for name in CURVE_MODELS if name in args.models]
-    figures = {"accuracy": {}, "items": {}, "learning_curve": {name: {} for name in curve_models}}
+    previous = args.out / f"knowledge_task_seed{seed}.json"
+    figures = json.loads(previous.read_text()) if args.extend else {"accuracy": {}, "items": {}, "learning_curve": {}}
+    for name in args.curve_models:
+        figures["learning_curve"].setdefault(name, {})
+        if name in figures["accuracy"]:  # trained earlier: its 100% point
+            figures["learning_curve"][name]["1.0"] = figures["accuracy"][name]["as_retrieved"]
     chosen = {name: MODELS[name] for name in args.models}
     for name, model in tqdm(chosen.items(), desc=f"seed {seed} models"):
         prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only}.get(
@@ -206,15 +210,14 @@ def run_seed(seed, args):
         for key, split in variants.items():
             figures["accuracy"][name][key], items = evaluate(folder, split)
         figures["items"][name] = item_figures(items)  # the last variant: the candidates as retrieved
-        if name in curve_models:
+        if name in args.curve_models:
             figures["learning_curve"][name]["1.0"] = figures["accuracy"][name]["as_retrieved"]
     for fraction in args.fractions:
         rows = train_full.select(range(int(fraction * len(train_full))))
-        for name in curve_models:
+        for name in args.curve_models:
             folder = train_model(f"{name}-{fraction}", rows, MODELS[name], seed, args, work)
             figures["learning_curve"][name][str(fraction)] = evaluate(folder, test)[0]
-    path = args.out / f"knowledge_task_seed{seed}.json"
-    path.write_text(json.dumps(figures, indent=2))
+    previous.write_text(json.dumps(figures, indent=2))
     return figures
 
 
@@ -296,18 +299,29 @@ def main():
                         help="learning-curve shares of the training questions below 100%% (none: no curve)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
                         help="the models to train (default: all)")
+    parser.add_argument("--curve-models", nargs="*", choices=CURVE_MODELS, default=None,
+                        help="models of the learning curve (default: those of %(choices)s among --models)")
+    parser.add_argument("--extend", action="store_true",
+                        help="add to the figures of an earlier study in --out (same seeds) instead of starting anew")
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once, one process each")
     parser.add_argument("--seed-run", type=int, default=None, help=argparse.SUPPRESS)  # a worker: one seed
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "outputs" / "knowledge_task",
                         help="trained models and their datasets")
     args = parser.parse_args()
+    if args.curve_models is None:
+        args.curve_models = [name for name in CURVE_MODELS if name in args.models]
     args.out.mkdir(parents=True, exist_ok=True)
+    budget = {"max_steps": args.max_steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
+    if args.extend and args.seed_run is None:
+        earlier = json.loads((args.out / "knowledge_task.json").read_text())
+        if earlier["seeds"] != args.seeds or any(earlier["settings"][k] != v for k, v in budget.items()):
+            raise SystemExit(f"--extend: the earlier study ran seeds {earlier['seeds']} at {earlier['settings']}")
     if args.seed_run is not None:
         run_seed(args.seed_run, args)
         return
     started = time.perf_counter()
-    passed = [a for a in sys.argv[1:]]
+    passed = sys.argv[1:]
     pending = list(args.seeds)
     running = []
     while pending or running:
@@ -319,9 +333,15 @@ def main():
             raise SystemExit(f"a seed run failed with exit status {running[0].returncode}")
         running.pop(0)
     per_seed = [json.loads((args.out / f"knowledge_task_seed{seed}.json").read_text()) for seed in args.seeds]
-    settings = {"max_steps": args.max_steps, "train_samples": args.train_samples, "test_samples": args.test_samples,
-                "config": str(CONFIG.relative_to(REPO_ROOT)), "models": {name: MODELS[name] for name in args.models},
+    settings = {**budget, "config": str(CONFIG.relative_to(REPO_ROOT)),
+                "models": {name: MODELS[name] for name in args.models},
+                "command": " ".join(["python", "benchmarks/knowledge_task.py", *passed]),
                 "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    if args.extend:  # the earlier parts' settings, and what this part added
+        earlier = json.loads((args.out / "knowledge_task.json").read_text())["settings"]
+        settings = {**earlier, "models": {**earlier["models"], **settings["models"]},
+                    "parts": [*earlier.get("parts", [{k: earlier.get(k) for k in ("command", "seconds")}]),
+                              {k: settings[k] for k in ("command", "seconds")}]}  # fmt: skip
     result = summarise(per_seed, args.seeds, settings)
     (args.out / "knowledge_task.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out)
