@@ -63,11 +63,12 @@ def load_app():
 
 
 # ------------------------------------------------------------------------------------------- tiny checkpoints
-def save_checkpoint(task: str, folder: Path, minilm_path: str):
+def save_checkpoint(task: str, folder: Path, minilm_path: str, answers=ANSWERS):
     """A tiny checkpoint of `task` saved as train.py saves one (remote code, processor with the starter graph, the
-    VQA pipeline); the VQA model's tau sits amid its item scores so that the gate keeps some items and drops others."""
+    VQA pipeline: `answers`); the VQA model's tau sits amid its item scores so that the gate keeps some items and
+    drops others."""
     model_class, id2label = {
-        "vqa": (VKOODForQuestionAnswering, dict(enumerate(ANSWERS))),
+        "vqa": (VKOODForQuestionAnswering, dict(enumerate(answers))),
         "nlvr2": (VKOODForImagesAndTextClassification, {0: "False", 1: "True"}),
         "retrieval": (VKOODForImageTextRetrieval, None),
     }[task]
@@ -329,6 +330,29 @@ def test_each_checkpoint_gets_its_own_page_and_other_tasks_a_message(checkpoints
     (tmp_path / "tokenizer_only" / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     with pytest.raises(DemoInputError, match="is not a VK-OOD task checkpoint"):
         vkood_demo.load_checkpoint(str(tmp_path / "tokenizer_only"))
+
+
+def test_a_knowledge_vqa_model_gets_knowledge_vqa_examples_with_their_facts(checkpoints, tmp_path, minilm_path):
+    """The default model (`python train.py`: knowledge-VQA) answers from the facts it is given: its page's examples
+    are knowledge-VQA test rows with their facts typed in; any other VQA model gets easy-VQA test images."""
+    from data_scripts import knowledge_vqa
+
+    app = load_app()
+    save_checkpoint("vqa", tmp_path, minilm_path, answers=knowledge_vqa.ANSWERS)
+    checkpoint = vkood_demo.load_checkpoint(str(tmp_path))
+    label, examples = app.vqa_examples(checkpoint)
+    rows = knowledge_vqa.build(splits=["test"], check_images="none").dataset["test"].select(range(app.EXAMPLE_COUNT))
+    assert label.startswith("knowledge-VQA") and len(examples) == app.EXAMPLE_COUNT
+    for (image, question, typed), row in zip(examples, rows):
+        assert question == row["question"] and PIL.Image.open(image).tobytes() == row["image"].tobytes()
+        assert typed.splitlines() == [item["text"] for item in row["knowledge"]] and row["gold"]["text"] in typed
+    status, _, _, knowledge, _, _ = app.vqa_page(checkpoint, *examples[0], TYPED_ONLY)
+    typed, slots = examples[0][2].splitlines(), checkpoint.max_items  # the tiny model reads 4 of the 11
+    assert status.startswith("Answer: **") and knowledge["knowledge item"].tolist() == typed[:slots]
+    assert all(text in status for text in typed[slots:])  # named as left out
+    label, examples = app.vqa_examples(checkpoints["vqa"][3])
+    assert label == "easy-VQA test images" and len(examples) == app.EXAMPLE_COUNT
+    assert all(Path(image).is_file() and question.endswith("?") and typed == "" for image, question, typed in examples)
 
 
 # ------------------------------------------------------------------------------------------- command line, Space

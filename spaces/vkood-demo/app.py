@@ -142,8 +142,26 @@ def empty_retrieval():
 
 
 # ------------------------------------------------------------------------------------------- layout
+def knowledge_vqa_examples(id2label: dict, count: int = EXAMPLE_COUNT) -> list[list[str]]:
+    """For a model whose answers are knowledge-VQA's places (the default `python train.py` model: it answers from the
+    facts it is given), the first `count` knowledge-VQA test rows: image, question and the row's 11 facts typed in.
+    [] for any other model, and where the vkood package, whose builder draws the facts, is not installed (a Space)."""
+    try:
+        from datasets import Image
+        from data_scripts import knowledge_vqa
+    except ImportError:
+        return []
+    if not set(id2label.values()) <= set(knowledge_vqa.ANSWERS):
+        return []
+    test = knowledge_vqa.build(splits=["test"], check_images="none").dataset["test"].select(range(count))
+    test = test.cast_column("image", Image(decode=False))  # the file's path, which the page's File input takes
+    return [[row["image"]["path"], row["question"], "\n".join(item["text"] for item in row["knowledge"])]
+            for row in test]  # fmt: skip
+
+
 def easy_vqa_examples(count: int = EXAMPLE_COUNT) -> list[list[str]]:
-    """The first `count` test images of the easy-VQA package with their first question ([] without the package)."""
+    """The first `count` test images of the easy-VQA package with their first question and no typed item ([]
+    without the package)."""
     try:
         import easy_vqa
     except ImportError:
@@ -153,7 +171,15 @@ def easy_vqa_examples(count: int = EXAMPLE_COUNT) -> list[list[str]]:
     first = {}
     for question, image_id in zip(questions, image_ids):
         first.setdefault(image_id, question)
-    return [[paths[image_id], question] for image_id, question in list(first.items())[:count]]
+    return [[paths[image_id], question, ""] for image_id, question in list(first.items())[:count]]
+
+
+def vqa_examples(checkpoint: Checkpoint) -> tuple[str, list[list[str]]]:
+    """The VQA page's examples (image, question, typed items) and their label."""
+    examples = knowledge_vqa_examples(checkpoint.model.config.id2label)
+    if examples:
+        return "knowledge-VQA test rows (their facts typed in)", examples
+    return "easy-VQA test images", easy_vqa_examples()
 
 
 def knowledge_inputs():
@@ -171,9 +197,9 @@ def vqa_layout(checkpoint: Checkpoint):
             question = gr.Textbox(label="Question", placeholder="what shape is in the image?", elem_id="question")
             typed, mode = knowledge_inputs()
             button = gr.Button("Answer", variant="primary", elem_id="run")
-            examples = easy_vqa_examples()
+            label, examples = vqa_examples(checkpoint)
             if examples:
-                gr.Examples(examples, inputs=[image, question], label="easy-VQA test images", cache_examples=False)
+                gr.Examples(examples, inputs=[image, question, typed], label=label, cache_examples=False)
             preview = gr.Image(label="Image read", interactive=False, format="png", height=220, elem_id="preview")
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="status")
