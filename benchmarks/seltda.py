@@ -104,7 +104,8 @@ class Study:
 
     def common(self, seed: int) -> list[str]:
         args = self.args
-        options = ["--max_steps", str(args.steps), "--seed", str(seed), "--save_strategy", "no",
+        options = ["--max_steps", str(args.steps), "--warmup_steps", str(round(args.warmup_fraction * args.steps)),
+                   "--seed", str(seed), "--save_strategy", "no",
                    "--max_eval_samples", str(args.eval_samples), "--dataset_cache_dir", str(self.work / "datasets"),
                    "--disable_tqdm", "true", "--logging_steps", str(max(1, args.steps // 10))]  # fmt: skip
         if args.batch_size:
@@ -166,7 +167,9 @@ class Study:
             log(f"seed {seed}: {error}")
             pseudo_labels = {"questions": 0, "error": str(error)}
         else:
-            pseudo_labels = {"questions": len(load_dataset(str(pseudo), split="train", download_mode="force_redownload")),
+            written = load_dataset(str(pseudo), split="train", download_mode="force_redownload")
+            pseudo_labels = {"questions": len(written),  # a collapsed teacher writes one pair for every image
+                             "distinct_pairs": len(set(zip(written["question"], written["multiple_choice_answer"]))),
                              "left_out": json.loads((pseudo / "skip_report.json").read_text())["per_reason"]}  # fmt: skip
             with_pseudo = [*fraction, "--pseudo_labelled_dataset", str(pseudo)]
             for head in ("generative", "classifier"):
@@ -223,6 +226,8 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every trained model")
+    parser.add_argument("--warmup-fraction", type=float, default=0.1,
+                        help="warm-up as a share of --steps (the configs' 50 steps are half of a 100-step run)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fraction", type=float, default=0.05, help="labelled share of the training images")
     parser.add_argument("--eval-samples", type=int, default=1000, help="test questions scored (both wordings)")
