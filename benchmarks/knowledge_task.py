@@ -62,7 +62,7 @@ MODELS = {
     "gate_off": ({**PAPER, "use_ood_gate": False}, []),
     "no_knowledge": (PAPER, []),
     "gold_fact": ({**PAPER, "use_ood_gate": False}, []),
-    "fitting_only": ({**PAPER, "use_ood_gate": False}, []),  # a perfect hard gate: the ceiling of the OOD layer
+    "fitting_only": ({**PAPER, "use_ood_gate": False}, []),  # what a perfect hard gate passes on, trained gate off
 }
 CURVE_MODELS = ("ood", "gate_off")
 
