@@ -72,7 +72,17 @@ def test_teacher_pseudo_labels_and_the_target_trains_on_both(workdir, easy_vqa_r
     report = json.loads((out / "skip_report.json").read_text())
     card = DatasetCard.load(out / "README.md")
     assert "SelTDA" in card.text and card.data.task_categories == ["visual-question-answering"]
+    assert "nucleus sampling (top_p=0.9)" in card.text  # the default: diverse pairs, as SelTDA draws them
     assert sorted(path.name for path in (out / "data").iterdir()) == ["train-00000-of-00001.parquet"]
+    # Greedy decoding on request: one pair per image, and refused for several.
+    greedy = ["--teacher", str(teacher), "--dataset", "easy_vqa", "--dataset_root", str(easy_vqa_root),
+              "--knowledge", "starter", "--max_knowledge_items", "4", "--dataset_cache_dir", str(workdir / "built"),
+              "--labelled_fraction", "0.5", "--batch_size", "4", "--greedy"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        seltda.main([*greedy, "--pairs_per_image", "2", "--out", str(workdir / "refused")])
+    with pytest.raises(ValueError, match="one pair per image"):
+        seltda.generate_pairs(None, None, [], pairs_per_image=2, top_p=None)
+    assert "greedy decoding" in seltda.describe("easy_vqa", str(teacher), 6, 1, top_p=None).summary
 
     # The training data path reads it back: labelled questions followed by the pseudo-labelled ones.
     labelled = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.5), ["train"])["train"]

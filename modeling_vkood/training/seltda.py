@@ -75,12 +75,15 @@ def folder_pool(folder: Path) -> list[dict]:
 
 @torch.no_grad()
 def generate_pairs(model, processor, pool: list[dict], batch_size: int = 32, pairs_per_image: int = 1,
-                   top_p: float = 0.9, max_new_tokens: int = 32, seed: int = 0) -> list[tuple[int, str]]:  # fmt: skip
-    """(pool index, generated text) for every image of `pool`, `pairs_per_image` each: greedy decoding for one pair,
-    nucleus sampling (`top_p`, seeded) for several, as SelTDA draws diverse pairs. Shows a progress bar."""
+                   top_p: float | None = 0.9, max_new_tokens: int = 32, seed: int = 0) -> list[tuple[int, str]]:  # fmt: skip
+    """(pool index, generated text) for every image of `pool`, `pairs_per_image` each, by nucleus sampling (`top_p`,
+    seeded), as SelTDA draws diverse pairs; greedy decoding with `top_p=None` (one pair per image: from an image
+    alone, greedy decoding tends to write the same most likely question for every image). Shows a progress bar."""
+    if top_p is None and pairs_per_image > 1:
+        raise ValueError("greedy decoding (top_p=None) writes one pair per image: sample for several")
     device = next(model.parameters()).device
     decoder = datasets.Image()
-    sampling = {"do_sample": True, "top_p": top_p, "num_return_sequences": pairs_per_image} if pairs_per_image > 1 else {}
+    sampling = {} if top_p is None else {"do_sample": True, "top_p": top_p, "num_return_sequences": pairs_per_image}
     torch.manual_seed(seed)
     generated = []
     for start in tqdm(range(0, len(pool), batch_size), desc="pseudo-labelling", unit=" batches"):
@@ -153,8 +156,9 @@ def pseudo_labelled_rows(generated: list[tuple[int, str]], pool: list[dict], lab
     return columns
 
 
-def describe(dataset_name: str, teacher: str, pool_size: int, pairs_per_image: int, top_p: float) -> DatasetDescription:
-    decoding = "greedy decoding" if pairs_per_image == 1 else f"nucleus sampling (top_p={top_p})"
+def describe(dataset_name: str, teacher: str, pool_size: int, pairs_per_image: int,
+             top_p: float | None) -> DatasetDescription:  # fmt: skip
+    decoding = "greedy decoding" if top_p is None else f"nucleus sampling (top_p={top_p})"
     return DatasetDescription(
         name=f"{dataset_name}_seltda",
         pretty_name=f"{dataset_name}: SelTDA pseudo-labelled questions",
@@ -191,13 +195,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, help="a folder of unlabelled images as the pool instead")
     parser.add_argument("--max_images", type=int, help="pseudo-label only the first N images of the pool")
     parser.add_argument("--pairs_per_image", type=int, default=1)
-    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling's p (SelTDA draws diverse pairs)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead (one pair per image)")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.pairs_per_image < 1:
         parser.error("--pairs_per_image must be at least 1")
+    if args.greedy and args.pairs_per_image > 1:
+        parser.error("--greedy writes one pair per image: drop it to sample several")
+    if args.greedy:
+        args.top_p = None
     return args
 
 
