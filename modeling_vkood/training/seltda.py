@@ -75,7 +75,8 @@ def folder_pool(folder: Path) -> list[dict]:
 
 @torch.no_grad()
 def generate_pairs(model, processor, pool: list[dict], batch_size: int = 32, pairs_per_image: int = 1,
-                   top_p: float | None = 0.9, max_new_tokens: int = 32, seed: int = 0) -> list[tuple[int, str]]:  # fmt: skip
+                   top_p: float | None = 0.9, max_new_tokens: int = 32,
+                   seed: int = 0) -> list[tuple[int, str]]:  # fmt: skip
     """(pool index, generated text) for every image of `pool`, `pairs_per_image` each, by nucleus sampling (`top_p`,
     seeded), as SelTDA draws diverse pairs; greedy decoding with `top_p=None` (one pair per image: from an image
     alone, greedy decoding tends to write the same most likely question for every image). Shows a progress bar."""
