@@ -14,8 +14,9 @@ test questions:
 
 Models: `ood` (recommended: the recipe's mixture log-likelihood, trained by the "gate" alignment on the items that
 state the training answer), `ood_paper` (the paper's layer: GEM, no alignment), `gate_off` (gate fixed to 1:
-attention alone selects), `no_knowledge`, `gold_fact` (only the answering fact, the ceiling) and `fitting_only` (the
-two fitting items, gate off: what a perfect hard gate would give the fusion). Means over seeds, standard errors in
+attention alone selects), `no_knowledge`, `gold_fact` (only the answering fact, the ceiling), `fitting_only` (the
+two fitting items, gate off: what a perfect hard gate would give the fusion) and `blank_image` (the recipe with
+every image replaced by a white one: only the question and the facts). Means over seeds, standard errors in
 `*_stderr`.
 
     python benchmarks/knowledge_task.py      # 2 seeds in 2 parallel processes, the recipe's steps (README figures)
@@ -35,6 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per process: on a shar
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
@@ -63,6 +65,7 @@ MODELS = {
     "no_knowledge": (PAPER, []),
     "gold_fact": ({**PAPER, "use_ood_gate": False}, []),
     "fitting_only": ({**PAPER, "use_ood_gate": False}, []),  # what a perfect hard gate passes on, trained gate off
+    "blank_image": ({}, []),  # the recipe on a blank image: question and facts only (both modalities needed?)
 }
 CURVE_MODELS = ("ood", "gate_off")
 
@@ -97,6 +100,15 @@ def fitting_only(split):
 
 def without_knowledge(split):
     return split.map(lambda row: {"knowledge": []}, desc="no knowledge")
+
+
+def with_blank_images(split, path):
+    """Every row's image replaced by one white 64x64 image (written to `path` once): the question and facts remain."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (64, 64), "white").save(path)
+    blank = {"path": str(path), "bytes": None}
+    return split.cast_column("image", datasets.Image(decode=False)).map(lambda row: {"image": blank}, desc="blank image")
 
 
 # --------------------------------------------------------------------------------------------- training, scoring
@@ -199,10 +211,11 @@ def run_seed(seed, args):
             figures["learning_curve"][name]["1.0"] = figures["accuracy"][name]["as_retrieved"]
     chosen = {name: MODELS[name] for name in args.models}
     for name, model in tqdm(chosen.items(), desc=f"seed {seed} models"):
-        prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only}.get(
-            name, lambda split: split)
+        prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only,
+                   "blank_image": lambda split: with_blank_images(split, work / "blank.png")}.get(
+            name, lambda split: split)  # fmt: skip
         folder = train_model(name, prepare(train_full), model, seed, args, work)
-        if name in ("no_knowledge", "gold_fact", "fitting_only"):
+        if name in ("no_knowledge", "gold_fact", "fitting_only", "blank_image"):
             accuracy = evaluate(folder, prepare(test))[0]
             figures["accuracy"][name] = {key: accuracy for key in variants}
             continue
