@@ -280,7 +280,7 @@ def plot(result, out):
         noise.errorbar([100 * float(s) for s in shares], [row[s] for s in shares], [errors[s] for s in shares],
                        marker="o", capsize=3, label=name)  # fmt: skip
     noise.set(xlabel="not-fitting knowledge items (%)", ylabel="test accuracy (%)", title="Accuracy vs knowledge noise")
-    noise.legend(fontsize=8)
+    noise.legend(fontsize=8, ncol=2, loc="center", bbox_to_anchor=(0.5, 0.74))  # in the empty band under ood
     if curve:
         for name, row in result["learning_curve"].items():
             fractions = sorted(row, key=float)
