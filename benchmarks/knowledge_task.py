@@ -210,12 +210,13 @@ def run_seed(seed, args):
         if name in figures["accuracy"]:  # trained earlier: its 100% point
             figures["learning_curve"][name]["1.0"] = figures["accuracy"][name]["as_retrieved"]
     chosen = {name: MODELS[name] for name in args.models}
+    # The models trained and tested on changed inputs: one accuracy each, no noise variants or item figures.
+    prepared = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only,
+                "blank_image": lambda split: with_blank_images(split, work / "blank.png")}  # fmt: skip
     for name, model in tqdm(chosen.items(), desc=f"seed {seed} models"):
-        prepare = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only,
-                   "blank_image": lambda split: with_blank_images(split, work / "blank.png")}.get(
-            name, lambda split: split)  # fmt: skip
+        prepare = prepared.get(name, lambda split: split)
         folder = train_model(name, prepare(train_full), model, seed, args, work)
-        if name in ("no_knowledge", "gold_fact", "fitting_only", "blank_image"):
+        if name in prepared:
             accuracy = evaluate(folder, prepare(test))[0]
             figures["accuracy"][name] = {key: accuracy for key in variants}
             continue
@@ -326,13 +327,13 @@ def main():
         args.curve_models = [name for name in CURVE_MODELS if name in args.models]
     args.out.mkdir(parents=True, exist_ok=True)
     budget = {"max_steps": args.max_steps, "train_samples": args.train_samples, "test_samples": args.test_samples}
-    if args.extend and args.seed_run is None:
-        earlier = json.loads((args.out / "knowledge_task.json").read_text())
-        if earlier["seeds"] != args.seeds or any(earlier["settings"][k] != v for k, v in budget.items()):
-            raise SystemExit(f"--extend: the earlier study ran seeds {earlier['seeds']} at {earlier['settings']}")
     if args.seed_run is not None:
         run_seed(args.seed_run, args)
         return
+    if args.extend:
+        earlier = json.loads((args.out / "knowledge_task.json").read_text())
+        if earlier["seeds"] != args.seeds or any(earlier["settings"][k] != v for k, v in budget.items()):
+            raise SystemExit(f"--extend: the earlier study ran seeds {earlier['seeds']} at {earlier['settings']}")
     started = time.perf_counter()
     passed = sys.argv[1:]
     pending = list(args.seeds)
@@ -351,9 +352,9 @@ def main():
                 "command": " ".join(["python", "benchmarks/knowledge_task.py", *passed]),
                 "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     if args.extend:  # the earlier parts' settings, and what this part added
-        earlier = json.loads((args.out / "knowledge_task.json").read_text())["settings"]
-        settings = {**earlier, "models": {**earlier["models"], **settings["models"]},
-                    "parts": [*earlier.get("parts", [{k: earlier.get(k) for k in ("command", "seconds")}]),
+        before = earlier["settings"]
+        settings = {**before, "models": {**before["models"], **settings["models"]},
+                    "parts": [*before.get("parts", [{k: before.get(k) for k in ("command", "seconds")}]),
                               {k: settings[k] for k in ("command", "seconds")}]}  # fmt: skip
     result = summarise(per_seed, args.seeds, settings)
     (args.out / "knowledge_task.json").write_text(json.dumps(result, indent=2))
