@@ -93,10 +93,10 @@ def aten_ops(config, context):
     layer = ImplicitOODLayer(VKOODConfig(**config, ood_convergence_check_every=0)).to(context.device)
     with torch.no_grad():
         points = layer.project(context)
-        problem = em_problem(points, torch.ones(points.shape[:2], device=points.device))
+        problem = em_problem(points, torch.ones(points.shape[:2], device=points.device), layer.variance_floor)
         statistics = _initial_statistics(problem, layer.num_components)
         with OpCounter() as step:
-            _em_update(problem, statistics, layer.variance_floor)
+            _em_update(problem, statistics)
         fits = []
         for iterations in (5, 6):
             layer.max_iter = iterations

@@ -18,8 +18,9 @@ from transformers.utils import ModelOutput
 
 @dataclass
 class GaussianMixtureOutput(ModelOutput):
-    """A batch of fitted mixtures. `iterations` (B,) counts the EM steps of each example (it stops changing once that
-    example has converged); `residual` (B,) is each example's last relative change of its EM statistics."""
+    """A batch of fitted mixtures. `iterations` (B,) counts the EM steps applied to each example (it stops changing
+    once that example has converged); `residual` (B,) is the relative change of its EM statistics that one more step
+    would make (below `ood_tol` for a converged example)."""
 
     weights: torch.FloatTensor | None = None  # (B, K)
     means: torch.FloatTensor | None = None  # (B, K, d')
@@ -48,32 +49,36 @@ class EMProblem(NamedTuple):
     """What every EM step of one fit reuses, laid out so that the E step and the M step are one batched matmul each.
 
     The EM state is the tensor of sufficient statistics S (B, K, 1 + 2d'): per component its mass, sum of x and sum
-    of x^2 over the responsibilities, each plus a pseudo-count carrying the example's global moments. Components
+    of x^2 + floor over the responsibilities, each plus a pseudo-count carrying the example's global moments. The
+    variance floor rides in the second moments (mass * floor), so the M step adds no floor of its own. Components
     come first (responsibilities are (B, K, N)): on the CPU a softmax over a short last axis and a matmul with K
     output columns are several times slower.
     """
 
     # (B, 2d' + 1, N) = [x, -x^2/2, -1/2]^T: the E step's logits are [mu/var, 1/var, sum(log var + mu^2/var)] @ design
     design: torch.Tensor
-    statistics_design: torch.Tensor  # (B, N, 1 + 2d') = mask * [1, x, x^2]: the M step's S = resp @ statistics_design
-    prior: torch.Tensor  # (B, 1, 1 + 2d') = pseudo-count * [1, global mean of x, global mean of x^2]
+    # (B, N, 1 + 2d') = mask * [1, x, x^2 + floor]: the M step's S = resp @ statistics_design
+    statistics_design: torch.Tensor
+    prior: torch.Tensor  # (B, 1, 1 + 2d') = pseudo-count * [1, global mean of x, global mean of x^2 + floor]
     mask: torch.Tensor  # (B, N), 1 for real points
+    variance_floor: float  # added to every variance (scikit-learn's `reg_covar`)
 
 
-def em_problem(points, mask):
-    """The EM problem of points (B, N, d') with `mask` (B, N), 1 for real points.
+def em_problem(points, mask, variance_floor):
+    """The EM problem of points (B, N, d') with `mask` (B, N), 1 for real points, and the variance floor.
 
     A pseudo-count of 10 machine epsilons carrying the example's global mean and variance keeps empty components
     (fewer tokens than components, fully padded rows) finite, as scikit-learn's `nk + 10 * eps` does.
     """
     pseudo = 10 * torch.finfo(points.dtype).eps
     ones = torch.ones_like(points[..., :1])
-    moments = torch.cat([ones, points, points.square()], dim=-1) * mask.unsqueeze(-1)  # (B, N, 1 + 2d')
+    squares = points.square()
+    moments = torch.cat([ones, points, squares + variance_floor], dim=-1) * mask.unsqueeze(-1)  # (B, N, 1 + 2d')
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
     prior = moments.sum(1) / count
     prior = torch.cat([torch.ones_like(count), prior[:, 1:]], dim=-1) * pseudo
-    design = torch.cat([points, -0.5 * points.square(), -0.5 * ones], dim=-1).transpose(1, 2)
-    return EMProblem(design, moments, prior.unsqueeze(1), mask)
+    design = torch.cat([points, -0.5 * squares, -0.5 * ones], dim=-1).transpose(1, 2)
+    return EMProblem(design, moments, prior.unsqueeze(1), mask, variance_floor)
 
 
 def mahalanobis_sq(features, means, variances):
@@ -113,24 +118,25 @@ def _statistics(problem, resp):
     return torch.baddbmm(problem.prior, resp, problem.statistics_design)
 
 
-def _parameters(statistics, variance_floor):
-    """M step, second half: log mass (B, K, 1), means and variances (B, K, d') of statistics S. The variance floor is
-    added, like scikit-learn's `reg_covar`, so the map stays smooth for the implicit gradient."""
+def _parameters(problem, statistics):
+    """M step, second half: log mass (B, K, 1), means and variances (B, K, d') of statistics S. The variance floor
+    (in S's second moments) is added to every variance, like scikit-learn's `reg_covar`, so the map stays smooth for
+    the implicit gradient: var = max(E[x^2] - mu^2, 0) + floor."""
     dim = (statistics.shape[-1] - 1) // 2
     mass, first, second = statistics.split([1, dim, dim], dim=-1)
     means = first / mass
-    variances = torch.addcmul(second / mass, means, means, value=-1.0).clamp_min(0.0) + variance_floor
+    variances = torch.addcmul(second / mass, means, means, value=-1.0).clamp_min(problem.variance_floor)
     return mass.log(), means, variances
 
 
-def _em_update(problem, statistics, variance_floor):
+def _em_update(problem, statistics):
     """One EM application T on the sufficient statistics: parameters, E step, statistics."""
-    return _statistics(problem, _responsibilities(problem, *_parameters(statistics, variance_floor)))
+    return _statistics(problem, _responsibilities(problem, *_parameters(problem, statistics)))
 
 
-def _mixture(statistics, variance_floor):
+def _mixture(problem, statistics):
     """(weights (B, K), means (B, K, d'), variances (B, K, d')) of statistics S."""
-    _, means, variances = _parameters(statistics, variance_floor)
+    _, means, variances = _parameters(problem, statistics)
     mass = statistics[..., 0]
     return mass / mass.sum(-1, keepdim=True), means, variances
 
@@ -138,10 +144,10 @@ def _mixture(statistics, variance_floor):
 def em_step(points, mask, weights, means, variances, variance_floor):
     """One EM application T(theta; Z) to theta = (weights (B, K), means, variances (B, K, d')): log-domain E step,
     then the M step."""
-    problem = em_problem(points, mask)
+    problem = em_problem(points, mask, variance_floor)
     log_weights = weights.clamp_min(torch.finfo(weights.dtype).tiny).log().unsqueeze(-1)
     resp = _responsibilities(problem, log_weights, means, variances)
-    return _mixture(_statistics(problem, resp), variance_floor)
+    return _mixture(problem, _statistics(problem, resp))
 
 
 def _initial_statistics(problem, num_components):
@@ -154,9 +160,9 @@ def _initial_statistics(problem, num_components):
     return _statistics(problem, (components.unsqueeze(-1) == group.unsqueeze(1)).to(mask.dtype))  # one-hot, no sync
 
 
-def initial_mixture(problem, num_components, variance_floor):
+def initial_mixture(problem, num_components):
     """The deterministic start as (weights, means, variances)."""
-    return _mixture(_initial_statistics(problem, num_components), variance_floor)
+    return _mixture(problem, _initial_statistics(problem, num_components))
 
 
 def gem_score(points, mixture):
@@ -192,6 +198,17 @@ def log_likelihood_score(points, mixture, context_points, context_mask):
 def relative_log_likelihood(points, mixture, reference):
     """`log_likelihood_score` given the mean log-likelihood of the image's own tokens, `reference` (B,)."""
     return (log_likelihood(points, mixture) - reference.unsqueeze(-1)) / math.sqrt(0.5 * points.shape[-1])
+
+
+def _statistics_scale(statistics):
+    """Per example, the norm of its statistics S (B, K, F) summed over the components, over sqrt(K), (B, 1, 1).
+
+    EM keeps that sum (every point's responsibilities add up to 1), so the scale is fixed for the whole fit, and no
+    split of the mass over K components has a smaller norm (Cauchy-Schwarz): a change measured against it is never
+    smaller than the same change relative to the current statistics.
+    """
+    total = torch.linalg.vector_norm(statistics.sum(1, keepdim=True), dim=(1, 2), keepdim=True)
+    return total / math.sqrt(statistics.shape[1])
 
 
 def _relative_change(new, old):
@@ -249,8 +266,8 @@ class ImplicitOODLayer(nn.Module):
     - "implicit": implicit function theorem; the backward solves the adjoint fixed point u = g + (dT/dtheta)^T u.
     - "unrolled": autograd through every iteration (the reference the other two are tested against).
 
-    The solver is a fixed-shape loop on the device: an example whose relative change falls below tol is frozen
-    (`torch.where`; its state, residual and iteration count stop changing), and the host reads whether all have
+    The solver is a fixed-shape loop on the device: an example whose next step would change its statistics by less
+    than tol (relative) is frozen (`torch.where`; its state, residual and iteration count stop changing), and the host reads whether all have
     converged only every `config.ood_convergence_check_every` iterations (0: never, a fixed budget of `ood_max_iter`),
     each read being a host synchronisation. An example's fit therefore does not depend on the rest of its batch.
     """
@@ -288,20 +305,25 @@ class ImplicitOODLayer(nn.Module):
         return not bool(active.any())
 
     def _solve(self, problem, statistics):
-        """Iterate T from `statistics` until every example's relative change is below tol, or max_iter; converged
-        examples are frozen. Returns the statistics, the iterations (B,) and the last relative change (B,)."""
-        residual = torch.zeros_like(statistics[:, :1, :1])  # (B, 1, 1), like every per-example state below
-        iterations = torch.zeros_like(residual, dtype=torch.long)
-        active = torch.ones_like(residual, dtype=torch.bool)
+        """Iterate T from `statistics`; an example whose next step would change its statistics by less than tol
+        (relative to their scale, `_statistics_scale`) is converged and frozen, and the loop ends when every example
+        is, or after max_iter. Returns the statistics, the EM steps applied to each example (B,) and the relative
+        change one more step would make (B,). Per iteration: the EM step, one difference, one norm, one comparison,
+        one `where` and the counter."""
+        scale = _statistics_scale(statistics)
+        threshold = self.tol * scale
+        change = torch.zeros_like(scale)
+        iterations = torch.zeros_like(scale, dtype=torch.long)
         for step in range(1, self.max_iter + 1):
-            new_statistics = _em_update(problem, statistics, self.variance_floor)
-            residual = torch.where(active, _relative_change(new_statistics, statistics), residual)
+            new_statistics = _em_update(problem, statistics)
+            # A frozen example's statistics no longer change, so neither does its `change`: it stays converged.
+            change = torch.linalg.vector_norm(new_statistics - statistics, dim=(1, 2), keepdim=True)
+            active = change >= threshold
             statistics = torch.where(active, new_statistics, statistics)
             iterations = iterations + active
-            active = residual >= self.tol
             if self._may_stop(step, active):
                 break
-        return statistics, iterations.flatten(), residual.flatten()
+        return statistics, iterations.flatten(), (change / scale).flatten()
 
     def fit_mixture(self, points, mask=None):
         """Fit the mixture to already-projected points (B, N, d'); `mask` is 1 for real points."""
@@ -310,12 +332,13 @@ class ImplicitOODLayer(nn.Module):
         mask = mask.to(points.dtype)
         differentiable = torch.is_grad_enabled() and points.requires_grad
         unrolled = differentiable and self.gradient_mode == "unrolled"
-        problem = em_problem(points, mask)  # built once: the solver and the differentiable step share it
+        # built once: the solver and the differentiable step share it
+        problem = em_problem(points, mask, self.variance_floor)
         with torch.set_grad_enabled(unrolled):
             statistics, iterations, residual = self._solve(problem, _initial_statistics(problem, self.num_components))
         if differentiable and not unrolled:
             statistics = self._attach_gradient(problem, statistics)
-        weights, means, variances = _mixture(statistics, self.variance_floor)
+        weights, means, variances = _mixture(problem, statistics)
         return GaussianMixtureOutput(
             weights=weights, means=means, variances=variances, iterations=iterations, residual=residual
         )
@@ -323,7 +346,7 @@ class ImplicitOODLayer(nn.Module):
     def _attach_gradient(self, problem, statistics):
         """One differentiable step from the detached fixed point; in implicit mode its gradient is IFT-corrected."""
         theta_star = statistics.detach().requires_grad_(self.gradient_mode == "implicit")
-        theta = _em_update(problem, theta_star, self.variance_floor)
+        theta = _em_update(problem, theta_star)
         if self.gradient_mode == "implicit":
             theta.register_hook(self._adjoint_hook(theta, theta_star))
         return theta

@@ -9,8 +9,11 @@ from conftest import tiny_vkood_config
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
+from benchmarks.dispatch_counts import OpCounter
 from modeling_vkood.ood_vkood import (
     ImplicitOODLayer,
+    _em_update,
+    _initial_statistics,
     em_problem,
     em_step,
     gem_score,
@@ -58,7 +61,7 @@ def test_log_likelihood_never_decreases():
     points = clustered_points(batch=4, count=80, dim=6, components=4, spread=1.5, seed=3)
     mask = torch.ones(points.shape[:2], dtype=torch.float64)
     mask[2, 70:] = 0
-    state = initial_mixture(em_problem(points, mask), 4, 1e-12)
+    state = initial_mixture(em_problem(points, mask, 1e-12), 4)
     history = [mixture_log_likelihood(points, mask, *state)]
     for _ in range(60):
         state = em_step(points, mask, *state, 1e-12)
@@ -310,6 +313,34 @@ def test_converged_examples_are_frozen_so_the_check_interval_changes_nothing():
         for name in ("weights", "means", "variances", "iterations", "residual"):
             assert torch.equal(getattr(every_step, name), getattr(other, name)), name
     assert every_step.iterations.shape == (3,) and every_step.iterations.dtype == torch.long
+
+
+def test_a_converged_example_is_converged_relative_to_its_own_statistics_too():
+    """The stop rule measures a step's change against a fixed per-example scale that no split of the mass over the
+    components undercuts: a converged example's next step also changes its current statistics by less than tol."""
+    tol = 1e-6
+    layer = make_layer(ood_num_components=3, ood_max_iter=500, ood_tol=tol)
+    points = clustered_points(batch=3, count=40, seed=4)
+    problem = em_problem(points, torch.ones(points.shape[:2], dtype=points.dtype), layer.variance_floor)
+    statistics, iterations, residual = layer._solve(problem, _initial_statistics(problem, 3))
+    assert (residual < tol).all() and (iterations < 500).all()
+    change = torch.linalg.vector_norm(_em_update(problem, statistics) - statistics, dim=(1, 2))
+    relative = change / torch.linalg.vector_norm(statistics, dim=(1, 2))
+    assert (relative <= residual).all() and (relative < tol).all()
+
+
+def test_one_solver_iteration_dispatches_at_most_20_ops():
+    """The EM step (15 ops: two batched matmuls, a softmax and the parameters) and the convergence bookkeeping (the
+    difference, its norm, the comparison, the freezing `where` and the counter): kernel launches on an accelerator."""
+    layer = make_layer(ood_num_components=4, ood_convergence_check_every=0, ood_tol=1e-30)
+    points = torch.randn(2, 17, 16, dtype=torch.float64)
+    counts = []
+    for iterations in (5, 6):
+        layer.max_iter = iterations
+        with torch.no_grad(), OpCounter() as ops:
+            layer.fit_mixture(points)
+        counts.append(ops.count)
+    assert counts[1] - counts[0] <= 20, counts
 
 
 def test_an_example_fit_does_not_depend_on_its_batch():
