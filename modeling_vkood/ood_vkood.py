@@ -267,9 +267,10 @@ class ImplicitOODLayer(nn.Module):
     - "unrolled": autograd through every iteration (the reference the other two are tested against).
 
     The solver is a fixed-shape loop on the device: an example whose next step would change its statistics by less
-    than tol (relative) is frozen (`torch.where`; its state, residual and iteration count stop changing), and the host reads whether all have
-    converged only every `config.ood_convergence_check_every` iterations (0: never, a fixed budget of `ood_max_iter`),
-    each read being a host synchronisation. An example's fit therefore does not depend on the rest of its batch.
+    than tol (relative) is frozen (`torch.where`; its state, residual and iteration count stop changing), and the
+    host reads whether all have converged only every `config.ood_convergence_check_every` iterations (0: never, a
+    fixed budget of `ood_max_iter`), each read being a host synchronisation. An example's fit therefore does not
+    depend on the rest of its batch.
     """
 
     def __init__(self, config):
