@@ -104,3 +104,14 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def ops_per_iteration(run, iterations=5):
+    """The aten ops that one more iteration of a loop adds: `run(n)` runs the loop n times; the count of
+    `run(iterations + 1)` minus that of `run(iterations)` leaves out what comes before and after the loop."""
+    counts = []
+    for count in (iterations, iterations + 1):
+        with OpCounter() as ops:
+            run(count)
+        counts.append(ops.count)
+    return counts[1] - counts[0]

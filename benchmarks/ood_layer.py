@@ -27,7 +27,7 @@ from tqdm import tqdm
 from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering
 from modeling_vkood.ood_vkood import ImplicitOODLayer, _em_update, _initial_statistics, em_problem
 
-from dispatch_counts import HostSyncCounter, OpCounter  # noqa: I001 (this folder's sibling: run as a script)
+from dispatch_counts import HostSyncCounter, OpCounter, ops_per_iteration  # noqa: I001 (this folder's sibling: run as a script)
 
 MODES = ("last_iterate", "implicit", "unrolled")
 
@@ -97,13 +97,12 @@ def aten_ops(config, context):
         statistics = _initial_statistics(problem, layer.num_components)
         with OpCounter() as step:
             _em_update(problem, statistics)
-        fits = []
-        for iterations in (5, 6):
+
+        def fit(iterations):
             layer.max_iter = iterations
-            with OpCounter() as fit:
-                layer.fit_mixture(points)
-            fits.append(fit.count)
-    return step.count, fits[1] - fits[0]
+            layer.fit_mixture(points)
+
+        return step.count, ops_per_iteration(fit)
 
 
 def model_syncs(model, batch, check_every):
