@@ -16,10 +16,12 @@ baseline runs' clean-vs-condition trend), with the training cost in seconds per 
 pretrained backbone (MAD, WiSE-FT) is reported as not applicable on a config without one (knowledge_vqa.yaml).
 
     python benchmarks/training_options.py   # easy-VQA, 2 fractions x 2 seeds: 12 runs of 120 steps, 16 models x 8 evals
-    python benchmarks/training_options.py --config configuration/knowledge_vqa.yaml
+    python benchmarks/training_options.py --config configuration/knowledge_vqa.yaml --steps 1500 --warmup-steps 30 \
+        --options baseline masd --out benchmarks/results/training_options_knowledge_vqa.json   # the recipe's schedule
     python benchmarks/training_options.py --steps 2 --test-samples 16 --seeds 0 --fractions 0.1   # smoke test
 
-Writes benchmarks/results/training_options.json (or `--out`) and a .png beside it. Finished runs are reused when
+Writes benchmarks/results/training_options.json (or `--out`) and a .png beside it; the models go to
+outputs/<out name>_runs/. Finished runs are reused when
 the study is rerun with the same arguments (the `train.py` argv is the key).
 """
 
@@ -58,8 +60,8 @@ def log(message):
 def run_argv(args, option, fraction, seed, output) -> list[str]:
     argv = [str(args.config), "--output_dir", str(output), "--max_steps", str(args.steps), "--seed", str(seed),
             "--train_fraction", str(fraction), "--do_eval", "false", "--save_strategy", "no",
-            "--warmup_steps", str(max(1, args.steps // 10)), "--logging_steps", str(max(1, args.steps // 10)),
-            "--disable_tqdm", "true"]  # fmt: skip
+            "--warmup_steps", str(args.warmup_steps or max(1, args.steps // 10)),
+            "--logging_steps", str(max(1, args.steps // 10)), "--disable_tqdm", "true"]  # fmt: skip
     if option == "mad":
         argv += ["--mad_weight", str(args.mad_weight)]
     elif option == "masd":
@@ -70,7 +72,7 @@ def run_argv(args, option, fraction, seed, output) -> list[str]:
 def train_once(args, option, fraction, seed) -> tuple[Path, list[str], float]:
     """(model folder, argv, seconds per optimizer step) of one run, reused when its record matches."""
     trained_as = "baseline" if option.startswith("wise_ft") else option
-    output = args.out.parent / "training_options_runs" / f"{trained_as}-f{fraction}-s{seed}"
+    output = REPO_ROOT / "outputs" / f"{args.out.stem}_runs" / f"{trained_as}-f{fraction}-s{seed}"
     argv = run_argv(args, trained_as, fraction, seed, output)
     record = output / "benchmark_run.json"
     if record.exists() and json.loads(record.read_text())["argv"] == argv:
@@ -152,6 +154,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configuration" / "easy_vqa.yaml")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the study's scale)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="warm-up steps of every run (default: a tenth of --steps)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
