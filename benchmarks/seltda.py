@@ -8,6 +8,11 @@ configuration/easy_vqa_generative.yaml for the generative head) under one step b
 - SelTDA: `teacher_5` (the generative head trained on the same 5% as a question-answer generator for the image
   alone), which pseudo-labels the unlabelled images (`python -m modeling_vkood.training.seltda`); then
   `generative_5_seltda` and `classifier_5_seltda`: the 5% runs again with the pseudo-labelled questions added.
+  The pseudo-labels' precision is checked against the pool images' hidden human answers, where the teacher wrote a
+  question that easy-VQA asks of that image.
+`--heads` picks the target heads (the teacher is always generative); `--teacher-steps` trains the teacher longer;
+`--min-answer-probability P` also pseudo-labels the same draws keeping only the answers the teacher gives at least P
+(`*_seltda_confident`).
 Finished runs (those with their model card) are reused when the study is rerun with the same work folder. Each
 target model is scored (official VQA accuracy; generated answers for the generative head) on the test
 questions and on `rephrased` test questions: a deterministic paraphrase of each of easy-VQA's question templates
@@ -15,6 +20,9 @@ that keeps the answer (`rephrase`), with knowledge retrieved for the new wording
 
     python benchmarks/seltda.py                 # the measurement: 2 seeds, 150 steps a model, the whole pool
     python benchmarks/seltda.py --steps 100 --pool-images 1000   # a smaller budget
+    python benchmarks/seltda.py --steps 300 --teacher-steps 1000 --heads classifier --pool-images 1000 \
+        --min-answer-probability 0.9 --work-dir outputs/seltda_teacher_1000 \
+        --out benchmarks/results/seltda_teacher_1000.json   # a stronger teacher, with and without the filter
     python benchmarks/seltda.py --quick         # a smoke run: a few steps and examples, to check the pipeline
                                                 # (its 2-step teacher writes no usable pair: the SelTDA runs are skipped)
 """
@@ -100,11 +108,14 @@ class Study:
     def __init__(self, args):
         self.args = args
         self.work = Path(args.work_dir)
-        self.count, self.total = 0, len(args.seeds) * 14  # 4 + teacher + labelling + 2 + 6 rephrased
+        # per head: 2 runs + a SelTDA run per labelling, each also scored on the rephrased questions; + the teacher
+        labellings = 1 if args.min_answer_probability is None else 2
+        self.count, self.total = 0, len(args.seeds) * (2 * (2 + labellings) * len(args.heads) + 1 + labellings)
 
-    def common(self, seed: int) -> list[str]:
+    def common(self, seed: int, steps: int | None = None) -> list[str]:
         args = self.args
-        options = ["--max_steps", str(args.steps), "--warmup_steps", str(round(args.warmup_fraction * args.steps)),
+        steps = steps or args.steps
+        options = ["--max_steps", str(steps), "--warmup_steps", str(round(args.warmup_fraction * steps)),
                    "--seed", str(seed), "--save_strategy", "no",
                    "--max_eval_samples", str(args.eval_samples), "--dataset_cache_dir", str(self.work / "datasets"),
                    "--disable_tqdm", "true", "--logging_steps", str(max(1, args.steps // 10))]  # fmt: skip
@@ -126,10 +137,19 @@ class Study:
             f"accuracy {metrics.get('eval_vqa_accuracy', float('nan')):.2f}")  # fmt: skip
         return metrics
 
-    def train(self, seed: int, head: str, name: str, *extra: str) -> tuple[dict, Path]:
+    def train(self, seed: int, head: str, name: str, *extra: str, steps: int | None = None) -> tuple[dict, Path]:
         output = self.work / f"seed{seed}" / name
-        metrics = self.run(f"seed {seed} {name}", [CONFIGS[head], *self.common(seed), "--output_dir", str(output), *extra])
-        return metrics, output
+        argv = [CONFIGS[head], *self.common(seed, steps), "--output_dir", str(output), *extra]
+        return self.run(f"seed {seed} {name}", argv), output
+
+    def hidden_answers(self) -> dict[tuple[int, str], set[str]]:
+        """The human answers of every training question, keyed by (image_id, question): those of the pool images are
+        the labels the data-scarce runs do not see, against which the pseudo-labels are checked."""
+        arguments = DataArguments(task="vqa", dataset="easy_vqa", knowledge="starter",
+                                  max_knowledge_items=MAX_KNOWLEDGE_ITEMS, dataset_cache_dir=str(self.work / "datasets"))
+        train = load_splits(arguments, ["train"])["train"]
+        return {(image_id, question): set(answers)
+                for image_id, question, answers in zip(train["image_id"], train["question"], train["answers"])}
 
     def rephrased(self, seed: int, head: str, name: str, model: Path, rephrased: Path) -> dict:
         task = "generative_vqa" if head == "generative" else "vqa"
@@ -138,9 +158,9 @@ class Study:
                 "--dataset", str(rephrased), "--eval_split", "test", "--output_dir", str(model / "rephrased")]  # fmt: skip
         return self.run(f"seed {seed} {name} on rephrased questions", argv)
 
-    def pseudo_label(self, seed: int, teacher: Path) -> Path:
+    def pseudo_label(self, seed: int, teacher: Path, variant: str, min_answer_probability: float | None) -> Path:
         self.count += 1
-        out = self.work / f"seed{seed}" / "pseudo_labelled"
+        out = self.work / f"seed{seed}" / f"pseudo_labelled{variant}"
         if (out / "skip_report.json").is_file():
             log(f"[{self.count}/{self.total}] seed {seed}: reused {out}")
             return out
@@ -149,44 +169,71 @@ class Study:
                 "--pairs_per_image", str(self.args.pairs_per_image), "--seed", str(seed)]  # fmt: skip
         if self.args.pool_images:
             argv += ["--max_images", str(self.args.pool_images)]
+        if min_answer_probability is not None:
+            argv += ["--min_answer_probability", str(min_answer_probability)]
         log(f"[{self.count}/{self.total}] seed {seed}: python -m modeling_vkood.training.seltda {' '.join(argv)}")
         seltda.main(argv)
         return out
 
     def seed(self, seed: int, rephrased: Path) -> dict:
         fraction = ["--labelled_fraction", str(self.args.fraction)]
-        results, models = {}, {}
-        for head in ("classifier", "generative"):
+        results, models, labels = {}, {}, {}
+        for head in self.args.heads:
             for name, extra in ((f"{head}_100", []), (f"{head}_5", fraction)):
                 results[name], models[name] = self.train(seed, head, name, *extra)
         teacher_metrics, teacher = self.train(seed, "generative", "teacher_5", *fraction, "--generation_target",
-                                              "question_answer", "--do_eval", "false")  # fmt: skip
-        try:
-            pseudo = self.pseudo_label(seed, teacher)
-        except seltda.NoPseudoLabels as error:  # a teacher trained too briefly (--quick): no SelTDA runs
-            log(f"seed {seed}: {error}")
-            pseudo_labels = {"questions": 0, "error": str(error)}
-        else:
+                                              "question_answer", "--do_eval", "false",
+                                              steps=self.args.teacher_steps)  # fmt: skip
+        # the same draws (same seed) with and without the teacher's confidence filter
+        variants = {"": None}
+        if self.args.min_answer_probability is not None:
+            variants["_confident"] = self.args.min_answer_probability
+        for variant, min_answer_probability in variants.items():
+            try:
+                pseudo = self.pseudo_label(seed, teacher, variant, min_answer_probability)
+            except seltda.NoPseudoLabels as error:  # a teacher trained too briefly (--quick): no SelTDA runs
+                log(f"seed {seed}: {error}")
+                labels[f"pseudo_labels{variant}"] = {"questions": 0, "error": str(error)}
+                continue
             written = load_dataset(str(pseudo), split="train", download_mode="force_redownload")
-            pseudo_labels = {"questions": len(written),  # a collapsed teacher writes one pair for every image
-                             "distinct_pairs": len(set(zip(written["question"], written["multiple_choice_answer"]))),
-                             "left_out": json.loads((pseudo / "skip_report.json").read_text())["per_reason"]}  # fmt: skip
-            with_pseudo = [*fraction, "--pseudo_labelled_dataset", str(pseudo)]
-            for head in ("generative", "classifier"):
-                name = f"{head}_5_seltda"
-                results[name], models[name] = self.train(seed, head, name, *with_pseudo)
+            labels[f"pseudo_labels{variant}"] = {
+                "questions": len(written),  # a collapsed teacher writes one pair for every image
+                "distinct_pairs": len(set(zip(written["question"], written["multiple_choice_answer"]))),
+                "left_out": json.loads((pseudo / "skip_report.json").read_text())["per_reason"],
+                **pseudo_label_precision(written, self.hidden_answers()),
+            }  # fmt: skip
+            log(f"seed {seed}: pseudo-labels{variant} {labels[f'pseudo_labels{variant}']}")
+            for head in self.args.heads:
+                name = f"{head}_5_seltda{variant}"
+                results[name], models[name] = self.train(seed, head, name, *fraction, "--pseudo_labelled_dataset",
+                                                         str(pseudo))  # fmt: skip
         summary = {name: {"test": metrics["eval_vqa_accuracy"]} for name, metrics in results.items()}
         for name, model in models.items():
             head = name.split("_")[0]
             summary[name]["rephrased"] = self.rephrased(seed, head, name, model, rephrased)["eval_vqa_accuracy"]
-        summary["pseudo_labels"] = {**pseudo_labels, "teacher_train_loss": teacher_metrics.get("train_loss")}
+        summary.update(labels, teacher_train_loss=teacher_metrics.get("train_loss"))
         return summary
+
+
+def pseudo_label_precision(written, hidden: dict[tuple[int, str], set[str]]) -> dict:
+    """How many pseudo-labels are right: of the generated questions that easy-VQA also asks of that image (the same
+    words), the share whose generated answer is one of the human answers."""
+    verdicts = [answer in hidden[(image_id, question)]
+                for image_id, question, answer in zip(written["image_id"], written["question"],
+                                                      written["multiple_choice_answer"])
+                if (image_id, question) in hidden]  # fmt: skip
+    return {"verifiable": len(verdicts), "precision": round(100 * sum(verdicts) / len(verdicts), 2) if verdicts else None}
+
+
+def trained_runs(per_seed: dict[int, dict]) -> list[str]:
+    """The names of the models every seed trained and scored (not the pseudo-label statistics)."""
+    return [name for name, value in next(iter(per_seed.values())).items()
+            if isinstance(value, dict) and "test" in value and all(name in seed for seed in per_seed.values())]  # fmt: skip
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """Mean and per-seed values of every run and split, and the differences the study is about."""
-    runs = [name for name in next(iter(per_seed.values())) if name != "pseudo_labels"
-            and all(name in seed for seed in per_seed.values())]  # fmt: skip
+    runs = trained_runs(per_seed)
     mean = {run: {split: statistics.mean(seed[run][split] for seed in per_seed.values()) for split in ("test", "rephrased")}
             for run in runs}  # fmt: skip
 
@@ -197,7 +244,9 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     pairs = {"generative_minus_classifier_5": ("generative_5", "classifier_5"),
              "generative_minus_classifier_100": ("generative_100", "classifier_100"),
              "seltda_gain_generative_5": ("generative_5_seltda", "generative_5"),
-             "seltda_gain_classifier_5": ("classifier_5_seltda", "classifier_5")}  # fmt: skip
+             "seltda_gain_classifier_5": ("classifier_5_seltda", "classifier_5"),
+             "seltda_confident_gain_generative_5": ("generative_5_seltda_confident", "generative_5"),
+             "seltda_confident_gain_classifier_5": ("classifier_5_seltda_confident", "classifier_5")}  # fmt: skip
     return {
         "mean_accuracy": {run: {k: round(v, 2) for k, v in values.items()} for run, values in mean.items()},
         "per_seed_differences": {name: difference(a, b) for name, (a, b) in pairs.items() if a in runs and b in runs},
@@ -205,8 +254,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
 
 
 def plot(per_seed: dict[int, dict], path: Path) -> None:
-    runs = [name for name in next(iter(per_seed.values())) if name != "pseudo_labels"
-            and all(name in seed for seed in per_seed.values())]  # fmt: skip
+    runs = trained_runs(per_seed)
     figure, axis = plt.subplots(figsize=(11, 4))
     width = 0.38
     for offset, split in ((-width / 2, "test"), (width / 2, "rephrased")):
@@ -228,6 +276,11 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every trained model")
     parser.add_argument("--warmup-fraction", type=float, default=0.1,
                         help="warm-up as a share of --steps (the configs' 50 steps are half of a 100-step run)")
+    parser.add_argument("--teacher-steps", type=int, help="optimizer steps of the teacher (default: --steps)")
+    parser.add_argument("--min-answer-probability", type=float,
+                        help="also pseudo-label with this confidence filter and train each head on that set")
+    parser.add_argument("--heads", nargs="+", default=["classifier", "generative"], choices=sorted(CONFIGS),
+                        help="the target models trained with and without SelTDA (the teacher is generative)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fraction", type=float, default=0.05, help="labelled share of the training images")
     parser.add_argument("--eval-samples", type=int, default=1000, help="test questions scored (both wordings)")

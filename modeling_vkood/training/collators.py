@@ -123,7 +123,8 @@ def most_frequent_answer(answers: Sequence[str]) -> str:
     return max(counts, key=lambda answer: (counts[answer], -answers.index(answer)))
 
 
-QUESTION_ANSWER_TEMPLATE = "question: {question} answer: {answer}"
+ANSWER_MARKER = " answer:"  # what separates the question from the answer in the teacher's texts
+QUESTION_ANSWER_TEMPLATE = "question: {question}" + ANSWER_MARKER + " {answer}"
 # WordPiece decoding puts a space before the colons ("question : ... answer : ..."): accepted.
 _QUESTION_ANSWER = re.compile(r"^\s*question\s*:\s*(?P<question>.+?)\s+answer\s*:\s*(?P<answer>.+?)\s*$", re.DOTALL)
 

@@ -15,8 +15,8 @@ The three steps in train.py terms (the README holds the exact commands):
 The written folder has the layout of `python -m data_scripts` (Parquet under data/, a dataset card, a skip report):
 the labelled dataset's columns and answer vocabulary, `knowledge` retrieved for each generated question as the
 builders retrieve it, `answers` = the generated answer. Generations that do not parse as "question: Q answer: A",
-answers outside the vocabulary (the classifier could not learn them) and repeated pairs are left out, each named
-in the skip report.
+answers outside the vocabulary (the classifier could not learn them), repeated pairs and, with
+`--min_answer_probability`, answers the teacher itself is unsure of are left out, each named in the skip report.
 """
 
 import argparse
@@ -37,7 +37,7 @@ from modeling_vkood.generation_vkood import VKOODForConditionalGeneration
 from modeling_vkood.knowledge.scratch import scratch_folder
 
 from .arguments import DataArguments
-from .collators import parse_question_answer
+from .collators import ANSWER_MARKER, parse_question_answer
 from .data import labelled_image_ids, load_splits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -73,18 +73,40 @@ def folder_pool(folder: Path) -> list[dict]:
     return [{"image_id": index, "image": {"path": str(path.resolve()), "bytes": None}} for index, path in enumerate(paths)]
 
 
+def answer_probabilities(sequences: torch.Tensor, token_log_probs: torch.Tensor, marker: list[int],
+                         ignored: list[int]) -> torch.Tensor:  # fmt: skip
+    """Per generated sequence (N, T) the teacher's probability of its answer: the product of the probabilities of the
+    tokens after the first `marker` (the token ids of " answer:"), `ignored` (special) tokens left out.
+    `token_log_probs` (N, S): the log-probability of each of the S generated tokens (the last S of `sequences`) under
+    the teacher's unwarped distribution. NaN where a sequence holds no marker (not a question-answer pair)."""
+    generated = sequences[:, -token_log_probs.shape[1] :]
+    width = len(marker)
+    if generated.shape[1] <= width:
+        return token_log_probs.new_full((len(generated),), float("nan"))
+    hits = (generated.unfold(1, width, 1) == generated.new_tensor(marker)).all(-1)  # marker starting at each position
+    after = torch.zeros_like(generated, dtype=torch.bool)
+    after[:, width:] = hits[:, : generated.shape[1] - width].cumsum(1) > 0
+    answer = after & ~torch.isin(generated, generated.new_tensor(ignored))
+    probability = token_log_probs.masked_fill(~answer, 0.0).sum(1).exp()
+    return probability.masked_fill(~hits.any(1), float("nan"))
+
+
 @torch.no_grad()
 def generate_pairs(model, processor, pool: list[dict], batch_size: int = 32, pairs_per_image: int = 1,
                    top_p: float | None = 0.9, max_new_tokens: int = 32,
-                   seed: int = 0) -> list[tuple[int, str]]:  # fmt: skip
-    """(pool index, generated text) for every image of `pool`, `pairs_per_image` each, by nucleus sampling (`top_p`,
-    seeded), as SelTDA draws diverse pairs; greedy decoding with `top_p=None` (one pair per image: from an image
-    alone, greedy decoding tends to write the same most likely question for every image). Shows a progress bar."""
+                   seed: int = 0) -> list[tuple[int, str, float]]:  # fmt: skip
+    """(pool index, generated text, the teacher's probability of its answer) for every image of `pool`,
+    `pairs_per_image` each, by nucleus sampling (`top_p`, seeded), as SelTDA draws diverse pairs; greedy decoding
+    with `top_p=None` (one pair per image: from an image alone, greedy decoding tends to write the same most likely
+    question for every image). The probability is the raw (unwarped) one of the answer given the image and the
+    generated question (`answer_probabilities`), for `--min_answer_probability`. Shows a progress bar."""
     if top_p is None and pairs_per_image > 1:
         raise ValueError("greedy decoding (top_p=None) writes one pair per image: sample for several")
     device = next(model.parameters()).device
     decoder = datasets.Image()
     sampling = {} if top_p is None else {"do_sample": True, "top_p": top_p, "num_return_sequences": pairs_per_image}
+    tokenizer = processor.tokenizer
+    marker = tokenizer(ANSWER_MARKER, add_special_tokens=False)["input_ids"]
     torch.manual_seed(seed)
     generated = []
     for start in tqdm(range(0, len(pool), batch_size), desc="pseudo-labelling", unit=" batches"):
@@ -92,9 +114,13 @@ def generate_pairs(model, processor, pool: list[dict], batch_size: int = 32, pai
         images = [decoder.decode_example(entry["image"]) for entry in entries]
         inputs = processor(images=images, text=[""] * len(entries), knowledge=[])
         inputs = {key: value.to(device) for key, value in inputs.items()}
-        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
-        texts = processor.decode_answers(sequences)
-        generated.extend((start + index // pairs_per_image, text) for index, text in enumerate(texts))
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                                output_logits=True, **sampling)  # fmt: skip
+        log_probs = model.compute_transition_scores(output.sequences, output.logits, normalize_logits=True)
+        probabilities = answer_probabilities(output.sequences, log_probs, marker, tokenizer.all_special_ids)
+        texts = processor.decode_answers(output.sequences)
+        generated.extend((start + index // pairs_per_image, text, probability)
+                         for index, (text, probability) in enumerate(zip(texts, probabilities.tolist())))  # fmt: skip
     return generated
 
 
@@ -108,9 +134,10 @@ def _most_common_by_answer(split: datasets.Dataset, column: str) -> tuple[dict[s
     return {answer: counts.most_common(1)[0][0] for answer, counts in per_answer.items()}, overall
 
 
-def pseudo_labelled_rows(generated: list[tuple[int, str]], pool: list[dict], labelled_split: datasets.Dataset,
-                         report: SkipReport) -> dict[str, list]:  # fmt: skip
-    """The VQA columns (without knowledge) of the usable generated pairs; the others go into `report`.
+def pseudo_labelled_rows(generated: list[tuple[int, str, float]], pool: list[dict], labelled_split: datasets.Dataset,
+                         report: SkipReport, min_answer_probability: float | None = None) -> dict[str, list]:  # fmt: skip
+    """The VQA columns (without knowledge) of the usable generated pairs; the others go into `report`. With
+    `min_answer_probability`, a pair whose answer the teacher gave a lower probability is left out too.
 
     `question_type` / `answer_type` of a pair are those of the labelled questions with the same answer (their most
     common), so that `--balance_by question_type` treats pseudo-labelled questions as their labelled peers.
@@ -122,7 +149,7 @@ def pseudo_labelled_rows(generated: list[tuple[int, str]], pool: list[dict], lab
     next_id = max(labelled_split["question_id"], default=-1) + 1
     columns = {name: [] for name in vqa_features(vocabulary) if name != "knowledge"}
     seen = set()
-    for position, text in generated:
+    for position, text, probability in generated:
         image_id = pool[position]["image_id"]
         record = f"image_id={image_id}"
         pair = parse_question_answer(text)
@@ -135,6 +162,10 @@ def pseudo_labelled_rows(generated: list[tuple[int, str]], pool: list[dict], lab
         if not label_ids:
             report.skipped.append({"split": "train", "record": record, "reason": "answer not in the vocabulary",
                                    "text": text})  # fmt: skip
+            continue
+        if min_answer_probability is not None and not probability >= min_answer_probability:
+            report.skipped.append({"split": "train", "record": record, "reason": "answer probability below "
+                                   f"{min_answer_probability}", "text": text, "probability": probability})  # fmt: skip
             continue
         if (image_id, question) in seen:
             report.skipped.append({"split": "train", "record": record, "reason": "repeated question", "text": text})
@@ -157,9 +188,11 @@ def pseudo_labelled_rows(generated: list[tuple[int, str]], pool: list[dict], lab
     return columns
 
 
-def describe(dataset_name: str, teacher: str, pool_size: int, pairs_per_image: int,
-             top_p: float | None) -> DatasetDescription:  # fmt: skip
+def describe(dataset_name: str, teacher: str, pool_size: int, pairs_per_image: int, top_p: float | None,
+             min_answer_probability: float | None = None) -> DatasetDescription:  # fmt: skip
     decoding = "greedy decoding" if top_p is None else f"nucleus sampling (top_p={top_p})"
+    if min_answer_probability is not None:
+        decoding += f", answers the teacher gave a probability of at least {min_answer_probability}"
     return DatasetDescription(
         name=f"{dataset_name}_seltda",
         pretty_name=f"{dataset_name}: SelTDA pseudo-labelled questions",
@@ -176,7 +209,8 @@ def describe(dataset_name: str, teacher: str, pool_size: int, pairs_per_image: i
                "`question_type` / `answer_type`: those of the labelled questions with the same answer.",
                "`knowledge`: retrieved from the generated question, as the builders retrieve it.",
                "Left out (see the skip report): generations that are not \"question: Q answer: A\", answers outside "
-               "the vocabulary, repeated questions about one image."],
+               "the vocabulary, repeated questions about one image"
+               + (", answers below the probability threshold." if min_answer_probability is not None else ".")],
     )  # fmt: skip
 
 
@@ -198,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs_per_image", type=int, default=1)
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling's p (SelTDA draws diverse pairs)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead (one pair per image)")
+    parser.add_argument("--min_answer_probability", type=float,
+                        help="leave out pairs whose answer the teacher gives a lower probability (given the image and "
+                        "its question; default: keep every pair, as SelTDA does)")  # fmt: skip
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -232,7 +269,7 @@ def main(argv=None) -> Path:
     generated = generate_pairs(model, processor, pool, args.batch_size, args.pairs_per_image, args.top_p,
                                args.max_new_tokens, args.seed)  # fmt: skip
     report = SkipReport(f"{args.dataset}_seltda", image_check="none")
-    columns = pseudo_labelled_rows(generated, pool, labelled, report)
+    columns = pseudo_labelled_rows(generated, pool, labelled, report, args.min_answer_probability)
     if not columns["question_id"]:  # an empty Parquet split is not a dataset `load_dataset` can read
         raise NoPseudoLabels(f"none of the {len(generated)} generations is a usable question-answer pair "
                              f"{report.per_reason()}: train the teacher longer")  # fmt: skip
@@ -246,7 +283,8 @@ def main(argv=None) -> Path:
         work = scratch / "output"
         work.mkdir()
         write_parquet(dataset, work)
-        description = describe(args.dataset, args.teacher, len(pool), args.pairs_per_image, args.top_p)
+        description = describe(args.dataset, args.teacher, len(pool), args.pairs_per_image, args.top_p,
+                               args.min_answer_probability)  # fmt: skip
         card = dataset_card(description, dataset, report.to_dict(), knowledge_source(args.knowledge), "path")
         (work / "README.md").write_text(str(card), encoding="utf-8")
         report.write(work / "skip_report.json")
