@@ -10,7 +10,8 @@
 - aten_ops: ops dispatched by one EM step (`_em_update`) and by one solver iteration (EM step + convergence
   bookkeeping: the op count of a fixed-budget fit of n + 1 iterations minus that of n).
 
-- compiled (with --compile): eager vs torch.compile(fullgraph=True) forward+backward ms of the layer.
+- compiled (with --compile): eager vs torch.compile(fullgraph=True) forward+backward ms of the layer, at 1 intra-op
+  thread and at the process's count (`--compile-threads`).
 
     python benchmarks/ood_layer.py [--device cuda --dtype bf16] [--step-batch 2] [--repeats 5] [--compile]
 """
@@ -118,9 +119,13 @@ def model_syncs(model, batch, check_every):
     return syncs.count
 
 
-def compiled_vs_eager(config, context, items, autocast_dtype, device, repeats):
+def compiled_vs_eager(config, context, items, autocast_dtype, device, repeats, threads):
     """Forward+backward ms of the layer (last iterate, training, fixed EM budget: what compiles without a graph break)
-    eager and under torch.compile(fullgraph=True), alternated so that a change of machine speed hits both alike."""
+    eager and under torch.compile(fullgraph=True), alternated so that a change of machine speed hits both alike, with
+    `threads` intra-op threads (inductor writes the thread count into its CPU kernels: compiled anew for each)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
     layer = ImplicitOODLayer(VKOODConfig(**config, ood_convergence_check_every=0)).to(device).train()
     layer.threshold_calibrated.fill_(True)
     compiled = torch.compile(layer, fullgraph=True)
@@ -128,12 +133,13 @@ def compiled_vs_eager(config, context, items, autocast_dtype, device, repeats):
     layer_step(compiled, context, items, autocast_dtype)
     compile_seconds = time.perf_counter() - start
     eager_ms, compiled_ms = [], []
-    for _ in tqdm(range(repeats), desc="eager vs compiled"):
+    for _ in tqdm(range(repeats), desc=f"eager vs compiled, {threads} thread(s)"):
         eager_ms.append(timed(lambda: layer_step(layer, context, items, autocast_dtype), device, 1))
         compiled_ms.append(timed(lambda: layer_step(compiled, context, items, autocast_dtype), device, 1))
+    torch.set_num_threads(previous)
     eager, fast = statistics.median(eager_ms), statistics.median(compiled_ms)
-    return {"eager_ms": eager, "compiled_ms": fast, "speedup": eager / fast, "compile_seconds": compile_seconds,
-            "em_iterations": layer.max_iter}
+    return {"threads": threads, "eager_ms": eager, "compiled_ms": fast, "speedup": eager / fast,
+            "compile_seconds": compile_seconds, "em_iterations": layer.max_iter}  # fmt: skip
 
 
 def main():
@@ -144,6 +150,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(layer, fullgraph=True) against eager (inductor; minutes on a CPU)")
+    parser.add_argument("--compile-threads", type=int, nargs="+",
+                        help="intra-op thread counts of the compiled-vs-eager timing (default: 1 and this process's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -171,7 +179,9 @@ def main():
         per_mode[mode]["time_vs_last_iterate"] = per_mode[mode]["forward_backward_ms"] / per_mode["last_iterate"]["forward_backward_ms"]
     result["modes"] = per_mode
     if args.compile:
-        result["compiled"] = compiled_vs_eager(config, context, items, autocast_dtype, device, args.repeats)
+        threads = args.compile_threads or sorted({1, torch.get_num_threads()})
+        result["compiled"] = [compiled_vs_eager(config, context, items, autocast_dtype, device, args.repeats, count)
+                              for count in threads]  # fmt: skip
     check_every = VKOODConfig().ood_convergence_check_every
     result["host_syncs"] = {
         "ood_convergence_check_every": check_every,
