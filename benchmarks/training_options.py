@@ -129,7 +129,8 @@ def summarise(runs: list[dict]) -> dict:
     return result
 
 
-def plot(summary: dict, options, fractions, path: Path):
+def plot(summary: dict, runs: list[dict], options, fractions, path: Path):
+    """Bars: the mean over the seeds of the clean accuracy and of the mean relative robustness; dots: each seed."""
     figure, (accuracy_axis, robustness_axis) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(options)
     for index, option in enumerate(options):
@@ -140,10 +141,15 @@ def plot(summary: dict, options, fractions, path: Path):
                 for row in rows]
         accuracy_axis.bar(positions, accuracy, width, label=option)
         robustness_axis.bar(positions, kept, width, label=option)
+        for position, fraction in zip(positions, fractions):
+            seeds = [run for run in runs if run["option"] == option and run["fraction"] == fraction and "accuracies" in run]
+            accuracy_axis.plot([position] * len(seeds), [run["accuracies"]["clean"] for run in seeds], "k.")
+            robustness_axis.plot([position] * len(seeds), [np.mean([v for v in run["relative_robustness"].values()
+                                                                    if v is not None]) for run in seeds], "k.")  # fmt: skip
     for axis, label in ((accuracy_axis, "clean test accuracy (%)"), (robustness_axis, "relative robustness (mean)")):
         axis.set_xticks(np.arange(len(fractions)) + 0.4 - width / 2, [f"{int(f * 100)}% data" for f in fractions])
         axis.set_ylabel(label)
-    robustness_axis.set_title("accuracy kept under the missing-modality conditions", fontsize=9)
+    robustness_axis.set_title("accuracy kept under the missing-modality conditions (dots: seeds)", fontsize=9)
     accuracy_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -213,7 +219,7 @@ def main():
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
     args.out.write_text(json.dumps(results, indent=2))
-    plot(summary, options, args.fractions, args.out.with_suffix(".png"))
+    plot(summary, runs, options, args.fractions, args.out.with_suffix(".png"))
     print(json.dumps(results, indent=2))
 
 
