@@ -20,9 +20,9 @@ that keeps the answer (`rephrase`), with knowledge retrieved for the new wording
 
     python benchmarks/seltda.py                 # the measurement: 2 seeds, 150 steps a model, the whole pool
     python benchmarks/seltda.py --steps 100 --pool-images 1000   # a smaller budget
-    python benchmarks/seltda.py --steps 300 --teacher-steps 1000 --heads classifier --pool-images 1000 \
-        --min-answer-probability 0.9 --work-dir outputs/seltda_teacher_1000 \
-        --out benchmarks/results/seltda_teacher_1000.json   # a stronger teacher, with and without the filter
+    python benchmarks/seltda.py --steps 300 --teacher-steps 600 --heads classifier --pool-images 1000 \
+        --min-answer-probability 0.9 --work-dir outputs/seltda_teacher \
+        --out benchmarks/results/seltda_teacher.json   # a stronger teacher, with and without the filter
     python benchmarks/seltda.py --quick         # a smoke run: a few steps and examples, to check the pipeline
                                                 # (its 2-step teacher writes no usable pair: the SelTDA runs are skipped)
 """
