@@ -28,6 +28,7 @@ that keeps the answer (`rephrase`), with knowledge retrieved for the new wording
 """
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -118,7 +119,7 @@ class Study:
         options = ["--max_steps", str(steps), "--warmup_steps", str(round(args.warmup_fraction * steps)),
                    "--seed", str(seed), "--save_strategy", "no",
                    "--max_eval_samples", str(args.eval_samples), "--dataset_cache_dir", str(self.work / "datasets"),
-                   "--disable_tqdm", "true", "--logging_steps", str(max(1, args.steps // 10))]  # fmt: skip
+                   "--disable_tqdm", "true", "--logging_steps", str(max(1, steps // 10))]  # fmt: skip
         if args.batch_size:
             options += ["--per_device_train_batch_size", str(args.batch_size),
                         "--per_device_eval_batch_size", str(args.batch_size)]  # fmt: skip
@@ -142,6 +143,7 @@ class Study:
         argv = [CONFIGS[head], *self.common(seed, steps), "--output_dir", str(output), *extra]
         return self.run(f"seed {seed} {name}", argv), output
 
+    @functools.cached_property
     def hidden_answers(self) -> dict[tuple[int, str], set[str]]:
         """The human answers of every training question, keyed by (image_id, question): those of the pool images are
         the labels the data-scarce runs do not see, against which the pseudo-labels are checked."""
@@ -200,7 +202,7 @@ class Study:
                 "questions": len(written),  # a collapsed teacher writes one pair for every image
                 "distinct_pairs": len(set(zip(written["question"], written["multiple_choice_answer"]))),
                 "left_out": json.loads((pseudo / "skip_report.json").read_text())["per_reason"],
-                **pseudo_label_precision(written, self.hidden_answers()),
+                **pseudo_label_precision(written, self.hidden_answers),
             }  # fmt: skip
             log(f"seed {seed}: pseudo-labels{variant} {labels[f'pseudo_labels{variant}']}")
             for head in self.args.heads:
