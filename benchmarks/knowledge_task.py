@@ -51,12 +51,13 @@ NOT_FITTING_SHARES = (0.0, 0.25, 0.5, 0.75)
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 # name -> (VKOODConfig overrides of the recipe's vkood_config, extra train.py arguments). The recipe
 # (configuration/knowledge_vqa.yaml) is the recommended `ood`: the mixture log-likelihood, the "gate" alignment
-# (InfoNCE + class-balanced gate BCE on the answer-stating items), and tau's own learning rate.
+# (InfoNCE + class-balanced gate BCE on the answer-stating items, and the cross-image InfoNCE), and tau's own
+# learning rate.
 RECIPE = yaml.safe_load(CONFIG.read_text())
 # The paper's layer: the options with which the recipe makes the recommended one, back at the library's defaults
 # (GEM, no alignment, tau calibrated on the first batch).
-RECOMMENDED_OPTIONS = ("ood_score", "ood_alignment", "ood_alignment_weight", "ood_calibration_quantile",
-                       "ood_threshold")
+RECOMMENDED_OPTIONS = ("ood_score", "ood_alignment", "ood_alignment_weight", "ood_cross_image_weight",
+                       "ood_calibration_quantile", "ood_threshold")
 PAPER = {key: getattr(VKOODConfig(), key) for key in RECOMMENDED_OPTIONS}
 MODELS = {
     "ood": ({}, []),

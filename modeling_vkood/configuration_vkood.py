@@ -74,6 +74,11 @@ class VKOODConfig(PreTrainedConfig):
             of the gate against the same relevance, on detached scores: the InfoNCE orders the scores, the BCE
             places tau (VQA head; both need `knowledge_relevance` in the batch, e.g. `VQACollator(answer_relevance=True)`).
         ood_alignment_temperature: divides the scores in the contrastive alignment's logits.
+        ood_cross_image_weight: weight, within the "contrastive" and "gate" alignments, of their cross-image term: an
+            InfoNCE over the batch's images, in which each item that states a training answer must score higher
+            under its own image's mixture than under the other rows' images'. The candidates of one question differ
+            only in their concept, so the within-question InfoNCE alone says which fact fits less directly than
+            these image negatives; 0 disables it.
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
         classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (METER,
@@ -130,6 +135,7 @@ class VKOODConfig(PreTrainedConfig):
     ood_alignment_weight: float = 0.0
     ood_alignment: str = "mean_direction"
     ood_alignment_temperature: float = 1.0
+    ood_cross_image_weight: float = 0.0
     projection_dim: int = 256
     k_test: int = 128
     pretrained_backbones: list[str] = field(default_factory=list)
@@ -186,6 +192,13 @@ class VKOODConfig(PreTrainedConfig):
             raise ValueError(f"VKOODConfig.ood_convergence_check_every must be >= 0, got {self.ood_convergence_check_every}")
         if self.ood_alignment_weight < 0:
             raise ValueError(f"VKOODConfig.ood_alignment_weight must be >= 0, got {self.ood_alignment_weight}")
+        if self.ood_cross_image_weight < 0:
+            raise ValueError(f"VKOODConfig.ood_cross_image_weight must be >= 0, got {self.ood_cross_image_weight}")
+        if self.ood_cross_image_weight > 0 and self.ood_alignment not in RELEVANCE_ALIGNMENTS:
+            raise ValueError(
+                f"VKOODConfig.ood_cross_image_weight needs an ood_alignment among {RELEVANCE_ALIGNMENTS} "
+                f"(its positives are the relevant items), got {self.ood_alignment!r}"
+            )
         unknown = sorted(set(self.pretrained_backbones) - set(BACKBONES))
         if unknown:
             raise ValueError(f"VKOODConfig.pretrained_backbones: {unknown} are not among {BACKBONES}")

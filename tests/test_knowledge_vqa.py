@@ -247,6 +247,43 @@ def test_gate_alignment_adds_the_class_balanced_bce_of_the_gate_on_detached_scor
     assert torch.allclose(layer.projection.weight.grad, projection_grad)  # the scores only by the InfoNCE
 
 
+@pytest.mark.parametrize("alignment", ["contrastive", "gate"])
+def test_cross_image_term_is_the_infonce_of_each_positive_over_the_batch_images(alignment):
+    torch.manual_seed(0)
+    layer = contrastive_layer(ood_alignment=alignment, ood_alignment_temperature=0.5, ood_cross_image_weight=0.7)
+    plain = contrastive_layer(ood_alignment=alignment, ood_alignment_temperature=0.5)
+    plain.load_state_dict(layer.state_dict())
+    context, items = torch.randn(3, 6, 32, dtype=torch.float64), torch.randn(3, 4, 32, dtype=torch.float64)
+    items_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    relevance = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.float64)  # row 1: padding only
+    output = layer(context, items, items_mask=items_mask, items_relevance=relevance)
+    fits = layer.fit_images(context)
+    terms = []
+    for row, slot in [(0, 0), (0, 2), (2, 1)]:  # each positive, scored by hand under each image's own fit
+        item = layer.project(items[row, slot]).reshape(1, 1, -1)
+        logits = torch.cat([layer.score(item, fits.select(torch.tensor([image]))) for image in range(3)]).reshape(3)
+        terms.append(-torch.log_softmax(logits / 0.5, 0)[row])
+    without = plain(context, items, items_mask=items_mask, items_relevance=relevance).alignment_loss
+    assert torch.allclose(output.alignment_loss, without + 0.7 * torch.stack(terms).mean())
+    output.alignment_loss.backward()
+    assert torch.isfinite(layer.projection.weight.grad).all() and layer.projection.weight.grad.abs().sum() > 0
+
+
+def test_cross_image_term_is_small_when_each_positive_fits_only_its_own_image():
+    layer = contrastive_layer(ood_cross_image_weight=1.0, ood_alignment_temperature=0.1)
+    far = torch.zeros(2, 1, 32, dtype=torch.float64)
+    far[0, 0, 0], far[1, 0, 1] = 1.0, 1.0
+    items = far * 50.0  # projected, each row's item sits where its own image's tokens are
+    context = items.expand(2, 6, 32) + 0.01 * torch.randn(2, 6, 32, dtype=torch.float64)
+    fit = layer.fit_images(context)
+    points = layer.project(items)
+    relevance, mask = torch.ones(2, 1, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64)
+    matched = layer.cross_image_alignment_loss(points, fit, mask, relevance)
+    swapped = layer.cross_image_alignment_loss(points.flip(0), fit, mask, relevance)
+    assert matched < 1e-3 and swapped > 10.0
+    assert float(layer.cross_image_alignment_loss(points, fit, mask, None)) == 0.0
+
+
 def test_balanced_gate_loss_keeps_an_item_that_answers_half_the_questions_and_drops_one_that_answers_none():
     """Eleven candidates per question, one positive. Two items fit the image (its shape's and colour's facts) and each
     answers one of its two questions; nine answer none. Minimising the loss over one logit per item puts each
@@ -303,10 +340,15 @@ def test_states_answer_matches_whole_words_only():
 
 
 @pytest.mark.parametrize("field, value", [("ood_score", "energy"), ("ood_alignment", "pull"),
-                                          ("ood_alignment_temperature", 0.0)])  # fmt: skip
+                                          ("ood_alignment_temperature", 0.0), ("ood_cross_image_weight", -1.0)])  # fmt: skip
 def test_new_ood_options_are_validated(field, value):
     with pytest.raises(Exception, match=f"VKOODConfig.{field} must"):  # huggingface_hub wraps the ValueError
         VKOODConfig(**{field: value})
+
+
+def test_cross_image_term_needs_a_relevance_alignment():
+    with pytest.raises(Exception, match="ood_cross_image_weight needs an ood_alignment"):
+        VKOODConfig(ood_cross_image_weight=1.0)  # the paper's "mean_direction" has no positives
 
 
 def test_new_ood_options_default_to_the_paper():
