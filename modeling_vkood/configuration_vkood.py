@@ -77,8 +77,8 @@ class VKOODConfig(PreTrainedConfig):
         ood_cross_image_weight: weight, within the "contrastive" and "gate" alignments, of their cross-image term: an
             InfoNCE over the batch's images, in which each item that states a training answer must score higher
             under its own image's mixture than under the other rows' images'. The candidates of one question differ
-            only in their concept, so the within-question InfoNCE alone says which fact fits less directly than
-            these image negatives; 0 disables it.
+            only in their concept; the other images add negatives that differ in what they show (on knowledge-VQA
+            it made every seed's layer tell the shapes apart). 0 disables it.
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
         classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (METER,

@@ -554,9 +554,11 @@ class ImplicitOODLayer(nn.Module):
         row's mixture, and its own row's image must win, -log softmax over rows of (score / temperature).
 
         The within-question InfoNCE contrasts candidates that differ only in their concept; here the negatives
-        are images that do not show it (rows sharing an image or its concept are equal logits: the loss cannot
-        rank them, and their gradients cancel). `item_points` (B, M, d') projected items, `fit` the rows' fits.
-        Examples without a positive, or without relevance, contribute nothing.
+        are the other images of the same forward (of this process and micro-batch: a larger batch gives more).
+        Two rows of one image give equal logits, whose gradients cancel; images that show the item's concept too
+        are negatives it cannot beat through its concept: they raise the loss's floor and add a little noise.
+        `item_points` (B, M, d') projected items, `fit` the rows' fits. Examples without a positive, or without
+        relevance, contribute nothing.
         """
         if items_relevance is None:
             return item_points.new_zeros(())
