@@ -400,7 +400,8 @@ def test_no_knowledge_items_means_no_em(monkeypatch, alignment, score):
     from modeling_vkood import ood_vkood
 
     monkeypatch.setattr(ood_vkood, "_em_update", lambda *args: pytest.fail("EM ran without any item to score"))
-    layer = ImplicitOODLayer(tiny_vkood_config(ood_alignment=alignment, ood_score=score)).train()
+    cross_image = {"ood_cross_image_weight": 1.0} if alignment != "mean_direction" else {}
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_alignment=alignment, ood_score=score, **cross_image)).train()
     context = torch.randn(2, 10, 32, requires_grad=True)
     output = layer(context, torch.randn(2, 0, 32), items_relevance=torch.zeros(2, 0))
     assert output.scores.shape == output.gate.shape == output.log_gate.shape == (2, 0)
@@ -435,19 +436,28 @@ def test_needs_calibration_reads_the_flag_until_it_is_true_and_sees_every_reload
     assert layer.needs_calibration
 
 
-def test_compiled_fixed_budget_layer_has_no_graph_break_and_matches_eager():
+# the paper's layer, and the knowledge-VQA recipe's (trained on the relevance labels, with the cross-image term)
+RECIPE_LAYER = {"ood_score": "log_likelihood", "ood_alignment": "gate", "ood_alignment_weight": 1.0,
+                "ood_cross_image_weight": 1.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("options", [{}, RECIPE_LAYER], ids=["paper", "recipe"])
+def test_compiled_fixed_budget_layer_has_no_graph_break_and_matches_eager(options):
     """torch.compile(fullgraph=True) raises on any graph break; forward and backward must agree with eager."""
     torch.manual_seed(0)
-    layer = ImplicitOODLayer(tiny_vkood_config(ood_max_iter=6, ood_convergence_check_every=0)).train()
+    layer = ImplicitOODLayer(tiny_vkood_config(ood_max_iter=6, ood_convergence_check_every=0, **options)).train()
     layer.calibrate_threshold(torch.randn(10))
     context, items = torch.randn(2, 12, 32), torch.randn(2, 3, 32)
+    relevance = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) if options else None
 
     def step(function):
         layer.zero_grad()
         inputs = [context.clone().requires_grad_(), items.clone().requires_grad_()]
-        output = function(*inputs, items_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]))
-        (output.gate.sum() + output.scores.sum() + output.means.sum()).backward()
-        return [output.scores, output.gate, output.means, output.iterations, *(x.grad for x in inputs),
+        output = function(*inputs, items_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+                          items_relevance=relevance)  # fmt: skip
+        (output.gate.sum() + output.scores.sum() + output.means.sum() + output.alignment_loss).backward()
+        return [output.scores, output.gate, output.means, output.iterations, output.alignment_loss,
+                *(x.grad for x in inputs),
                 layer.projection.weight.grad.clone(), layer.threshold.grad.clone()]  # fmt: skip
 
     compiled = step(torch.compile(layer, fullgraph=True, backend="aot_eager"))
