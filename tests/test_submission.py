@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import REFDATA
-from modeling_vkood.evaluation import nlvr2_accuracy
+from conftest import REFDATA, tiny_decoder_config
+from modeling_vkood.evaluation import nlvr2_accuracy, vqa_accuracy
 from modeling_vkood.evaluation.submission import (
     official_question_ids,
     vqa_results,
@@ -176,6 +176,40 @@ def test_train_py_predicts_vqav2_test_questions_in_the_results_format(workdir, t
     assert set(answers.values()) <= {"yes", "no"}  # answers come from the model's answer vocabulary
     # The file was checked against the official questions file, not only against the built rows.
     assert official_ids(SimpleNamespace(dataset="vqav2", dataset_root=str(root)), "test") == test_ids
+
+
+def generative_vqav2_config(workdir, tiny_text_model, root, **overrides):
+    return tiny_config(workdir, tiny_text_model, task="generative_vqa", dataset="vqav2", dataset_root=str(root),
+                       decoder_config=tiny_decoder_config(), generation_max_new_tokens=3, **overrides)  # fmt: skip
+
+
+def test_train_py_predicts_vqav2_test_questions_with_the_generative_head(workdir, tiny_text_model):
+    root = workdir / "vqav2_generative_submission"
+    root.mkdir()
+    test_ids = write_vqav2_with_test_questions(root)
+    output = workdir / "vqav2_generative_predict_out"
+    config = generative_vqav2_config(workdir, tiny_text_model, root, max_steps=1, do_eval=False, predict_split="test")
+    train.main([str(config), "--output_dir", str(output)])
+    read_as_vqa_server(output / "predictions_test.json", test_ids)  # one string answer per official test question
+    assert len(json.loads((output / "predictions_test.json").read_text())) == len(test_ids) == 5
+
+
+def test_generated_predictions_score_what_the_generative_evaluation_scores(workdir, tiny_text_model):
+    """Predicting the evaluated split: the file's answers, scored with the official accuracy, give eval's figure."""
+    root = workdir / "vqav2_generative_scored"
+    root.mkdir()
+    write_vqav2_with_test_questions(root)
+    output = workdir / "vqav2_generative_scored_out"
+    config = generative_vqav2_config(workdir, tiny_text_model, root, max_steps=30, eval_split="train",
+                                     predict_split="train", learning_rate=1e-2, new_modules_learning_rate=1e-2,
+                                     lr_scheduler_type="constant", per_device_train_batch_size=6)  # fmt: skip
+    train.main([str(config), "--output_dir", str(output)])
+    annotations = json.loads((root / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
+    answers = read_as_vqa_server(output / "predictions_train.json", [a["question_id"] for a in annotations])
+    references = [[answer["answer"] for answer in a["answers"]] for a in annotations]
+    official = vqa_accuracy([answers[a["question_id"]] for a in annotations], references)["overall"]
+    assert official == pytest.approx(read_results(output)["eval_vqa_accuracy"])
+    assert any(answers.values())  # the decoder generated text, not only end tokens
 
 
 def test_train_py_predicts_nlvr2_as_the_official_csv_and_its_score_is_the_eval_score(workdir, tiny_text_model):

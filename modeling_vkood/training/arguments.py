@@ -233,7 +233,8 @@ class DataArguments:
     predict_split: str | None = field(
         default=None,
         metadata={"help": "a split to predict at the end (it may have no answers: VQAv2 test_dev / test), written "
-                  "in the official submission format: VQA results JSON, NLVR2 identifier,prediction CSV"},  # fmt: skip
+                  "in the official submission format: VQA results JSON (the classifier's or the generated answers), "
+                  "NLVR2 identifier,prediction CSV"},  # fmt: skip
     )
     predictions_file: str | None = field(
         default=None,
@@ -309,9 +310,9 @@ class DataArguments:
             raise ValueError(f"--labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
         if (self.labelled_fraction is not None or self.pseudo_labelled_dataset) and self.task not in VQA_TASKS:
             raise ValueError("--labelled_fraction / --pseudo_labelled_dataset are for the VQA tasks")
-        if self.predict_split is not None and self.task == "generative_vqa":
-            raise ValueError("--predict_split writes the classifier's submission files; evaluate the generative "
-                             "head with do_eval (generated answers, official VQA accuracy)")  # fmt: skip
+        if self.predict_split is not None and self.task == "generative_vqa" and self.generation_target != "answer":
+            raise ValueError("--predict_split writes answers: a generative_vqa run predicts with "
+                             f"--generation_target answer, not {self.generation_target!r}")  # fmt: skip
         if self.predict_split is not None and self.task == "retrieval":
             raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:

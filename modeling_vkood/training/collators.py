@@ -159,15 +159,19 @@ class GenerativeVQACollator:
     def __call__(self, rows: list[dict]) -> dict:
         if self.target == "answer":
             inputs = {"text": [r["question"] for r in rows], "knowledge": [r["knowledge"] for r in rows]}
-            targets = [most_frequent_answer(r["answers"]) for r in rows]
         else:
             inputs = {"text": [""] * len(rows), "knowledge": []}
-            targets = [question_answer_text(r["question"], most_frequent_answer(r["answers"])) for r in rows]
-        if self.with_targets:
-            inputs.update(answers=targets, max_answer_length=self.max_answer_length)
+        if self.with_targets:  # only then are answers read: rows to predict (a test split) have none
+            inputs.update(answers=self.targets(rows), max_answer_length=self.max_answer_length)
         batch = dict(self.processor(**inputs))
         batch["pixel_values"] = self.pixels([r["image"] for r in rows])
         return batch
+
+    def targets(self, rows: list[dict]) -> list[str]:
+        """The decoder's target text of each row, from its most frequent human answer."""
+        if self.target == "answer":
+            return [most_frequent_answer(r["answers"]) for r in rows]
+        return [question_answer_text(r["question"], most_frequent_answer(r["answers"])) for r in rows]
 
 
 class NLVR2Collator:
