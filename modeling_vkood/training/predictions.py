@@ -15,7 +15,7 @@ import numpy as np
 
 from data_scripts import nlvr2, okvqa, vqav2
 from modeling_vkood.evaluation.submission import official_question_ids, write_nlvr2_predictions, write_vqa_results
-from modeling_vkood.training.generation_eval import generate_texts
+from modeling_vkood.training.arguments import VQA_TASKS
 
 logger = logging.getLogger(__name__)
 SUFFIX = {"vqa": ".json", "generative_vqa": ".json", "nlvr2": ".csv"}
@@ -57,25 +57,18 @@ def predicted_classes(trainer, dataset) -> np.ndarray:
     return classes
 
 
-def generated_answers(trainer, dataset) -> list[str]:
-    """The generative head's answer to every row of `dataset` (all processes take part; rows in dataset order)."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return generate_texts(model, dataset, batch_size=trainer.args.per_device_eval_batch_size, device=trainer.args.device,
-                          accelerator=trainer.accelerator, description="predicting", **trainer.generation)  # fmt: skip
-
-
 def export_predictions(trainer, dataset, data_args, id2label: dict[int, str], output_dir: str) -> Path | None:
     """Predict `dataset[data_args.predict_split]` and write the submission file (main process); returns its path."""
     split = data_args.predict_split
     rows = dataset[split]
     if data_args.task == "generative_vqa":
-        labels = generated_answers(trainer, rows)
+        labels = trainer.generate_answers(rows, description="predicting")
     else:
         labels = [id2label[int(label)] for label in predicted_classes(trainer, rows)]
     if not trainer.is_world_process_zero():
         return None
     path, expected = predictions_path(data_args, output_dir), official_ids(data_args, split)
-    if data_args.task in ("vqa", "generative_vqa"):
+    if data_args.task in VQA_TASKS:
         write_vqa_results(path, rows["question_id"], labels, expected)
     else:
         write_nlvr2_predictions(path, rows["identifier"], labels, expected)

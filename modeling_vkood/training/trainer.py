@@ -163,13 +163,17 @@ class VKOODTrainer(Trainer):
         """The Trainer's evaluation loss (teacher-forced), then the official VQA accuracy of generated answers."""
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        model = self.accelerator.unwrap_model(self.model)
-        predictions = generate_texts(model, dataset, batch_size=self.args.per_device_eval_batch_size,
-                                     device=self.args.device, accelerator=self.accelerator, **self.generation)  # fmt: skip
+        predictions = self.generate_answers(dataset)
         generated = {f"{metric_key_prefix}_{key}": value for key, value in generated_vqa_metrics(predictions, dataset).items()}
         self.log(generated)
         metrics.update(generated)
         return metrics
+
+    def generate_answers(self, dataset, description: str = "generating") -> list[str]:
+        """The generative head's text for every row of `dataset`, in order (all processes take part)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return generate_texts(model, dataset, batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
+                              accelerator=self.accelerator, description=description, **self.generation)  # fmt: skip
 
 
 def collect_ood_scores(model, dataset, collator, batch_size: int, max_examples: int, device) -> dict[str, torch.Tensor]:
