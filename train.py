@@ -18,6 +18,7 @@ from transformers import set_seed  # noqa: E402
 
 from data_scripts.common import answer_vocabulary, open_knowledge  # noqa: E402
 from hub_cards.model_card import ModelDescription  # noqa: E402
+from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
 from modeling_vkood.training import (  # noqa: E402
     PACKAGE_SCHEME,
     GenerativeVQACollator,
@@ -38,20 +39,23 @@ from modeling_vkood.training import (  # noqa: E402
     push_output_folder,
     save_output_folder,
 )
-from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
 from modeling_vkood.training.arguments import VQA_TASKS  # noqa: E402
 from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
 from modeling_vkood.training.distillation import MultimodalAdaptiveDistillation, UnimodalTeacher  # noqa: E402
 from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
-from modeling_vkood.training.self_distillation import ModalityAugmentedSelfDistillation  # noqa: E402
-from modeling_vkood.training.wise_ft import pretrained_state, wise_ft  # noqa: E402
 from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
 from modeling_vkood.training.metrics import knowledge_fit_labels, ood_fit_metrics  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
+from modeling_vkood.training.self_distillation import ModalityAugmentedSelfDistillation  # noqa: E402
+from modeling_vkood.training.wise_ft import pretrained_state, wise_ft  # noqa: E402
 
 logger = logging.getLogger("train")
-MAIN_METRIC = {"vqa": "eval_vqa_accuracy", "nlvr2": "eval_nlvr2_accuracy", "retrieval": "eval_r_mean",
-               "generative_vqa": "eval_vqa_accuracy"}  # fmt: skip
+MAIN_METRIC = {
+    "vqa": "eval_vqa_accuracy",
+    "nlvr2": "eval_nlvr2_accuracy",
+    "retrieval": "eval_r_mean",
+    "generative_vqa": "eval_vqa_accuracy",
+}
 
 
 def describe_backbone(name_or_path, config) -> str:
@@ -89,14 +93,16 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         "learning_rate": training_args.learning_rate,
         "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
         "ood_threshold_learning_rate": model_args.ood_threshold_learning_rate
-        or model_args.new_modules_learning_rate or training_args.learning_rate,
+        or model_args.new_modules_learning_rate
+        or training_args.learning_rate,
         "ood_gate_forcing_steps": model_args.ood_gate_forcing_steps,
         "ood_gate_handover_steps": model_args.ood_gate_handover_steps,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": training_args.world_size,
         "total_train_batch_size": training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps * training_args.world_size,
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size,
         "num_train_epochs": training_args.num_train_epochs,
         "max_steps": training_args.max_steps,
         "warmup_steps": training_args.warmup_steps,
@@ -119,19 +125,26 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         dataset_name=data_args.dataset,
         eval_split=data_args.eval_split,
         vision_backbone=describe_backbone(model_args.given_backbones["vision"], model_args.vision_config)
-        if not model_args.model_name_or_path else f"from `{model_args.model_name_or_path}`",
+        if not model_args.model_name_or_path
+        else f"from `{model_args.model_name_or_path}`",
         text_backbone=describe_backbone(model_args.given_backbones["text"], model_args.text_config)
-        if not model_args.model_name_or_path else f"from `{model_args.model_name_or_path}`",
+        if not model_args.model_name_or_path
+        else f"from `{model_args.model_name_or_path}`",
         knowledge_source=knowledge,
         finetuning=finetuning,
         weights_form="merged: the LoRA adapters are folded into the backbone weights, so this is a plain checkpoint"
-        " (PEFT is not needed to load it)" if lora else "the fully fine-tuned weights",
+        " (PEFT is not needed to load it)"
+        if lora
+        else "the fully fine-tuned weights",
         command=shlex.join(["python", "train.py", *argv]),
         results=metrics,
         hyperparameters=hyperparameters,
         dataset_id=card_args.dataset_id,
-        base_models=[m for m in (*model_args.given_backbones.values(), model_args.model_name_or_path)
-                     if m and not os.path.isdir(m) and not m.startswith(PACKAGE_SCHEME)],  # fmt: skip
+        base_models=[
+            m
+            for m in (*model_args.given_backbones.values(), model_args.model_name_or_path)
+            if m and not os.path.isdir(m) and not m.startswith(PACKAGE_SCHEME)
+        ],
         license=card_args.license,
         repo_id=training_args.hub_model_id,
         retrieves_knowledge=retrieved,
@@ -149,15 +162,23 @@ def extra_losses(model, model_args, task: str, device) -> list:
             raise ValueError(f"--mad_weight: MAD distils into the VQA head's fused tokens; task {task!r} has none")
         teacher = UnimodalTeacher(model).to(device)
         if teacher.sides != ("text_model", "vision_model"):
-            logger.warning("MAD distils only %s: the other backbone is trained from scratch (no pretrained teacher)",
-                           ", ".join(teacher.sides))  # fmt: skip
-        terms.append(MultimodalAdaptiveDistillation(teacher, model_args.mad_weight, model_args.mad_temperature,
-                                                    model_args.mad_token_fraction))  # fmt: skip
+            logger.warning(
+                "MAD distils only %s: the other backbone is trained from scratch (no pretrained teacher)",
+                ", ".join(teacher.sides),
+            )
+        terms.append(
+            MultimodalAdaptiveDistillation(
+                teacher, model_args.mad_weight, model_args.mad_temperature, model_args.mad_token_fraction
+            )
+        )
     if model_args.masd_weight > 0:
         if task == "retrieval":
             raise ValueError("--masd_weight: MASD distils a classifier's answer distribution (VQA, NLVR2)")
-        terms.append(ModalityAugmentedSelfDistillation(model_args.masd_weight, model_args.masd_temperature,
-                                                       model_args.masd_augmentations))  # fmt: skip
+        terms.append(
+            ModalityAugmentedSelfDistillation(
+                model_args.masd_weight, model_args.masd_temperature, model_args.masd_augmentations
+            )
+        )
     return terms
 
 
@@ -169,10 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     task = data_args.task
 
-    splits = [s for s, wanted in ((data_args.train_split, training_args.do_train),
-                                  (data_args.eval_split, training_args.do_eval),
-                                  (data_args.predict_split, data_args.predict_split is not None))
-              if wanted]  # fmt: skip
+    splits = [
+        s
+        for s, wanted in (
+            (data_args.train_split, training_args.do_train),
+            (data_args.eval_split, training_args.do_eval),
+            (data_args.predict_split, data_args.predict_split is not None),
+        )
+        if wanted
+    ]
     if not splits:
         raise ValueError("nothing to do: set do_train, do_eval and/or predict_split")
     with training_args.main_process_first(desc="dataset"):
@@ -186,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     # WiSE-FT's theta_0 for a fully fine-tuned model (under LoRA the frozen base weights are theta_0)
     wise_full = model_args.wise_ft_alpha is not None and model_args.finetuning == "full"
     initial_weights = pretrained_state(model) if wise_full else None
-    text_cache = FrozenTextPrefixCache(built.model.base_model.text_model) if model_args.cache_frozen_text_blocks else None
+    text_cache = (
+        FrozenTextPrefixCache(built.model.base_model.text_model) if model_args.cache_frozen_text_blocks else None
+    )
 
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)
     try:
@@ -195,8 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
         if task == "retrieval":  # its collator retrieves for every caption it draws
             raise
         knowledge_base = None  # a ready-built dataset brought its knowledge column; the index is not here
-        logger.warning("knowledge index %s not found: the saved processor will not retrieve knowledge itself",
-                       data_args.knowledge)  # fmt: skip
+        logger.warning(
+            "knowledge index %s not found: the saved processor will not retrieve knowledge itself", data_args.knowledge
+        )
     if knowledge_base is not None and knowledge_is_retrieved(data_args):
         # The processor (saved with every checkpoint, its index with it) retrieves at inference as the data did.
         built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path, data_args.max_knowledge_items)
@@ -214,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
         collator = NLVR2Collator(built.processor, pixels)
         compute_metrics = NLVR2Metrics(eval_dataset) if eval_dataset is not None else None
     elif task == "generative_vqa":
-        collator = GenerativeVQACollator(built.processor, pixels, data_args.generation_target, data_args.max_answer_length)
+        collator = GenerativeVQACollator(
+            built.processor, pixels, data_args.generation_target, data_args.max_answer_length
+        )
         compute_metrics = None
         training_args.prediction_loss_only = True  # the loss; the accuracy comes from generated answers
     else:
@@ -222,12 +253,19 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics = None
     generation = None
     if task == "generative_vqa" and data_args.generation_target == "answer":
-        generation = {"collator": GenerativeVQACollator(built.processor, pixels, with_targets=False),
-                      "max_new_tokens": data_args.generation_max_new_tokens, "num_beams": data_args.generation_num_beams}  # fmt: skip
+        generation = {
+            "collator": GenerativeVQACollator(built.processor, pixels, with_targets=False),
+            "max_new_tokens": data_args.generation_max_new_tokens,
+            "num_beams": data_args.generation_num_beams,
+        }
     retrieval = None
     if task == "retrieval":
-        retrieval = {"pixels": pixels, "processor": built.processor, "knowledge_base": knowledge_base,
-                     "max_knowledge_items": data_args.max_knowledge_items}  # fmt: skip
+        retrieval = {
+            "pixels": pixels,
+            "processor": built.processor,
+            "knowledge_base": knowledge_base,
+            "max_knowledge_items": data_args.max_knowledge_items,
+        }
     else:
         training_args.label_names = ["labels"]
 
@@ -247,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         generation=generation,
         balance_by=data_args.balance_by,
         callbacks=[GateForcingSchedule(model_args.ood_gate_forcing_steps, model_args.ood_gate_handover_steps)]
-        if forcing else None,
+        if forcing
+        else None,
         extra_losses=objectives,
     )
     metrics = {"world_size": training_args.world_size}  # the processes this run had (all_results.json and the card)
@@ -264,9 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
         eval_metrics = trainer.evaluate()
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-        ood = collect_ood_scores(trainer.accelerator.unwrap_model(trainer.model), eval_dataset, collator,
-                                 training_args.per_device_eval_batch_size, data_args.ood_plot_examples,
-                                 training_args.device)  # fmt: skip
+        ood = collect_ood_scores(
+            trainer.accelerator.unwrap_model(trainer.model),
+            eval_dataset,
+            collator,
+            training_args.per_device_eval_batch_size,
+            data_args.ood_plot_examples,
+            training_args.device,
+        )
         if len(ood["gates"]):
             metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())
         plotted = eval_dataset.select(range(min(data_args.ood_plot_examples, len(eval_dataset))))

@@ -59,8 +59,15 @@ def main():
     figure.tight_layout()
     figure.savefig(args.out.with_suffix(".png"), dpi=110)
     plt.close(figure)
-    print(json.dumps({name: {k: v for k, v in run["results"].items() if k.startswith(("eval_vqa", "train_runtime"))}
-                      for name, run in runs.items()}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                name: {k: v for k, v in run["results"].items() if k.startswith(("eval_vqa", "train_runtime"))}
+                for name, run in runs.items()
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,13 @@ COCO_OBJECTS = (
     "chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave oven "
     "toaster sink refrigerator book clock vase scissors teddy_bear hair_drier toothbrush"
 ).split()
-TEMPLATES = ("What color is the {}?", "Is there a {} in the picture?", "How many {}s are there?",
-             "What is the {} used for?", "Where is the {}?")  # fmt: skip
+TEMPLATES = (
+    "What color is the {}?",
+    "Is there a {} in the picture?",
+    "How many {}s are there?",
+    "What is the {} used for?",
+    "Where is the {}?",
+)
 
 
 def real_records(folder: Path) -> tuple[dict, dict]:
@@ -65,10 +70,18 @@ def synthetic_records(count: int, seed: int = 0) -> tuple[dict, dict]:
         answers = [rng.choice(("yes", "no", "2", "red", "kitchen")) for _ in range(10)]
         question = rng.choice(TEMPLATES).format(obj)
         questions.append({"image_id": image_id, "question": question, "question_id": question_id})
-        annotations.append({"question_id": question_id, "image_id": image_id, "question_type": "what",
-                            "answer_type": "other", "multiple_choice_answer": answers[0],
-                            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                                        for i, a in enumerate(answers)]})  # fmt: skip
+        annotations.append(
+            {
+                "question_id": question_id,
+                "image_id": image_id,
+                "question_type": "what",
+                "answer_type": "other",
+                "multiple_choice_answer": answers[0],
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)
+                ],
+            }
+        )
     return {"questions": questions}, {"annotations": annotations}
 
 
@@ -92,9 +105,13 @@ def time_build(root: Path, images: Path, index: Path, num_proc: int) -> tuple[in
     build_seconds = time.perf_counter() - start
     questions = dataset["train"].select_columns(["question"])
     start = time.perf_counter()
-    questions.map(KnowledgeAnnotator(KnowledgeBase.open(index), "question", 16, several_texts=False), batched=True,
-                  num_proc=num_proc if num_proc > 1 else None, keep_in_memory=True,
-                  new_fingerprint=f"bench-{num_proc}-{start}")  # fmt: skip
+    questions.map(
+        KnowledgeAnnotator(KnowledgeBase.open(index), "question", 16, several_texts=False),
+        batched=True,
+        num_proc=num_proc if num_proc > 1 else None,
+        keep_in_memory=True,
+        new_fingerprint=f"bench-{num_proc}-{start}",
+    )
     return len(dataset["train"]), build_seconds, time.perf_counter() - start
 
 
@@ -122,19 +139,31 @@ def main() -> None:
     for num_proc, timings in runs.items():
         rows = timings[0][0]
         build_s, knowledge_s = min(t[1] for t in timings), min(t[2] for t in timings)
-        results.append({"num_proc": num_proc, "rows": rows, "build_seconds": round(build_s, 3),
-                        "build_rows_per_s": round(rows / build_s, 1), "knowledge_seconds": round(knowledge_s, 3),
-                        "knowledge_rows_per_s": round(rows / knowledge_s, 1)})  # fmt: skip
-    print(json.dumps({
-        "benchmark": "vqav2 build, starter knowledge graph, image_mode=path",
-        "input": source,
-        "repeats": args.repeats,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "results": results,
-        "knowledge_speedup_2_vs_1": round(results[0]["knowledge_seconds"] / results[1]["knowledge_seconds"], 2),
-        "build_speedup_2_vs_1": round(results[0]["build_seconds"] / results[1]["build_seconds"], 2),
-    }, indent=2))  # fmt: skip
+        results.append(
+            {
+                "num_proc": num_proc,
+                "rows": rows,
+                "build_seconds": round(build_s, 3),
+                "build_rows_per_s": round(rows / build_s, 1),
+                "knowledge_seconds": round(knowledge_s, 3),
+                "knowledge_rows_per_s": round(rows / knowledge_s, 1),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "vqav2 build, starter knowledge graph, image_mode=path",
+                "input": source,
+                "repeats": args.repeats,
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+                "results": results,
+                "knowledge_speedup_2_vs_1": round(results[0]["knowledge_seconds"] / results[1]["knowledge_seconds"], 2),
+                "build_speedup_2_vs_1": round(results[0]["build_seconds"] / results[1]["build_seconds"], 2),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

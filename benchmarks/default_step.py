@@ -65,16 +65,21 @@ def main():
                 seconds["plain"].append(step(batch))
             print(f"round {round_index + 1}/{args.rounds} batch {index + 1}/{len(batches)}", flush=True)
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    print(json.dumps({
-        "config": args.config,
-        "batch_size": size,
-        "torch_threads": torch.get_num_threads(),
-        "seconds_per_step": {name: round(value, 4) for name, value in median.items()},
-        "speedup": round(median["plain"] / median["cached"], 3),
-        "cached_blocks": len(cache.blocks),
-        "cache_rows": cache.misses,
-        "cache_hit_fraction": round(cache.hits / (cache.hits + cache.misses), 4),
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "batch_size": size,
+                "torch_threads": torch.get_num_threads(),
+                "seconds_per_step": {name: round(value, 4) for name, value in median.items()},
+                "speedup": round(median["plain"] / median["cached"], 3),
+                "cached_blocks": len(cache.blocks),
+                "cache_rows": cache.misses,
+                "cache_hit_fraction": round(cache.hits / (cache.hits + cache.misses), 4),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ SYNCING_OPS = frozenset(
         aten.lift_fresh.default,
         aten.lift_fresh_copy.default,
     }
-)  # fmt: skip
+)
 
 _TORCH_ROOT = str(Path(torch.__file__).parent)
 

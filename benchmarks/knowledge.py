@@ -27,8 +27,16 @@ from modeling_vkood.knowledge.concepts import STOP_WORDS, tokenize
 FULL_LINES = 34_074_917
 FULL_ENGLISH_DEFAULT_EDGES = 3_400_000
 DEFAULT_RELATION_SHARE = {"IsA": 0.5, "UsedFor": 0.15, "AtLocation": 0.15, "PartOf": 0.12, "HasA": 0.08}
-OTHER_RELATIONS = ("Antonym", "DerivedFrom", "EtymologicallyRelatedTo", "ExternalURL", "FormOf", "HasContext",
-                   "RelatedTo", "Synonym")
+OTHER_RELATIONS = (
+    "Antonym",
+    "DerivedFrom",
+    "EtymologicallyRelatedTo",
+    "ExternalURL",
+    "FormOf",
+    "HasContext",
+    "RelatedTo",
+    "Synonym",
+)
 OTHER_LANGUAGES = ("de", "es", "fr", "it", "ja", "nl", "pt", "ru", "zh")
 QUESTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "refdata" / "vqav2" / "vqa_questions_valid.gzip"
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
@@ -42,8 +50,13 @@ def load_questions(path: Path) -> list[str] | None:
 
 
 def generated_questions(words: list[str], count: int, rng: random.Random) -> list[str]:
-    templates = ("What color is the {}?", "Is there a {} near the {}?", "What is the {} used for?",
-                 "How many {}s are on the {}?", "Where is the {} in this picture?")
+    templates = (
+        "What color is the {}?",
+        "Is there a {} near the {}?",
+        "What is the {} used for?",
+        "How many {}s are on the {}?",
+        "Where is the {} in this picture?",
+    )
     return [rng.choice(templates).format(*rng.sample(words, 2)) for _ in range(count)]
 
 
@@ -52,12 +65,19 @@ def invented_word(rng: random.Random) -> str:
 
 
 def info_json(weight: float, dataset: str, rng: random.Random) -> str:
-    return json.dumps({
-        "dataset": dataset, "license": "cc:by/4.0",
-        "sources": [{"activity": "/s/activity/omcs/omcs1_possibly_free_text",
-                     "contributor": f"/s/contributor/omcs/user{rng.randint(1, 9999)}"}],
-        "weight": weight,
-    })
+    return json.dumps(
+        {
+            "dataset": dataset,
+            "license": "cc:by/4.0",
+            "sources": [
+                {
+                    "activity": "/s/activity/omcs/omcs1_possibly_free_text",
+                    "contributor": f"/s/contributor/omcs/user{rng.randint(1, 9999)}",
+                }
+            ],
+            "weight": weight,
+        }
+    )
 
 
 def edge(relation: str, start: str, end: str, info: str) -> str:
@@ -75,8 +95,9 @@ def write_synthetic_dump(path: Path, scale: float, seed_words: list[str], rng: r
     english_edges = round(FULL_ENGLISH_DEFAULT_EDGES * scale)
     other_lines = round(FULL_LINES * scale) - english_edges
     # About one head per three edges; the question words are frequent heads, invented words the long tail.
-    invented = [invented_word(rng) + (" " + invented_word(rng) if rng.random() < 0.3 else "")
-                for _ in range(english_edges // 3)]
+    invented = [
+        invented_word(rng) + (" " + invented_word(rng) if rng.random() < 0.3 else "") for _ in range(english_edges // 3)
+    ]
     heads = seed_words + invented
     head_weights = [20.0] * len(seed_words) + [1.0] * len(invented)
     tails = seed_words + invented[: len(invented) // 4]
@@ -88,8 +109,14 @@ def write_synthetic_dump(path: Path, scale: float, seed_words: list[str], rng: r
             english = round(english_edges * DEFAULT_RELATION_SHARE.get(relation, 0.0))
             for head in rng.choices(heads, weights=head_weights, k=english):
                 weight = rng.choice((0.5, 1.0, 1.0, 2.0, 2.828, 3.464))
-                block.append(edge(relation, english_uri(head, rng), english_uri(rng.choice(tails), rng),
-                                  info_json(weight, "/d/conceptnet/4/en", rng)))
+                block.append(
+                    edge(
+                        relation,
+                        english_uri(head, rng),
+                        english_uri(rng.choice(tails), rng),
+                        info_json(weight, "/d/conceptnet/4/en", rng),
+                    )
+                )
             for _ in range(filler_per_relation + (index < filler_remainder)):
                 if relation in DEFAULT_RELATION_SHARE or rng.random() < 0.6:
                     language = rng.choice(OTHER_LANGUAGES)  # default relations appear here only in other languages
@@ -154,28 +181,36 @@ def main() -> None:
         with KnowledgeBase.starter(cache_dir=workdir / "cache") as kb:
             starter = time_retrieval(kb, questions)
 
-    print(json.dumps({
-        "scale": args.scale,
-        "dump": {**written, "gzip_mb": round(dump_mb, 1), "generate_s": round(generate_s, 1)},
-        "build": {
-            "seconds": round(build_s, 2),
-            "seconds_extrapolated_full_scale": round(build_s / args.scale, 1),
-            "target_full_scale_s": 600,
-            "index_mb": round(index_mb, 1),
-            "index_mb_extrapolated_full_scale": round(index_mb / args.scale),
-            "kept": report.kept, "edges": report.edges, "concepts": report.concepts,
-            "malformed": report.malformed, "skipped_language": report.skipped_language,
-            "skipped_relation": report.skipped_relation,
-        },
-        "retrieval": {
-            "questions_source": source,
-            "target_questions_per_s": 3000,
-            "synthetic_index": synthetic,
-            "synthetic_open_s_extrapolated_full_scale": round(synthetic["open_s"] / args.scale, 2),
-            "starter_graph": starter,
-        },
-        "relations": list(DEFAULT_RELATIONS),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "scale": args.scale,
+                "dump": {**written, "gzip_mb": round(dump_mb, 1), "generate_s": round(generate_s, 1)},
+                "build": {
+                    "seconds": round(build_s, 2),
+                    "seconds_extrapolated_full_scale": round(build_s / args.scale, 1),
+                    "target_full_scale_s": 600,
+                    "index_mb": round(index_mb, 1),
+                    "index_mb_extrapolated_full_scale": round(index_mb / args.scale),
+                    "kept": report.kept,
+                    "edges": report.edges,
+                    "concepts": report.concepts,
+                    "malformed": report.malformed,
+                    "skipped_language": report.skipped_language,
+                    "skipped_relation": report.skipped_relation,
+                },
+                "retrieval": {
+                    "questions_source": source,
+                    "target_questions_per_s": 3000,
+                    "synthetic_index": synthetic,
+                    "synthetic_open_s_extrapolated_full_scale": round(synthetic["open_s"] / args.scale, 2),
+                    "starter_graph": starter,
+                },
+                "relations": list(DEFAULT_RELATIONS),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

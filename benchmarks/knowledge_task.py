@@ -56,8 +56,14 @@ FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 RECIPE = yaml.safe_load(CONFIG.read_text())
 # The paper's layer: the options with which the recipe makes the recommended one, back at the library's defaults
 # (GEM, no alignment, tau calibrated on the first batch).
-RECOMMENDED_OPTIONS = ("ood_score", "ood_alignment", "ood_alignment_weight", "ood_cross_image_weight",
-                       "ood_calibration_quantile", "ood_threshold")
+RECOMMENDED_OPTIONS = (
+    "ood_score",
+    "ood_alignment",
+    "ood_alignment_weight",
+    "ood_cross_image_weight",
+    "ood_calibration_quantile",
+    "ood_threshold",
+)
 PAPER = {key: getattr(VKOODConfig(), key) for key in RECOMMENDED_OPTIONS}
 MODELS = {
     "ood": ({}, []),
@@ -95,8 +101,9 @@ def gold_only(split):
 
 
 def fitting_only(split):
-    return split.map(lambda row: {"knowledge": [item for item in row["knowledge"] if item["fits_image"]]},
-                     desc="fitting items only")
+    return split.map(
+        lambda row: {"knowledge": [item for item in row["knowledge"] if item["fits_image"]]}, desc="fitting items only"
+    )
 
 
 def without_knowledge(split):
@@ -109,7 +116,9 @@ def with_blank_images(split, path):
         path.parent.mkdir(parents=True, exist_ok=True)
         PIL.Image.new("RGB", (64, 64), "white").save(path)
     blank = {"path": str(path), "bytes": None}
-    return split.cast_column("image", datasets.Image(decode=False)).map(lambda row: {"image": blank}, desc="blank image")
+    return split.cast_column("image", datasets.Image(decode=False)).map(
+        lambda row: {"image": blank}, desc="blank image"
+    )
 
 
 # --------------------------------------------------------------------------------------------- training, scoring
@@ -122,15 +131,34 @@ def train_model(name, train_split, model, seed, args, work):
 
     folder = work / f"seed{seed}" / name
     # The gate-forcing schedule keeps its share of the run at another step budget.
-    schedule = [(flag, str(round(RECIPE[key] * args.max_steps / RECIPE["max_steps"])))
-                for flag, key in (("--ood_gate_forcing_steps", "ood_gate_forcing_steps"),
-                                  ("--ood_gate_handover_steps", "ood_gate_handover_steps"))]  # fmt: skip
+    schedule = [
+        (flag, str(round(RECIPE[key] * args.max_steps / RECIPE["max_steps"])))
+        for flag, key in (
+            ("--ood_gate_forcing_steps", "ood_gate_forcing_steps"),
+            ("--ood_gate_handover_steps", "ood_gate_handover_steps"),
+        )
+    ]
     argv = [
-        str(CONFIG), "--dataset", str(folder / "dataset"), "--output_dir", str(folder / "model"),
-        "--max_steps", str(args.max_steps), "--do_eval", "false", "--seed", str(seed), "--logging_steps", "50",
-        "--vkood_config", json.dumps({**RECIPE["vkood_config"], **overrides}), "--disable_tqdm", "true",
-        *[part for pair in schedule for part in pair], *arguments,
-    ]  # fmt: skip
+        str(CONFIG),
+        "--dataset",
+        str(folder / "dataset"),
+        "--output_dir",
+        str(folder / "model"),
+        "--max_steps",
+        str(args.max_steps),
+        "--do_eval",
+        "false",
+        "--seed",
+        str(seed),
+        "--logging_steps",
+        "50",
+        "--vkood_config",
+        json.dumps({**RECIPE["vkood_config"], **overrides}),
+        "--disable_tqdm",
+        "true",
+        *[part for pair in schedule for part in pair],
+        *arguments,
+    ]
     (folder / "dataset" / "data").mkdir(parents=True, exist_ok=True)
     train_split.to_parquet(str(folder / "dataset" / "data" / "train-00000-of-00001.parquet"))
     train.main(argv)
@@ -161,8 +189,12 @@ def evaluate(model_folder, split, batch_size=256):
             for row, knowledge in enumerate(rows["knowledge"]):
                 fits[row, : len(knowledge)] = torch.tensor([item["fits_image"] for item in knowledge])
             question = torch.arange(start, start + mask.shape[0])[:, None].expand_as(mask)
-            for key, value in (("score", outputs.ood_scores), ("gate", outputs.ood_gate), ("fits", fits),
-                               ("question", question)):  # fmt: skip
+            for key, value in (
+                ("score", outputs.ood_scores),
+                ("gate", outputs.ood_gate),
+                ("fits", fits),
+                ("question", question),
+            ):
                 items[key].append(value[mask])
     items = {key: torch.cat(value).float().numpy() if value else np.zeros(0) for key, value in items.items()}
     return vqa_accuracy(predictions, references)["overall"], items
@@ -212,8 +244,12 @@ def run_seed(seed, args):
             figures["learning_curve"][name]["1.0"] = figures["accuracy"][name]["as_retrieved"]
     chosen = {name: MODELS[name] for name in args.models}
     # The models trained and tested on changed inputs: one accuracy each, no noise variants or item figures.
-    prepared = {"no_knowledge": without_knowledge, "gold_fact": gold_only, "fitting_only": fitting_only,
-                "blank_image": lambda split: with_blank_images(split, work / "blank.png")}  # fmt: skip
+    prepared = {
+        "no_knowledge": without_knowledge,
+        "gold_fact": gold_only,
+        "fitting_only": fitting_only,
+        "blank_image": lambda split: with_blank_images(split, work / "blank.png"),
+    }
     for name, model in tqdm(chosen.items(), desc=f"seed {seed} models"):
         prepare = prepared.get(name, lambda split: split)
         folder = train_model(name, prepare(train_full), model, seed, args, work)
@@ -247,6 +283,7 @@ def mean_and_stderr(values):
 
 def summarise(per_seed, seeds, settings):
     """Means over seeds of every figure, standard errors under the same keys in the `*_stderr` twins."""
+
     def leaves(get):
         return mean_and_stderr([get(figures) for figures in per_seed])
 
@@ -254,16 +291,21 @@ def summarise(per_seed, seeds, settings):
     for key, get_tree in (("accuracy", lambda f: f["accuracy"]), ("learning_curve", lambda f: f["learning_curve"])):
         tree = get_tree(per_seed[0])
         result[key] = {m: {k: leaves(lambda f, m=m, k=k: get_tree(f)[m][k])[0] for k in tree[m]} for m in tree}
-        result[f"{key}_stderr"] = {m: {k: leaves(lambda f, m=m, k=k: get_tree(f)[m][k])[1] for k in tree[m]}
-                                   for m in tree}  # fmt: skip
+        result[f"{key}_stderr"] = {
+            m: {k: leaves(lambda f, m=m, k=k: get_tree(f)[m][k])[1] for k in tree[m]} for m in tree
+        }
     layered = list(per_seed[0]["items"])
     for key in ("auroc", "auroc_pooled"):
         result[key] = {m: leaves(lambda f, m=m: f["items"][m][key])[0] for m in layered}
         result[f"{key}_stderr"] = {m: leaves(lambda f, m=m: f["items"][m][key])[1] for m in layered}
-    result["kept_fraction"] = {m: {k: leaves(lambda f, m=m, k=k: f["items"][m]["kept_fraction"][k])[0]
-                                   for k in ("fitting", "not_fitting")} for m in layered}  # fmt: skip
-    result["kept_fraction_stderr"] = {m: {k: leaves(lambda f, m=m, k=k: f["items"][m]["kept_fraction"][k])[1]
-                                          for k in ("fitting", "not_fitting")} for m in layered}  # fmt: skip
+    result["kept_fraction"] = {
+        m: {k: leaves(lambda f, m=m, k=k: f["items"][m]["kept_fraction"][k])[0] for k in ("fitting", "not_fitting")}
+        for m in layered
+    }
+    result["kept_fraction_stderr"] = {
+        m: {k: leaves(lambda f, m=m, k=k: f["items"][m]["kept_fraction"][k])[1] for k in ("fitting", "not_fitting")}
+        for m in layered
+    }
     return result
 
 
@@ -279,23 +321,41 @@ def plot(result, out):
     shares = [str(s) for s in NOT_FITTING_SHARES]
     for name, row in result["accuracy"].items():
         errors = result["accuracy_stderr"][name]
-        noise.errorbar([100 * float(s) for s in shares], [row[s] for s in shares], [errors[s] for s in shares],
-                       marker="o", capsize=3, label=name)  # fmt: skip
+        noise.errorbar(
+            [100 * float(s) for s in shares],
+            [row[s] for s in shares],
+            [errors[s] for s in shares],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
     noise.set(xlabel="not-fitting knowledge items (%)", ylabel="test accuracy (%)", title="Accuracy vs knowledge noise")
     noise.legend(fontsize=8, ncol=2, loc="center", bbox_to_anchor=(0.5, 0.74))  # in the empty band under ood
     if curve:
         for name, row in result["learning_curve"].items():
             fractions = sorted(row, key=float)
             errors = result["learning_curve_stderr"][name]
-            axes[1].errorbar([100 * float(f) for f in fractions], [row[f] for f in fractions],
-                             [errors[f] for f in fractions], marker="o", capsize=3, label=name)  # fmt: skip
+            axes[1].errorbar(
+                [100 * float(f) for f in fractions],
+                [row[f] for f in fractions],
+                [errors[f] for f in fractions],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
         axes[1].set(xlabel="training questions (%)", ylabel="test accuracy (%)", title="Learning curve (same steps)")
         axes[1].legend(fontsize=8)
     names = list(result["kept_fraction"])
     positions = np.arange(len(names))
     for offset, kind in ((-0.2, "fitting"), (0.2, "not_fitting")):
-        kept.bar(positions + offset, [result["kept_fraction"][n][kind] for n in names], 0.4,
-                 yerr=[result["kept_fraction_stderr"][n][kind] for n in names], capsize=3, label=kind)  # fmt: skip
+        kept.bar(
+            positions + offset,
+            [result["kept_fraction"][n][kind] for n in names],
+            0.4,
+            yerr=[result["kept_fraction_stderr"][n][kind] for n in names],
+            capsize=3,
+            label=kind,
+        )
     kept.set_xticks(positions, [f"{n}\nAUROC {result['auroc'][n]:.3f}" for n in names], fontsize=8)
     kept.set(ylabel="kept fraction (gate > 0.5)", title="Kept items, as retrieved")
     kept.legend(fontsize=8)
@@ -310,19 +370,34 @@ def main():
     parser.add_argument("--max-steps", type=int, default=RECIPE["max_steps"], help="training steps per model")
     parser.add_argument("--train-samples", type=int, default=None, help="default: the whole training split")
     parser.add_argument("--test-samples", type=int, default=500)
-    parser.add_argument("--fractions", type=float, nargs="*", default=list(FRACTIONS[:-1]),
-                        help="learning-curve shares of the training questions below 100%% (none: no curve)")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                        help="the models to train (default: all)")
-    parser.add_argument("--curve-models", nargs="*", choices=CURVE_MODELS, default=None,
-                        help="models of the learning curve (default: those of %(choices)s among --models)")
-    parser.add_argument("--extend", action="store_true",
-                        help="add to the figures of an earlier study in --out (same seeds) instead of starting anew")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="*",
+        default=list(FRACTIONS[:-1]),
+        help="learning-curve shares of the training questions below 100%% (none: no curve)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="the models to train (default: all)"
+    )
+    parser.add_argument(
+        "--curve-models",
+        nargs="*",
+        choices=CURVE_MODELS,
+        default=None,
+        help="models of the learning curve (default: those of %(choices)s among --models)",
+    )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="add to the figures of an earlier study in --out (same seeds) instead of starting anew",
+    )
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once, one process each")
     parser.add_argument("--seed-run", type=int, default=None, help=argparse.SUPPRESS)  # a worker: one seed
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--work", type=Path, default=REPO_ROOT / "outputs" / "knowledge_task",
-                        help="trained models and their datasets")
+    parser.add_argument(
+        "--work", type=Path, default=REPO_ROOT / "outputs" / "knowledge_task", help="trained models and their datasets"
+    )
     args = parser.parse_args()
     if args.curve_models is None:
         args.curve_models = [name for name in CURVE_MODELS if name in args.models]
@@ -348,15 +423,23 @@ def main():
             raise SystemExit(f"a seed run failed with exit status {running[0].returncode}")
         running.pop(0)
     per_seed = [json.loads((args.out / f"knowledge_task_seed{seed}.json").read_text()) for seed in args.seeds]
-    settings = {**budget, "config": str(CONFIG.relative_to(REPO_ROOT)),
-                "models": {name: MODELS[name] for name in args.models},
-                "command": " ".join(["python", "benchmarks/knowledge_task.py", *passed]),
-                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    settings = {
+        **budget,
+        "config": str(CONFIG.relative_to(REPO_ROOT)),
+        "models": {name: MODELS[name] for name in args.models},
+        "command": " ".join(["python", "benchmarks/knowledge_task.py", *passed]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     if args.extend:  # the earlier parts' settings, and what this part added
         before = earlier["settings"]
-        settings = {**before, "models": {**before["models"], **settings["models"]},
-                    "parts": [*before.get("parts", [{k: before.get(k) for k in ("command", "seconds")}]),
-                              {k: settings[k] for k in ("command", "seconds")}]}  # fmt: skip
+        settings = {
+            **before,
+            "models": {**before["models"], **settings["models"]},
+            "parts": [
+                *before.get("parts", [{k: before.get(k) for k in ("command", "seconds")}]),
+                {k: settings[k] for k in ("command", "seconds")},
+            ],
+        }
     result = summarise(per_seed, args.seeds, settings)
     (args.out / "knowledge_task.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out)

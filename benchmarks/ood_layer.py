@@ -23,12 +23,11 @@ import statistics
 import time
 
 import torch
+from dispatch_counts import HostSyncCounter, OpCounter, ops_per_iteration  # noqa: I001 (this folder's sibling: run as a script)
 from tqdm import tqdm
 
 from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering
 from modeling_vkood.ood_vkood import ImplicitOODLayer, _em_update, _initial_statistics, em_problem
-
-from dispatch_counts import HostSyncCounter, OpCounter, ops_per_iteration  # noqa: I001 (this folder's sibling: run as a script)
 
 MODES = ("last_iterate", "implicit", "unrolled")
 
@@ -61,7 +60,9 @@ def layer_step(layer, context, items, autocast_dtype):
 
 
 def saved_bytes(config, iterations, mode, context, items):
-    layer = ImplicitOODLayer(VKOODConfig(**{**config, "ood_max_iter": iterations, "ood_tol": 1e-30, "ood_gradient": mode}))
+    layer = ImplicitOODLayer(
+        VKOODConfig(**{**config, "ood_max_iter": iterations, "ood_tol": 1e-30, "ood_gradient": mode})
+    )
     layer.to(context.device)
     total = [0]
 
@@ -138,8 +139,14 @@ def compiled_vs_eager(config, context, items, autocast_dtype, device, repeats, t
         compiled_ms.append(timed(lambda: layer_step(compiled, context, items, autocast_dtype), device, 1))
     torch.set_num_threads(previous)
     eager, fast = statistics.median(eager_ms), statistics.median(compiled_ms)
-    return {"threads": threads, "eager_ms": eager, "compiled_ms": fast, "speedup": eager / fast,
-            "compile_seconds": compile_seconds, "em_iterations": layer.max_iter}  # fmt: skip
+    return {
+        "threads": threads,
+        "eager_ms": eager,
+        "compiled_ms": fast,
+        "speedup": eager / fast,
+        "compile_seconds": compile_seconds,
+        "em_iterations": layer.max_iter,
+    }
 
 
 def main():
@@ -148,10 +155,17 @@ def main():
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the full step")
     parser.add_argument("--step-batch", type=int, default=2, help="batch of the full training step")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true",
-                        help="also time torch.compile(layer, fullgraph=True) against eager (inductor; minutes on a CPU)")
-    parser.add_argument("--compile-threads", type=int, nargs="+",
-                        help="intra-op thread counts of the compiled-vs-eager timing (default: 1 and this process's)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile(layer, fullgraph=True) against eager (inductor; minutes on a CPU)",
+    )
+    parser.add_argument(
+        "--compile-threads",
+        type=int,
+        nargs="+",
+        help="intra-op thread counts of the compiled-vs-eager timing (default: 1 and this process's)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
@@ -161,35 +175,50 @@ def main():
     config = dict(hidden_size=768, ood_projection_dim=64, ood_num_components=4)
     context = torch.randn(shapes["batch"], shapes["tokens"], shapes["hidden"], device=device)
     items = torch.randn(shapes["batch"], shapes["items"], shapes["hidden"], device=device)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "threads": torch.get_num_threads(), "dtype": args.dtype, "layer_shapes": {**shapes, "projection": 64, "components": 4}}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "layer_shapes": {**shapes, "projection": 64, "components": 4},
+    }
 
     per_mode = {}
     for mode in tqdm(MODES, desc="gradient modes"):
         layer = ImplicitOODLayer(VKOODConfig(**config, ood_gradient=mode)).to(device)
         output = layer_step(layer, context, items, autocast_dtype)
         per_mode[mode] = {
-            "forward_backward_ms": timed(lambda: layer_step(layer, context, items, autocast_dtype), device, args.repeats),
+            "forward_backward_ms": timed(
+                lambda: layer_step(layer, context, items, autocast_dtype), device, args.repeats
+            ),
             "em_iterations_max": int(output.iterations.max()),
             "saved_bytes_5_iter": saved_bytes(config, 5, mode, context, items),
             "saved_bytes_50_iter": saved_bytes(config, 50, mode, context, items),
         }
-        per_mode[mode]["memory_ratio_50_over_5"] = per_mode[mode]["saved_bytes_50_iter"] / per_mode[mode]["saved_bytes_5_iter"]
+        per_mode[mode]["memory_ratio_50_over_5"] = (
+            per_mode[mode]["saved_bytes_50_iter"] / per_mode[mode]["saved_bytes_5_iter"]
+        )
     for mode in MODES:
-        per_mode[mode]["time_vs_last_iterate"] = per_mode[mode]["forward_backward_ms"] / per_mode["last_iterate"]["forward_backward_ms"]
+        per_mode[mode]["time_vs_last_iterate"] = (
+            per_mode[mode]["forward_backward_ms"] / per_mode["last_iterate"]["forward_backward_ms"]
+        )
     result["modes"] = per_mode
     if args.compile:
         threads = args.compile_threads or sorted({1, torch.get_num_threads()})
-        result["compiled"] = [compiled_vs_eager(config, context, items, autocast_dtype, device, args.repeats, count)
-                              for count in threads]  # fmt: skip
+        result["compiled"] = [
+            compiled_vs_eager(config, context, items, autocast_dtype, device, args.repeats, count) for count in threads
+        ]
     check_every = VKOODConfig().ood_convergence_check_every
     result["host_syncs"] = {
         "ood_convergence_check_every": check_every,
         "ood_max_iter": VKOODConfig().ood_max_iter,
         "ood_layer_eval_forward": layer_syncs(config, context, items, training=False),
-        "ood_layer_eval_forward_fixed_budget": layer_syncs({**config, "ood_convergence_check_every": 0}, context, items, False),
+        "ood_layer_eval_forward_fixed_budget": layer_syncs(
+            {**config, "ood_convergence_check_every": 0}, context, items, False
+        ),
         "ood_layer_training_step": layer_syncs(config, context, items, training=True),
-        "ood_layer_training_step_fixed_budget": layer_syncs({**config, "ood_convergence_check_every": 0}, context, items, True),
+        "ood_layer_training_step_fixed_budget": layer_syncs(
+            {**config, "ood_convergence_check_every": 0}, context, items, True
+        ),
     }
     ops_per_step, ops_per_iteration = aten_ops(config, context)
     result["aten_ops"] = {"per_em_step": ops_per_step, "per_solver_iteration": ops_per_iteration}
@@ -203,7 +232,9 @@ def main():
         "labels": torch.rand(args.step_batch, 3129, device=device),
     }
     captured = {}
-    model.vkood.ood.register_forward_hook(lambda module, inputs, output: captured.update(context=inputs[0], items=inputs[1]))
+    model.vkood.ood.register_forward_hook(
+        lambda module, inputs, output: captured.update(context=inputs[0], items=inputs[1])
+    )
 
     def train_step():
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -215,7 +246,11 @@ def main():
     result["host_syncs"]["model_eval_forward_fixed_shapes"] = model_syncs(model, batch, check_every)
     result["host_syncs"]["model_eval_forward_fixed_shapes_fixed_budget"] = model_syncs(model, batch, 0)
     step_ms = timed(train_step, device, args.repeats)
-    ood_ms = timed(lambda: layer_step(model.vkood.ood, captured["context"], captured["items"], autocast_dtype), device, args.repeats)
+    ood_ms = timed(
+        lambda: layer_step(model.vkood.ood, captured["context"], captured["items"], autocast_dtype),
+        device,
+        args.repeats,
+    )
     result["full_step"] = {
         "batch": args.step_batch,
         "backbones": "clip-vit-base-patch16 + roberta-base shapes (random weights), 6 fusion layers, M=16",

@@ -44,7 +44,6 @@ from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor  # n
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
-
 from data_scripts import easy_vqa  # noqa: E402
 from modeling_vkood.evaluation import vqa_accuracy  # noqa: E402
 from modeling_vkood.knowledge import KnowledgeBase  # noqa: E402
@@ -104,11 +103,28 @@ def train_model(name, train_split, test_split, vkood_overrides, args, work):
     vkood_config = {**recipe["vkood_config"], **vkood_overrides}
     max_steps = args.max_steps or recipe["max_steps"]
     argv = [
-        str(CONFIG), "--dataset", str(folder / "dataset"), "--eval_split", "test", "--output_dir", str(output),
-        "--max_steps", str(max_steps), "--do_eval", "false", "--save_strategy", "no",
-        "--vkood_config", json.dumps(vkood_config), "--seed", str(args.seed), "--warmup_steps", str(max_steps // 10),
-        "--per_device_train_batch_size", str(args.train_batch_size or recipe["per_device_train_batch_size"]),
-    ]  # fmt: skip
+        str(CONFIG),
+        "--dataset",
+        str(folder / "dataset"),
+        "--eval_split",
+        "test",
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        str(max_steps),
+        "--do_eval",
+        "false",
+        "--save_strategy",
+        "no",
+        "--vkood_config",
+        json.dumps(vkood_config),
+        "--seed",
+        str(args.seed),
+        "--warmup_steps",
+        str(max_steps // 10),
+        "--per_device_train_batch_size",
+        str(args.train_batch_size or recipe["per_device_train_batch_size"]),
+    ]
     fingerprint = {"argv": argv, "train_rows": len(train_split), "recipe": recipe}
     record = folder / "run.json"
     if (output / "config.json").exists() and record.exists() and json.loads(record.read_text()) == fingerprint:
@@ -181,8 +197,9 @@ def modality_accuracies(evaluator, test_split, noisy_knowledge_split=None, seed=
     """Accuracy on the clean test split and under each of MODALITY_CONDITIONS; with `noisy_knowledge_split` (the test
     split with irrelevant items injected, `inject_noise`) also "noisy_knowledge"."""
     accuracies = {"clean": evaluator(test_split, seed=seed)[0]}
-    accuracies.update({name: evaluator(test_split, corruption, seed=seed)[0]
-                       for name, corruption in MODALITY_CONDITIONS.items()})  # fmt: skip
+    accuracies.update(
+        {name: evaluator(test_split, corruption, seed=seed)[0] for name, corruption in MODALITY_CONDITIONS.items()}
+    )
     if noisy_knowledge_split is not None:
         accuracies["noisy_knowledge"] = evaluator(noisy_knowledge_split, seed=seed)[0]
     return accuracies
@@ -195,7 +212,9 @@ def relative_robustness(accuracies: dict[str, float]) -> dict[str, float | None]
     return {name: (value / clean if clean else None) for name, value in accuracies.items() if name != "clean"}
 
 
-def effective_robustness(accuracies: dict[str, float], baseline_points: list[dict[str, float]]) -> dict[str, float | None]:
+def effective_robustness(
+    accuracies: dict[str, float], baseline_points: list[dict[str, float]]
+) -> dict[str, float | None]:
     """Per condition, accuracy(condition) minus what the baseline models' trend predicts from the clean accuracy
     (Taori et al. 2020): a line fitted through the (clean, condition) accuracies of `baseline_points` (models trained
     without the intervention, e.g. at several data sizes and seeds). 0: as robust as the baseline trend; None with
@@ -222,7 +241,9 @@ def auroc(scores, injected):
 
 def plot_noise(results, path):
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    for style, (key, label) in zip(("-o", "--x"), (("trained_noisy", "trained at that noise"), ("test_time_noise", "trained clean"))):
+    for style, (key, label) in zip(
+        ("-o", "--x"), (("trained_noisy", "trained at that noise"), ("test_time_noise", "trained clean"))
+    ):
         for name, row in results[key].items():
             rates = [rate for rate in NOISE_RATES if str(rate) in row]
             axis.plot([int(r * 100) for r in rates], [row[str(r)] for r in rates], style, label=f"{name} ({label})")
@@ -266,8 +287,13 @@ def main():
     parser.add_argument("--alignment-weight", type=float, default=1.0, help="0: skip the alignment-loss row")
     parser.add_argument("--learning-curve", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--train-batch-size", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS[:-1]),
-                        help="learning-curve shares of the training subset below 100%%")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=list(FRACTIONS[:-1]),
+        help="learning-curve shares of the training subset below 100%%",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "robustness")
@@ -289,15 +315,29 @@ def main():
     if args.alignment_weight > 0:
         models["ood_on+alignment"] = {"ood_alignment_weight": args.alignment_weight}
 
-    results = {"settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                            "pool_items": len(pool), "train_rows": len(train_clean), "test_rows": len(test_clean)},
-               "trained_noisy": {}, "test_time_noise": {}, "ood_auroc": {}}  # fmt: skip
+    results = {
+        "settings": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "pool_items": len(pool),
+            "train_rows": len(train_clean),
+            "test_rows": len(test_clean),
+        },
+        "trained_noisy": {},
+        "test_time_noise": {},
+        "ood_auroc": {},
+    }
     evaluators = {}
     for name, overrides in tqdm(models.items(), desc="models"):
         results["trained_noisy"][name] = {}
         for rate in args.train_noise_rates:
-            folder = train_model(f"{name}-train{int(rate * 100)}", inject_noise(train_clean, rate, pool, args.seed),
-                                 noisy_test[rate], overrides, args, work)  # fmt: skip
+            folder = train_model(
+                f"{name}-train{int(rate * 100)}",
+                inject_noise(train_clean, rate, pool, args.seed),
+                noisy_test[rate],
+                overrides,
+                args,
+                work,
+            )
             evaluator = Evaluator(folder, args.batch_size)
             results["trained_noisy"][name][str(rate)], scores, injected = evaluator(noisy_test[rate])
             if rate == 0.0:
@@ -312,7 +352,9 @@ def main():
                 if name == "ood_on":
                     plot_scores(scores, injected, args.out / "ood_scores_50pct_noise.png")
     no_knowledge_train, no_knowledge_test = without_knowledge(train_clean), without_knowledge(test_clean)
-    no_knowledge = Evaluator(train_model("no_knowledge", no_knowledge_train, no_knowledge_test, {}, args, work), args.batch_size)
+    no_knowledge = Evaluator(
+        train_model("no_knowledge", no_knowledge_train, no_knowledge_test, {}, args, work), args.batch_size
+    )
     accuracy = no_knowledge(no_knowledge_test)[0]
     results["trained_noisy"]["no_knowledge"] = {str(rate): accuracy for rate in NOISE_RATES}
     results["test_time_noise"]["no_knowledge"] = {str(rate): accuracy for rate in NOISE_RATES}
@@ -322,12 +364,17 @@ def main():
     results["modality_robustness"] = modality_accuracies(ood_on, test_clean, noisy_test[0.5])
     results["relative_robustness"] = relative_robustness(results["modality_robustness"])
     if args.learning_curve:
-        curve = {"with knowledge": {"1.0": results["trained_noisy"]["ood_on"]["0.0"]}, "without knowledge": {"1.0": accuracy}}
+        curve = {
+            "with knowledge": {"1.0": results["trained_noisy"]["ood_on"]["0.0"]},
+            "without knowledge": {"1.0": accuracy},
+        }
         for fraction in args.fractions:
             rows = range(int(fraction * len(train_clean)))
             with_folder = train_model(f"curve-{fraction}-with", train_clean.select(rows), test_clean, {}, args, work)
             curve["with knowledge"][str(fraction)] = Evaluator(with_folder, args.batch_size)(test_clean)[0]
-            without_folder = train_model(f"curve-{fraction}-without", no_knowledge_train.select(rows), no_knowledge_test, {}, args, work)
+            without_folder = train_model(
+                f"curve-{fraction}-without", no_knowledge_train.select(rows), no_knowledge_test, {}, args, work
+            )
             curve["without knowledge"][str(fraction)] = Evaluator(without_folder, args.batch_size)(no_knowledge_test)[0]
         results["learning_curve"] = curve
         plot_learning_curve(curve, args.out / "learning_curve.png")

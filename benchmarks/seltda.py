@@ -47,11 +47,9 @@ from datasets import DatasetDict, load_dataset  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
-
 from data_scripts.__main__ import write_parquet  # noqa: E402
 from data_scripts.common import KnowledgeAnnotator, open_knowledge  # noqa: E402
-from modeling_vkood.training import load_splits  # noqa: E402
-from modeling_vkood.training import seltda  # noqa: E402
+from modeling_vkood.training import load_splits, seltda  # noqa: E402
 from modeling_vkood.training.arguments import DataArguments  # noqa: E402
 
 CONFIGS = {"classifier": "configuration/easy_vqa.yaml", "generative": "configuration/easy_vqa_generative.yaml"}
@@ -92,8 +90,14 @@ def write_rephrased_test(folder: Path, cache_dir: str) -> Path:
     """easy-VQA's test split with every question rephrased and its knowledge retrieved anew, as a dataset folder."""
     if (folder / "data").is_dir():
         return folder
-    arguments = DataArguments(task="vqa", dataset="easy_vqa", knowledge="starter", eval_split="test",
-                              max_knowledge_items=MAX_KNOWLEDGE_ITEMS, dataset_cache_dir=cache_dir)  # fmt: skip
+    arguments = DataArguments(
+        task="vqa",
+        dataset="easy_vqa",
+        knowledge="starter",
+        eval_split="test",
+        max_knowledge_items=MAX_KNOWLEDGE_ITEMS,
+        dataset_cache_dir=cache_dir,
+    )
     test = load_splits(arguments, ["test"])["test"]
     features = test.features
     test = test.map(lambda row: {"question": rephrase(row["question"])}, desc="rephrasing")
@@ -116,13 +120,31 @@ class Study:
     def common(self, seed: int, steps: int | None = None) -> list[str]:
         args = self.args
         steps = steps or args.steps
-        options = ["--max_steps", str(steps), "--warmup_steps", str(round(args.warmup_fraction * steps)),
-                   "--seed", str(seed), "--save_strategy", "no",
-                   "--max_eval_samples", str(args.eval_samples), "--dataset_cache_dir", str(self.work / "datasets"),
-                   "--disable_tqdm", "true", "--logging_steps", str(max(1, steps // 10))]  # fmt: skip
+        options = [
+            "--max_steps",
+            str(steps),
+            "--warmup_steps",
+            str(round(args.warmup_fraction * steps)),
+            "--seed",
+            str(seed),
+            "--save_strategy",
+            "no",
+            "--max_eval_samples",
+            str(args.eval_samples),
+            "--dataset_cache_dir",
+            str(self.work / "datasets"),
+            "--disable_tqdm",
+            "true",
+            "--logging_steps",
+            str(max(1, steps // 10)),
+        ]
         if args.batch_size:
-            options += ["--per_device_train_batch_size", str(args.batch_size),
-                        "--per_device_eval_batch_size", str(args.batch_size)]  # fmt: skip
+            options += [
+                "--per_device_train_batch_size",
+                str(args.batch_size),
+                "--per_device_eval_batch_size",
+                str(args.batch_size),
+            ]
         return options
 
     def run(self, name: str, argv: list[str]) -> dict:
@@ -134,8 +156,10 @@ class Study:
         log(f"[{self.count}/{self.total}] {name}: python train.py {' '.join(argv)}")
         start = time.time()
         metrics = train.main(argv)
-        log(f"[{self.count}/{self.total}] {name}: {time.time() - start:.0f} s, "
-            f"accuracy {metrics.get('eval_vqa_accuracy', float('nan')):.2f}")  # fmt: skip
+        log(
+            f"[{self.count}/{self.total}] {name}: {time.time() - start:.0f} s, "
+            f"accuracy {metrics.get('eval_vqa_accuracy', float('nan')):.2f}"
+        )
         return metrics
 
     def train(self, seed: int, head: str, name: str, *extra: str, steps: int | None = None) -> tuple[dict, Path]:
@@ -147,17 +171,43 @@ class Study:
     def hidden_answers(self) -> dict[tuple[int, str], set[str]]:
         """The human answers of every training question, keyed by (image_id, question): those of the pool images are
         the labels the data-scarce runs do not see, against which the pseudo-labels are checked."""
-        arguments = DataArguments(task="vqa", dataset="easy_vqa", knowledge="starter",
-                                  max_knowledge_items=MAX_KNOWLEDGE_ITEMS, dataset_cache_dir=str(self.work / "datasets"))
+        arguments = DataArguments(
+            task="vqa",
+            dataset="easy_vqa",
+            knowledge="starter",
+            max_knowledge_items=MAX_KNOWLEDGE_ITEMS,
+            dataset_cache_dir=str(self.work / "datasets"),
+        )
         train = load_splits(arguments, ["train"])["train"]
-        return {(image_id, question): set(answers)
-                for image_id, question, answers in zip(train["image_id"], train["question"], train["answers"])}
+        return {
+            (image_id, question): set(answers)
+            for image_id, question, answers in zip(train["image_id"], train["question"], train["answers"])
+        }
 
     def rephrased(self, seed: int, head: str, name: str, model: Path, rephrased: Path) -> dict:
         task = "generative_vqa" if head == "generative" else "vqa"
-        argv = [CONFIGS[head], *self.common(seed), "--task", task, "--model_name_or_path", str(model),
-                "--vision_config", "none", "--text_model", "none", "--decoder_config", "none", "--do_train", "false",
-                "--dataset", str(rephrased), "--eval_split", "test", "--output_dir", str(model / "rephrased")]  # fmt: skip
+        argv = [
+            CONFIGS[head],
+            *self.common(seed),
+            "--task",
+            task,
+            "--model_name_or_path",
+            str(model),
+            "--vision_config",
+            "none",
+            "--text_model",
+            "none",
+            "--decoder_config",
+            "none",
+            "--do_train",
+            "false",
+            "--dataset",
+            str(rephrased),
+            "--eval_split",
+            "test",
+            "--output_dir",
+            str(model / "rephrased"),
+        ]
         return self.run(f"seed {seed} {name} on rephrased questions", argv)
 
     def pseudo_label(self, seed: int, teacher: Path, variant: str, min_answer_probability: float | None) -> Path:
@@ -166,9 +216,22 @@ class Study:
         if (out / "skip_report.json").is_file():
             log(f"[{self.count}/{self.total}] seed {seed}: reused {out}")
             return out
-        argv = ["--teacher", str(teacher), "--labelled_fraction", str(self.args.fraction), "--out", str(out),
-                "--dataset_cache_dir", str(self.work / "datasets"), "--max_knowledge_items", str(MAX_KNOWLEDGE_ITEMS),
-                "--pairs_per_image", str(self.args.pairs_per_image), "--seed", str(seed)]  # fmt: skip
+        argv = [
+            "--teacher",
+            str(teacher),
+            "--labelled_fraction",
+            str(self.args.fraction),
+            "--out",
+            str(out),
+            "--dataset_cache_dir",
+            str(self.work / "datasets"),
+            "--max_knowledge_items",
+            str(MAX_KNOWLEDGE_ITEMS),
+            "--pairs_per_image",
+            str(self.args.pairs_per_image),
+            "--seed",
+            str(seed),
+        ]
         if self.args.pool_images:
             argv += ["--max_images", str(self.args.pool_images)]
         if min_answer_probability is not None:
@@ -183,9 +246,17 @@ class Study:
         for head in self.args.heads:
             for name, extra in ((f"{head}_100", []), (f"{head}_5", fraction)):
                 results[name], models[name] = self.train(seed, head, name, *extra)
-        teacher_metrics, teacher = self.train(seed, "generative", "teacher_5", *fraction, "--generation_target",
-                                              "question_answer", "--do_eval", "false",
-                                              steps=self.args.teacher_steps)  # fmt: skip
+        teacher_metrics, teacher = self.train(
+            seed,
+            "generative",
+            "teacher_5",
+            *fraction,
+            "--generation_target",
+            "question_answer",
+            "--do_eval",
+            "false",
+            steps=self.args.teacher_steps,
+        )
         # the same draws (same seed) with and without the teacher's confidence filter
         variants = {"": None}
         if self.args.min_answer_probability is not None:
@@ -203,12 +274,13 @@ class Study:
                 "distinct_pairs": len(set(zip(written["question"], written["multiple_choice_answer"]))),
                 "left_out": json.loads((pseudo / "skip_report.json").read_text())["per_reason"],
                 **pseudo_label_precision(written, self.hidden_answers),
-            }  # fmt: skip
+            }
             log(f"seed {seed}: pseudo-labels{variant} {labels[f'pseudo_labels{variant}']}")
             for head in self.args.heads:
                 name = f"{head}_5_seltda{variant}"
-                results[name], models[name] = self.train(seed, head, name, *fraction, "--pseudo_labelled_dataset",
-                                                         str(pseudo))  # fmt: skip
+                results[name], models[name] = self.train(
+                    seed, head, name, *fraction, "--pseudo_labelled_dataset", str(pseudo)
+                )
         summary = {name: {"test": metrics["eval_vqa_accuracy"]} for name, metrics in results.items()}
         for name, model in models.items():
             head = name.split("_")[0]
@@ -220,35 +292,50 @@ class Study:
 def pseudo_label_precision(written, hidden: dict[tuple[int, str], set[str]]) -> dict:
     """How many pseudo-labels are right: of the generated questions that easy-VQA also asks of that image (the same
     words), the share whose generated answer is one of the human answers."""
-    verdicts = [answer in hidden[(image_id, question)]
-                for image_id, question, answer in zip(written["image_id"], written["question"],
-                                                      written["multiple_choice_answer"])
-                if (image_id, question) in hidden]  # fmt: skip
-    return {"verifiable": len(verdicts), "precision": round(100 * sum(verdicts) / len(verdicts), 2) if verdicts else None}
+    verdicts = [
+        answer in hidden[(image_id, question)]
+        for image_id, question, answer in zip(
+            written["image_id"], written["question"], written["multiple_choice_answer"]
+        )
+        if (image_id, question) in hidden
+    ]
+    return {
+        "verifiable": len(verdicts),
+        "precision": round(100 * sum(verdicts) / len(verdicts), 2) if verdicts else None,
+    }
 
 
 def trained_runs(per_seed: dict[int, dict]) -> list[str]:
     """The names of the models every seed trained and scored (not the pseudo-label statistics)."""
-    return [name for name, value in next(iter(per_seed.values())).items()
-            if isinstance(value, dict) and "test" in value and all(name in seed for seed in per_seed.values())]  # fmt: skip
+    return [
+        name
+        for name, value in next(iter(per_seed.values())).items()
+        if isinstance(value, dict) and "test" in value and all(name in seed for seed in per_seed.values())
+    ]
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """Mean and per-seed values of every run and split, and the differences the study is about."""
     runs = trained_runs(per_seed)
-    mean = {run: {split: statistics.mean(seed[run][split] for seed in per_seed.values()) for split in ("test", "rephrased")}
-            for run in runs}  # fmt: skip
+    mean = {
+        run: {split: statistics.mean(seed[run][split] for seed in per_seed.values()) for split in ("test", "rephrased")}
+        for run in runs
+    }
 
     def difference(a, b):
-        return {split: [round(seed[a][split] - seed[b][split], 2) for seed in per_seed.values()]
-                for split in ("test", "rephrased")}  # fmt: skip
+        return {
+            split: [round(seed[a][split] - seed[b][split], 2) for seed in per_seed.values()]
+            for split in ("test", "rephrased")
+        }
 
-    pairs = {"generative_minus_classifier_5": ("generative_5", "classifier_5"),
-             "generative_minus_classifier_100": ("generative_100", "classifier_100"),
-             "seltda_gain_generative_5": ("generative_5_seltda", "generative_5"),
-             "seltda_gain_classifier_5": ("classifier_5_seltda", "classifier_5"),
-             "seltda_confident_gain_generative_5": ("generative_5_seltda_confident", "generative_5"),
-             "seltda_confident_gain_classifier_5": ("classifier_5_seltda_confident", "classifier_5")}  # fmt: skip
+    pairs = {
+        "generative_minus_classifier_5": ("generative_5", "classifier_5"),
+        "generative_minus_classifier_100": ("generative_100", "classifier_100"),
+        "seltda_gain_generative_5": ("generative_5_seltda", "generative_5"),
+        "seltda_gain_classifier_5": ("classifier_5_seltda", "classifier_5"),
+        "seltda_confident_gain_generative_5": ("generative_5_seltda_confident", "generative_5"),
+        "seltda_confident_gain_classifier_5": ("classifier_5_seltda_confident", "classifier_5"),
+    }
     return {
         "mean_accuracy": {run: {k: round(v, 2) for k, v in values.items()} for run, values in mean.items()},
         "per_seed_differences": {name: difference(a, b) for name, (a, b) in pairs.items() if a in runs and b in runs},
@@ -276,13 +363,25 @@ def plot(per_seed: dict[int, dict], path: Path) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every trained model")
-    parser.add_argument("--warmup-fraction", type=float, default=0.1,
-                        help="warm-up as a share of --steps (the configs' 50 steps are half of a 100-step run)")
+    parser.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=0.1,
+        help="warm-up as a share of --steps (the configs' 50 steps are half of a 100-step run)",
+    )
     parser.add_argument("--teacher-steps", type=int, help="optimizer steps of the teacher (default: --steps)")
-    parser.add_argument("--min-answer-probability", type=float,
-                        help="also pseudo-label with this confidence filter and train each head on that set")
-    parser.add_argument("--heads", nargs="+", default=["classifier", "generative"], choices=sorted(CONFIGS),
-                        help="the target models trained with and without SelTDA (the teacher is generative)")
+    parser.add_argument(
+        "--min-answer-probability",
+        type=float,
+        help="also pseudo-label with this confidence filter and train each head on that set",
+    )
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        default=["classifier", "generative"],
+        choices=sorted(CONFIGS),
+        help="the target models trained with and without SelTDA (the teacher is generative)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fraction", type=float, default=0.05, help="labelled share of the training images")
     parser.add_argument("--eval-samples", type=int, default=1000, help="test questions scored (both wordings)")
@@ -303,8 +402,11 @@ def main(argv=None) -> dict:
     study = Study(args)
     rephrased = write_rephrased_test(study.work / "easy_vqa_rephrased", str(study.work / "datasets"))
     per_seed = {seed: study.seed(seed, rephrased) for seed in args.seeds}
-    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
-              "per_seed": per_seed, **aggregate(per_seed)}  # fmt: skip
+    result = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
+        "per_seed": per_seed,
+        **aggregate(per_seed),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -44,8 +44,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import robustness  # noqa: E402
-import train  # noqa: E402
 
+import train  # noqa: E402
 from modeling_vkood.knowledge import KnowledgeBase  # noqa: E402
 from modeling_vkood.training import build_model, load_splits, parse_arguments  # noqa: E402
 from modeling_vkood.training.wise_ft import pretrained_state, wise_ft  # noqa: E402
@@ -58,10 +58,27 @@ def log(message):
 
 
 def run_argv(args, option, fraction, seed, output) -> list[str]:
-    argv = [str(args.config), "--output_dir", str(output), "--max_steps", str(args.steps), "--seed", str(seed),
-            "--train_fraction", str(fraction), "--do_eval", "false", "--save_strategy", "no",
-            "--warmup_steps", str(args.warmup_steps or max(1, args.steps // 10)),
-            "--logging_steps", str(max(1, args.steps // 10)), "--disable_tqdm", "true"]  # fmt: skip
+    argv = [
+        str(args.config),
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        str(args.steps),
+        "--seed",
+        str(seed),
+        "--train_fraction",
+        str(fraction),
+        "--do_eval",
+        "false",
+        "--save_strategy",
+        "no",
+        "--warmup_steps",
+        str(args.warmup_steps or max(1, args.steps // 10)),
+        "--logging_steps",
+        str(max(1, args.steps // 10)),
+        "--disable_tqdm",
+        "true",
+    ]
     if option == "mad":
         argv += ["--mad_weight", str(args.mad_weight)]
     elif option == "masd":
@@ -123,8 +140,11 @@ def summarise(runs: list[dict]) -> dict:
             row[measure] = {}
             for name in group[0][measure]:
                 values = [r[measure][name] for r in group if r[measure][name] is not None]
-                row[measure][name] = {"mean": float(np.mean(values)), "min": float(min(values)),
-                                      "max": float(max(values))} if values else None  # fmt: skip
+                row[measure][name] = (
+                    {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
+                    if values
+                    else None
+                )
         result[key] = row
     return result
 
@@ -137,15 +157,21 @@ def plot(summary: dict, runs: list[dict], options, fractions, path: Path):
         rows = [summary.get(f"{option}@{fraction}") for fraction in fractions]
         positions = np.arange(len(fractions)) + index * width
         accuracy = [row["accuracies"]["clean"]["mean"] if row else np.nan for row in rows]
-        kept = [np.mean([v["mean"] for v in row["relative_robustness"].values() if v]) if row else np.nan
-                for row in rows]
+        kept = [
+            np.mean([v["mean"] for v in row["relative_robustness"].values() if v]) if row else np.nan for row in rows
+        ]
         accuracy_axis.bar(positions, accuracy, width, label=option)
         robustness_axis.bar(positions, kept, width, label=option)
         for position, fraction in zip(positions, fractions):
-            seeds = [run for run in runs if run["option"] == option and run["fraction"] == fraction and "accuracies" in run]
+            seeds = [
+                run for run in runs if run["option"] == option and run["fraction"] == fraction and "accuracies" in run
+            ]
             accuracy_axis.plot([position] * len(seeds), [run["accuracies"]["clean"] for run in seeds], "k.")
-            robustness_axis.plot([position] * len(seeds), [np.mean([v for v in run["relative_robustness"].values()
-                                                                    if v is not None]) for run in seeds], "k.")  # fmt: skip
+            robustness_axis.plot(
+                [position] * len(seeds),
+                [np.mean([v for v in run["relative_robustness"].values() if v is not None]) for run in seeds],
+                "k.",
+            )
     for axis, label in ((accuracy_axis, "clean test accuracy (%)"), (robustness_axis, "relative robustness (mean)")):
         axis.set_xticks(np.arange(len(fractions)) + 0.4 - width / 2, [f"{int(f * 100)}% data" for f in fractions])
         axis.set_ylabel(label)
@@ -160,8 +186,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configuration" / "easy_vqa.yaml")
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the study's scale)")
-    parser.add_argument("--warmup-steps", type=int, default=None,
-                        help="warm-up steps of every run (default: a tenth of --steps)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="warm-up steps of every run (default: a tenth of --steps)"
+    )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS)
@@ -180,8 +207,11 @@ def main():
     test, noisy = test_splits(args)
     recipe = yaml.safe_load(args.config.read_text())
     # wise_ft expands into one entry per alpha, each an interpolation of that fraction and seed's baseline run
-    options = [name for option in args.options
-               for name in ([f"wise_ft_{alpha}" for alpha in args.wise_ft_alphas] if option == "wise_ft" else [option])]
+    options = [
+        name
+        for option in args.options
+        for name in ([f"wise_ft_{alpha}" for alpha in args.wise_ft_alphas] if option == "wise_ft" else [option])
+    ]
     grid = [(fraction, seed, option) for fraction in args.fractions for seed in args.seeds for option in options]
     runs = []
     for number, (fraction, seed, option) in enumerate(grid, 1):
@@ -197,27 +227,32 @@ def main():
         run.update(seconds_per_step=seconds_per_step, accuracies=robustness.modality_accuracies(evaluator, test, noisy))
         run["relative_robustness"] = robustness.relative_robustness(run["accuracies"])
         runs.append(run)
-        log(f"[{number}/{len(grid)}] {option} fraction {fraction} seed {seed}: clean {run['accuracies']['clean']:.2f}%,"
-            f" {seconds_per_step:.2f} s/step ({time.perf_counter() - started:.0f} s so far)")
+        log(
+            f"[{number}/{len(grid)}] {option} fraction {fraction} seed {seed}: clean {run['accuracies']['clean']:.2f}%,"
+            f" {seconds_per_step:.2f} s/step ({time.perf_counter() - started:.0f} s so far)"
+        )
     baseline_points = [run["accuracies"] for run in runs if run["option"] == "baseline" and "accuracies" in run]
     for run in runs:
         if "accuracies" in run:
             run["effective_robustness"] = robustness.effective_robustness(run["accuracies"], baseline_points)
     summary = summarise(runs)
     results = {
-        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "test_rows": len(test), "recipe_batch_size": recipe.get("per_device_train_batch_size")},
+        "settings": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "test_rows": len(test),
+            "recipe_batch_size": recipe.get("per_device_train_batch_size"),
+        },
         "measures": {
             "accuracies": "VQA accuracy (%) on the clean test subset and under each condition",
             "relative_robustness": "accuracy(condition) / accuracy(clean)",
             "effective_robustness": "accuracy(condition) minus the baseline runs' linear clean-vs-condition trend",
             "seconds_per_step": "train_runtime / steps of the run, start-up included (OOD calibration, first image "
-                                "decodes); WiSE-FT adds no training: its baseline run's",
+            "decodes); WiSE-FT adds no training: its baseline run's",
         },
         "runs": runs,
         "summary": summary,
         "seconds": time.perf_counter() - started,
-    }  # fmt: skip
+    }
     args.out.write_text(json.dumps(results, indent=2))
     plot(summary, runs, options, args.fractions, args.out.with_suffix(".png"))
     print(json.dumps(results, indent=2))

@@ -49,11 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-mode", choices=IMAGE_MODES, default="path")
     parser.add_argument("--max-knowledge-items", type=int, default=16)
     parser.add_argument("--num-proc", type=int, default=1)
-    parser.add_argument("--check-images", choices=IMAGE_CHECKS, default="decode",
-                        help="decode: fully decode every image once (default); header: only open it (finds empty, "
-                        "non-image and oversized files, not truncated ones); none: only check that it exists")
-    parser.add_argument("--strict", action="store_true",
-                        help="fail on a missing or unreadable image instead of skipping it")
+    parser.add_argument(
+        "--check-images",
+        choices=IMAGE_CHECKS,
+        default="decode",
+        help="decode: fully decode every image once (default); header: only open it (finds empty, "
+        "non-image and oversized files, not truncated ones); none: only check that it exists",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on a missing or unreadable image instead of skipping it"
+    )
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub dataset repository")
     args = parser.parse_args(argv)
     if args.root is None and args.name not in NO_ROOT_NEEDED:
@@ -155,8 +160,11 @@ def main(argv=None) -> int:
         )
         write_output(result, args, module.DESCRIPTION, work)
         replace_folder(work, out, scratch)
-        print(f"{args.name}: wrote {out}: rows {result.dataset.num_rows}, "
-              f"skipped {len(result.skips.skipped)} (see skip_report.json)", file=sys.stderr)  # fmt: skip
+        print(
+            f"{args.name}: wrote {out}: rows {result.dataset.num_rows}, "
+            f"skipped {len(result.skips.skipped)} (see skip_report.json)",
+            file=sys.stderr,
+        )
         if args.push_to_hub:
             push(result, out, args.push_to_hub)
         del result  # release the memory-mapped Arrow files before the scratch folder is deleted

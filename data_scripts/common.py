@@ -335,8 +335,13 @@ def finish_split(
         raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
     base = Features({name: feature for name, feature in features.items() if name != "knowledge"})
     if knowledge_base is None:  # the builder wrote the knowledge column itself
-        return _embed_images(Dataset.from_dict(columns, features=features, split=datasets.Split(split)), split,
-                             num_proc, image_mode, work_dir)  # fmt: skip
+        return _embed_images(
+            Dataset.from_dict(columns, features=features, split=datasets.Split(split)),
+            split,
+            num_proc,
+            image_mode,
+            work_dir,
+        )
     dataset = Dataset.from_dict(columns, features=base, split=datasets.Split(split))
     dataset = dataset.map(
         KnowledgeAnnotator(knowledge_base, text_column, max_knowledge_items, several_texts),

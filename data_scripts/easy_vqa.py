@@ -83,8 +83,13 @@ def read_easy_vqa_split(
     finder = ImageFinder()
     columns = {name: [] for name in vqa_features([]) if name != "knowledge"}
     for index, record in progress(records, path):
-        if not (isinstance(record, list) and len(record) == 3 and isinstance(record[0], str)
-                and isinstance(record[1], str) and type(record[2]) is int):  # fmt: skip
+        if not (
+            isinstance(record, list)
+            and len(record) == 3
+            and isinstance(record[0], str)
+            and isinstance(record[1], str)
+            and type(record[2]) is int
+        ):
             raise record_error(path, index, f"expected [question, answer, image_id], got {record!r}")
         question, answer, image_id = record
         if answer not in vocabulary_index:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from hub_cards.dataset_card import DatasetDescription
 
-from .common import BuildResult
 from .coco_karpathy import build_karpathy_format
+from .common import BuildResult
 
 FILE = "dataset_flickr30k.json"
 KARPATHY_SPLITS = {"train": "train", "val": "validation", "test": "test"}

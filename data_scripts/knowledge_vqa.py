@@ -41,8 +41,24 @@ from .easy_vqa import SHAPES, SPLITS, package_data
 from .image_check import ImageChecker
 
 COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
-ANSWERS = ("bridge", "castle", "desert", "farm", "forest", "garden", "harbour", "island", "library", "market",
-           "mountain", "river", "school", "temple", "tower", "village")  # fmt: skip
+ANSWERS = (
+    "bridge",
+    "castle",
+    "desert",
+    "farm",
+    "forest",
+    "garden",
+    "harbour",
+    "island",
+    "library",
+    "market",
+    "mountain",
+    "river",
+    "school",
+    "temple",
+    "tower",
+    "village",
+)
 QUESTIONS = {
     "shape": "what does the shape in the image stand for?",
     "colour": "what does the colour of the shape stand for?",
@@ -124,9 +140,11 @@ def image_contents(records: Sequence) -> dict[int, dict[str, str]]:
                 found["shape"].add(word)
             elif word in COLOURS:
                 found["colour"].add(word)
-    return {image_id: {kind: next(iter(words)) for kind, words in found.items() if len(words) == 1}
-            for image_id, found in stated.items()
-            if all(len(words) <= 1 for words in found.values())}  # fmt: skip
+    return {
+        image_id: {kind: next(iter(words)) for kind, words in found.items() if len(words) == 1}
+        for image_id, found in stated.items()
+        if all(len(words) <= 1 for words in found.values())
+    }
 
 
 def fact(concept: str, place: str) -> dict:
@@ -152,8 +170,14 @@ def read_split(root: Path, image_root: Path, split: str, seed: int, report: Skip
             report.missing_image(split, f"image_id={image_id}", image)
             continue
         if set(found) != {"shape", "colour"}:
-            report.skipped.append({"split": split, "record": f"image_id={image_id}", "path": str(image),
-                                   "reason": "shape or colour not named (once) by the answers of its easy-VQA questions"})  # fmt: skip
+            report.skipped.append(
+                {
+                    "split": split,
+                    "record": f"image_id={image_id}",
+                    "path": str(image),
+                    "reason": "shape or colour not named (once) by the answers of its easy-VQA questions",
+                }
+            )
             continue
         for kind, question in QUESTIONS.items():
             question_id = len(columns["question_id"])
@@ -177,8 +201,9 @@ def read_split(root: Path, image_root: Path, split: str, seed: int, report: Skip
                 "label_scores": label_scores,
                 "shape": found["shape"],
                 "colour": found["colour"],
-                "knowledge": [{**facts[concepts[i]], "fits_image": concepts[i] in shown}
-                              for i in rng.permutation(len(concepts))],  # fmt: skip
+                "knowledge": [
+                    {**facts[concepts[i]], "fits_image": concepts[i] in shown} for i in rng.permutation(len(concepts))
+                ],
                 "gold": gold,
             }
             for key, value in row.items():
@@ -205,8 +230,10 @@ def build(
     `max_knowledge_items` must leave room for the 11 candidates.
     """
     if max_knowledge_items < len(SHAPES) + len(COLOURS):
-        raise ValueError(f"knowledge_vqa has {len(SHAPES) + len(COLOURS)} candidates per row; "
-                         f"max_knowledge_items={max_knowledge_items} would cut them")  # fmt: skip
+        raise ValueError(
+            f"knowledge_vqa has {len(SHAPES) + len(COLOURS)} candidates per row; "
+            f"max_knowledge_items={max_knowledge_items} would cut them"
+        )
     root = Path(root) if root is not None else package_data()
     image_root = Path(image_root) if image_root is not None else root
     chosen = select_splits(splits, {split: root / split / "questions.json" for split in SPLITS}, "knowledge_vqa")
@@ -217,6 +244,15 @@ def build(
     for split in chosen:
         columns = read_split(root, image_root, split, seed, report)
         columns = drop_unreadable_images(columns, schema, checker, report, split, question_record)
-        built[split] = finish_split(columns, schema, None, None, split=split, max_knowledge_items=max_knowledge_items,
-                                    num_proc=num_proc, image_mode=image_mode, work_dir=work_dir)  # fmt: skip
+        built[split] = finish_split(
+            columns,
+            schema,
+            None,
+            None,
+            split=split,
+            max_knowledge_items=max_knowledge_items,
+            num_proc=num_proc,
+            image_mode=image_mode,
+            work_dir=work_dir,
+        )
     return BuildResult(DatasetDict(built), report)

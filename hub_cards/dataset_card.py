@@ -25,8 +25,13 @@ CONCEPTNET_CITATION = """@inproceedings{speer2017conceptnet,
   title={{ConceptNet} 5.5: An Open Multilingual Graph of General Knowledge},
   author={Speer, Robyn and Chin, Joshua and Havasi, Catherine},
   booktitle={AAAI}, year={2017}}"""
-_SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                    (10_000_000, "1M<n<10M"))  # fmt: skip
+_SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+)
 _SKIPS_SHOWN = 20
 
 
@@ -102,8 +107,10 @@ def dataset_card(
         template_path=str(TEMPLATE_PATH),
         description=description,
         splits={split: len(data) for split, data in dataset.items()},
-        columns={name: repr(feature) if len(repr(feature)) < 120 else type(feature).__name__
-                 for name, feature in features.items()},  # fmt: skip
+        columns={
+            name: repr(feature) if len(repr(feature)) < 120 else type(feature).__name__
+            for name, feature in features.items()
+        },
         knowledge=knowledge_statistics(dataset),
         knowledge_source=knowledge_source,
         knowledge_licence=KNOWLEDGE_LICENCE,

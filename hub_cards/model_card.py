@@ -10,14 +10,26 @@ TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 _NOT_RESULTS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")
 TASKS = {
     # task: (model-index task type, title, Auto class, pipeline tag); the usage snippet of each is in the template
-    "vqa": ("visual-question-answering", "visual question answering", "AutoModelForVisualQuestionAnswering",
-            "visual-question-answering"),
-    "nlvr2": ("visual-reasoning", "visual reasoning over image pairs (NLVR2)", "AutoModelForSequenceClassification",
-              None),
+    "vqa": (
+        "visual-question-answering",
+        "visual question answering",
+        "AutoModelForVisualQuestionAnswering",
+        "visual-question-answering",
+    ),
+    "nlvr2": (
+        "visual-reasoning",
+        "visual reasoning over image pairs (NLVR2)",
+        "AutoModelForSequenceClassification",
+        None,
+    ),
     "retrieval": ("image-text-retrieval", "image-text retrieval", "AutoModelForZeroShotImageClassification", None),
-    "generative_vqa": ("visual-question-answering", "visual question answering with generated answers",
-                       "AutoModelForImageTextToText", "visual-question-answering"),
-}  # fmt: skip
+    "generative_vqa": (
+        "visual-question-answering",
+        "visual question answering with generated answers",
+        "AutoModelForImageTextToText",
+        "visual-question-answering",
+    ),
+}
 
 
 SCORE_MEANINGS = {

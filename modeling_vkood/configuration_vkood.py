@@ -185,11 +185,17 @@ class VKOODConfig(PreTrainedConfig):
         if self.ood_alignment not in OOD_ALIGNMENTS:
             raise ValueError(f"VKOODConfig.ood_alignment must be one of {OOD_ALIGNMENTS}, got {self.ood_alignment!r}")
         if self.classifier_head not in CLASSIFIER_HEADS:
-            raise ValueError(f"VKOODConfig.classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}")
+            raise ValueError(
+                f"VKOODConfig.classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}"
+            )
         if self.ood_calibration_quantile is not None and not 0.0 <= self.ood_calibration_quantile <= 1.0:
-            raise ValueError(f"VKOODConfig.ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}")
+            raise ValueError(
+                f"VKOODConfig.ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}"
+            )
         if self.ood_convergence_check_every < 0:
-            raise ValueError(f"VKOODConfig.ood_convergence_check_every must be >= 0, got {self.ood_convergence_check_every}")
+            raise ValueError(
+                f"VKOODConfig.ood_convergence_check_every must be >= 0, got {self.ood_convergence_check_every}"
+            )
         if self.ood_alignment_weight < 0:
             raise ValueError(f"VKOODConfig.ood_alignment_weight must be >= 0, got {self.ood_alignment_weight}")
         if self.ood_cross_image_weight < 0:

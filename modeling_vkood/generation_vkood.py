@@ -61,8 +61,9 @@ def answer_token_loss(logits, labels):
     (position t of the logits predicts label t + 1), -100 wherever no answer token is to be predicted: the mean over
     the batch's answer tokens (0 for a batch without any, rather than NaN)."""
     targets = labels[:, 1:]
-    summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")  # fmt: skip
+    summed = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return summed / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
@@ -81,8 +82,10 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
         if config.decoder_config is None:
-            raise ValueError("VKOODForConditionalGeneration needs config.decoder_config (a causal LM config that "
-                             "supports cross-attention, e.g. {'model_type': 'bert', ...})")  # fmt: skip
+            raise ValueError(
+                "VKOODForConditionalGeneration needs config.decoder_config (a causal LM config that "
+                "supports cross-attention, e.g. {'model_type': 'bert', ...})"
+            )
         self.vkood = VKOODModel(config)
         self.text_decoder = AutoModelForCausalLM.from_config(config.decoder_config)
         self.memory_projection = nn.Linear(config.hidden_size, config.decoder_config.hidden_size)
@@ -106,17 +109,29 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
     ) -> VKOODGenerationMemory:
         """The decoder's memory from one fused pass (image, question or prompt, knowledge)."""
         if pixel_values is None or input_ids is None:
-            raise ValueError("VK-OOD needs both `pixel_values` and `input_ids` (an empty prompt for the question "
-                             "generator: the processor's text=\"\")")  # fmt: skip
-        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+            raise ValueError(
+                "VK-OOD needs both `pixel_values` and `input_ids` (an empty prompt for the question "
+                'generator: the processor\'s text="")'
+            )
+        check_inputs(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if knowledge_input_ids is not None:
             knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         fused = self.vkood(
-            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask,
-            knowledge_relevance, output_attentions=False, output_hidden_states=False, return_dict=True,
-        )  # fmt: skip
+            pixel_values,
+            input_ids,
+            attention_mask,
+            knowledge_input_ids,
+            knowledge_attention_mask,
+            knowledge_mask,
+            knowledge_relevance,
+            output_attentions=False,
+            output_hidden_states=False,
+            return_dict=True,
+        )
         batch, items = fused.ood_gate.shape
         item_mask = knowledge_mask if knowledge_mask is not None else attention_mask.new_zeros(batch, items)
         item_mask = item_mask.to(attention_mask.dtype) * (fused.ood_gate > 0).to(attention_mask.dtype)
@@ -153,8 +168,15 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         states; the loss when `labels` are given. `memory`: a `VKOODGenerationMemory` from `encode`, to decode
         several sequences against one fused pass."""
         if memory is None:
-            memory = self.encode(pixel_values, input_ids, attention_mask, knowledge_input_ids,
-                                 knowledge_attention_mask, knowledge_mask, knowledge_relevance)  # fmt: skip
+            memory = self.encode(
+                pixel_values,
+                input_ids,
+                attention_mask,
+                knowledge_input_ids,
+                knowledge_attention_mask,
+                knowledge_mask,
+                knowledge_relevance,
+            )
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("give decoder_input_ids or labels")
@@ -206,14 +228,16 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         them with `processor.decode_answers`. `memory`: a `VKOODGenerationMemory` from `encode` instead of the inputs.
         """
         if memory is None:
-            memory = self.encode(pixel_values, input_ids, attention_mask, knowledge_input_ids,
-                                 knowledge_attention_mask, knowledge_mask)  # fmt: skip
+            memory = self.encode(
+                pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+            )
         if decoder_input_ids is None:
             start = self.config.decoder_config.bos_token_id
             if start is None:
                 raise ValueError("config.decoder_config.bos_token_id (the decoder's start token) is not set")
-            decoder_input_ids = torch.full((memory.states.shape[0], 1), start, dtype=torch.long,
-                                           device=memory.states.device)  # fmt: skip
+            decoder_input_ids = torch.full(
+                (memory.states.shape[0], 1), start, dtype=torch.long, device=memory.states.device
+            )
         if generate_kwargs.get("use_cache", True) and generate_kwargs.get("cache") is None:
             # transformers gives a decoder-only model a self-attention cache only; the cross-attention keys and
             # values of the memory are cached too (computed at the first step, reused at every later one).

@@ -317,8 +317,16 @@ _PLACE_NAMES = frozenset(
     germany italy spain england britain scotland ireland egypt kenya london paris tokyo rome venice beijing
     chicago boston washington hawaii alaska california florida texas
     """.split()
-) | {"north america", "south america", "central america", "new york", "new york city", "hong kong", "los angeles",
-     "san francisco"}  # fmt: skip
+) | {
+    "north america",
+    "south america",
+    "central america",
+    "new york",
+    "new york city",
+    "hong kong",
+    "los angeles",
+    "san francisco",
+}
 
 _CAMEL_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "ute", "uri", "ura", "uku", "eu", "ewe", "one", "once")  # "y"/"w" sound
@@ -339,7 +347,7 @@ def _is_colour_term(phrase: str) -> bool:
 
 
 def noun_kind(phrase: str) -> str:
-    """"count", "plural" or "mass": how the noun phrase takes articles and verbs (colour names count as mass)."""
+    """ "count", "plural" or "mass": how the noun phrase takes articles and verbs (colour names count as mass)."""
     words = _noun_words(phrase)
     if not words:
         return "count"
@@ -364,7 +372,7 @@ def with_article(phrase: str) -> str:
 
 
 def _location(tail: str) -> str:
-    """"on the table", "at the bus stop", "in the kitchen", "in snow", "in africa"."""
+    """ "on the table", "at the bus stop", "in the kitchen", "in snow", "in africa"."""
     words = _noun_words(tail)
     preposition = _LOCATION_PREPOSITIONS.get(words[-1] if words else "", "in")
     bare = tail in _PLACE_NAMES or noun_kind(tail) == "mass"

@@ -124,9 +124,18 @@ class VKOODRetrievalOutput(ModelOutput):
 # `last_hidden_state`. VK-OOD uses every token, so it applies that layer norm to all of them (METER does the same with
 # CLIP's `ln_post`): the pretrained norm stays in use and every weight gets a gradient (DDP requires it).
 POOLED_ONLY_POST_LAYERNORM = frozenset(
-    {"clip_vision_model", "chinese_clip_vision_model", "altclip_vision_model", "metaclip_2_vision_model",
-     "xclip_vision_model", "owlvit_vision_model", "owlv2_vision_model", "clipseg_vision_model", "mlcd_vision_model"}
-)  # fmt: skip
+    {
+        "clip_vision_model",
+        "chinese_clip_vision_model",
+        "altclip_vision_model",
+        "metaclip_2_vision_model",
+        "xclip_vision_model",
+        "owlvit_vision_model",
+        "owlv2_vision_model",
+        "clipseg_vision_model",
+        "mlcd_vision_model",
+    }
+)
 
 
 def backbone_kwargs(config):
@@ -163,7 +172,9 @@ def check_inputs(
         sizes = ", ".join(f"{name} {tensor.shape[0]}" for name, tensor in given.items())
         raise ValueError(f"batch sizes differ: {sizes}")
     if attention_mask is not None and input_ids is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
     if knowledge_input_ids is not None:
         if knowledge_attention_mask is not None and knowledge_attention_mask.shape != knowledge_input_ids.shape:
             raise ValueError(
@@ -194,7 +205,9 @@ def knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask=None, know
 def _builds_transformers_masks(model):
     """Whether `model`'s module builds its attention masks with transformers' `create_bidirectional_mask`, which
     takes an already prepared 4D mask as it is."""
-    return getattr(sys.modules.get(type(model).__module__), "create_bidirectional_mask", None) is create_bidirectional_mask
+    return (
+        getattr(sys.modules.get(type(model).__module__), "create_bidirectional_mask", None) is create_bidirectional_mask
+    )
 
 
 def _key_bias(mask, dtype):
@@ -326,7 +339,9 @@ class VKOODLogitScale(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # (1,): DeepSpeed ZeRO cannot broadcast 0-dim
+        self.log_scale = nn.Parameter(
+            torch.full((1,), math.log(1 / 0.07))
+        )  # (1,): DeepSpeed ZeRO cannot broadcast 0-dim
 
     def forward(self):
         return self.log_scale.exp().clamp(max=self.max_scale)
@@ -416,10 +431,10 @@ class VKOODPreTrainedModel(PreTrainedModel):
             f"VK-OOD's fusion attention cannot run on flash attention {flash_attn_version}: it adds a float bias to "
             "the attention logits, log(gate) of every knowledge item (soft in training), and the image stream's "
             "cross-attention masks the padding of the [text ; knowledge] keys only, neither of which flash kernels "
-            "take. Use attn_implementation=\"sdpa\" (its memory-efficient kernel takes the bias) or "
-            "\"flex_attention\", or give flash attention to the backbones only: attn_implementation={\"\": \"sdpa\", "
-            f"\"vision_config\": \"flash_attention_{flash_attn_version}\", "
-            f"\"text_config\": \"flash_attention_{flash_attn_version}\"}}."
+            'take. Use attn_implementation="sdpa" (its memory-efficient kernel takes the bias) or '
+            '"flex_attention", or give flash attention to the backbones only: attn_implementation={"": "sdpa", '
+            f'"vision_config": "flash_attention_{flash_attn_version}", '
+            f'"text_config": "flash_attention_{flash_attn_version}"}}.'
         )
 
     def _returned(self, output, return_dict=None):
@@ -446,8 +461,10 @@ class VKOODPreTrainedModel(PreTrainedModel):
         that hold pretrained weights (`config.pretrained_backbones`), in every transformer block or only in blocks
         `layers` (numbered `layer.N` in BERT/RoBERTa, `layers.N` in CLIP/ViT)."""
         if not self.config.pretrained_backbones:
-            raise ValueError("LoRA needs a pretrained backbone, and this model has none (config.pretrained_backbones "
-                             "is empty): fine-tune it in full")  # fmt: skip
+            raise ValueError(
+                "LoRA needs a pretrained backbone, and this model has none (config.pretrained_backbones "
+                "is empty): fine-tune it in full"
+            )
         backbones = "|".join(self.config.pretrained_backbones)
         projections = "|".join(projections or self.lora_projections)
         blocks = "" if layers is None else r"layers?\.(" + "|".join(str(layer) for layer in layers) + r")\..*"
@@ -638,8 +655,8 @@ class VKOODModel(VKOODPreTrainedModel):
         if output_attentions and self.config._attn_implementation != "eager":
             raise ValueError(
                 f"output_attentions needs the eager attention, not {self.config._attn_implementation!r} (which does "
-                "not compute the probabilities): load with attn_implementation=\"eager\" or call "
-                "model.set_attn_implementation(\"eager\")"
+                'not compute the probabilities): load with attn_implementation="eager" or call '
+                'model.set_attn_implementation("eager")'
             )
         batch = image_tokens.shape[0]
         if text_tokens.shape[0] != batch or (knowledge_tokens is not None and knowledge_tokens.shape[0] != batch):
@@ -652,8 +669,13 @@ class VKOODModel(VKOODPreTrainedModel):
             knowledge_mask = torch.zeros(batch, 0, dtype=torch.long, device=image_tokens.device)
         if knowledge_mask is None:
             knowledge_mask = torch.ones(knowledge_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
-        ood = self.ood(image_tokens, knowledge_tokens, items_mask=knowledge_mask, items_relevance=knowledge_relevance,
-                       image_fit=image_fit)  # fmt: skip
+        ood = self.ood(
+            image_tokens,
+            knowledge_tokens,
+            items_mask=knowledge_mask,
+            items_relevance=knowledge_relevance,
+            image_fit=image_fit,
+        )
         dtype = text_tokens.dtype
         knowledge_tokens = knowledge_tokens * ood.gate.to(dtype).unsqueeze(-1)
         types = self.token_type_embeddings.weight
@@ -709,7 +731,9 @@ class VKOODModel(VKOODPreTrainedModel):
         `output_hidden_states` and `return_dict` default to the config's values, as in transformers' models."""
         if pixel_values is None or input_ids is None:
             raise ValueError("VK-OOD needs both `pixel_values` and `input_ids`")
-        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+        check_inputs(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         knowledge = None
@@ -773,7 +797,9 @@ def _classifier(config, pairs):
 def _fusion_outputs(fused, select=lambda tensor: tensor):
     """The hidden states and attentions `fused` (a `VKOODModelOutput`) holds, as keyword fields of a head's output,
     each tensor passed through `select` (the heads keep the given pairs, or group NLVR2's pairs)."""
-    return {name: tuple(map(select, getattr(fused, name))) for name in FUSION_OUTPUTS if getattr(fused, name) is not None}
+    return {
+        name: tuple(map(select, getattr(fused, name))) for name in FUSION_OUTPUTS if getattr(fused, name) is not None
+    }
 
 
 class VKOODForQuestionAnswering(VKOODPreTrainedModel):
@@ -864,7 +890,9 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         if pixel_values is None or pixel_values.dim() != 5 or pixel_values.shape[1] != self.num_images:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (B, {self.num_images}, C, H, W), got {shape}")
-        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+        check_inputs(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch = pixel_values.shape[0]
@@ -890,7 +918,10 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         logits = self.classifier(pooled)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels.long()) + self.config.ood_alignment_weight * outputs.ood_alignment_loss
+            loss = (
+                F.cross_entropy(logits.float(), labels.long())
+                + self.config.ood_alignment_weight * outputs.ood_alignment_loss
+            )
         per_pair = lambda tensor: tensor.reshape(batch, self.num_images, *tensor.shape[1:])  # noqa: E731
         output = VKOODClassificationOutput(
             loss=loss,
@@ -923,8 +954,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
 
     def _itm_scores(self, image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, image_fit=None, **requested):
         """ITM logits (B, 2) and the fused pass; `requested`: fuse's `output_attentions` / `output_hidden_states`."""
-        fused = self.vkood.fuse(image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, image_fit=image_fit,
-                                **requested)  # fmt: skip
+        fused = self.vkood.fuse(
+            image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, image_fit=image_fit, **requested
+        )
         return self.itm_head(fused.pooler_output), fused
 
     def _fit_images(self, image_tokens, knowledge, chunk=None):
@@ -933,8 +965,10 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         if knowledge is None or knowledge.shape[1] == 0:
             return None
         chunk = chunk or image_tokens.shape[0]
-        fits = [self.vkood.ood.fit_images(image_tokens[start : start + chunk])
-                for start in range(0, image_tokens.shape[0], chunk)]  # fmt: skip
+        fits = [
+            self.vkood.ood.fit_images(image_tokens[start : start + chunk])
+            for start in range(0, image_tokens.shape[0], chunk)
+        ]
         return ImageFit.cat(fits) if len(fits) > 1 else fits[0]
 
     def forward(
@@ -954,7 +988,9 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         """`image_ids` (B,) marks pairs that share an image as positives (several captions of one image).
         `output_attentions`, `output_hidden_states` and `return_dict` as in `VKOODModel.forward`."""
         requested = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        check_inputs(pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+        check_inputs(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+        )
         base = self.vkood
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -1013,9 +1049,14 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             pair_knowledge = torch.cat([knowledge, knowledge[negative_text], knowledge])
             pair_knowledge_mask = torch.cat([knowledge_mask, knowledge_mask[negative_text], knowledge_mask])
         itm_logits, fused = self._itm_scores(
-            pair_image, pair_text, pair_mask, pair_knowledge, pair_knowledge_mask,
-            image_fit=None if image_fit is None else image_fit.select(pair_image_index), **requested,
-        )  # fmt: skip
+            pair_image,
+            pair_text,
+            pair_mask,
+            pair_knowledge,
+            pair_knowledge_mask,
+            image_fit=None if image_fit is None else image_fit.select(pair_image_index),
+            **requested,
+        )
         ignore = torch.full_like(negative_text, -100)
         itm_labels = torch.cat(
             [
@@ -1049,13 +1090,17 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         return {"tokens": tokens, "embeds": self._embed(self.image_embedding, tokens)}
 
     @torch.no_grad()
-    def encode_gallery_texts(self, input_ids, attention_mask, knowledge_input_ids=None, knowledge_attention_mask=None, knowledge_mask=None):
+    def encode_gallery_texts(
+        self, input_ids, attention_mask, knowledge_input_ids=None, knowledge_attention_mask=None, knowledge_mask=None
+    ):
         """Text tokens, knowledge vectors and ITC embeddings of a chunk of the text side of the gallery."""
         tokens = self.vkood.encode_text(input_ids, attention_mask)
         features = {"tokens": tokens, "mask": attention_mask, "embeds": self._embed(self.text_embedding, tokens)}
         if knowledge_input_ids is not None:
             knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            features["knowledge"] = self.vkood.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+            features["knowledge"] = self.vkood.encode_knowledge(
+                knowledge_input_ids, knowledge_attention_mask, knowledge_mask
+            )
             features["knowledge_mask"] = knowledge_mask
         return features
 
@@ -1076,9 +1121,12 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         text_queries = torch.arange(similarity.shape[1], device=device) if text_queries is None else text_queries
         # Every gallery image's mixture is fitted once, for all the pairs it is re-ranked in.
         image_fit = self._fit_images(images["tokens"], texts.get("knowledge"), chunk=pair_batch_size)
-        i2t = self._rerank(similarity[image_queries], image_queries, images, texts, k_test, pair_batch_size, True, image_fit)
-        t2i = self._rerank(similarity.t()[text_queries], text_queries, images, texts, k_test, pair_batch_size, False,
-                           image_fit)  # fmt: skip
+        i2t = self._rerank(
+            similarity[image_queries], image_queries, images, texts, k_test, pair_batch_size, True, image_fit
+        )
+        t2i = self._rerank(
+            similarity.t()[text_queries], text_queries, images, texts, k_test, pair_batch_size, False, image_fit
+        )
         return i2t, t2i
 
     def _rerank(self, similarity, query_ids, images, texts, k_test, pair_batch_size, image_queries, image_fit):
@@ -1095,9 +1143,13 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             knowledge = texts["knowledge"][text_part] if "knowledge" in texts else None
             knowledge_mask = texts["knowledge_mask"][text_part] if "knowledge_mask" in texts else None
             logits, _ = self._itm_scores(
-                images["tokens"][image_part], texts["tokens"][text_part], texts["mask"][text_part], knowledge,
-                knowledge_mask, image_fit=None if image_fit is None else image_fit.select(image_part),
-            )  # fmt: skip
+                images["tokens"][image_part],
+                texts["tokens"][text_part],
+                texts["mask"][text_part],
+                knowledge,
+                knowledge_mask,
+                image_fit=None if image_fit is None else image_fit.select(image_part),
+            )
             itm.append((logits[:, 1] - logits[:, 0]).to(similarity.dtype))
         scores = torch.full_like(similarity, -100.0)
         return scores.scatter(1, top_index, torch.cat(itm).view(-1, k) + top_similarity)

@@ -248,6 +248,7 @@ class ImageFit(NamedTuple):
     @staticmethod
     def cat(fits):
         """The fits of consecutive chunks of images, as one."""
+
         def joined(get):
             return torch.cat([get(fit) for fit in fits])
 

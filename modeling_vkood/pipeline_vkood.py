@@ -82,15 +82,20 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
         if getattr(self.model, "generates_answers", False):
             return {**self._generate(model_inputs, top_k, max_new_tokens), "knowledge_texts": sentences}
         outputs = self.model(**model_inputs)
-        return {"logits": outputs.logits, "ood_scores": outputs.ood_scores, "ood_gate": outputs.ood_gate,
-                "knowledge_texts": sentences}  # fmt: skip
+        return {
+            "logits": outputs.logits,
+            "ood_scores": outputs.ood_scores,
+            "ood_gate": outputs.ood_gate,
+            "knowledge_texts": sentences,
+        }
 
     def _generate(self, model_inputs, top_k, max_new_tokens):
         """The top_k generated answers of one example, their log-probabilities and the fused pass's OOD outputs."""
         memory = self.model.encode(**model_inputs)
         beams = {"num_beams": top_k, "num_return_sequences": top_k, "length_penalty": 0.0} if top_k > 1 else {}
-        generated = self.model.generate(memory=memory, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                                        output_scores=True, **beams)  # fmt: skip
+        generated = self.model.generate(
+            memory=memory, max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_scores=True, **beams
+        )
         token_scores = self.model.compute_transition_scores(
             generated.sequences, generated.scores, getattr(generated, "beam_indices", None), normalize_logits=True
         )
@@ -98,8 +103,12 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
         ends = generated.sequences[:, -token_scores.shape[1] :] == self.model.config.decoder_config.eos_token_id
         counted = (ends.long().cumsum(-1) - ends.long()) == 0
         log_probabilities = token_scores.float().masked_fill(~counted, 0.0).sum(-1)
-        return {"sequences": generated.sequences, "log_probabilities": log_probabilities,
-                "ood_scores": memory.ood_scores, "ood_gate": memory.ood_gate}  # fmt: skip
+        return {
+            "sequences": generated.sequences,
+            "log_probabilities": log_probabilities,
+            "ood_scores": memory.ood_scores,
+            "ood_gate": memory.ood_gate,
+        }
 
     def postprocess(self, model_outputs, top_k=5, return_knowledge=False):
         if "sequences" in model_outputs:

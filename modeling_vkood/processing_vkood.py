@@ -30,9 +30,19 @@ _CHANNEL_COUNTS = (1, 3, 4)
 # in transformers), padding_idx being the pad token id (MPNet: always 1): only max_position_embeddings -
 # padding_idx - 1 tokens fit (RoBERTa-base: 514 - 2 = 512).
 _POSITIONS_AFTER_PADDING_IDX = frozenset(
-    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "longformer",
-     "roberta-prelayernorm", "xmod", "mpnet"}
-)  # fmt: skip
+    {
+        "roberta",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "data2vec-text",
+        "ibert",
+        "longformer",
+        "roberta-prelayernorm",
+        "xmod",
+        "mpnet",
+    }
+)
 
 
 def usable_text_length(text_config) -> int | None:
@@ -54,8 +64,9 @@ def tokenizer_decoder_tokens(tokenizer) -> dict[str, int]:
     end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     if start is None or end is None:
-        raise ValueError(f"{type(tokenizer).__name__} has neither [CLS]/[SEP] nor BOS/EOS tokens to start and end "
-                         "decoder texts")  # fmt: skip
+        raise ValueError(
+            f"{type(tokenizer).__name__} has neither [CLS]/[SEP] nor BOS/EOS tokens to start and end decoder texts"
+        )
     return {"bos_token_id": start, "eos_token_id": end, "pad_token_id": pad}
 
 
@@ -459,8 +470,9 @@ class VKOODProcessor(ProcessorMixin):
             sizes["answers"] = len(targets)
 
         if len(set(sizes.values())) > 1:
-            described = ", ".join(f"{name}={sizes.get(name, 'not given')}"
-                                  for name in ("images", "text", "knowledge", "answers"))  # fmt: skip
+            described = ", ".join(
+                f"{name}={sizes.get(name, 'not given')}" for name in ("images", "text", "knowledge", "answers")
+            )
             raise ValueError(f"batch sizes differ: {described}")
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
@@ -481,8 +493,13 @@ class VKOODProcessor(ProcessorMixin):
         if max_length < 3:
             raise ValueError(f"max_answer_length={max_length} leaves no room for a token between start and end")
         special = self.decoder_special_tokens()
-        encoded = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length - 2,
-                                 return_attention_mask=False)["input_ids"]  # fmt: skip
+        encoded = self.tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_length - 2,
+            return_attention_mask=False,
+        )["input_ids"]
         rows = [[special["bos_token_id"], *ids, special["eos_token_id"]] for ids in encoded]
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), special["pad_token_id"], dtype=torch.long)

@@ -95,8 +95,18 @@ def tiny_vkood_config(**overrides):
 def tiny_decoder_config(**overrides):
     """`decoder_config` of a tiny `VKOODForConditionalGeneration`: a 2-layer BERT decoder of width 32 over the
     BERT / MiniLM vocabulary, starting, ending and padding with [CLS], [SEP], [PAD] as the MiniLM tokenizer does."""
-    settings = dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0)  # fmt: skip
+    settings = dict(
+        model_type="bert",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=30522,
+        max_position_embeddings=64,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
     settings.update(overrides)
     return settings
 
@@ -129,8 +139,14 @@ def save_tiny_bert(folder, minilm_path) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     tokenizer.model_max_length = 128
     tokenizer.save_pretrained(folder)

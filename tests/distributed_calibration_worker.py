@@ -30,10 +30,20 @@ def tiny_model():
 
 def training_arguments(output_dir, per_device_batch, **overrides):
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=per_device_batch,
-        learning_rate=LEARNING_RATE, weight_decay=0.0, remove_unused_columns=False, report_to=[], use_cpu=True,
-        save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True, **overrides,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        max_steps=1,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=LEARNING_RATE,
+        weight_decay=0.0,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        **overrides,
+    )
 
 
 def threshold(model) -> float:
@@ -48,8 +58,12 @@ class ThresholdRecorder(TrainerCallback):
         self.record = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record.update(world_size=args.world_size, parallel_mode=str(args.parallel_mode),
-                           mixed_precision=args.mixed_precision, tau_at_train_begin=threshold(model))  # fmt: skip
+        self.record.update(
+            world_size=args.world_size,
+            parallel_mode=str(args.parallel_mode),
+            mixed_precision=args.mixed_precision,
+            tau_at_train_begin=threshold(model),
+        )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == 1:
@@ -58,8 +72,13 @@ class ThresholdRecorder(TrainerCallback):
 
 def main(output_dir: Path):
     recorder = ThresholdRecorder()
-    trainer = VKOODTrainer(model=tiny_model(), args=training_arguments(output_dir, per_device_batch=4),
-                           train_dataset=TinyVQARows(8, seed=3), data_collator=stack, callbacks=[recorder])  # fmt: skip
+    trainer = VKOODTrainer(
+        model=tiny_model(),
+        args=training_arguments(output_dir, per_device_batch=4),
+        train_dataset=TinyVQARows(8, seed=3),
+        data_collator=stack,
+        callbacks=[recorder],
+    )
     trainer.train()
     record = {**recorder.record, "distributed_type": trainer.accelerator.distributed_type.value}
     (output_dir / f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))

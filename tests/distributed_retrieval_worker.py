@@ -33,7 +33,9 @@ def main(out: Path, tokenizer_path: str):
     retrieval_eval.retrieval_recall = lambda matrix, *args, _original=retrieval_eval.retrieval_recall: (
         scores.append(matrix) or _original(matrix, *args)
     )
-    results["metrics"] = retrieval_eval.evaluate_retrieval(**gallery_inputs(model, tokenizer_path), accelerator=accelerator)
+    results["metrics"] = retrieval_eval.evaluate_retrieval(
+        **gallery_inputs(model, tokenizer_path), accelerator=accelerator
+    )
     results["scores"] = scores
     if rank == 0:
         torch.save(results, out)

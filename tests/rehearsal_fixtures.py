@@ -52,13 +52,27 @@ def save_tiny_clip(folder: Path) -> Path:
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE_SIDE, patch_size=8),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE_SIDE,
+            patch_size=8,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     CLIPModel(config).save_pretrained(folder)
     CLIPImageProcessorPil(  # writes the preprocessor_config.json of a CLIPImageProcessor (no torchvision here)
         size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE}
@@ -78,9 +92,18 @@ def save_tiny_roberta(folder: Path) -> Path:
         vocab.setdefault(token, len(vocab))
     vocab["<mask>"] = len(vocab)
     tokenizer = RobertaTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=64)
-    config = RobertaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1,
-                           bos_token_id=0, eos_token_id=2)  # fmt: skip
+    config = RobertaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     RobertaModel(config, add_pooling_layer=True).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     write_bpe_files(folder, vocab, merges)
@@ -125,9 +148,14 @@ def write_vqav2(refdata: Path, root: Path, image_root: Path, per_split: int) -> 
         (root / f"v2_OpenEnded_mscoco_{subtype}_questions.json").write_text(
             json.dumps({**_vqa_header(refdata, "questions", subtype), "questions": chosen})
         )
-        (root / f"v2_mscoco_{subtype}_annotations.json").write_text(json.dumps(
-            {**_vqa_header(refdata, "annotations", subtype), "annotations": [by_id[q["question_id"]] for q in chosen]}
-        ))  # fmt: skip
+        (root / f"v2_mscoco_{subtype}_annotations.json").write_text(
+            json.dumps(
+                {
+                    **_vqa_header(refdata, "annotations", subtype),
+                    "annotations": [by_id[q["question_id"]] for q in chosen],
+                }
+            )
+        )
         for image_id in sorted({q["image_id"] for q in chosen}):
             write_image(image_root / subtype / f"COCO_{subtype}_{image_id:012d}.jpg")
         counts[split] = len(chosen)
@@ -147,8 +175,14 @@ def okvqa_annotation(question: dict) -> dict:
         for index, answer in enumerate(given)
         for copy in range(2)
     ]
-    return {"image_id": question["image_id"], "answer_type": "other", "question_type": "eight",
-            "question_id": question["question_id"], "answers": answers, "confidence": 3}  # fmt: skip
+    return {
+        "image_id": question["image_id"],
+        "answer_type": "other",
+        "question_type": "eight",
+        "question_id": question["question_id"],
+        "answers": answers,
+        "confidence": 3,
+    }
 
 
 def write_okvqa(refdata: Path, root: Path, image_root: Path, per_split: int) -> dict[str, int]:
@@ -177,10 +211,14 @@ def write_nlvr2(refdata: Path, root: Path, image_root: Path, per_split: int) -> 
     root.mkdir(parents=True)
     write_image = image_writer(image_root)
     dev, train = records[:per_split], records[per_split : 2 * per_split]
-    train = [{**r, "identifier": "train-" + r["identifier"].split("-", 1)[1], "directory": 1 + i % 3}
-             for i, r in enumerate(train)]  # fmt: skip
-    for name, chosen, folder in (("dev.json", dev, lambda r: "dev"), ("train.json", train,
-                                                                      lambda r: f"train/{r['directory']}")):
+    train = [
+        {**r, "identifier": "train-" + r["identifier"].split("-", 1)[1], "directory": 1 + i % 3}
+        for i, r in enumerate(train)
+    ]
+    for name, chosen, folder in (
+        ("dev.json", dev, lambda r: "dev"),
+        ("train.json", train, lambda r: f"train/{r['directory']}"),
+    ):
         (root / name).write_text("".join(json.dumps(record) + "\n" for record in chosen))
         for stem in sorted({(folder(r), r["identifier"].rsplit("-", 1)[0]) for r in chosen}):
             for side in (0, 1):
@@ -205,9 +243,17 @@ def write_coco_karpathy(refdata: Path, root: Path, image_root: Path, per_split: 
         split, folder = ("test", "val2014") if index < per_split - 1 else ("train", "train2014")
         cocoid = 100000 + index
         sentences = [{**sentence, "imgid": index + 1} for sentence in captions[index]]
-        records.append({"filepath": folder, "sentids": [s["sentid"] for s in sentences],
-                        "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "imgid": index + 1, "split": split,
-                        "sentences": sentences, "cocoid": cocoid})  # fmt: skip
+        records.append(
+            {
+                "filepath": folder,
+                "sentids": [s["sentid"] for s in sentences],
+                "filename": f"COCO_{folder}_{cocoid:012d}.jpg",
+                "imgid": index + 1,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": cocoid,
+            }
+        )
     root.mkdir(parents=True)
     (root / "dataset_coco.json").write_text(json.dumps({**document, "images": records}))
     write_image = image_writer(image_root)

@@ -7,17 +7,30 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil
 from modeling_vkood import VKOODForImageTextRetrieval, VKOODProcessor
 from modeling_vkood.knowledge import KnowledgeBase
 
-GRADIENT_PARAMETERS = ("image_embedding.weight", "text_embedding.weight", "logit_scale.log_scale",
-                       "vkood.image_projection.weight", "vkood.text_projection.weight")  # fmt: skip
+GRADIENT_PARAMETERS = (
+    "image_embedding.weight",
+    "text_embedding.weight",
+    "logit_scale.log_scale",
+    "vkood.image_projection.weight",
+    "vkood.text_projection.weight",
+)
 # image 1 has a caption on each process: a positive pair across processes
 IMAGE_IDS = [0, 1, 2, 1, 3, 4]
 
 
 def tiny_retrieval_model():
     """Without dropout anywhere, so that train and eval mode compute the same (deterministic) function."""
-    text = dict(model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                vocab_size=30522, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0)  # fmt: skip
+    text = dict(
+        model_type="bert",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=30522,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     return VKOODForImageTextRetrieval(
         tiny_vkood_config(text_config=text, ood_max_iter=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -43,9 +56,21 @@ def gallery_inputs(model, tokenizer_path):
     """evaluate_retrieval's arguments (less the accelerator) for a 5-image, 10-caption gallery."""
     generator = torch.Generator().manual_seed(5)
     words = ["a red circle", "a blue square", "a green dog", "a cat on a mat", "a cup of tea"]
-    rows = [{"image": torch.randn(3, 32, 32, generator=generator), "captions": [words[i], f"{words[(i + 1) % 5]} here"]}
-            for i in range(5)]  # fmt: skip
+    rows = [
+        {"image": torch.randn(3, 32, 32, generator=generator), "captions": [words[i], f"{words[(i + 1) % 5]} here"]}
+        for i in range(5)
+    ]
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = VKOODProcessor.from_model_config(image_processor, AutoTokenizer.from_pretrained(tokenizer_path), model.config)
-    return dict(model=model, dataset=rows, pixels=torch.stack, processor=processor, knowledge_base=KnowledgeBase.starter(),
-                max_knowledge_items=3, batch_size=2, k_test=3)  # fmt: skip
+    processor = VKOODProcessor.from_model_config(
+        image_processor, AutoTokenizer.from_pretrained(tokenizer_path), model.config
+    )
+    return dict(
+        model=model,
+        dataset=rows,
+        pixels=torch.stack,
+        processor=processor,
+        knowledge_base=KnowledgeBase.starter(),
+        max_knowledge_items=3,
+        batch_size=2,
+        k_test=3,
+    )

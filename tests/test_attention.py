@@ -280,8 +280,11 @@ def test_attn_implementation_is_honoured_by_from_pretrained_for_the_fusion_and_e
     assert "attn_implementation" not in (tmp_path / "config.json").read_text()
     assert "_attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
     per_part = {"": "eager", "vision_config": "sdpa", "text_config": "eager"}  # the fusion, then each backbone
-    cases = [({"attn_implementation": "eager"}, ("eager", "eager", "eager")), ({}, ("sdpa", "sdpa", "sdpa")),
-             ({"attn_implementation": per_part}, ("eager", "sdpa", "eager"))]  # fmt: skip
+    cases = [
+        ({"attn_implementation": "eager"}, ("eager", "eager", "eager")),
+        ({}, ("sdpa", "sdpa", "sdpa")),
+        ({"attn_implementation": per_part}, ("eager", "sdpa", "eager")),
+    ]
     for kwargs, expected_implementations in cases:
         reloaded = VKOODForQuestionAnswering.from_pretrained(tmp_path, **kwargs).eval()
         base = reloaded.vkood

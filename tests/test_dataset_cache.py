@@ -30,8 +30,14 @@ def rows(dataset):
 
 def test_second_load_comes_from_the_cache_and_a_changed_input_rebuilds(builds, tmp_path):
     root = write_easy_vqa(tmp_path / "easy_vqa")
-    args = DataArguments(dataset="easy_vqa", dataset_root=str(root), eval_split="test", max_knowledge_items=2,
-                         check_images="header", dataset_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    args = DataArguments(
+        dataset="easy_vqa",
+        dataset_root=str(root),
+        eval_split="test",
+        max_knowledge_items=2,
+        check_images="header",
+        dataset_cache_dir=str(tmp_path / "cache"),
+    )
     first = load_splits(args, ["train", "test"])
     assert len(builds) == 1 and builds[0]["check_images"] == "header"
     second = load_splits(args, ["train", "test"])

@@ -9,8 +9,7 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from data_scripts import answer_vocabulary
-from data_scripts import coco_karpathy, easy_vqa, flickr30k, image_check, nlvr2, okvqa, vqav2
+from data_scripts import answer_vocabulary, coco_karpathy, easy_vqa, flickr30k, image_check, nlvr2, okvqa, vqav2
 from data_scripts.__main__ import content_bytes, main
 from data_scripts.common import merge_knowledge
 from hub_cards.dataset_card import knowledge_statistics, size_category
@@ -148,16 +147,32 @@ def _rewrite(path: Path, key: str, index: int, change) -> None:
 @pytest.mark.parametrize(
     ("file", "key", "change", "message"),
     [
-        ("v2_OpenEnded_mscoco_train2014_questions.json", "questions", lambda r: r.pop("question"),
-         "train2014_questions.json: record 3: missing field 'question'"),
-        ("v2_OpenEnded_mscoco_train2014_questions.json", "questions", lambda r: r.update(image_id="7"),
-         "record 3: field 'image_id' should be int"),
-        ("v2_mscoco_train2014_annotations.json", "annotations", lambda r: r["answers"].append("yes"),
-         'train2014_annotations.json: record 3: every entry of "answers"'),
-        ("v2_mscoco_train2014_annotations.json", "annotations", lambda r: r.update(question_id=5),
-         "train2014_questions.json: record 3: question_id 2001 has no annotation"),
+        (
+            "v2_OpenEnded_mscoco_train2014_questions.json",
+            "questions",
+            lambda r: r.pop("question"),
+            "train2014_questions.json: record 3: missing field 'question'",
+        ),
+        (
+            "v2_OpenEnded_mscoco_train2014_questions.json",
+            "questions",
+            lambda r: r.update(image_id="7"),
+            "record 3: field 'image_id' should be int",
+        ),
+        (
+            "v2_mscoco_train2014_annotations.json",
+            "annotations",
+            lambda r: r["answers"].append("yes"),
+            'train2014_annotations.json: record 3: every entry of "answers"',
+        ),
+        (
+            "v2_mscoco_train2014_annotations.json",
+            "annotations",
+            lambda r: r.update(question_id=5),
+            "train2014_questions.json: record 3: question_id 2001 has no annotation",
+        ),
     ],
-)  # fmt: skip
+)
 def test_vqav2_malformed_record_names_file_and_index(vqa_files, knowledge_base, file, key, change, message):
     root, images = vqa_files
     _rewrite(root / file, key, 3, change)
@@ -188,8 +203,16 @@ def test_okvqa_uses_its_own_files_and_vocabulary_rule(tmp_path, knowledge_base):
 
 
 def _nlvr2_record(identifier: str, label: str, **extra) -> dict:
-    return {"identifier": identifier, "sentence": f"There is a dog in {identifier}.", "label": label,
-            "synset": "dog", "query": "dog", "writer": "1", "validation": {}, **extra}  # fmt: skip
+    return {
+        "identifier": identifier,
+        "sentence": f"There is a dog in {identifier}.",
+        "label": label,
+        "synset": "dog",
+        "query": "dog",
+        "writer": "1",
+        "validation": {},
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -229,8 +252,14 @@ def test_nlvr2_builds_every_split_with_pairs_labels_and_skips(nlvr2_files, knowl
     assert row["image_0"].getpixel((0, 0)) == (0, 0, 0) and row["image_1"].getpixel((0, 0)) == (200, 0, 0)
     assert any(item["head"] == "dog" for item in row["knowledge"])
     assert dataset["validation"]["identifier"] == ["dev-9-0-0", "dev-9-0-1"]
-    assert skips.skipped == [{"split": "validation", "record": "dev-9-1-0", "reason": "missing image",
-                              "path": str(images / "dev" / "dev-9-1-img1.png")}]  # fmt: skip
+    assert skips.skipped == [
+        {
+            "split": "validation",
+            "record": "dev-9-1-0",
+            "reason": "missing image",
+            "path": str(images / "dev" / "dev-9-1-img1.png"),
+        }
+    ]
 
 
 @pytest.mark.parametrize(
@@ -264,17 +293,25 @@ def test_nlvr2_bytes_mode_embeds_the_images(nlvr2_files, knowledge_base):
 
 def _karpathy_image(imgid: int, split: str, filename: str, **extra) -> dict:
     captions = [f"A dog sits on a bench {imgid}. ", f"A cat near a car {imgid}."]
-    return {"filename": filename, "imgid": imgid, "split": split, "sentids": [2 * imgid, 2 * imgid + 1],
-            "sentences": [{"tokens": c.split(), "raw": c, "imgid": imgid, "sentid": 2 * imgid + i}
-                          for i, c in enumerate(captions)], **extra}  # fmt: skip
+    return {
+        "filename": filename,
+        "imgid": imgid,
+        "split": split,
+        "sentids": [2 * imgid, 2 * imgid + 1],
+        "sentences": [
+            {"tokens": c.split(), "raw": c, "imgid": imgid, "sentid": 2 * imgid + i} for i, c in enumerate(captions)
+        ],
+        **extra,
+    }
 
 
 @pytest.fixture
 def coco_files(tmp_path):
     root, images = tmp_path / "annotations", tmp_path / "images"
     records = []
-    for imgid, (split, folder) in enumerate([("train", "train2014"), ("restval", "val2014"), ("val", "val2014"),
-                                             ("test", "val2014"), ("test", "val2014")]):  # fmt: skip
+    for imgid, (split, folder) in enumerate(
+        [("train", "train2014"), ("restval", "val2014"), ("val", "val2014"), ("test", "val2014"), ("test", "val2014")]
+    ):
         cocoid = 1000 + imgid
         filename = f"COCO_{folder}_{cocoid:012d}.jpg"
         records.append(_karpathy_image(imgid, split, filename, filepath=folder, cocoid=cocoid))
@@ -374,8 +411,11 @@ def test_merge_knowledge_round_robin_dedupes_and_caps():
 
 
 def test_knowledge_statistics_and_size_category():
-    knowledge = [[{"head": "a", "relation": "IsA", "tail": "b", "weight": 1.0, "text": "t"}] * 3, [],
-                 [{"head": "a", "relation": "UsedFor", "tail": "b", "weight": 1.0, "text": "t"}]]  # fmt: skip
+    knowledge = [
+        [{"head": "a", "relation": "IsA", "tail": "b", "weight": 1.0, "text": "t"}] * 3,
+        [],
+        [{"head": "a", "relation": "UsedFor", "tail": "b", "weight": 1.0, "text": "t"}],
+    ]
     features = datasets.Features({"knowledge": vqav2.vqa_features([])["knowledge"]})
     train = datasets.Dataset.from_dict({"knowledge": knowledge}, features=features)
     stats = knowledge_statistics(datasets.DatasetDict({"train": train}))
@@ -389,8 +429,18 @@ def test_knowledge_statistics_and_size_category():
 
 
 def _cli(root, images, out, *extra) -> list[str]:
-    return ["vqav2", "--root", str(root), "--image-root", str(images), "--knowledge", "starter",
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        "vqav2",
+        "--root",
+        str(root),
+        "--image-root",
+        str(images),
+        "--knowledge",
+        "starter",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_content_bytes_ignores_chunking():
@@ -410,9 +460,14 @@ def test_cli_writes_parquet_card_and_skip_report_deterministically(vqa_files, tm
     out = tmp_path / "out" / "vqav2"
     assert main(_cli(root, images, out)) == 0
     first = _files(out)
-    assert sorted(first) == ["README.md", "data/test-00000-of-00001.parquet", "data/test_dev-00000-of-00001.parquet",
-                             "data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet",
-                             "skip_report.json"]  # fmt: skip
+    assert sorted(first) == [
+        "README.md",
+        "data/test-00000-of-00001.parquet",
+        "data/test_dev-00000-of-00001.parquet",
+        "data/train-00000-of-00001.parquet",
+        "data/validation-00000-of-00001.parquet",
+        "skip_report.json",
+    ]
     # Rerun over the existing output, with two worker processes: byte-identical files, no temporary folders left.
     assert main(_cli(root, images, out, "--num-proc", "2")) == 0
     assert _files(out) == first
@@ -430,7 +485,11 @@ def test_cli_writes_parquet_card_and_skip_report_deterministically(vqa_files, tm
     assert card.data.license == ["cc-by-4.0", "cc-by-sa-4.0", "other"]
     assert card.data.configs[0]["data_files"][0] == {"split": "train", "path": "data/train-*"}
     assert {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]} == {
-        "train": 12, "validation": 4, "test_dev": 2, "test": 3}  # fmt: skip
+        "train": 12,
+        "validation": 4,
+        "test_dev": 2,
+        "test": 3,
+    }
     assert "COCO_val2014_000000000101.jpg" in card.text and "CC-BY-SA 4.0" in card.text
     assert "| validation | 4 |" in card.text
 
@@ -481,6 +540,9 @@ def test_cli_push_to_hub_uploads_dataset_card_and_report(vqa_files, tmp_path, mo
     )
     out = tmp_path / "out"
     main(_cli(root, images, out, "--splits", "test", "--push-to-hub", "me/vqav2-knowledge"))
-    assert calls == [("data", "me/vqav2-knowledge", ["test"]), ("README.md", "me/vqav2-knowledge", "dataset"),
-                     ("skip_report.json", "me/vqav2-knowledge", "dataset")]  # fmt: skip
+    assert calls == [
+        ("data", "me/vqav2-knowledge", ["test"]),
+        ("README.md", "me/vqav2-knowledge", "dataset"),
+        ("skip_report.json", "me/vqav2-knowledge", "dataset"),
+    ]
     assert 'load_dataset("me/vqav2-knowledge")' in (out / "README.md").read_text()

@@ -76,13 +76,17 @@ def save_checkpoint(task: str, folder: Path, minilm_path: str, answers=ANSWERS):
     torch.manual_seed(0)
     model = model_class(tiny_vkood_config(ood_max_iter=3, **labels)).eval()
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = VKOODProcessor.from_model_config(image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config)
+    processor = VKOODProcessor.from_model_config(
+        image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config
+    )
     processor.set_knowledge_source("starter", KnowledgeBase.starter().path, RETRIEVED)
     if task == "vqa":
         model.config.custom_pipelines = pipeline_vkood.VQA_PIPELINE
         shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
         with torch.no_grad():
-            scores = model(**processor(images=[easy_image(0)], text=[QUESTION], knowledge=[TYPED.splitlines()])).ood_scores
+            scores = model(
+                **processor(images=[easy_image(0)], text=[QUESTION], knowledge=[TYPED.splitlines()])
+            ).ood_scores
             model.vkood.ood.threshold.fill_(scores.median().item())
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -132,7 +136,9 @@ def bad_files(tmp_path_factory):
 def reference_vqa(model, processor, image, question, knowledge):
     """The model's own outputs for these inputs (knowledge None: the processor retrieves, as in training)."""
     with torch.no_grad():
-        outputs = model(**processor(images=[image], text=[question], knowledge=None if knowledge is None else [knowledge]))
+        outputs = model(
+            **processor(images=[image], text=[question], knowledge=None if knowledge is None else [knowledge])
+        )
     return outputs.logits[0].sigmoid(), outputs.ood_scores[0], outputs.ood_gate[0]
 
 
@@ -188,12 +194,17 @@ def test_vqa_knowledge_modes(checkpoints):
 
 
 def test_score_plot_draws_each_item_against_tau():
-    knowledge = [{"text": "kept item", "score": -1.0, "gate": 0.9, "kept": True},
-                 {"text": "dropped item", "score": -5.0, "gate": 0.1, "kept": False}]  # fmt: skip
+    knowledge = [
+        {"text": "kept item", "score": -1.0, "gate": 0.9, "kept": True},
+        {"text": "dropped item", "score": -5.0, "gate": 0.1, "kept": False},
+    ]
     axes = vkood_demo.score_plot(knowledge, -3.0).axes[0]
     assert [line.get_xdata()[0] for line in axes.lines] == [-3.0]  # the tau line
-    points = {collection.get_label(): collection.get_offsets().tolist() for collection in axes.collections
-              if collection.get_label() in ("kept", "gated out")}  # fmt: skip
+    points = {
+        collection.get_label(): collection.get_offsets().tolist()
+        for collection in axes.collections
+        if collection.get_label() in ("kept", "gated out")
+    }
     assert points == {"kept": [[-1.0, 0.0]], "gated out": [[-5.0, 1.0]]}
     assert [tick.get_text() for tick in axes.get_yticklabels()] == ["kept item", "dropped item"]
     assert "no knowledge items" in [text.get_text() for text in vkood_demo.score_plot([], -3.0).axes[0].texts]
@@ -246,7 +257,9 @@ def test_the_page_shows_errors_as_a_sentence(checkpoints, bad_files, monkeypatch
         str(bad_files / "corrupt.png"), QUESTION, "", RETRIEVED_AND_TYPED
     )
     assert status.startswith("⚠️ The image (corrupt.png) is not an image file")
-    assert others[0] is None and others[3] is None and all(len(table) == 0 for table in (others[1], others[2], others[4]))
+    assert (
+        others[0] is None and others[3] is None and all(len(table) == 0 for table in (others[1], others[2], others[4]))
+    )
 
     def broken(*args):
         raise RuntimeError("something inside broke\nwith a second line")
@@ -269,7 +282,9 @@ def test_nlvr2_judgement_is_the_models_own(checkpoints):
     with torch.no_grad():
         reference = model(**processor(images=[[easy_image(0), easy_image(1)]], text=[sentence], knowledge=[items]))
     probabilities = reference.logits[0].softmax(-1)
-    assert [entry["label"] for entry in result.labels] == [("False", "True")[i] for i in probabilities.argsort(descending=True)]
+    assert [entry["label"] for entry in result.labels] == [
+        ("False", "True")[i] for i in probabilities.argsort(descending=True)
+    ]
     assert sorted(e["probability"] for e in result.labels) == pytest.approx(sorted(probabilities.tolist()), abs=1e-5)
     assert [k["text"] for k in result.knowledge] == items
     for m, entry in enumerate(result.knowledge):
@@ -281,8 +296,9 @@ def test_nlvr2_judgement_is_the_models_own(checkpoints):
         vkood_demo.judge_pair(checkpoint, easy_image_path(0), easy_image_path(1), " ")
 
     app = load_app()
-    status, left, right, labels, knowledge = app.nlvr2_page(checkpoint, easy_image_path(0), easy_image_path(1),
-                                                            sentence, "red is a color", RETRIEVED_AND_TYPED)  # fmt: skip
+    status, left, right, labels, knowledge = app.nlvr2_page(
+        checkpoint, easy_image_path(0), easy_image_path(1), sentence, "red is a color", RETRIEVED_AND_TYPED
+    )
     assert status.startswith(f"Prediction: **{result.labels[0]['label']}**")
     assert labels["label"].tolist() == [entry["label"] for entry in result.labels]
     assert knowledge["score (right)"].tolist() == [f"{k['score'][1]:.4f}" for k in result.knowledge]
@@ -319,8 +335,13 @@ def test_each_checkpoint_gets_its_own_page_and_other_tasks_a_message(checkpoints
         demo = app.build_demo(checkpoint)
         ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
         assert {"vqa": "answers", "nlvr2": "labels", "retrieval": "ranking"}[task] in ids
-        assert not ({"answers", "labels", "ranking"} - {"vqa": {"answers"}, "nlvr2": {"labels"},
-                                                        "retrieval": {"ranking"}}[task]) & ids  # fmt: skip
+        assert (
+            not (
+                {"answers", "labels", "ranking"}
+                - {"vqa": {"answers"}, "nlvr2": {"labels"}, "retrieval": {"ranking"}}[task]
+            )
+            & ids
+        )
     nlvr2 = checkpoints["nlvr2"][3]
     with pytest.raises(DemoInputError, match="is a NLVR2 .* model, not a visual question answering one"):
         vkood_demo.answer_question(nlvr2, easy_image_path(0), QUESTION)
@@ -370,8 +391,11 @@ def test_command_line_defaults_and_space_header(monkeypatch, capsys, tmp_path):
     assert header["sdk"] == "gradio" and (SPACE / header["app_file"]).is_file()
     assert header["models"] and header["datasets"]
     assert app.default_model({"SPACE_ID": "someone/space"}) == header["models"][0]
-    requirements = [line.split(">=")[0] for line in (SPACE / "requirements.txt").read_text().splitlines()
-                    if line and not line.startswith("#")]  # fmt: skip
+    requirements = [
+        line.split(">=")[0]
+        for line in (SPACE / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert {"torch", "transformers"} <= set(requirements) and "vkood" not in requirements  # remote code suffices
 
     monkeypatch.chdir(tmp_path)  # no outputs/knowledge_vqa here, and (offline) none on the Hub
@@ -386,8 +410,9 @@ def browser_or_skip():
     """A headless Chromium under selenium; skipped with the reason when missing, unless VKOOD_REQUIRE_BROWSER=1."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
-    missing = [name for name, found in (("chromium", chromium), ("chromedriver", driver),
-                                         ("selenium", webdriver)) if not found]  # fmt: skip
+    missing = [
+        name for name, found in (("chromium", chromium), ("chromedriver", driver), ("selenium", webdriver)) if not found
+    ]
     if missing:
         reason = f"needs {', '.join(missing)} (apt-get install chromium chromium-driver; pip install -e '.[demo]')"
         if REQUIRE_BROWSER:
@@ -395,8 +420,13 @@ def browser_or_skip():
         pytest.skip(f"{reason}; VKOOD_REQUIRE_BROWSER=1 forbids the skip")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1400,1500"):  # fmt: skip
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1500",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -423,8 +453,13 @@ class Page:
     def load(self):
         """A fresh page, once Gradio has mounted it (the footer is rendered last)."""
         self.driver.get(self.url)
-        self.until(lambda: self.driver.find_elements(self.by.CSS_SELECTOR, "#image input[type=file]")
-                   and "Built with Gradio" in self.find("body").text, "the page to load")  # fmt: skip
+        self.until(
+            lambda: (
+                self.driver.find_elements(self.by.CSS_SELECTOR, "#image input[type=file]")
+                and "Built with Gradio" in self.find("body").text
+            ),
+            "the page to load",
+        )
 
     def until(self, condition, what):
         return self.wait.until(lambda driver: condition(), message=f"waited {WAIT_SECONDS} s for {what}")
@@ -514,8 +549,10 @@ def test_the_page_in_a_browser(checkpoints, bad_files, tmp_path):
         page.find("#question textarea").send_keys(Keys.CONTROL, "a", Keys.DELETE)  # as a user empties the box
         assert page.run() == "⚠️ Type a question first."
         assert page.table("answers") == [] and page.table("knowledge") == []  # the old results are cleared
-        for name, message in (("corrupt.png", "⚠️ The image (corrupt.png) is not an image file that can be read"),
-                              ("huge.png", "⚠️ The image (huge.png) is too large")):  # fmt: skip
+        for name, message in (
+            ("corrupt.png", "⚠️ The image (corrupt.png) is not an image file that can be read"),
+            ("huge.png", "⚠️ The image (huge.png) is too large"),
+        ):
             page.load()
             page.upload(bad_files / name)
             page.type("question", QUESTION)
@@ -524,4 +561,3 @@ def test_the_page_in_a_browser(checkpoints, bad_files, tmp_path):
     finally:
         driver.quit()
         demo.close()
-

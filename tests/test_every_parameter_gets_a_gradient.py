@@ -20,11 +20,19 @@ HEADS = {
 
 
 def tiny_model(head, text_type, finetuning):
-    text = dict(model_type=text_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, vocab_size=30522, max_position_embeddings=128)  # fmt: skip
+    text = dict(
+        model_type=text_type,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=30522,
+        max_position_embeddings=128,
+    )
     text.update(TEXT_BACKBONES[text_type])
-    config = tiny_vkood_config(text_config=text, num_labels=3, ood_max_iter=3,
-                               pretrained_backbones=["vision_model", "text_model"])  # fmt: skip
+    config = tiny_vkood_config(
+        text_config=text, num_labels=3, ood_max_iter=3, pretrained_backbones=["vision_model", "text_model"]
+    )
     model = HEADS[head][0](config)
     model.activation_checkpointing_enable()
     if finetuning == "lora":

@@ -70,12 +70,21 @@ def test_fixed_shape_path_gives_the_outputs_of_the_distinct_text_path():
             outputs[forced] = (
                 model(**batch),
                 model.encode_text(batch["input_ids"], batch["attention_mask"]),
-                model.encode_knowledge(batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"]),
+                model.encode_knowledge(
+                    batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"]
+                ),
             )
     (distinct, text, knowledge), (dense, dense_text, dense_knowledge) = outputs[False], outputs[True]
     torch.testing.assert_close(dense_text, text, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dense_knowledge, knowledge, rtol=1e-5, atol=1e-6)
-    for name in ("last_hidden_state", "image_last_hidden_state", "pooler_output", "ood_scores", "ood_gate", "ood_residual"):
+    for name in (
+        "last_hidden_state",
+        "image_last_hidden_state",
+        "pooler_output",
+        "ood_scores",
+        "ood_gate",
+        "ood_residual",
+    ):
         torch.testing.assert_close(getattr(dense, name), getattr(distinct, name), rtol=1e-5, atol=1e-6, msg=name)
     assert torch.equal(dense.ood_iterations, distinct.ood_iterations) and dense.ood_iterations.shape == (3,)
 

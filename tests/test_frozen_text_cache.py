@@ -26,8 +26,10 @@ def token_rows(rows, length, seed):
 
 
 def pad_to(ids, mask, length):
-    return (torch.nn.functional.pad(ids, (0, length - ids.shape[1])),
-            torch.nn.functional.pad(mask, (0, length - mask.shape[1])))  # fmt: skip
+    return (
+        torch.nn.functional.pad(ids, (0, length - ids.shape[1])),
+        torch.nn.functional.pad(mask, (0, length - mask.shape[1])),
+    )
 
 
 def real_states(encoder, ids, mask):
@@ -62,12 +64,12 @@ def test_a_full_cache_starts_again_and_a_batch_larger_than_it_is_computed_withou
     cache = FrozenTextPrefixCache(encoder, capacity=6)
     try:
         for batch in (first, second):  # 4 + 4 > 6: the second batch empties the cache first
-            torch.testing.assert_close(real_states(encoder, *batch),
-                                       plain_states(encoder, cache, *batch), rtol=0, atol=2e-5)  # fmt: skip
+            torch.testing.assert_close(
+                real_states(encoder, *batch), plain_states(encoder, cache, *batch), rtol=0, atol=2e-5
+            )
         assert cache.misses == 8 and len(cache._keys) == 4
         big = token_rows(9, 6, seed=4)
-        torch.testing.assert_close(real_states(encoder, *big), plain_states(encoder, cache, *big),
-                                   rtol=0, atol=2e-5)  # fmt: skip
+        torch.testing.assert_close(real_states(encoder, *big), plain_states(encoder, cache, *big), rtol=0, atol=2e-5)
         assert cache.misses == 17 and len(cache._keys) == 4  # computed, nothing kept
     finally:
         cache.remove()

@@ -27,8 +27,13 @@ KNOWLEDGE = [["red is a colour"], [], ["green is a colour", "grass is green"], [
 
 
 def deterministic_config(**overrides):
-    config = tiny_vkood_config(decoder_config=tiny_decoder_config(), hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0, ood_max_iter=5, **overrides)  # fmt: skip
+    config = tiny_vkood_config(
+        decoder_config=tiny_decoder_config(),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        ood_max_iter=5,
+        **overrides,
+    )
     config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     return config
 
@@ -82,8 +87,9 @@ def test_beam_search_and_greedy_agree_where_they_must(trained):
     torch.testing.assert_close(model.generate(**batch, max_new_tokens=8, num_beams=1, do_sample=False), greedy)
     torch.testing.assert_close(model.generate(**batch, max_new_tokens=8, use_cache=False), greedy)
     # The trained model is peaked: the best beam is the greedy sequence, and beams are ordered by their score.
-    beams = model.generate(**batch, max_new_tokens=8, num_beams=3, num_return_sequences=3,
-                           return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    beams = model.generate(
+        **batch, max_new_tokens=8, num_beams=3, num_return_sequences=3, return_dict_in_generate=True, output_scores=True
+    )
     best = beams.sequences.view(len(ANSWERS), 3, -1)[:, 0]
     assert processor.decode_answers(best) == ANSWERS
     scores = beams.sequences_scores.view(len(ANSWERS), 3)
@@ -144,8 +150,9 @@ def test_lora_merge_and_unload_keeps_the_generations(trained):
     torch.manual_seed(2)
     model = VKOODForConditionalGeneration(deterministic_config(pretrained_backbones=["vision_model", "text_model"]))
     model.load_state_dict(trained_model.state_dict())
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_modules(),
-                      modules_to_save=model.modules_to_save())  # fmt: skip
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=model.lora_target_modules(), modules_to_save=model.modules_to_save()
+    )
     peft_model = get_peft_model(model, lora)
     with torch.no_grad():  # adapters that change the backbones (a fresh LoRA B is 0 and would merge trivially)
         for name, parameter in peft_model.named_parameters():
@@ -158,7 +165,9 @@ def test_lora_merge_and_unload_keeps_the_generations(trained):
     merged = peft_model.merge_and_unload().eval()
     assert type(merged) is VKOODForConditionalGeneration
     torch.testing.assert_close(merged.generate(**batch, max_new_tokens=8, num_beams=2), adapted)
-    torch.testing.assert_close(merged(**inputs(processor, with_answers=True)).logits, adapted_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        merged(**inputs(processor, with_answers=True)).logits, adapted_logits, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_save_load_as_remote_code_gives_the_same_generations_and_pipeline_answers(trained, tmp_path):
@@ -175,8 +184,10 @@ def test_save_load_as_remote_code_gives_the_same_generations_and_pipeline_answer
     assert auto_map["AutoProcessor"] == "processing_vkood.VKOODProcessor"
 
     batch = inputs(processor)
-    expected = {"greedy": model.generate(**batch, max_new_tokens=8),
-                "beams": model.generate(**batch, max_new_tokens=8, num_beams=3)}  # fmt: skip
+    expected = {
+        "greedy": model.generate(**batch, max_new_tokens=8),
+        "beams": model.generate(**batch, max_new_tokens=8, num_beams=3),
+    }
     reloaded = VKOODForConditionalGeneration.from_pretrained(folder).eval()
     torch.testing.assert_close(reloaded.generate(**batch, max_new_tokens=8), expected["greedy"], rtol=0, atol=0)
     for index, image in enumerate(images()):

@@ -14,21 +14,92 @@ from pathlib import Path
 import pytest
 from conftest import REFDATA, REPO_ROOT
 
-from modeling_vkood.knowledge import DEFAULT_RELATIONS, KnowledgeBase, KnowledgeItem, extract_concepts, verbalize
-from modeling_vkood.knowledge import store
+from modeling_vkood.knowledge import DEFAULT_RELATIONS, KnowledgeBase, KnowledgeItem, extract_concepts, store, verbalize
 from modeling_vkood.knowledge.concepts import lemma_candidates
 
 CONCEPTNET_REFDATA = REFDATA / "conceptnet" if REFDATA is not None else Path("refdata-absent")
 
 COCO_CATEGORIES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
-    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
-    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 
 
@@ -216,7 +287,11 @@ def test_retrieval_lists_each_concepts_edges_by_relation_then_weight_then_tail(s
     assert small_kb.retrieve("What are the cups used for?", per_relation=2) == CUP_ITEMS[:4]
     assert small_kb.retrieve("Is the dog next to a cup?") == DOG_ITEMS + CUP_ITEMS
     assert CUP_ITEMS[2].to_dict() == {
-        "head": "cup", "relation": "UsedFor", "tail": "drinking", "weight": 3.0, "text": "a cup is used for drinking"
+        "head": "cup",
+        "relation": "UsedFor",
+        "tail": "drinking",
+        "weight": 3.0,
+        "text": "a cup is used for drinking",
     }
 
 
@@ -285,18 +360,45 @@ def test_pickles_by_path_and_works_in_dataset_map_workers(small_kb):
 VOCABULARY = frozenset(
     "cup box bus knife glass glasses person shape color colour circle rectangle triangle red blue teal gray dog "
     "ski tennis cookie potato horse man building run".split()
-) | {"wine glass", "hot dog", "teddy bear", "cell phone", "traffic light", "fire hydrant", "stop sign",
-     "parking meter", "baseball bat", "tennis racket", "hair drier", "dining table", "trash can", "parking lot",
-     "t shirt"}
+) | {
+    "wine glass",
+    "hot dog",
+    "teddy bear",
+    "cell phone",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "baseball bat",
+    "tennis racket",
+    "hair drier",
+    "dining table",
+    "trash can",
+    "parking lot",
+    "t shirt",
+}
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("cups", ["cup"]), ("boxes", ["box"]), ("buses", ["bus"]), ("knives", ["knife"]), ("people", ["person"]),
-        ("glass", ["glass"]), ("wine glasses", ["wine glass"]), ("glasses", ["glasses"]), ("skis", ["ski"]),
-        ("tennis", ["tennis"]), ("cookies", ["cookie"]), ("potatoes", ["potato"]), ("horses", ["horse"]),
-        ("men", ["man"]), ("the building", ["building"]), ("running", ["run"]), ("T-shirts", ["t shirt"]),
+        ("cups", ["cup"]),
+        ("boxes", ["box"]),
+        ("buses", ["bus"]),
+        ("knives", ["knife"]),
+        ("people", ["person"]),
+        ("glass", ["glass"]),
+        ("wine glasses", ["wine glass"]),
+        ("glasses", ["glasses"]),
+        ("skis", ["ski"]),
+        ("tennis", ["tennis"]),
+        ("cookies", ["cookie"]),
+        ("potatoes", ["potato"]),
+        ("horses", ["horse"]),
+        ("men", ["man"]),
+        ("the building", ["building"]),
+        ("running", ["run"]),
+        ("T-shirts", ["t shirt"]),
         ("What color is the shape?", ["color", "shape"]),
         ("What colour are the shapes?", ["colour", "shape"]),
         ("Is there a blue shape in the image?", ["blue", "shape"]),
@@ -305,8 +407,10 @@ VOCABULARY = frozenset(
         ("Is there not a teal rectangle in the image?", ["teal", "rectangle"]),
         ("what is the gray triangle shape?", ["gray", "triangle", "shape"]),
         ("Is the teddy bear next to the cell phones?", ["teddy bear", "cell phone"]),
-        ("Why is the traffic light red near the fire hydrant and stop sign?",
-         ["traffic light", "red", "fire hydrant", "stop sign"]),
+        (
+            "Why is the traffic light red near the fire hydrant and stop sign?",
+            ["traffic light", "red", "fire hydrant", "stop sign"],
+        ),
         ("Hot dogs on a dining table by the parking meter", ["hot dog", "dining table", "parking meter"]),
         ("baseball bats, tennis rackets and a hair drier", ["baseball bat", "tennis racket", "hair drier"]),
         ("Is the trash can in the parking lot?", ["trash can", "parking lot"]),
@@ -387,8 +491,22 @@ def test_starter_colour_knowledge_reads_as_colours(starter_kb):
 
 
 # --------------------------------------------------------------------------------------------- starter
-EASY_VQA_WORDS = ("circle", "rectangle", "triangle", "red", "green", "blue", "black", "gray", "yellow", "teal",
-                  "brown", "shape", "color", "colour")
+EASY_VQA_WORDS = (
+    "circle",
+    "rectangle",
+    "triangle",
+    "red",
+    "green",
+    "blue",
+    "black",
+    "gray",
+    "yellow",
+    "teal",
+    "brown",
+    "shape",
+    "color",
+    "colour",
+)
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +524,11 @@ def test_starter_graph_covers_easy_vqa_and_coco(starter_kb):
         concepts = starter_kb.concepts(f"Is there a {name} here?")
         assert len(concepts) == 1 and starter_kb.retrieve(name), name
     assert starter_kb.concepts("What colour is the triangle? What color is the circle?") == [
-        "colour", "triangle", "color", "circle"]
+        "colour",
+        "triangle",
+        "color",
+        "circle",
+    ]
     assert verbalize("cup", "UsedFor", "drinking") in {i.text for i in starter_kb.retrieve("What is the cup for?")}
 
 
@@ -486,8 +608,10 @@ def test_build_from_real_conceptnet_release_files(tmp_path):
         ]
 
     head5 = KnowledgeBase.build(
-        CONCEPTNET_REFDATA / "conceptnet-assertions-5.7.0.head5.csv", tmp_path / "head5.sqlite",
-        relations=("Antonym",), languages=("ab", "adx"),
+        CONCEPTNET_REFDATA / "conceptnet-assertions-5.7.0.head5.csv",
+        tmp_path / "head5.sqlite",
+        relations=("Antonym",),
+        languages=("ab", "adx"),
     )
     assert (head5.lines, head5.kept, head5.malformed) == (5, 5, 0)
     assert ("агыруа", "Antonym", "аҧсуа", 1.0) in stored_edges(tmp_path / "head5.sqlite")

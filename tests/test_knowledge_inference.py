@@ -23,8 +23,7 @@ from conftest import REFDATA, REPO_ROOT, run_without_package, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from data_scripts.common import KnowledgeAnnotator
-from modeling_vkood import VKOODForQuestionAnswering, VKOODProcessor
-from modeling_vkood import processing_vkood
+from modeling_vkood import VKOODForQuestionAnswering, VKOODProcessor, processing_vkood
 from modeling_vkood.knowledge import KnowledgeBase
 from modeling_vkood.pipeline_vkood import VQA_PIPELINE, VKOODVisualQuestionAnsweringPipeline
 from modeling_vkood.training.collators import PixelCache, VQACollator
@@ -101,9 +100,15 @@ def test_self_retrieval_gives_the_training_collators_tensors(graph, request, tok
     kb = request.getfixturevalue(graph)
     questions = STARTER_QUESTIONS if graph == "starter" else CONCEPTNET_QUESTIONS
     explicit = VKOODProcessor(image_processor(), tokenizer, max_knowledge_items=ENCODED, knowledge_max_length=12)
-    retrieving = VKOODProcessor(image_processor(), tokenizer, max_knowledge_items=ENCODED, knowledge_max_length=12,
-                                knowledge_source=graph, knowledge_index=str(kb.path),
-                                knowledge_retrieval_items=RETRIEVED)  # fmt: skip
+    retrieving = VKOODProcessor(
+        image_processor(),
+        tokenizer,
+        max_knowledge_items=ENCODED,
+        knowledge_max_length=12,
+        knowledge_source=graph,
+        knowledge_index=str(kb.path),
+        knowledge_retrieval_items=RETRIEVED,
+    )
     training = collated(explicit, kb, questions)
     inference = retrieving(images=images(len(questions)), text=questions)
 
@@ -235,7 +240,10 @@ def test_saved_checkpoint_retrieves_and_answers_the_same_without_the_package(tok
     assert {"knowledge_vkood.py", "processing_vkood.py", "knowledge_index.sqlite"} <= {p.name for p in folder.iterdir()}
     saved = json.loads((folder / "processor_config.json").read_text())
     assert (saved["knowledge_source"], saved["knowledge_index"], saved["knowledge_retrieval_items"]) == (
-        "starter", "knowledge_index.sqlite", RETRIEVED)  # fmt: skip
+        "starter",
+        "knowledge_index.sqlite",
+        RETRIEVED,
+    )
 
     paths = []
     for index, picture in enumerate(images(len(STARTER_QUESTIONS))):

@@ -4,7 +4,12 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_vkood_config
 
-from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval, VKOODForQuestionAnswering, VKOODModel
+from modeling_vkood import (
+    VKOODForImagesAndTextClassification,
+    VKOODForImageTextRetrieval,
+    VKOODForQuestionAnswering,
+    VKOODModel,
+)
 
 
 def processor_like_batch(pairs=False):
@@ -14,8 +19,10 @@ def processor_like_batch(pairs=False):
     return batch
 
 
-@pytest.mark.parametrize("model_class", [VKOODModel, VKOODForQuestionAnswering, VKOODForImagesAndTextClassification,
-                                         VKOODForImageTextRetrieval])  # fmt: skip
+@pytest.mark.parametrize(
+    "model_class",
+    [VKOODModel, VKOODForQuestionAnswering, VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval],
+)
 def test_leaving_out_knowledge_mask_gives_the_processor_mask_result(model_class):
     torch.manual_seed(0)
     model = model_class(tiny_vkood_config(num_labels=3)).eval()
@@ -37,7 +44,12 @@ def test_gallery_texts_derive_the_same_knowledge_mask():
     torch.manual_seed(0)
     model = VKOODForImageTextRetrieval(tiny_vkood_config()).eval()
     batch = processor_like_batch()
-    args = (batch["input_ids"], batch["attention_mask"], batch["knowledge_input_ids"], batch["knowledge_attention_mask"])
+    args = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["knowledge_input_ids"],
+        batch["knowledge_attention_mask"],
+    )
     given, derived = model.encode_gallery_texts(*args, batch["knowledge_mask"]), model.encode_gallery_texts(*args)
     assert torch.equal(derived["knowledge_mask"], batch["knowledge_mask"])
     torch.testing.assert_close(derived["knowledge"], given["knowledge"])
@@ -62,7 +74,9 @@ def test_retrieval_loss_is_finite_and_trains_on_any_batch(image_ids):
     assert model.itm_head.weight.grad.abs().sum() > 0
     if len(set(image_ids)) == 1:
         # no negative exists: the ITM loss is that of the positive pairs alone
-        itm_positive = torch.nn.functional.cross_entropy(outputs.itm_logits.float(), torch.ones(len(image_ids), dtype=torch.long))
+        itm_positive = torch.nn.functional.cross_entropy(
+            outputs.itm_logits.float(), torch.ones(len(image_ids), dtype=torch.long)
+        )
         assert outputs.itm_loss.item() == pytest.approx(itm_positive.item(), rel=1e-5)
 
 

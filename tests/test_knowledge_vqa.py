@@ -95,6 +95,7 @@ def test_same_seed_same_rows_other_seed_other_facts(built):
         return knowledge_vqa.read_split(root, root, "test", seed, SkipReport("knowledge_vqa"))
 
     first = rows(knowledge_vqa.DEFAULT_SEED)
+
     def canonical(rows):
         return [[(item["head"], item["tail"], item["text"], item["fits_image"]) for item in items] for items in rows]
 
@@ -137,7 +138,9 @@ def test_the_colour_read_from_the_questions_is_the_colour_of_the_shape_pixels():
             values, counts = np.unique(border, axis=0, return_counts=True)
             shape = np.abs(pixels - values[counts.argmax()]).sum(-1) > 60
             shown[image_id] = (found["colour"], np.median(pixels[shape], 0))
-    typical = {colour: np.median([rgb for c, rgb in shown.values() if c == colour], 0) for colour in knowledge_vqa.COLOURS}
+    typical = {
+        colour: np.median([rgb for c, rgb in shown.values() if c == colour], 0) for colour in knowledge_vqa.COLOURS
+    }
     wrong = [image_id for image_id, (colour, rgb) in shown.items() if np.abs(rgb - typical[colour]).max() > 60]
     assert len(shown) > 800 and wrong == []
     assert len({tuple(rgb.round()) for rgb in typical.values()}) == len(knowledge_vqa.COLOURS)  # 8 distinct colours
@@ -179,16 +182,18 @@ def test_log_likelihood_score_is_relative_to_the_image_tokens_and_differs_from_g
     expected = (sklearn.score_samples(points) - sklearn.score(points)) / math.sqrt(1.5)
     np.testing.assert_allclose(scores[0].numpy(), expected, rtol=1e-10, atol=1e-10)
     # GEM ignores the weights: moving the weight off the component near the query lowers the likelihood, not GEM.
-    skewed = GaussianMixtureOutput(weights=torch.tensor([[0.001, 0.999]], dtype=torch.float64),
-                                   means=mixture.means, variances=mixture.variances)  # fmt: skip
+    skewed = GaussianMixtureOutput(
+        weights=torch.tensor([[0.001, 0.999]], dtype=torch.float64), means=mixture.means, variances=mixture.variances
+    )
     query = torch.tensor([[[2.0, 2.0, 2.0]]], dtype=torch.float64)
     assert torch.allclose(gem_score(query, skewed), gem_score(query, mixture))
     assert log_likelihood(query, skewed) < log_likelihood(query, mixture) - 1.0
 
 
 def contrastive_layer(**overrides):
-    config = tiny_vkood_config(**{"ood_alignment": "contrastive", "ood_score": "log_likelihood",
-                                  "ood_alignment_weight": 1.0, **overrides})  # fmt: skip
+    config = tiny_vkood_config(
+        **{"ood_alignment": "contrastive", "ood_score": "log_likelihood", "ood_alignment_weight": 1.0, **overrides}
+    )
     return ImplicitOODLayer(config).double()
 
 
@@ -200,10 +205,12 @@ def test_contrastive_alignment_is_the_multi_positive_infonce_of_the_scores_over_
     relevance = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.float64)  # row 2: no positive
     output = layer(context, items, items_mask=items_mask, items_relevance=relevance)
     logits = output.scores / 0.5
-    expected = torch.stack([
-        torch.logsumexp(logits[0], 0) - torch.logsumexp(logits[0, [0, 2]], 0),
-        torch.logsumexp(logits[1, :3], 0) - logits[1, 2],  # the padded item is no negative
-    ]).mean()  # fmt: skip
+    expected = torch.stack(
+        [
+            torch.logsumexp(logits[0], 0) - torch.logsumexp(logits[0, [0, 2]], 0),
+            torch.logsumexp(logits[1, :3], 0) - logits[1, 2],  # the padded item is no negative
+        ]
+    ).mean()
     assert torch.allclose(output.alignment_loss, expected)
     output.alignment_loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
@@ -235,10 +242,12 @@ def test_gate_alignment_adds_the_class_balanced_bce_of_the_gate_on_detached_scor
     output = layer(context, items, items_mask=items_mask, items_relevance=relevance)
     logits = (output.scores - layer.threshold) / 2.0
     bce = torch.nn.functional.softplus
-    balanced = torch.stack([
-        bce(-logits[0, 0]) + bce(logits[0, 1:]).mean(),
-        bce(-logits[1, 1:3]).mean() + bce(logits[1, 0]),  # the padded item counts in neither term
-    ]).mean()  # fmt: skip
+    balanced = torch.stack(
+        [
+            bce(-logits[0, 0]) + bce(logits[0, 1:]).mean(),
+            bce(-logits[1, 1:3]).mean() + bce(logits[1, 0]),  # the padded item counts in neither term
+        ]
+    ).mean()
     infonce = layer.contrastive_alignment_loss(output.scores, items_mask, relevance)
     assert torch.allclose(output.alignment_loss, infonce + balanced)
     (projection_grad,) = torch.autograd.grad(infonce, layer.projection.weight, retain_graph=True)
@@ -339,8 +348,15 @@ def test_states_answer_matches_whole_words_only():
     assert not states_answer("the colour red is the symbol of the farm", ["tower", ""])
 
 
-@pytest.mark.parametrize("field, value", [("ood_score", "energy"), ("ood_alignment", "pull"),
-                                          ("ood_alignment_temperature", 0.0), ("ood_cross_image_weight", -1.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("ood_score", "energy"),
+        ("ood_alignment", "pull"),
+        ("ood_alignment_temperature", 0.0),
+        ("ood_cross_image_weight", -1.0),
+    ],
+)
 def test_new_ood_options_are_validated(field, value):
     with pytest.raises(Exception, match=f"VKOODConfig.{field} must"):  # huggingface_hub wraps the ValueError
         VKOODConfig(**{field: value})
@@ -370,10 +386,29 @@ def test_the_shipped_config_trains_evaluates_and_saves(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImplicitOODLayer, "forward", recording)
     output = tmp_path / "run"
-    metrics = train.main(["configuration/knowledge_vqa.yaml", "--max_steps", "4", "--max_train_samples", "64",
-                          "--per_device_train_batch_size", "16", "--ood_gate_forcing_steps", "1",
-                          "--ood_gate_handover_steps", "2", "--max_eval_samples", "64", "--check_images", "none",
-                          "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(output)])  # fmt: skip
+    metrics = train.main(
+        [
+            "configuration/knowledge_vqa.yaml",
+            "--max_steps",
+            "4",
+            "--max_train_samples",
+            "64",
+            "--per_device_train_batch_size",
+            "16",
+            "--ood_gate_forcing_steps",
+            "1",
+            "--ood_gate_handover_steps",
+            "2",
+            "--max_eval_samples",
+            "64",
+            "--check_images",
+            "none",
+            "--dataset_cache_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(output),
+        ]
+    )
     assert seen == [(1.0, True), (1.0, True), (0.5, True), (0.0, True)]
     assert 0.0 <= metrics["eval_vqa_accuracy"] <= 100.0 and metrics["world_size"] == 1
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
@@ -409,12 +444,39 @@ def test_the_shipped_knowledge_vqa_recipe_runs_and_reports_how_the_layer_treats_
     import train
 
     output = tmp_path / "out"
-    metrics = train.main(["configuration/knowledge_vqa.yaml", "--train_split", "test", "--max_train_samples", "64",
-                          "--max_eval_samples", "40", "--ood_plot_examples", "40", "--max_steps", "3",
-                          "--ood_gate_forcing_steps", "1", "--ood_gate_handover_steps", "1",
-                          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "20",
-                          "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
-                          "--dataset_cache_dir", str(tmp_path / "cache"), "--output_dir", str(output)])  # fmt: skip
+    metrics = train.main(
+        [
+            "configuration/knowledge_vqa.yaml",
+            "--train_split",
+            "test",
+            "--max_train_samples",
+            "64",
+            "--max_eval_samples",
+            "40",
+            "--ood_plot_examples",
+            "40",
+            "--max_steps",
+            "3",
+            "--ood_gate_forcing_steps",
+            "1",
+            "--ood_gate_handover_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+            "--per_device_eval_batch_size",
+            "20",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+            "--dataloader_num_workers",
+            "0",
+            "--dataset_cache_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(output),
+        ]
+    )
     assert 0.0 <= metrics["ood_auroc_fitting"] <= 1.0
     assert 0.0 <= metrics["ood_kept_fraction_fitting"] <= 1.0 and 0.0 <= metrics["ood_kept_fraction_not_fitting"] <= 1.0
     saved = json.loads((output / "all_results.json").read_text())

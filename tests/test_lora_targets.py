@@ -9,14 +9,27 @@ from conftest import tiny_vkood_config
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from modeling_vkood import VKOODForQuestionAnswering
-
 from modeling_vkood.training import apply_finetuning, build_model
 from modeling_vkood.training.arguments import ModelArguments
 
-RESNET = {"model_type": "resnet", "num_channels": 3, "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
-          "layer_type": "basic"}  # fmt: skip
-VKOOD = {"hidden_size": 16, "num_fusion_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-         "ood_projection_dim": 4, "ood_max_iter": 3, "max_knowledge_items": 2, "knowledge_max_length": 8}  # fmt: skip
+RESNET = {
+    "model_type": "resnet",
+    "num_channels": 3,
+    "embedding_size": 8,
+    "hidden_sizes": [8, 16],
+    "depths": [1, 1],
+    "layer_type": "basic",
+}
+VKOOD = {
+    "hidden_size": 16,
+    "num_fusion_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "ood_projection_dim": 4,
+    "ood_max_iter": 3,
+    "max_knowledge_items": 2,
+    "knowledge_max_length": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +37,14 @@ def text_model(tmp_path_factory, minilm_path) -> str:
     folder = tmp_path_factory.mktemp("tiny_bert")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
@@ -52,14 +71,18 @@ def test_the_factory_adapts_exactly_what_the_model_method_names(text_model):
 
 
 def test_a_continued_run_trains_the_from_scratch_backbone_in_full(text_model, tmp_path):
-    first = build_model(lora_args(vision_config=dict(RESNET), text_model=text_model, image_size=32), "vqa", {0: "a", 1: "b"})
+    first = build_model(
+        lora_args(vision_config=dict(RESNET), text_model=text_model, image_size=32), "vqa", {0: "a", 1: "b"}
+    )
     first.model.save_pretrained(tmp_path)
     first.processor.save_pretrained(tmp_path)
 
     continued = build_model(lora_args(model_name_or_path=str(tmp_path)), "vqa")
     assert continued.pretrained_backbones == ("text_model",)
     model = apply_finetuning(continued, lora_args(model_name_or_path=str(tmp_path)))
-    vision = {name: p for name, p in model.named_parameters() if ".vision_model." in name and ".original_module." not in name}
+    vision = {
+        name: p for name, p in model.named_parameters() if ".vision_model." in name and ".original_module." not in name
+    }
     assert vision and all(p.requires_grad for p in vision.values())  # the ResNet keeps learning in full
     assert adapted_modules(model) and all(".text_model." in name for name in adapted_modules(model))
     text = [p for name, p in model.named_parameters() if ".text_model." in name and "lora_" not in name]

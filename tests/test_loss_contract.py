@@ -17,13 +17,18 @@ from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTex
 from modeling_vkood.training import VKOODTrainer
 
 
-
 def deterministic_config(**overrides):
     """A tiny config whose forward does not depend on how examples are grouped into batches: no dropout anywhere,
     and EM always runs `ood_max_iter` steps (each example is frozen once it converges, but a rounding difference
     between a batch of 8 and its halves could otherwise move that step)."""
-    settings = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0, ood_tol=1e-30,
-                    ood_max_iter=8, **overrides)  # fmt: skip
+    settings = dict(
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+        ood_tol=1e-30,
+        ood_max_iter=8,
+        **overrides,
+    )
     config = tiny_vkood_config(**settings)
     config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     return config
@@ -45,12 +50,22 @@ def first_step_gradients(tmp_path, per_device_batch, accumulation):
     model = VKOODForQuestionAnswering(deterministic_config(num_labels=5, ood_calibration_quantile=None))
     recorder = GradientRecorder()
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"ga{accumulation}"), max_steps=1, per_device_train_batch_size=per_device_batch,
-        gradient_accumulation_steps=accumulation, learning_rate=1e-3, max_grad_norm=1e9, remove_unused_columns=False,
-        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=0,
-    )  # fmt: skip
-    trainer = VKOODTrainer(model=model, args=args, train_dataset=TinyVQARows(8, seed=3), data_collator=stack,
-                           callbacks=[recorder])  # fmt: skip
+        output_dir=str(tmp_path / f"ga{accumulation}"),
+        max_steps=1,
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3,
+        max_grad_norm=1e9,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+    )
+    trainer = VKOODTrainer(
+        model=model, args=args, train_dataset=TinyVQARows(8, seed=3), data_collator=stack, callbacks=[recorder]
+    )
     trainer.train()
     return recorder.gradients
 
@@ -65,7 +80,9 @@ def test_gradient_accumulation_2x4_gives_the_gradient_of_one_batch_of_8(tmp_path
         torch.testing.assert_close(accumulated[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("head", [VKOODForQuestionAnswering, VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval])
+@pytest.mark.parametrize(
+    "head", [VKOODForQuestionAnswering, VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval]
+)
 def test_every_head_declares_its_loss_batch_averaged_also_under_peft_and_rejects_unknown_arguments(head, tmp_path):
     model = head(tiny_vkood_config(num_labels=2, pretrained_backbones=["vision_model", "text_model"]))
     lora = LoraConfig(r=2, target_modules=model.lora_target_modules(), modules_to_save=model.modules_to_save())
@@ -78,11 +95,23 @@ def test_every_head_declares_its_loss_batch_averaged_also_under_peft_and_rejects
 
 def launch(accelerate_config: str, script: Path, *arguments, processes=2) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configuration/accelerate/<config> --num_processes 2 script ...` on CPU."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO_ROOT / "configuration" / "accelerate" / accelerate_config), "--num_processes", str(processes),
-               str(script), *map(str, arguments)]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "configuration" / "accelerate" / accelerate_config),
+        "--num_processes",
+        str(processes),
+        str(script),
+        *map(str, arguments),
+    ]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -99,8 +128,9 @@ def test_tau_is_calibrated_alike_on_every_rank_and_kept_by_the_first_bf16_step(t
 
     # One process on the same 8 examples calibrates to the same tau.
     args = worker.training_arguments(tmp_path / "single", per_device_batch=8, bf16=True)
-    single = VKOODTrainer(model=worker.tiny_model(), args=args, train_dataset=TinyVQARows(8, seed=3),
-                          data_collator=stack).calibrate_ood_threshold()  # fmt: skip
+    single = VKOODTrainer(
+        model=worker.tiny_model(), args=args, train_dataset=TinyVQARows(8, seed=3), data_collator=stack
+    ).calibrate_ood_threshold()
     tau = ranks[0]["tau_at_train_begin"]
     assert tau == pytest.approx(single, abs=2e-2) and abs(tau - tiny_vkood_config().ood_threshold) > 0.1
     # The first AdamW step moves a parameter by at most the learning rate: tau was not reset to its initial value.

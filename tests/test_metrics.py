@@ -181,9 +181,7 @@ def test_retrieval_recall_hand_computed():
     # Image 0 (texts 0, 1): best caption 0.9 beats every other text -> rank 0. Image 1 (texts 2, 3): best 0.6 is
     # beaten by text 1 (0.7) -> rank 1. Texts: 0 -> rank 0, 1 -> rank 1 (0.7 > 0.1), 2 -> rank 1, 3 -> rank 0.
     result = retrieval_recall(scores, [0, 0, 1, 1], ks=(1, 2))
-    assert result == pytest.approx(
-        {"i2t_r1": 50.0, "i2t_r2": 100.0, "t2i_r1": 50.0, "t2i_r2": 100.0, "r_mean": 75.0}
-    )
+    assert result == pytest.approx({"i2t_r1": 50.0, "i2t_r2": 100.0, "t2i_r1": 50.0, "t2i_r2": 100.0, "r_mean": 75.0})
 
 
 def test_retrieval_ties_count_against_the_query():

@@ -11,7 +11,6 @@ from conftest import run_without_package, tiny_decoder_config, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from hub_cards.model_card import TASKS, ModelDescription, model_card
-from modeling_vkood.knowledge import KnowledgeBase
 from modeling_vkood import (
     VKOODForConditionalGeneration,
     VKOODForImagesAndTextClassification,
@@ -20,6 +19,7 @@ from modeling_vkood import (
     VKOODProcessor,
     pipeline_vkood,
 )
+from modeling_vkood.knowledge import KnowledgeBase
 
 CHECKPOINTS = {
     "vqa": (VKOODForQuestionAnswering, {0: "yes", 1: "no", 2: "circle"}),
@@ -51,16 +51,30 @@ def save_checkpoint(task, folder, minilm_path, retrieves=True):
         shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
     model.save_pretrained(folder)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = VKOODProcessor.from_model_config(image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config)
+    processor = VKOODProcessor.from_model_config(
+        image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config
+    )
     if retrieves:  # as train.py does where the data was retrieved: the card's pipeline retrieves
         processor.set_knowledge_source("starter", KnowledgeBase.starter().path, 4)
     processor.save_pretrained(folder)
 
 
 def describe(task, model_id, **fields):
-    return ModelDescription(model_name="tiny", task=task, dataset_name="tiny", eval_split="test", vision_backbone="v",
-                            text_backbone="t", knowledge_source="k", finetuning="full", weights_form="w",
-                            command="python train.py", results={"eval_score": 1.0}, repo_id=model_id, **fields)  # fmt: skip
+    return ModelDescription(
+        model_name="tiny",
+        task=task,
+        dataset_name="tiny",
+        eval_split="test",
+        vision_backbone="v",
+        text_backbone="t",
+        knowledge_source="k",
+        finetuning="full",
+        weights_form="w",
+        command="python train.py",
+        results={"eval_score": 1.0},
+        repo_id=model_id,
+        **fields,
+    )
 
 
 def test_every_task_has_a_checkpoint_here():
@@ -92,8 +106,16 @@ def test_a_card_of_per_example_facts_passes_the_run_s_own_example_and_its_snippe
     save_checkpoint("vqa", folder, minilm_path, retrieves=False)
     PIL.Image.new("RGB", (40, 36), "red").save(tmp_path / "photo.jpg")
     question, facts = "what does the colour of the shape stand for?", ["red means harbour", "circle's means castle"]
-    card = model_card(describe("vqa", str(folder), example_question=question, example_knowledge=facts,
-                               retrieves_knowledge=False, ood_score="log_likelihood")).text  # fmt: skip
+    card = model_card(
+        describe(
+            "vqa",
+            str(folder),
+            example_question=question,
+            example_knowledge=facts,
+            retrieves_knowledge=False,
+            ood_score="log_likelihood",
+        )
+    ).text
     assert "retrieves none itself" in card and "knowledge_index.sqlite" not in card
     assert "relative to the image's own tokens" in card and "GEM" not in card
     snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)

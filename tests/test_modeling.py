@@ -64,7 +64,13 @@ def test_default_config_is_the_paper():
 
 
 # The retrieval head has no classifier (ITM is a linear layer on the pooled output).
-TASK_HEADS = [("vqa", "mlp"), ("vqa", "gated_product"), ("nlvr2", "mlp"), ("nlvr2", "gated_product"), ("retrieval", "mlp")]
+TASK_HEADS = [
+    ("vqa", "mlp"),
+    ("vqa", "gated_product"),
+    ("nlvr2", "mlp"),
+    ("nlvr2", "gated_product"),
+    ("retrieval", "mlp"),
+]
 
 
 @pytest.mark.parametrize("task, classifier_head", TASK_HEADS)
@@ -91,7 +97,9 @@ def test_save_load_same_logits_also_as_remote_code(task, classifier_head, tmp_pa
         expected = head_logits(model, task, batch)
     folder = tmp_path / "checkpoint"
     model.save_pretrained(folder)
-    assert {"configuration_vkood.py", "modeling_vkood.py", "ood_vkood.py", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    assert {"configuration_vkood.py", "modeling_vkood.py", "ood_vkood.py", "model.safetensors"} <= {
+        p.name for p in folder.iterdir()
+    }
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"][auto_class] == f"modeling_vkood.{model_class.__name__}"
     assert config["auto_map"]["AutoModel"] == "modeling_vkood.VKOODModel"
@@ -218,7 +226,9 @@ def test_each_distinct_item_is_encoded_once_and_matches_item_by_item():
     calls = []
     hook = model.text_model.register_forward_hook(lambda module, args, output: calls.append(output))
     with torch.no_grad():
-        vectors = model.encode_knowledge(batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"])
+        vectors = model.encode_knowledge(
+            batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"]
+        )
     hook.remove()
     encoded_rows = calls[0].last_hidden_state.shape[0]
     assert encoded_rows == int(batch["knowledge_mask"].sum()) - 1  # items [0, 0] and [1, 0] are the same triple
@@ -246,26 +256,51 @@ def test_from_vision_text_pretrained_keeps_backbone_weights(tmp_path):
     torch.manual_seed(0)
     clip = CLIPModel(
         CLIPConfig(
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
-            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99
+            ),
             projection_dim=16,
         )
     )
-    bert = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99))
+    bert = BertModel(
+        BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99)
+    )
     clip.save_pretrained(tmp_path / "clip")
     bert.save_pretrained(tmp_path / "bert")
     model = VKOODForQuestionAnswering.from_vision_text_pretrained(
-        str(tmp_path / "clip"), str(tmp_path / "bert"), hidden_size=32, num_attention_heads=2, num_fusion_layers=1, intermediate_size=64, num_labels=3
+        str(tmp_path / "clip"),
+        str(tmp_path / "bert"),
+        hidden_size=32,
+        num_attention_heads=2,
+        num_fusion_layers=1,
+        intermediate_size=64,
+        num_labels=3,
     )
     assert model.config.vision_config.model_type == "clip_vision_model"
     vision = model.vkood.vision_model
-    torch.testing.assert_close(vision.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight)
-    torch.testing.assert_close(model.vkood.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
-    output = model(pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.randint(0, 99, (2, 5)), labels=torch.rand(2, 3))
+    torch.testing.assert_close(
+        vision.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight
+    )
+    torch.testing.assert_close(
+        model.vkood.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight
+    )
+    output = model(
+        pixel_values=torch.randn(2, 3, 32, 32), input_ids=torch.randint(0, 99, (2, 5)), labels=torch.rand(2, 3)
+    )
     output.loss.backward()
     model.save_pretrained(tmp_path / "vkood")
     reloaded = VKOODForQuestionAnswering.from_pretrained(tmp_path / "vkood")
-    torch.testing.assert_close(reloaded.vkood.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(
+        reloaded.vkood.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -273,7 +308,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     gradients = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0))
+        model = VKOODForQuestionAnswering(
+            tiny_vkood_config(
+                num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0
+            )
+        )
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -296,7 +335,11 @@ def test_retrieval_ranks_a_gallery_in_two_stages():
     batch = tiny_batch(batch_size=4)
     images = model.encode_gallery_images(batch["pixel_values"])
     texts = model.encode_gallery_texts(
-        batch["input_ids"], batch["attention_mask"], batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"]
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["knowledge_input_ids"],
+        batch["knowledge_attention_mask"],
+        batch["knowledge_mask"],
     )
     i2t, t2i = model.rank_gallery(images, texts)
     similarity = images["embeds"] @ texts["embeds"].t()
@@ -307,7 +350,11 @@ def test_retrieval_ranks_a_gallery_in_two_stages():
     image, text = 1, int(similarity[1].argmax())
     with torch.no_grad():
         fused = model.vkood.fuse(
-            images["tokens"][[image]], texts["tokens"][[text]], texts["mask"][[text]], texts["knowledge"][[text]], texts["knowledge_mask"][[text]]
+            images["tokens"][[image]],
+            texts["tokens"][[text]],
+            texts["mask"][[text]],
+            texts["knowledge"][[text]],
+            texts["knowledge_mask"][[text]],
         )
         margin = model.itm_head(fused.pooler_output)[0]
     assert i2t[image, text].item() == pytest.approx((margin[1] - margin[0] + similarity[image, text]).item(), abs=1e-5)
@@ -332,10 +379,14 @@ def test_repeated_questions_are_encoded_once_with_the_same_result():
     attention_mask = torch.ones_like(input_ids)
     attention_mask[3, 4:] = 0
     seen = []
-    hook = model.text_model.register_forward_hook(lambda module, args, output: seen.append(output.last_hidden_state.shape[0]))
+    hook = model.text_model.register_forward_hook(
+        lambda module, args, output: seen.append(output.last_hidden_state.shape[0])
+    )
     with torch.no_grad():
         tokens = model.encode_text(input_ids, attention_mask)
-        direct = model.text_projection(model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+        direct = model.text_projection(
+            model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        )
     hook.remove()
     assert seen[0] == 3
     torch.testing.assert_close(tokens[:, :4], direct[:, :4], atol=1e-5, rtol=1e-5)

@@ -52,7 +52,13 @@ def test_converged_mixture_is_a_fixed_point_of_sklearn_em():
         np.testing.assert_allclose(reference.weights_, mixture.weights[b].numpy(), atol=1e-5)
         np.testing.assert_allclose(reference.means_, mixture.means[b].numpy(), atol=1e-5)
         np.testing.assert_allclose(reference.covariances_, mixture.variances[b].numpy(), atol=1e-5)
-        ours = mixture_log_likelihood(points[b : b + 1], mask[b : b + 1], mixture.weights[b : b + 1], mixture.means[b : b + 1], mixture.variances[b : b + 1])
+        ours = mixture_log_likelihood(
+            points[b : b + 1],
+            mask[b : b + 1],
+            mixture.weights[b : b + 1],
+            mixture.means[b : b + 1],
+            mixture.variances[b : b + 1],
+        )
         assert ours.item() == pytest.approx(reference.score(real), abs=1e-8)
 
 
@@ -100,7 +106,9 @@ def _separated_points():
 
 def test_implicit_gradient_matches_finite_differences():
     layer = make_layer(ood_num_components=2, ood_max_iter=3000, ood_tol=1e-13, ood_gradient="implicit")
-    assert torch.autograd.gradcheck(_fit_fn(layer), (_separated_points(),), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        _fit_fn(layer), (_separated_points(),), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True
+    )
 
 
 def test_implicit_equals_unrolled_at_convergence_and_last_iterate_is_one_step():
@@ -114,7 +122,14 @@ def test_implicit_equals_unrolled_at_convergence_and_last_iterate_is_one_step():
     # last_iterate is the paper's cheap approximation: the Jacobian of a single EM step at theta*
     detached = make_layer(ood_num_components=2, ood_max_iter=3000, ood_tol=1e-13)
     theta_star = detached.fit_mixture(points.detach())
-    one_step = em_step(points, torch.ones(2, 12, dtype=torch.float64), theta_star.weights, theta_star.means, theta_star.variances, detached.variance_floor)
+    one_step = em_step(
+        points,
+        torch.ones(2, 12, dtype=torch.float64),
+        theta_star.weights,
+        theta_star.means,
+        theta_star.variances,
+        detached.variance_floor,
+    )
     (expected,) = torch.autograd.grad((torch.cat([t.flatten() for t in one_step]) * weights).sum(), points)
     torch.testing.assert_close(gradients["last_iterate"], expected)
 
@@ -256,7 +271,9 @@ def test_calibration_sets_tau_once_to_the_quantile_and_forward_never_writes_it()
     assert tau == pytest.approx(expected.item()) and layer.threshold.item() == pytest.approx(expected.item())
     assert not layer.needs_calibration and layer.threshold.requires_grad
     assert (layer(context, items, items_mask=items_mask).gate[items_mask.bool()] > 0).float().mean() > 0.5
-    assert ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25)).calibrate_threshold(torch.zeros(0)) is None
+    assert (
+        ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25)).calibrate_threshold(torch.zeros(0)) is None
+    )
     reloaded = ImplicitOODLayer(tiny_vkood_config(ood_calibration_quantile=0.25))
     reloaded.load_state_dict(layer.state_dict())
     assert not reloaded.needs_calibration and reloaded.threshold.item() == pytest.approx(expected.item())
@@ -279,8 +296,9 @@ def test_calibration_is_one_quantile_over_every_rank_and_a_rank_without_items_do
     scores = [torch.linspace(-5.0, 1.0, 7), torch.zeros(0)]  # rank 1's padding must not enter the quantile
     with torch.multiprocessing.Manager() as manager:
         results = manager.dict()
-        torch.multiprocessing.start_processes(_calibrate_on_rank, args=(2, tmp_path / "init", scores, results),
-                                              nprocs=2, start_method="spawn")  # fmt: skip
+        torch.multiprocessing.start_processes(
+            _calibrate_on_rank, args=(2, tmp_path / "init", scores, results), nprocs=2, start_method="spawn"
+        )
         results = dict(results)
     expected = torch.quantile(torch.cat(scores), 0.3).item()
     assert results == {rank: (pytest.approx(expected), pytest.approx(expected), True, None) for rank in range(2)}
@@ -297,8 +315,13 @@ def test_variance_floor_bounds_how_far_a_score_can_fall():
 
 
 def _fit(check_every, max_iter=200, tol=1e-10, mode="last_iterate"):
-    layer = make_layer(ood_num_components=3, ood_max_iter=max_iter, ood_tol=tol, ood_convergence_check_every=check_every,
-                       ood_gradient=mode)  # fmt: skip
+    layer = make_layer(
+        ood_num_components=3,
+        ood_max_iter=max_iter,
+        ood_tol=tol,
+        ood_convergence_check_every=check_every,
+        ood_gradient=mode,
+    )
     points = clustered_points(batch=3, count=40, seed=4)
     points[1] = points[1, :1].expand(40, -1)  # identical tokens: converges at once, long before the others
     return layer.fit_mixture(points)
@@ -376,8 +399,9 @@ def test_training_step_host_synchronisations(mode):
     """After calibration: none with a fixed budget; one host read per `check_every` steps otherwise (forward and,
     in implicit mode, the adjoint solve), at most ceil(max_iter / k) each."""
     assert _syncs_of_a_training_step(_trained_calibrated_layer(ood_gradient=mode, ood_convergence_check_every=0)) == []
-    events = _syncs_of_a_training_step(_trained_calibrated_layer(ood_gradient=mode, ood_max_iter=12,
-                                                                 ood_convergence_check_every=5))  # fmt: skip
+    events = _syncs_of_a_training_step(
+        _trained_calibrated_layer(ood_gradient=mode, ood_max_iter=12, ood_convergence_check_every=5)
+    )
     solves = 2 if mode == "implicit" else 1
     assert len(events) == solves * 2 <= solves * math.ceil(12 / 5)  # reads after steps 5 and 10, not after 12
     assert {name for name, _ in events} == {"_local_scalar_dense"} and all("_may_stop" in where for _, where in events)
@@ -387,8 +411,13 @@ def test_fixed_budget_implicit_gradient_equals_the_early_stopped_one():
     points = _separated_points()
     gradients = []
     for check_every in (0, 1):
-        layer = make_layer(ood_num_components=2, ood_max_iter=400, ood_tol=1e-13, ood_gradient="implicit",
-                           ood_convergence_check_every=check_every)  # fmt: skip
+        layer = make_layer(
+            ood_num_components=2,
+            ood_max_iter=400,
+            ood_tol=1e-13,
+            ood_gradient="implicit",
+            ood_convergence_check_every=check_every,
+        )
         (gradient,) = torch.autograd.grad(_fit_fn(layer)(points).square().sum(), points)
         gradients.append(gradient)
     torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-9, atol=1e-12)
@@ -437,8 +466,12 @@ def test_needs_calibration_reads_the_flag_until_it_is_true_and_sees_every_reload
 
 
 # the paper's layer, and the knowledge-VQA recipe's (trained on the relevance labels, with the cross-image term)
-RECIPE_LAYER = {"ood_score": "log_likelihood", "ood_alignment": "gate", "ood_alignment_weight": 1.0,
-                "ood_cross_image_weight": 1.0}  # fmt: skip
+RECIPE_LAYER = {
+    "ood_score": "log_likelihood",
+    "ood_alignment": "gate",
+    "ood_alignment_weight": 1.0,
+    "ood_cross_image_weight": 1.0,
+}
 
 
 @pytest.mark.parametrize("options", [{}, RECIPE_LAYER], ids=["paper", "recipe"])
@@ -453,12 +486,20 @@ def test_compiled_fixed_budget_layer_has_no_graph_break_and_matches_eager(option
     def step(function):
         layer.zero_grad()
         inputs = [context.clone().requires_grad_(), items.clone().requires_grad_()]
-        output = function(*inputs, items_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
-                          items_relevance=relevance)  # fmt: skip
+        output = function(
+            *inputs, items_mask=torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), items_relevance=relevance
+        )
         (output.gate.sum() + output.scores.sum() + output.means.sum() + output.alignment_loss).backward()
-        return [output.scores, output.gate, output.means, output.iterations, output.alignment_loss,
-                *(x.grad for x in inputs),
-                layer.projection.weight.grad.clone(), layer.threshold.grad.clone()]  # fmt: skip
+        return [
+            output.scores,
+            output.gate,
+            output.means,
+            output.iterations,
+            output.alignment_loss,
+            *(x.grad for x in inputs),
+            layer.projection.weight.grad.clone(),
+            layer.threshold.grad.clone(),
+        ]
 
     compiled = step(torch.compile(layer, fullgraph=True, backend="aot_eager"))
     eager = step(layer)

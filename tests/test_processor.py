@@ -222,8 +222,15 @@ def test_usable_text_length_of_known_text_encoders(text_config, usable):
 @pytest.mark.parametrize("model_type", ["roberta", "bert"])
 def test_max_text_length_is_exactly_what_the_text_encoder_embeds(tokenizer, model_type):
     """Checked against the real encoder: max_text_length tokens run, one more fails inside the embeddings."""
-    text_config = dict(model_type=model_type, vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=20)  # fmt: skip
+    text_config = dict(
+        model_type=model_type,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=20,
+    )
     config = VKOODConfig(text_config=text_config, knowledge_max_length=8)
     processor = VKOODProcessor.from_model_config(make_processor(tokenizer).image_processor, tokenizer, config)
     assert processor.max_text_length == (18 if model_type == "roberta" else 20)

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import PIL.Image
 import pytest
 import torch
+from conftest import run_without_package, save_tiny_bert
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
 from test_training import draw, tiny_config, train, write_easy_vqa
 
-from conftest import run_without_package, save_tiny_bert
 from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering, VKOODProcessor
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
@@ -28,19 +28,36 @@ def hub(monkeypatch, tmp_path):
     def create_repo(self, repo_id, **kwargs):
         return SimpleNamespace(repo_id=repo_id)
 
-    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, ignore_patterns=None, delete_patterns=None,
-                      run_as_future=False, **kwargs):  # fmt: skip
+    def upload_folder(
+        self,
+        *,
+        repo_id,
+        folder_path,
+        path_in_repo=None,
+        ignore_patterns=None,
+        delete_patterns=None,
+        run_as_future=False,
+        **kwargs,
+    ):
         snapshot = tmp_path / "uploads" / str(len(uploads))
         sent = []
         for path in sorted(Path(folder_path).rglob("*")):
             name = path.relative_to(folder_path).as_posix()
-            if path.is_file() and not any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.split("/")[0], p)
-                                          for p in ignore_patterns or ()):  # fmt: skip
+            if path.is_file() and not any(
+                fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.split("/")[0], p) for p in ignore_patterns or ()
+            ):
                 (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, snapshot / name)
                 sent.append(name)
-        uploads.append({"repo_id": repo_id, "path_in_repo": path_in_repo, "files": set(sent), "folder": snapshot,
-                        "delete_patterns": list(delete_patterns or [])})  # fmt: skip
+        uploads.append(
+            {
+                "repo_id": repo_id,
+                "path_in_repo": path_in_repo,
+                "files": set(sent),
+                "folder": snapshot,
+                "delete_patterns": list(delete_patterns or []),
+            }
+        )
         done = concurrent.futures.Future()
         done.set_result(None)
         return done if run_as_future else None
@@ -56,9 +73,20 @@ def text_model(tmp_path, minilm_path) -> str:
 
 
 def test_push_with_checkpoints_uploads_a_clean_merged_folder(hub, text_model, tmp_path):
-    config = tiny_config(tmp_path, text_model, task="vqa", dataset="easy_vqa",
-                         dataset_root=str(write_easy_vqa(tmp_path / "easy_vqa")), eval_split="test", max_steps=2, save_strategy="steps",
-                         save_steps=1, push_to_hub=True, hub_model_id="someone/vkood-tiny", hub_strategy="every_save")  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        text_model,
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(write_easy_vqa(tmp_path / "easy_vqa")),
+        eval_split="test",
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        push_to_hub=True,
+        hub_model_id="someone/vkood-tiny",
+        hub_strategy="every_save",
+    )
     output = tmp_path / "out"
     train.main([str(config), "--output_dir", str(output)])
 
@@ -67,7 +95,9 @@ def test_push_with_checkpoints_uploads_a_clean_merged_folder(hub, text_model, tm
     assert len(checkpoint_pushes) == 2 and all(ADAPTER_FILES <= upload["files"] for upload in checkpoint_pushes)
     assert not ADAPTER_FILES & final["files"] and not any(path.startswith("checkpoint-") for path in final["files"])
     assert ADAPTER_FILES <= set(final["delete_patterns"])  # and the repo loses the adapters the checkpoints pushed
-    assert {"config.json", "model.safetensors", "modeling_vkood.py", "README.md", "processor_config.json"} <= final["files"]
+    assert {"config.json", "model.safetensors", "modeling_vkood.py", "README.md", "processor_config.json"} <= final[
+        "files"
+    ]
     assert not ADAPTER_FILES & {path.name for path in output.iterdir()}
 
     # Reference: the saved weights loaded into a fresh model strictly (no adapter logic involved).
@@ -77,7 +107,9 @@ def test_push_with_checkpoints_uploads_a_clean_merged_folder(hub, text_model, tm
     image = tmp_path / "shape.png"
     draw("circle", "red").save(image)
     processor = VKOODProcessor.from_pretrained(folder)
-    batch = dict(processor(images=[PIL.Image.open(image)], text=["what color is the shape?"], knowledge=[["red is a colour"]]))
+    batch = dict(
+        processor(images=[PIL.Image.open(image)], text=["what color is the shape?"], knowledge=[["red is a colour"]])
+    )
     torch.save(batch, tmp_path / "batch.pt")
     with torch.no_grad():
         expected = reference(**batch).logits

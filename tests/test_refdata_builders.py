@@ -14,9 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import REFDATA
 from PIL import Image
 
-from conftest import REFDATA
 from data_scripts import answer_vocabulary, coco_karpathy, flickr30k, nlvr2, okvqa, vqav2
 from modeling_vkood.evaluation import nlvr2_accuracy, normalize_answer, vqa_accuracy
 from modeling_vkood.knowledge import KnowledgeBase
@@ -94,12 +94,16 @@ def okvqa_annotation(question: dict, index: int) -> dict:
     given = [word, word, word, "something", "unknown"]
     answers = [a for a in given for _ in range(2)]
     return {
-        "image_id": question["image_id"], "question_id": question["question_id"],
+        "image_id": question["image_id"],
+        "question_id": question["question_id"],
         "question_type": ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"][index % 10],
-        "answer_type": "other", "confidence": 1 + index % 5,
-        "answers": [{"answer_id": i + 1, "raw_answer": f"raw {a}", "answer_confidence": "yes", "answer": a}
-                    for i, a in enumerate(answers)],
-    }  # fmt: skip
+        "answer_type": "other",
+        "confidence": 1 + index % 5,
+        "answers": [
+            {"answer_id": i + 1, "raw_answer": f"raw {a}", "answer_confidence": "yes", "answer": a}
+            for i, a in enumerate(answers)
+        ],
+    }
 
 
 def test_okvqa_real_questions_with_annotations_in_the_published_schema(tmp_path, knowledge_base, placeholder):
@@ -135,8 +139,15 @@ def test_nlvr2_dev_from_the_real_file(tmp_path, knowledge_base, placeholder):
     (root / "dev.json").write_bytes((REFDATA / "nlvr2" / "dev.json").read_bytes())
     records = [json.loads(line) for line in (REFDATA / "nlvr2" / "dev.json").read_text().splitlines() if line]
     stems = sorted({r["identifier"].rsplit("-", 1)[0] for r in records})
-    link_images(placeholder, (images / "dev" / f"{stem}-img{side}.png" for stem in stems for side in (0, 1)
-                              if not (stem == stems[0] and side == 1)))  # fmt: skip
+    link_images(
+        placeholder,
+        (
+            images / "dev" / f"{stem}-img{side}.png"
+            for stem in stems
+            for side in (0, 1)
+            if not (stem == stems[0] and side == 1)
+        ),
+    )
     dataset, skips = nlvr2.build(root, images, knowledge_base)
     skipped = sum(r["identifier"].startswith(stems[0] + "-") for r in records)
     assert len(records) == 6982 and len(dataset["validation"]) == 6982 - skipped and len(skips.skipped) == skipped

@@ -34,9 +34,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import REFDATA, REPO_ROOT, run_without_package
+from PIL import Image
 from rehearsal_fixtures import (
     save_tiny_clip,
     save_tiny_roberta,
@@ -128,22 +127,55 @@ def launch(case: Case, root: Path, backbones: dict, name: str, *extra: str) -> t
     from_checkpoint = "--model_name_or_path" in extra  # the checkpoint's own widths: only the YAML's keys apply
     vkood_config = {**(shipped(case.config).get("vkood_config") or {}), **({} if from_checkpoint else TINY_FUSION)}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configuration/accelerate/ddp.yaml",
-        "--num_processes", str(PROCESSES), "--mixed_precision", "no", "--main_process_port", str(free_port()),
-        "train.py", f"configuration/{case.config}.yaml",
-        "--dataset_root", str(data_root), "--image_root", str(image_root), "--knowledge", "starter",
-        "--output_dir", str(output), "--per_device_train_batch_size", str(PER_DEVICE_BATCH),
-        "--per_device_eval_batch_size", str(EVAL_BATCH), "--max_eval_samples", str(EVAL_ROWS),
-        "--dataloader_num_workers", "0",
-        "--preprocessing_num_workers", "1", "--bf16", "false", "--vkood_config", json.dumps(vkood_config),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configuration/accelerate/ddp.yaml",
+        "--num_processes",
+        str(PROCESSES),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "train.py",
+        f"configuration/{case.config}.yaml",
+        "--dataset_root",
+        str(data_root),
+        "--image_root",
+        str(image_root),
+        "--knowledge",
+        "starter",
+        "--output_dir",
+        str(output),
+        "--per_device_train_batch_size",
+        str(PER_DEVICE_BATCH),
+        "--per_device_eval_batch_size",
+        str(EVAL_BATCH),
+        "--max_eval_samples",
+        str(EVAL_ROWS),
+        "--dataloader_num_workers",
+        "0",
+        "--preprocessing_num_workers",
+        "1",
+        "--bf16",
+        "false",
+        "--vkood_config",
+        json.dumps(vkood_config),
         *extra,
-    ]  # fmt: skip
+    ]
     if not from_checkpoint:
         command += ["--vision_model", str(backbones["vision"]), "--text_model", str(backbones["text"])]
     if case.max_steps:
         command += ["--max_steps", str(case.max_steps)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_DATASETS_CACHE": str(root / "datasets_cache"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(root / "datasets_cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     start = time.monotonic()
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     WALL_TIMES[name] = time.monotonic() - start

@@ -123,9 +123,16 @@ def write_vqav2_validation(root: Path, images: dict[str, bytes]) -> dict[str, Pa
         question = f"What is on the table ({name})?"
         questions.append({"image_id": image_id, "question": question, "question_id": question_id})
         answers = [{"answer": "cup", "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)]
-        annotations.append({"question_id": question_id, "image_id": image_id, "answers": answers,
-                            "answer_type": "other", "question_type": "what is on the",
-                            "multiple_choice_answer": "cup"})  # fmt: skip
+        annotations.append(
+            {
+                "question_id": question_id,
+                "image_id": image_id,
+                "answers": answers,
+                "answer_type": "other",
+                "question_type": "what is on the",
+                "multiple_choice_answer": "cup",
+            }
+        )
         path = root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
@@ -185,8 +192,13 @@ def test_header_check_misses_only_truncated_files_and_none_checks_nothing(starte
 
 def test_images_above_the_pixel_limit_are_unreadable_even_where_pillow_only_warns(starter_kb, tmp_path, monkeypatch):
     """Between MAX_IMAGE_PIXELS and twice that, Pillow warns and decodes; the build treats it as unreadable."""
-    paths = write_vqav2_validation(tmp_path, {"small": image_bytes(noise_image(size=(30, 30)), "PNG"),
-                                              "large": image_bytes(noise_image(size=(48, 40)), "PNG")})  # fmt: skip
+    paths = write_vqav2_validation(
+        tmp_path,
+        {
+            "small": image_bytes(noise_image(size=(30, 30)), "PNG"),
+            "large": image_bytes(noise_image(size=(48, 40)), "PNG"),
+        },
+    )
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # 900 pixels pass, 1,920 are in the warning band
     dataset, skips = vqav2.build(tmp_path, tmp_path, starter_kb)
     assert len(dataset["validation"]) == 1

@@ -12,9 +12,9 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from conftest import REPO_ROOT
 from retrieval_fixtures import gallery_inputs, itc_batch, itc_gradients, tiny_retrieval_model
 
-from conftest import REPO_ROOT
 from modeling_vkood.modeling_vkood import VKOODLogitScale
 from modeling_vkood.training import retrieval_eval
 from modeling_vkood.training.data import one_row_per_caption
@@ -28,11 +28,26 @@ def free_port() -> int:
 
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path, minilm_path):
     out = tmp_path / "two_processes.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(Path(__file__).with_name("distributed_retrieval_worker.py")),
-               str(out), minilm_path]  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).with_name("distributed_retrieval_worker.py")),
+        str(out),
+        minilm_path,
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     distributed = torch.load(out, weights_only=False)  # written by the worker above: numpy score matrices
@@ -48,7 +63,9 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, minilm_pa
     original = retrieval_eval.retrieval_recall
     retrieval_eval.retrieval_recall = lambda matrix, *args: scores.append(matrix) or original(matrix, *args)
     try:
-        metrics = retrieval_eval.evaluate_retrieval(**gallery_inputs(model, minilm_path), accelerator=Accelerator(cpu=True))
+        metrics = retrieval_eval.evaluate_retrieval(
+            **gallery_inputs(model, minilm_path), accelerator=Accelerator(cpu=True)
+        )
     finally:
         retrieval_eval.retrieval_recall = original
     assert distributed["metrics"] == metrics
@@ -61,11 +78,21 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, minilm_pa
 
 
 def test_retrieval_training_split_has_one_row_per_caption():
-    features = datasets.Features({"image_id": datasets.Value("int64"), "image": datasets.Image(decode=False),
-                                  "captions": datasets.List(datasets.Value("string"))})  # fmt: skip
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(decode=False),
+            "captions": datasets.List(datasets.Value("string")),
+        }
+    )
     split = datasets.Dataset.from_dict(
-        {"image_id": [7, 8], "image": [{"path": "a.png", "bytes": None}, {"path": "b.png", "bytes": None}],
-         "captions": [["one", "two", "three"], ["four"]]}, features=features)  # fmt: skip
+        {
+            "image_id": [7, 8],
+            "image": [{"path": "a.png", "bytes": None}, {"path": "b.png", "bytes": None}],
+            "captions": [["one", "two", "three"], ["four"]],
+        },
+        features=features,
+    )
     pairs = one_row_per_caption(split)
     assert pairs["image_id"] == [7, 7, 7, 8] and pairs["captions"] == [["one"], ["two"], ["three"], ["four"]]
     assert [image["path"] for image in pairs["image"]] == ["a.png", "a.png", "a.png", "b.png"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
+
 from modeling_vkood.training.arguments import (
     SHIPPED_CONFIGS,
     parse_arguments,
@@ -65,11 +65,24 @@ def test_config_path_outside_a_checkout_falls_back_to_the_shipped_copy(tmp_path,
 
 def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_path):
     source = tmp_path / "source"
-    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(".git", "tests", "outputs", "build", "*.egg-info",
-                                                                     "__pycache__", "benchmarks"))  # fmt: skip
+    shutil.copytree(
+        REPO_ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".git", "tests", "outputs", "build", "*.egg-info", "__pycache__", "benchmarks"),
+    )
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-             str(source)]  # fmt: skip
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        str(source),
+    ]
     subprocess.run(build, check=True, capture_output=True, env=env, timeout=300)
     wheel = next(tmp_path.glob("vkood-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -89,12 +102,20 @@ def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_pa
         "_, data, _, training = arguments.parse_arguments(['configuration/vqav2.yaml', '--bf16', 'false']); "
         "print(arguments.__file__, default.dataset, data.dataset, training.get_warmup_steps(1000))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=user_env, capture_output=True, text=True,
-                            timeout=300, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=elsewhere,
+        env=user_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     module_file, *parsed = result.stdout.split()
     assert Path(module_file).is_relative_to(site) and parsed == ["knowledge_vqa", "vqav2", "100"]
-    helped = subprocess.run([sys.executable, "train.py", "--help"], cwd=elsewhere, env=user_env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    helped = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=elsewhere, env=user_env, capture_output=True, text=True, timeout=300
+    )
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert "--warmup_steps" in helped.stdout
 
@@ -106,10 +127,29 @@ def test_the_shipped_generative_config_trains_evaluates_generated_answers_and_sa
 
     root = write_easy_vqa(tmp_path / "easy_vqa")
     output = tmp_path / "run"
-    metrics = train.main(["configuration/easy_vqa_generative.yaml", "--dataset_root", str(root), "--max_steps", "2",
-                          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-                          "--generation_max_new_tokens", "4", "--dataset_cache_dir", str(tmp_path / "cache"),
-                          "--output_dir", str(output), "--save_strategy", "no", "--disable_tqdm", "true"])  # fmt: skip
+    metrics = train.main(
+        [
+            "configuration/easy_vqa_generative.yaml",
+            "--dataset_root",
+            str(root),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--per_device_eval_batch_size",
+            "8",
+            "--generation_max_new_tokens",
+            "4",
+            "--dataset_cache_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(output),
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert 0.0 <= metrics["eval_vqa_accuracy"] <= 100.0 and "eval_loss" in metrics
     config = json.loads((output / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "generation_vkood.VKOODForConditionalGeneration"

@@ -15,12 +15,16 @@ def test_groups_repeated_names_and_reports_mean_and_standard_error(tmp_path):
         for seed, accuracy in enumerate(accuracies):
             folder = tmp_path / f"{group}{seed}"
             folder.mkdir()
-            (folder / "all_results.json").write_text(json.dumps({"eval_vqa_accuracy": accuracy,
-                                                                 "ood_auroc_fitting": 0.5 + seed / 10}))  # fmt: skip
+            (folder / "all_results.json").write_text(
+                json.dumps({"eval_vqa_accuracy": accuracy, "ood_auroc_fitting": 0.5 + seed / 10})
+            )
             specs.append(f"{group}={folder}")
     out = tmp_path / "summary"
-    subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "seed_groups.py"), *specs, "--out", str(out)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "seed_groups.py"), *specs, "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
     written = json.loads(out.with_suffix(".json").read_text())
     accuracy = written["groups"]["with"]["eval_vqa_accuracy"]
     assert accuracy["values"] == [99.0, 97.0, 98.0] and math.isclose(accuracy["mean"], 98.0)

@@ -10,16 +10,15 @@ import pytest
 import torch
 from conftest import save_tiny_bert, tiny_decoder_config
 from huggingface_hub import DatasetCard
-from transformers import AutoProcessor
 from test_training import ANSWERS, tiny_config, train, write_easy_vqa
+from transformers import AutoProcessor
 
 from modeling_vkood.generation_vkood import VKOODForConditionalGeneration
-from modeling_vkood.training import load_splits
+from modeling_vkood.training import load_splits, seltda
 from modeling_vkood.training.arguments import DataArguments
 from modeling_vkood.training.collators import ANSWER_MARKER, parse_question_answer
 from modeling_vkood.training.data import labelled_image_ids
 from modeling_vkood.training.seltda import dataset_pool
-from modeling_vkood.training import seltda
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,15 @@ def tiny_text_model(workdir, minilm_path):
 
 
 def data_args(workdir, root, **overrides):
-    return DataArguments(task="vqa", dataset="easy_vqa", dataset_root=str(root), knowledge="starter",
-                         max_knowledge_items=4, dataset_cache_dir=str(workdir / "built"), **overrides)  # fmt: skip
+    return DataArguments(
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(root),
+        knowledge="starter",
+        max_knowledge_items=4,
+        dataset_cache_dir=str(workdir / "built"),
+        **overrides,
+    )
 
 
 def test_labelled_fraction_keeps_whole_images_and_leaves_the_others_as_the_pool(workdir, easy_vqa_root):
@@ -60,13 +66,27 @@ def test_labelled_fraction_keeps_whole_images_and_leaves_the_others_as_the_pool(
 @pytest.fixture(scope="module")
 def teacher(workdir, easy_vqa_root, tiny_text_model):
     """Step 1: the question-answer generator, conditioned on the image alone, trained on half the images."""
-    common = dict(task="generative_vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test",
-                  decoder_config=tiny_decoder_config(), labelled_fraction=0.5)  # fmt: skip
+    common = dict(
+        task="generative_vqa",
+        dataset="easy_vqa",
+        dataset_root=str(easy_vqa_root),
+        eval_split="test",
+        decoder_config=tiny_decoder_config(),
+        labelled_fraction=0.5,
+    )
     teacher = workdir / "teacher"
     # A constant, large step: the decoder starts uniform over 30522 tokens and must learn the template in 40 steps.
-    config = tiny_config(workdir, tiny_text_model, **common, generation_target="question_answer", max_steps=40,
-                         per_device_train_batch_size=6, learning_rate=1e-2, new_modules_learning_rate=1e-2,
-                         lr_scheduler_type="constant")  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        **common,
+        generation_target="question_answer",
+        max_steps=40,
+        per_device_train_batch_size=6,
+        learning_rate=1e-2,
+        new_modules_learning_rate=1e-2,
+        lr_scheduler_type="constant",
+    )
     metrics = train.main([str(config), "--output_dir", str(teacher)])
     assert "eval_loss" in metrics and "eval_vqa_accuracy" not in metrics  # its texts are pairs, not answers
     assert json.loads((teacher / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"]
@@ -74,26 +94,53 @@ def teacher(workdir, easy_vqa_root, tiny_text_model):
 
 
 def pseudo_label_argv(workdir, easy_vqa_root, teacher, out, *extra):
-    return ["--teacher", str(teacher), "--dataset", "easy_vqa", "--dataset_root", str(easy_vqa_root),
-            "--knowledge", "starter", "--max_knowledge_items", "4", "--dataset_cache_dir", str(workdir / "built"),
-            "--labelled_fraction", "0.5", "--batch_size", "4", "--out", str(out), *extra]  # fmt: skip
+    return [
+        "--teacher",
+        str(teacher),
+        "--dataset",
+        "easy_vqa",
+        "--dataset_root",
+        str(easy_vqa_root),
+        "--knowledge",
+        "starter",
+        "--max_knowledge_items",
+        "4",
+        "--dataset_cache_dir",
+        str(workdir / "built"),
+        "--labelled_fraction",
+        "0.5",
+        "--batch_size",
+        "4",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_answer_probability_is_the_product_of_the_answer_tokens_probabilities():
     marker, special = [7, 8], [0, 2]  # " answer:" and the start / end-or-padding ids
-    sequences = torch.tensor([[0, 5, 7, 8, 3, 4, 2, 2],  # answer tokens 3, 4, then end and padding
-                              [0, 7, 8, 3, 7, 8, 4, 2],  # the first marker starts the answer: 3, 7, 8, 4
-                              [0, 5, 6, 3, 4, 2, 2, 2]])  # no marker: not a pair  # fmt: skip
-    log_probs = torch.log(torch.tensor([[0.9, 0.8, 0.7, 0.5, 0.4, 0.3, 0.2],
-                                        [0.9, 0.8, 0.5, 0.6, 0.7, 0.1, 0.3],
-                                        [0.9, 0.8, 0.5, 0.6, 0.7, 0.1, 0.3]]))  # fmt: skip
+    sequences = torch.tensor(
+        [
+            [0, 5, 7, 8, 3, 4, 2, 2],  # answer tokens 3, 4, then end and padding
+            [0, 7, 8, 3, 7, 8, 4, 2],  # the first marker starts the answer: 3, 7, 8, 4
+            [0, 5, 6, 3, 4, 2, 2, 2],
+        ]
+    )  # no marker: not a pair
+    log_probs = torch.log(
+        torch.tensor(
+            [
+                [0.9, 0.8, 0.7, 0.5, 0.4, 0.3, 0.2],
+                [0.9, 0.8, 0.5, 0.6, 0.7, 0.1, 0.3],
+                [0.9, 0.8, 0.5, 0.6, 0.7, 0.1, 0.3],
+            ]
+        )
+    )
     probability = seltda.answer_probabilities(sequences, log_probs, marker, special)
     assert torch.allclose(probability[:2], torch.tensor([0.5 * 0.4, 0.5 * 0.6 * 0.7 * 0.1]))
     assert probability[2].isnan()
 
 
-def test_answer_probability_equals_the_teacher_forced_probability_of_the_reparsed_pair(workdir, easy_vqa_root,
-                                                                                      teacher):  # fmt: skip
+def test_answer_probability_equals_the_teacher_forced_probability_of_the_reparsed_pair(workdir, easy_vqa_root, teacher):
     """generate_pairs' probability (from the sampling's raw logits) against a separate path: the pair parsed from
     the decoded text, tokenised anew and scored by one teacher-forced forward pass."""
     model = VKOODForConditionalGeneration.from_pretrained(teacher).eval()
@@ -131,16 +178,20 @@ def test_teacher_pseudo_labels_and_the_target_trains_on_both(workdir, easy_vqa_r
     assert sorted(path.name for path in (out / "data").iterdir()) == ["train-00000-of-00001.parquet"]
     # Greedy decoding on request: one pair per image, and refused for several.
     with pytest.raises(SystemExit):
-        seltda.main(pseudo_label_argv(workdir, easy_vqa_root, teacher, workdir / "refused", "--greedy",
-                                      "--pairs_per_image", "2"))  # fmt: skip
+        seltda.main(
+            pseudo_label_argv(
+                workdir, easy_vqa_root, teacher, workdir / "refused", "--greedy", "--pairs_per_image", "2"
+            )
+        )
     with pytest.raises(ValueError, match="one pair per image"):
         seltda.generate_pairs(None, None, [], pairs_per_image=2, top_p=None)
     assert "greedy decoding" in seltda.describe("easy_vqa", str(teacher), 6, 1, top_p=None).summary
 
     # The training data path reads it back: labelled questions followed by the pseudo-labelled ones.
     labelled = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.5), ["train"])["train"]
-    both = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.5, pseudo_labelled_dataset=str(out)),
-                       ["train"])["train"]  # fmt: skip
+    both = load_splits(
+        data_args(workdir, easy_vqa_root, labelled_fraction=0.5, pseudo_labelled_dataset=str(out)), ["train"]
+    )["train"]
     pseudo = both.select(range(len(labelled), len(both)))
     assert len(pseudo) >= 1 and len(pseudo) + report["total_skipped"] == 6 * 2
     assert both.select(range(len(labelled)))["question_id"] == labelled["question_id"]
@@ -149,13 +200,27 @@ def test_teacher_pseudo_labels_and_the_target_trains_on_both(workdir, easy_vqa_r
     for row in pseudo:
         assert row["answers"][0] in ANSWERS and row["question"] and row["answers"] == [row["multiple_choice_answer"]]
         assert [pseudo.features["label_ids"].feature.names[i] for i in row["label_ids"]] == row["answers"]
-        assert row["question_type"] == ("yes/no" if row["answers"][0] in ("yes", "no") else
-                                        "shape" if row["answers"][0] in ("circle", "rectangle", "triangle") else "color")
+        assert row["question_type"] == (
+            "yes/no"
+            if row["answers"][0] in ("yes", "no")
+            else "shape"
+            if row["answers"][0] in ("circle", "rectangle", "triangle")
+            else "color"
+        )
     assert min(pseudo["question_id"]) > max(labelled["question_id"])
 
     # Step 3: the target model trains on labelled + pseudo-labelled questions (the classifier here).
-    target = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", labelled_fraction=0.5, pseudo_labelled_dataset=str(out), max_steps=2)  # fmt: skip
+    target = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(easy_vqa_root),
+        eval_split="test",
+        labelled_fraction=0.5,
+        pseudo_labelled_dataset=str(out),
+        max_steps=2,
+    )
     results = train.main([str(target), "--output_dir", str(workdir / "target")])
     assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0
 
@@ -174,8 +239,11 @@ def test_min_answer_probability_leaves_out_the_pairs_the_teacher_is_unsure_of(wo
     threshold = (probabilities[0] + probabilities[-1]) / 2
 
     out = workdir / "pseudo_confident"
-    seltda.main(pseudo_label_argv(workdir, easy_vqa_root, teacher, out, "--pairs_per_image", "2",
-                                  "--min_answer_probability", str(threshold)))  # fmt: skip
+    seltda.main(
+        pseudo_label_argv(
+            workdir, easy_vqa_root, teacher, out, "--pairs_per_image", "2", "--min_answer_probability", str(threshold)
+        )
+    )
     report = json.loads((out / "skip_report.json").read_text())
     unsure = [entry for entry in report["skipped"] if entry["reason"] == f"answer probability below {threshold}"]
     assert all(entry["probability"] < threshold for entry in unsure)
@@ -184,5 +252,15 @@ def test_min_answer_probability_leaves_out_the_pairs_the_teacher_is_unsure_of(wo
     assert len(written) + report["total_skipped"] == 6 * 2
     assert f"at least {threshold}" in (out / "README.md").read_text()
     with pytest.raises(seltda.NoPseudoLabels):
-        seltda.main(pseudo_label_argv(workdir, easy_vqa_root, teacher, workdir / "none", "--pairs_per_image", "2",
-                                      "--min_answer_probability", "1.01"))  # fmt: skip
+        seltda.main(
+            pseudo_label_argv(
+                workdir,
+                easy_vqa_root,
+                teacher,
+                workdir / "none",
+                "--pairs_per_image",
+                "2",
+                "--min_answer_probability",
+                "1.01",
+            )
+        )

@@ -26,8 +26,9 @@ def test_a_shared_fit_scores_gates_and_trains_like_refitting_every_row(score, al
     for field in ("scores", "gate", "alignment_loss", "means", "variances", "weights", "iterations"):
         torch.testing.assert_close(getattr(shared, field), getattr(refitted, field))
     shared_loss = shared.alignment_loss + (shared.gate * torch.arange(4.0, dtype=torch.float64)).sum()
-    for ours, reference in zip(torch.autograd.grad(shared_loss, [images, layer.projection.weight, layer.threshold]),
-                               refit_grads):  # fmt: skip
+    for ours, reference in zip(
+        torch.autograd.grad(shared_loss, [images, layer.projection.weight, layer.threshold]), refit_grads
+    ):
         torch.testing.assert_close(ours, reference)
 
 
@@ -75,8 +76,13 @@ def test_rank_gallery_fits_each_gallery_image_once_with_the_scores_of_refitting_
     model = VKOODForImageTextRetrieval(tiny_vkood_config(k_test=3)).eval()
     batch = tiny_batch(batch_size=5)
     images = model.encode_gallery_images(batch["pixel_values"])
-    texts = model.encode_gallery_texts(batch["input_ids"], batch["attention_mask"], batch["knowledge_input_ids"],
-                                       batch["knowledge_attention_mask"], batch["knowledge_mask"])  # fmt: skip
+    texts = model.encode_gallery_texts(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["knowledge_input_ids"],
+        batch["knowledge_attention_mask"],
+        batch["knowledge_mask"],
+    )
     calls = fitted_rows(monkeypatch)
     shared = model.rank_gallery(images, texts, pair_batch_size=4)
     assert calls == [4, 1]  # 5 images in chunks of 4, for 2 x 15 re-ranked pairs

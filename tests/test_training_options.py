@@ -38,10 +38,20 @@ BOTH = ["vision_model", "text_model"]
 def tiny_model(finetuning="lora", pretrained=BOTH, seed=0, deterministic=False):
     """`deterministic`: no dropout anywhere and a fixed EM step count, so the forward does not depend on how the
     examples are grouped into batches (as tests/test_loss_contract.py's config)."""
-    settings = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0, ood_tol=1e-30,
-                    ood_max_iter=8) if deterministic else {}  # fmt: skip
-    config = tiny_vkood_config(num_labels=5, pretrained_backbones=list(pretrained), ood_calibration_quantile=None,
-                               **settings)  # fmt: skip
+    settings = (
+        dict(
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            classifier_dropout=0.0,
+            ood_tol=1e-30,
+            ood_max_iter=8,
+        )
+        if deterministic
+        else {}
+    )
+    config = tiny_vkood_config(
+        num_labels=5, pretrained_backbones=list(pretrained), ood_calibration_quantile=None, **settings
+    )
     if deterministic:
         config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     torch.manual_seed(seed)
@@ -106,8 +116,10 @@ def test_mad_teacher_is_the_initial_encoders_whatever_training_does(finetuning):
     base = (model.get_base_model() if finetuning == "lora" else model).vkood
     model.eval()
     with torch.no_grad():
-        initial = {"text_model": base.encode_text(batch["input_ids"], batch["attention_mask"]),
-                   "vision_model": base.encode_image(batch["pixel_values"])}  # fmt: skip
+        initial = {
+            "text_model": base.encode_text(batch["input_ids"], batch["attention_mask"]),
+            "vision_model": base.encode_image(batch["pixel_values"]),
+        }
     pretend_training(model)
     model.train()
     tokens = teacher.tokens(model, batch)
@@ -280,11 +292,24 @@ def easy_vqa_root(workdir):
 
 
 def options_config(workdir, tiny_text_model, easy_vqa_root, **overrides):
-    deterministic = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
-                     "ood_tol": 1e-30}  # fmt: skip
-    config = tiny_config(workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root),
-                         eval_split="test", backbone_dropout=0.0, mad_weight=1.0, masd_weight=1.0,
-                         **overrides)  # fmt: skip
+    deterministic = {
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout": 0.0,
+        "ood_tol": 1e-30,
+    }
+    config = tiny_config(
+        workdir,
+        tiny_text_model,
+        task="vqa",
+        dataset="easy_vqa",
+        dataset_root=str(easy_vqa_root),
+        eval_split="test",
+        backbone_dropout=0.0,
+        mad_weight=1.0,
+        masd_weight=1.0,
+        **overrides,
+    )
     values = yaml.safe_load(config.read_text())
     values["vkood_config"].update(deterministic)
     config.write_text(yaml.safe_dump(values))
@@ -303,8 +328,18 @@ def test_a_run_with_mad_masd_and_wise_ft_resumes_to_the_weights_of_an_uninterrup
     """The tiny run's vision encoder is built from a config: MAD distils the (pretrained) text side only. The MAD
     teacher of a resumed full fine-tuning run must still be the initial text encoder, and the MASD draws continue
     from the restored RNG, so the resumed run ends where the uninterrupted one does."""
-    config = options_config(workdir, tiny_text_model, easy_vqa_root, max_steps=4, save_strategy="steps", save_steps=2,
-                            do_eval=False, finetuning=finetuning, wise_ft_alpha=0.5, train_fraction=0.5)  # fmt: skip
+    config = options_config(
+        workdir,
+        tiny_text_model,
+        easy_vqa_root,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        do_eval=False,
+        finetuning=finetuning,
+        wise_ft_alpha=0.5,
+        train_fraction=0.5,
+    )
     straight, resumed = workdir / f"straight_{finetuning}", workdir / f"resumed_{finetuning}"
     baseline = workdir / f"baseline_{finetuning}"
     results = train.main([str(config), "--output_dir", str(straight)])
@@ -313,8 +348,21 @@ def test_a_run_with_mad_masd_and_wise_ft_resumes_to_the_weights_of_an_uninterrup
     expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
-    train.main([str(config), "--output_dir", str(baseline), "--mad_weight", "0", "--masd_weight", "0",
-                "--max_steps", "1", "--save_strategy", "no"])  # fmt: skip
+    train.main(
+        [
+            str(config),
+            "--output_dir",
+            str(baseline),
+            "--mad_weight",
+            "0",
+            "--masd_weight",
+            "0",
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+        ]
+    )
     assert first_step(straight)["loss"] > first_step(baseline)["loss"]  # the two terms were added
     state = json.loads((straight / "trainer_state.json").read_text())
     assert state["log_history"][-1]["train_runtime"] > 0
@@ -338,16 +386,34 @@ def test_mad_and_masd_on_2_ddp_processes_give_the_loss_of_one_process_on_the_sam
 ):
     """MASD with the image augmentation only (deterministic) and MAD: 2 x 4 examples under
     configuration/accelerate/ddp.yaml give the first-step loss and gradient norm of 1 x 8."""
-    config = options_config(workdir, tiny_text_model, easy_vqa_root, max_steps=1, do_eval=False,
-                            masd_augmentations=["image"])  # fmt: skip
+    config = options_config(
+        workdir, tiny_text_model, easy_vqa_root, max_steps=1, do_eval=False, masd_augmentations=["image"]
+    )
     single, multi = workdir / "options_single", workdir / "options_ddp"
     train.main([str(config), "--per_device_train_batch_size", "8", "--output_dir", str(single)])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO_ROOT / "configuration" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
-               "--mixed_precision", "no", str(REPO_ROOT / "train.py"), str(config),
-               "--per_device_train_batch_size", "4", "--output_dir", str(multi)]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "configuration" / "accelerate" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        str(REPO_ROOT / "train.py"),
+        str(config),
+        "--per_device_train_batch_size",
+        "4",
+        "--output_dir",
+        str(multi),
+    ]
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (read_results(single)["world_size"], read_results(multi)["world_size"]) == (1, 2)
@@ -360,20 +426,37 @@ def test_options_through_the_trainer_keep_the_loss_contract_under_gradient_accum
 
     def gradients(per_device_batch, accumulation):
         model = tiny_model("full", deterministic=True)
-        terms = [MultimodalAdaptiveDistillation(UnimodalTeacher(model), 1.0),
-                 ModalityAugmentedSelfDistillation(1.0, augmentations=["image"])]  # fmt: skip
+        terms = [
+            MultimodalAdaptiveDistillation(UnimodalTeacher(model), 1.0),
+            ModalityAugmentedSelfDistillation(1.0, augmentations=["image"]),
+        ]
         recorded = {}
 
         class Recorder(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
                 recorded.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
-        args = TrainingArguments(output_dir=str(tmp_path / f"ga{accumulation}"), max_steps=1,
-                                 per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=accumulation,
-                                 max_grad_norm=1e9, remove_unused_columns=False, report_to=[], use_cpu=True,
-                                 save_strategy="no", logging_strategy="no", seed=0)  # fmt: skip
-        VKOODTrainer(model=model, args=args, train_dataset=TinyVQARows(8, seed=3), data_collator=stack,
-                     callbacks=[Recorder()], extra_losses=terms).train()  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"),
+            max_steps=1,
+            per_device_train_batch_size=per_device_batch,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=1e9,
+            remove_unused_columns=False,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_strategy="no",
+            seed=0,
+        )
+        VKOODTrainer(
+            model=model,
+            args=args,
+            train_dataset=TinyVQARows(8, seed=3),
+            data_collator=stack,
+            callbacks=[Recorder()],
+            extra_losses=terms,
+        ).train()
         return recorded
 
     one, accumulated = gradients(8, 1), gradients(4, 2)

@@ -33,11 +33,16 @@ def write_images(folder: Path, subtype: str, image_ids) -> None:
 def okvqa_record(question_id: int, image_id: int, answers: list[str]) -> dict:
     """One annotation in OK-VQA's published schema: no `multiple_choice_answer`, `raw_answer` per answer."""
     return {
-        "image_id": image_id, "question_id": question_id, "question_type": "eight", "answer_type": "other",
+        "image_id": image_id,
+        "question_id": question_id,
+        "question_type": "eight",
+        "answer_type": "other",
         "confidence": 2,
-        "answers": [{"answer_id": i + 1, "raw_answer": answer.title(), "answer_confidence": "yes", "answer": answer}
-                    for i, answer in enumerate(answers)],
-    }  # fmt: skip
+        "answers": [
+            {"answer_id": i + 1, "raw_answer": answer.title(), "answer_confidence": "yes", "answer": answer}
+            for i, answer in enumerate(answers)
+        ],
+    }
 
 
 def write_okvqa(root: Path, images: Path, answers_per_question: list[list[str]]) -> None:
@@ -56,8 +61,12 @@ def write_okvqa(root: Path, images: Path, answers_per_question: list[list[str]])
 
 def test_okvqa_reads_the_published_annotation_schema(tmp_path, knowledge_base):
     root, images = tmp_path / "okvqa", tmp_path / "images"
-    answers = [["dog"] * 4 + ["puppy"] * 4 + ["cat"] * 2, ["cat"] * 6 + ["kitten"] * 4, ["dog"] * 10,
-               ["kitten"] * 5 + ["puppy"] * 5]  # fmt: skip
+    answers = [
+        ["dog"] * 4 + ["puppy"] * 4 + ["cat"] * 2,
+        ["cat"] * 6 + ["kitten"] * 4,
+        ["dog"] * 10,
+        ["kitten"] * 5 + ["puppy"] * 5,
+    ]
     write_okvqa(root, images, answers)
     dataset, skips = okvqa.build(root, images, knowledge_base)
     assert skips.skipped == [] and dataset.num_rows == {"train": 4, "validation": 4}
@@ -75,8 +84,10 @@ def test_okvqa_reads_the_published_annotation_schema(tmp_path, knowledge_base):
 def test_vqav2_still_requires_its_consensus_answer(tmp_path, knowledge_base):
     root = tmp_path / "vqav2"
     record = okvqa_record(15, 1, ["dog"] * 10)
-    write_json(root / "v2_OpenEnded_mscoco_train2014_questions.json",
-               {"questions": [{"image_id": 1, "question": "What?", "question_id": 15}]})  # fmt: skip
+    write_json(
+        root / "v2_OpenEnded_mscoco_train2014_questions.json",
+        {"questions": [{"image_id": 1, "question": "What?", "question_id": 15}]},
+    )
     write_json(root / "v2_mscoco_train2014_annotations.json", {"annotations": [record]})
     with pytest.raises(ValueError, match="record 0: missing field 'multiple_choice_answer'"):
         vqav2.build(root, tmp_path / "images", knowledge_base)
@@ -94,10 +105,17 @@ def test_vqav2_test_split_from_a_questions_file_alone(tmp_path, knowledge_base):
     root, images = tmp_path / "vqav2", tmp_path / "images"
     questions = [{"image_id": 7, "question": "What color is it?", "question_id": 70 + k} for k in range(2)]
     train = [{"image_id": 1, "question": f"Is it red {k}?", "question_id": 10 + k} for k in range(9)]
-    annotations = [{"image_id": 1, "question_id": q["question_id"], "question_type": "is it", "answer_type": "yes/no",
-                    "multiple_choice_answer": "yes",
-                    "answers": [{"answer": "yes", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]}
-                   for q in train]  # fmt: skip
+    annotations = [
+        {
+            "image_id": 1,
+            "question_id": q["question_id"],
+            "question_type": "is it",
+            "answer_type": "yes/no",
+            "multiple_choice_answer": "yes",
+            "answers": [{"answer": "yes", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)],
+        }
+        for q in train
+    ]
     write_json(root / "v2_OpenEnded_mscoco_train2014_questions.json", {"questions": train})
     write_json(root / "v2_mscoco_train2014_annotations.json", {"annotations": annotations})
     write_json(root / "v2_OpenEnded_mscoco_test2015_questions.json", {"questions": questions})
@@ -124,6 +142,9 @@ def test_vocabulary_below_the_threshold_fails_at_build_time_with_the_counts(tmp_
 
     root, images = tmp_path / "okvqa", tmp_path / "images"
     write_okvqa(root, images, [["dog"] * 10])  # "dog" answers 2 questions; OK-VQA needs 3
-    with pytest.raises(ValueError, match=r"okvqa: no answer reaches the vocabulary threshold of 3 questions \(1 "
-                                         r"distinct answers, the most frequent answers 2 question"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"okvqa: no answer reaches the vocabulary threshold of 3 questions \(1 "
+        r"distinct answers, the most frequent answers 2 question",
+    ):
         okvqa.build(root, images, knowledge_base)

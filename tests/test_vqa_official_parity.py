@@ -20,10 +20,9 @@ import warnings
 from contextlib import redirect_stdout
 
 import pytest
-
 from conftest import REFDATA
-from modeling_vkood.evaluation import answer_scores, metric_path, vqa_accuracy
-from modeling_vkood.evaluation import OFFICIAL_DECIMALS
+
+from modeling_vkood.evaluation import OFFICIAL_DECIMALS, answer_scores, metric_path, vqa_accuracy
 from modeling_vkood.evaluation.vqa_normalization import _ARTICLES, _CONTRACTIONS, _NUMBER_WORDS, _PUNCTUATION
 
 pytestmark = pytest.mark.skipif(
@@ -162,8 +161,10 @@ def test_accuracy_equals_the_official_script(oracle, records, name):
     question_types = [a["question_type"] for a in annotations]
     ours = vqa_accuracy(predictions, references, answer_types, question_types)
 
-    per_question = {a["question_id"]: round(100 * answer_scores([p], r)[0], OFFICIAL_DECIMALS)
-                    for a, p, r in zip(annotations, predictions, references)}  # fmt: skip
+    per_question = {
+        a["question_id"]: round(100 * answer_scores([p], r)[0], OFFICIAL_DECIMALS)
+        for a, p, r in zip(annotations, predictions, references)
+    }
     assert per_question == expected["per_question"]
     unrounded = expected["unrounded"]
     assert ours["overall"] == pytest.approx(unrounded["overall"], abs=TOLERANCE)
@@ -189,8 +190,9 @@ def test_evaluate_module_loaded_offline_equals_the_official_script(oracle, recor
     for name in ("one_raw_human_answer", "disguised"):
         predictions, scores = oracle(name)
         expected = scores["unrounded"]
-        result = metric.compute(predictions=predictions, references=references, answer_types=answer_types,
-                                question_types=question_types)  # fmt: skip
+        result = metric.compute(
+            predictions=predictions, references=references, answer_types=answer_types, question_types=question_types
+        )
         assert result["overall"] == pytest.approx(expected["overall"], abs=TOLERANCE)
         assert result["per_answer_type"] == pytest.approx(expected["per_answer_type"], abs=TOLERANCE)
         assert result["per_question_type"] == pytest.approx(expected["per_question_type"], abs=TOLERANCE)

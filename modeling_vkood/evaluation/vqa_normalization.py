@@ -12,8 +12,28 @@ from functools import lru_cache
 # The marks `processPunctuation` deletes or turns into a space. Not in the list, so kept: the period (handled by
 # its own rule below), the colon ("10:30") and the apostrophe ("don't").
 _PUNCTUATION = (
-    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
-)  # fmt: skip
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 # The official patterns run under Python 2, where `\d` in a pattern without re.UNICODE is [0-9]; written so here.
 _COMMA_BETWEEN_DIGITS = re.compile(r"([0-9])(,)([0-9])")
 # The official pattern reads "(?!<=\d)" (a look-ahead for the text "<=" and a digit, not a look-behind), so in
@@ -24,9 +44,19 @@ _PERIOD = re.compile(r"(?!<=[0-9])(\.)(?![0-9])")
 _OFFICIAL_PERIOD_LIMIT = 32
 _MARKS = frozenset(_PUNCTUATION) | {"."}
 _NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 # Answers repeat massively ("yes", "2", ...): caching the pure string functions makes dataset builds cheap.
 _CACHE_SIZE = 1 << 16
@@ -60,11 +90,19 @@ def _contraction_table() -> dict[str, str]:
         table[first + last] = word  # the last apostrophe missing
         table[first.replace("'", "") + "'" + last] = word  # the others missing
     # Entries of the official table that the two rules above do not produce.
-    table.update({
-        "let's": "let's", "she's": "she's", "twas": "'twas", "somebody'd": "somebodyd",
-        "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
-        "y'alld've": "y'all'd've", "yall'd've": "y'all'd've",
-    })  # fmt: skip
+    table.update(
+        {
+            "let's": "let's",
+            "she's": "she's",
+            "twas": "'twas",
+            "somebody'd": "somebodyd",
+            "ow's'at": "'ow's'at",
+            "'ows'at": "'ow's'at",
+            "'ow'sat": "'ow's'at",
+            "y'alld've": "y'all'd've",
+            "yall'd've": "y'all'd've",
+        }
+    )
     del table["yalld've"]  # y'all'd've is the one triple contraction: the official table spells it otherwise
     return table
 

@@ -123,9 +123,11 @@ class _DumpReader:
     def rows(self) -> Iterator[tuple[str, str, str, float]]:
         raw, stream = _open_dump(self.path)
         counts = self.counts
-        with raw, stream, tqdm(
-            total=os.path.getsize(self.path), unit="B", unit_scale=True, desc=f"indexing {self.path.name}"
-        ) as bar:
+        with (
+            raw,
+            stream,
+            tqdm(total=os.path.getsize(self.path), unit="B", unit_scale=True, desc=f"indexing {self.path.name}") as bar,
+        ):
             number = 0
             for number, line in enumerate(stream, 1):
                 if number % _PROGRESS_EVERY == 0:

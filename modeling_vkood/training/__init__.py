@@ -2,7 +2,14 @@
 metrics, retrieval evaluation, plots and the output folder."""
 
 from .arguments import PACKAGE_SCHEME, CardArguments, DataArguments, ModelArguments, parse_arguments, resolve_model_path
-from .collators import GenerativeVQACollator, NLVR2Collator, PixelCache, RetrievalCollator, VQACollator, soft_score_labels
+from .collators import (
+    GenerativeVQACollator,
+    NLVR2Collator,
+    PixelCache,
+    RetrievalCollator,
+    VQACollator,
+    soft_score_labels,
+)
 from .data import load_splits
 from .metrics import NLVR2Metrics, VQAMetrics, predicted_class
 from .model_factory import BuiltModel, apply_finetuning, build_model, merged_model, new_parameter_names

@@ -85,26 +85,33 @@ class ModelArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer (default: the text backbone's)"})
     decoder_config: dict | str | None = field(
         default=None,
-        metadata={"help": "generative_vqa: the text decoder built from this config (any causal LM config with "
-                  "cross-attention, e.g. a small BERT), JSON; default: the text backbone's config as a decoder. "
-                  "It reads the processor's tokenizer, so its vocabulary must cover it"},  # fmt: skip
+        metadata={
+            "help": "generative_vqa: the text decoder built from this config (any causal LM config with "
+            "cross-attention, e.g. a small BERT), JSON; default: the text backbone's config as a decoder. "
+            "It reads the processor's tokenizer, so its vocabulary must cover it"
+        },
     )
     decoder_model: str | None = field(
         default=None,
-        metadata={"help": "generative_vqa: a pretrained causal LM checkpoint as the decoder (loaded with "
-                  "is_decoder=True and new cross-attention layers, trained in full); it must share the text "
-                  "backbone's tokenizer (e.g. the text backbone itself, as BLIP initialises its decoder from BERT)"},  # fmt: skip
+        metadata={
+            "help": "generative_vqa: a pretrained causal LM checkpoint as the decoder (loaded with "
+            "is_decoder=True and new cross-attention layers, trained in full); it must share the text "
+            "backbone's tokenizer (e.g. the text backbone itself, as BLIP initialises its decoder from BERT)"
+        },
     )
     image_size: int | None = field(
-        default=None, metadata={"help": "image side for a vision backbone built from a config (default: its image_size)"}
+        default=None,
+        metadata={"help": "image side for a vision backbone built from a config (default: its image_size)"},
     )
     vkood_config: dict | str | None = field(
         default=None, metadata={"help": "VKOODConfig fields (hidden_size, num_fusion_layers, ood_*, ...), JSON"}
     )
     backbone_dropout: float | None = field(
         default=None,
-        metadata={"help": "set every dropout probability of the pretrained backbones' configs to this value "
-                  "(default: keep theirs); 0 on short CPU runs saves the time of drawing the dropout masks"},  # fmt: skip
+        metadata={
+            "help": "set every dropout probability of the pretrained backbones' configs to this value "
+            "(default: keep theirs); 0 on short CPU runs saves the time of drawing the dropout masks"
+        },
     )
     finetuning: str = field(default="lora", metadata={"help": f"one of {FINETUNING}"})
     lora_r: int = 16
@@ -112,42 +119,56 @@ class ModelArguments:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "attention projection names adapted with LoRA inside the pretrained backbones (default: "
-                  "the model's `lora_projections`: query, key, value, q_proj, k_proj, v_proj)"},  # fmt: skip
+        metadata={
+            "help": "attention projection names adapted with LoRA inside the pretrained backbones (default: "
+            "the model's `lora_projections`: query, key, value, q_proj, k_proj, v_proj)"
+        },
     )
     lora_layers: list[int] | None = field(
         default=None,
-        metadata={"help": "indices of the backbone layers that get LoRA (default: all); the backward pass then stops "
-                  "at the lowest adapted layer"},  # fmt: skip
+        metadata={
+            "help": "indices of the backbone layers that get LoRA (default: all); the backward pass then stops "
+            "at the lowest adapted layer"
+        },
     )
     new_modules_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "learning rate of the newly initialised modules (fusion, OOD, heads, from-scratch "
-                  "backbones); default: learning_rate"},  # fmt: skip
+        metadata={
+            "help": "learning rate of the newly initialised modules (fusion, OOD, heads, from-scratch "
+            "backbones); default: learning_rate"
+        },
     )
     ood_threshold_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "learning rate of the OOD threshold tau (no weight decay); default: "
-                  "new_modules_learning_rate. Adam moves a parameter by about its learning rate per step, and tau "
-                  "lives on the scale of the scores (units, not 1e-4s): a gate trained by `ood_alignment=gate` "
-                  "needs tau to travel several units"},  # fmt: skip
+        metadata={
+            "help": "learning rate of the OOD threshold tau (no weight decay); default: "
+            "new_modules_learning_rate. Adam moves a parameter by about its learning rate per step, and tau "
+            "lives on the scale of the scores (units, not 1e-4s): a gate trained by `ood_alignment=gate` "
+            "needs tau to travel several units"
+        },
     )
     ood_gate_forcing_steps: int = field(
         default=0,
-        metadata={"help": "optimizer steps during which the fusion sees the relevance labels (the knowledge items "
-                  "that state the training answer) as the OOD gate, while the OOD layer learns from its alignment "
-                  "loss (VQA; see modeling_vkood/training/gate_forcing.py); 0: the learned gate from the start"},  # fmt: skip
+        metadata={
+            "help": "optimizer steps during which the fusion sees the relevance labels (the knowledge items "
+            "that state the training answer) as the OOD gate, while the OOD layer learns from its alignment "
+            "loss (VQA; see modeling_vkood/training/gate_forcing.py); 0: the learned gate from the start"
+        },
     )
     ood_gate_handover_steps: int = field(
         default=0,
-        metadata={"help": "optimizer steps after --ood_gate_forcing_steps over which the forced gate hands over "
-                  "linearly to the learned one"},  # fmt: skip
+        metadata={
+            "help": "optimizer steps after --ood_gate_forcing_steps over which the forced gate hands over "
+            "linearly to the learned one"
+        },
     )
     mad_weight: float = field(
         default=0.0,
-        metadata={"help": "weight of multimodal adaptive distillation (MAD): the pretrained unimodal encoders, as they "
-                  "were before fine-tuning, teach the fused question and image tokens (VQA; a backbone trained from "
-                  "scratch is not distilled; see modeling_vkood/training/distillation.py); 0: off"},  # fmt: skip
+        metadata={
+            "help": "weight of multimodal adaptive distillation (MAD): the pretrained unimodal encoders, as they "
+            "were before fine-tuning, teach the fused question and image tokens (VQA; a backbone trained from "
+            "scratch is not distilled; see modeling_vkood/training/distillation.py); 0: off"
+        },
     )
     mad_temperature: float = field(
         default=0.05, metadata={"help": "MAD: temperature of the teacher's token salience (lower: sharper choice)"}
@@ -157,9 +178,11 @@ class ModelArguments:
     )
     masd_weight: float = field(
         default=0.0,
-        metadata={"help": "weight of modality-augmented self-distillation (MASD): the model on an input with one "
-                  "modality removed learns its own predictions on the full input (VQA, NLVR2; see "
-                  "modeling_vkood/training/self_distillation.py); 0: off"},  # fmt: skip
+        metadata={
+            "help": "weight of modality-augmented self-distillation (MASD): the model on an input with one "
+            "modality removed learns its own predictions on the full input (VQA, NLVR2; see "
+            "modeling_vkood/training/self_distillation.py); 0: off"
+        },
     )
     masd_temperature: float = field(default=1.0, metadata={"help": "MASD: distillation temperature"})
     masd_augmentations: list[str] = field(
@@ -168,21 +191,27 @@ class ModelArguments:
     )
     wise_ft_alpha: float | None = field(
         default=None,
-        metadata={"help": "WiSE-FT after training: the pretrained backbones' weights become (1 - alpha) initial + "
-                  "alpha fine-tuned (LoRA: the adapter delta scaled by alpha); the new modules keep their "
-                  "fine-tuned weights (see modeling_vkood/training/wise_ft.py). Applied once training ends: the "
-                  "checkpoints keep the fine-tuned weights (a resumed run interpolates at its end); None: off"},  # fmt: skip
+        metadata={
+            "help": "WiSE-FT after training: the pretrained backbones' weights become (1 - alpha) initial + "
+            "alpha fine-tuned (LoRA: the adapter delta scaled by alpha); the new modules keep their "
+            "fine-tuned weights (see modeling_vkood/training/wise_ft.py). Applied once training ends: the "
+            "checkpoints keep the fine-tuned weights (a resumed run interpolates at its end); None: off"
+        },
     )
 
     cache_frozen_text_blocks: bool = field(
         default=False,
-        metadata={"help": "keep the outputs of the text encoder's frozen lower blocks (below the lowest LoRA layer) "
-                  "per distinct token row and look them up instead of recomputing them; needs backbone dropout 0 "
-                  "(see modeling_vkood/training/frozen_text_cache.py)"},  # fmt: skip
+        metadata={
+            "help": "keep the outputs of the text encoder's frozen lower blocks (below the lowest LoRA layer) "
+            "per distinct token row and look them up instead of recomputing them; needs backbone dropout 0 "
+            "(see modeling_vkood/training/frozen_text_cache.py)"
+        },
     )
 
     given_backbones: dict = field(
-        init=False, default_factory=dict, metadata={"help": "the backbone names as given, before package:// is resolved"}
+        init=False,
+        default_factory=dict,
+        metadata={"help": "the backbone names as given, before package:// is resolved"},
     )
 
     def __post_init__(self):
@@ -219,8 +248,10 @@ class DataArguments:
     task: str = field(default="vqa", metadata={"help": f"one of {TASKS}"})
     dataset: str = field(
         default="easy_vqa",
-        metadata={"help": "a data_scripts builder (easy_vqa, vqav2, okvqa, nlvr2, coco_karpathy, flickr30k), or a "
-                  "built dataset (folder written by `python -m data_scripts` or a Hub dataset id)"},  # fmt: skip
+        metadata={
+            "help": "a data_scripts builder (easy_vqa, vqav2, okvqa, nlvr2, coco_karpathy, flickr30k), or a "
+            "built dataset (folder written by `python -m data_scripts` or a Hub dataset id)"
+        },
     )
     dataset_root: str | None = field(default=None, metadata={"help": "official annotation files (builders)"})
     image_root: str | None = field(default=None, metadata={"help": "images (builders; default dataset_root)"})
@@ -232,9 +263,11 @@ class DataArguments:
     eval_split: str = "validation"
     predict_split: str | None = field(
         default=None,
-        metadata={"help": "a split to predict at the end (it may have no answers: VQAv2 test_dev / test), written "
-                  "in the official submission format: VQA results JSON (the classifier's or the generated answers), "
-                  "NLVR2 identifier,prediction CSV"},  # fmt: skip
+        metadata={
+            "help": "a split to predict at the end (it may have no answers: VQAv2 test_dev / test), written "
+            "in the official submission format: VQA results JSON (the classifier's or the generated answers), "
+            "NLVR2 identifier,prediction CSV"
+        },
     )
     predictions_file: str | None = field(
         default=None,
@@ -243,53 +276,69 @@ class DataArguments:
     max_train_samples: int | None = None
     train_fraction: float | None = field(
         default=None,
-        metadata={"help": "train on this share of the training split (0 < f <= 1): the first round(f * rows) rows of "
-                  "a fixed shuffle (seed 0, whatever --seed: runs of different seeds see the same rows); after "
-                  "max_train_samples"},  # fmt: skip
+        metadata={
+            "help": "train on this share of the training split (0 < f <= 1): the first round(f * rows) rows of "
+            "a fixed shuffle (seed 0, whatever --seed: runs of different seeds see the same rows); after "
+            "max_train_samples"
+        },
     )
     max_eval_samples: int | None = None
     preprocessing_num_workers: int = 1
     check_images: str = field(
         default="decode",
-        metadata={"help": 'how builders check each image file: "decode" (fully, as the collator will), "header" '
-                  '(open only: fast, misses truncated files) or "none" (existence only)'},  # fmt: skip
+        metadata={
+            "help": 'how builders check each image file: "decode" (fully, as the collator will), "header" '
+            '(open only: fast, misses truncated files) or "none" (existence only)'
+        },
     )
     dataset_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "where built datasets are kept, keyed by their inputs, for later runs and the other "
-                  "processes (default: HF_DATASETS_CACHE/vkood)"},  # fmt: skip
+        metadata={
+            "help": "where built datasets are kept, keyed by their inputs, for later runs and the other "
+            "processes (default: HF_DATASETS_CACHE/vkood)"
+        },
     )
     pixel_cache_size: int = field(
         default=0,
-        metadata={"help": "images whose pixel values the collator keeps in memory (0: none); set it to the number "
-                  "of distinct images of a small dataset so each image is decoded once"},  # fmt: skip
+        metadata={
+            "help": "images whose pixel values the collator keeps in memory (0: none); set it to the number "
+            "of distinct images of a small dataset so each image is decoded once"
+        },
     )
     ood_plot_examples: int = field(default=512, metadata={"help": "eval examples whose OOD scores are plotted"})
     balance_by: str | None = field(
         default=None,
-        metadata={"help": "a training column (e.g. question_type): draw rows with replacement so that each of its "
-                  "values is equally frequent; for a task type that is rare in the data but needs its own features"},  # fmt: skip
+        metadata={
+            "help": "a training column (e.g. question_type): draw rows with replacement so that each of its "
+            "values is equally frequent; for a task type that is rare in the data but needs its own features"
+        },
     )
 
     labelled_fraction: float | None = field(
         default=None,
-        metadata={"help": "VQA tasks, data-scarce setting: keep the questions of this fraction of the training "
-                  "images (drawn with --labelled_fraction_seed); the other training images are the unlabelled pool "
-                  "that SelTDA pseudo-labels (`python -m modeling_vkood.training.seltda`). None: every question"},  # fmt: skip
+        metadata={
+            "help": "VQA tasks, data-scarce setting: keep the questions of this fraction of the training "
+            "images (drawn with --labelled_fraction_seed); the other training images are the unlabelled pool "
+            "that SelTDA pseudo-labels (`python -m modeling_vkood.training.seltda`). None: every question"
+        },
     )
     labelled_fraction_seed: int = field(
         default=0, metadata={"help": "seed of the draw of --labelled_fraction's images (the same for every run seed)"}
     )
     pseudo_labelled_dataset: str | None = field(
         default=None,
-        metadata={"help": "VQA tasks: a dataset written by `python -m modeling_vkood.training.seltda` (a folder or a "
-                  "Hub id) whose train split is added to the (labelled) training split: SelTDA's step 3"},  # fmt: skip
+        metadata={
+            "help": "VQA tasks: a dataset written by `python -m modeling_vkood.training.seltda` (a folder or a "
+            "Hub id) whose train split is added to the (labelled) training split: SelTDA's step 3"
+        },
     )
     generation_target: str = field(
         default="answer",
-        metadata={"help": f"generative_vqa: one of {GENERATION_TARGETS}: the most frequent human answer of each "
-                  "question, or \"question: Q answer: A\" for the image alone (the SelTDA teacher, no question "
-                  "and no knowledge given)"},  # fmt: skip
+        metadata={
+            "help": f"generative_vqa: one of {GENERATION_TARGETS}: the most frequent human answer of each "
+            'question, or "question: Q answer: A" for the image alone (the SelTDA teacher, no question '
+            "and no knowledge given)"
+        },
     )
     max_answer_length: int = field(
         default=32, metadata={"help": "generative_vqa: tokens of a target text, start and end tokens included"}
@@ -311,8 +360,10 @@ class DataArguments:
         if (self.labelled_fraction is not None or self.pseudo_labelled_dataset) and self.task not in VQA_TASKS:
             raise ValueError("--labelled_fraction / --pseudo_labelled_dataset are for the VQA tasks")
         if self.predict_split is not None and self.task == "generative_vqa" and self.generation_target != "answer":
-            raise ValueError("--predict_split writes answers: a generative_vqa run predicts with "
-                             f"--generation_target answer, not {self.generation_target!r}")  # fmt: skip
+            raise ValueError(
+                "--predict_split writes answers: a generative_vqa run predicts with "
+                f"--generation_target answer, not {self.generation_target!r}"
+            )
         if self.predict_split is not None and self.task == "retrieval":
             raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
@@ -357,8 +408,11 @@ def parse_arguments(argv: list[str] | None = None):
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
-        hints = "".join(f"; {name} was removed by transformers: use {REMOVED_TRAINING_ARGUMENTS[name]}"
-                        for name in unknown if name in REMOVED_TRAINING_ARGUMENTS)  # fmt: skip
+        hints = "".join(
+            f"; {name} was removed by transformers: use {REMOVED_TRAINING_ARGUMENTS[name]}"
+            for name in unknown
+            if name in REMOVED_TRAINING_ARGUMENTS
+        )
         raise ValueError(f"{config_path}: unknown argument(s) {unknown}{hints}")
     argv, reset = _none_resets(argv)
     # Without an accelerator device, run in accelerate's CPU mode: then the processes of `accelerate launch
@@ -369,8 +423,10 @@ def parse_arguments(argv: list[str] | None = None):
     parsed = parser.parse_args_into_dataclasses(args=argv)
     training_args = parsed[-1]
     if training_args.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise ValueError("FSDP needs an accelerator device: on CPU accelerate ignores the FSDP config and would run "
-                         "plain data parallel; use configuration/accelerate/ddp.yaml on CPU")  # fmt: skip
+        raise ValueError(
+            "FSDP needs an accelerator device: on CPU accelerate ignores the FSDP config and would run "
+            "plain data parallel; use configuration/accelerate/ddp.yaml on CPU"
+        )
     if training_args.dataloader_num_workers == 0:
         # Persistent workers need workers (torch's DataLoader raises otherwise): a YAML that keeps its 8 workers
         # alive stays usable with `--dataloader_num_workers 0`.

@@ -104,8 +104,9 @@ class VQACollator:
     def __call__(self, rows: list[dict]) -> dict:
         batch = dict(self.processor(text=[r["question"] for r in rows], knowledge=[r["knowledge"] for r in rows]))
         batch["pixel_values"] = self.pixels([r["image"] for r in rows])
-        batch["labels"] = soft_score_labels([r["label_ids"] for r in rows], [r["label_scores"] for r in rows],
-                                            self.num_labels)  # fmt: skip
+        batch["labels"] = soft_score_labels(
+            [r["label_ids"] for r in rows], [r["label_scores"] for r in rows], self.num_labels
+        )
         if self.answer_relevance and "knowledge_mask" in batch:
             relevance = torch.zeros(batch["knowledge_mask"].shape, dtype=torch.float32)
             for row, r in enumerate(rows):
@@ -149,8 +150,14 @@ class GenerativeVQACollator:
     (the inputs of `generate`).
     """
 
-    def __init__(self, processor, pixels: PixelCache, target: str = "answer", max_answer_length: int = 32,
-                 with_targets: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        processor,
+        pixels: PixelCache,
+        target: str = "answer",
+        max_answer_length: int = 32,
+        with_targets: bool = True,
+    ):
         if target not in ("answer", "question_answer"):
             raise ValueError(f"target must be 'answer' or 'question_answer', got {target!r}")
         self.processor, self.pixels, self.target = processor, pixels, target

@@ -75,7 +75,9 @@ def build_key(data_args, splits: list[str]) -> str:
 
 def build_dataset(data_args, splits: list[str]) -> DatasetDict:
     """The splits built by the `data_args.dataset` builder, from the cache when the same build was saved before."""
-    cache = Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits)}"
+    cache = (
+        Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits)}"
+    )
     if cache.is_dir():
         return _load_cached(cache)
     builder = importlib.import_module(f"data_scripts.{data_args.dataset}")
@@ -106,8 +108,14 @@ def _save_cached(dataset: DatasetDict, path: Path) -> None:
     }
     plain = DatasetDict(
         {
-            split: part.cast(Features({name: IMAGE_STORAGE if name in image_columns[split] else feature
-                                       for name, feature in part.features.items()}))  # fmt: skip
+            split: part.cast(
+                Features(
+                    {
+                        name: IMAGE_STORAGE if name in image_columns[split] else feature
+                        for name, feature in part.features.items()
+                    }
+                )
+            )
             for split, part in dataset.items()
         }
     )
@@ -149,8 +157,9 @@ def load_splits(data_args, splits: list[str]) -> DatasetDict:
         dataset[data_args.train_split] = one_row_per_caption(dataset[data_args.train_split])
     train_split = data_args.train_split
     if train_split in dataset and getattr(data_args, "labelled_fraction", None) is not None:
-        dataset[train_split] = labelled_subset(dataset[train_split], data_args.labelled_fraction,
-                                               data_args.labelled_fraction_seed)  # fmt: skip
+        dataset[train_split] = labelled_subset(
+            dataset[train_split], data_args.labelled_fraction, data_args.labelled_fraction_seed
+        )
     caps = {data_args.train_split: data_args.max_train_samples, data_args.eval_split: data_args.max_eval_samples}
     for split, cap in caps.items():
         if split in dataset and cap is not None:
@@ -192,10 +201,15 @@ def with_pseudo_labels(split: datasets.Dataset, pseudo_labelled: str) -> dataset
         if isinstance(feature, datasets.Image):
             pseudo = pseudo.cast_column(name, datasets.Image(decode=False))
     if pseudo.features != split.features:
-        differing = sorted(name for name in set(pseudo.features) | set(split.features)
-                           if pseudo.features.get(name) != split.features.get(name))  # fmt: skip
-        raise ValueError(f"{pseudo_labelled}: its columns differ from the training split's in {differing} (a "
-                         "pseudo-labelled dataset must be written against the same dataset and vocabulary)")  # fmt: skip
+        differing = sorted(
+            name
+            for name in set(pseudo.features) | set(split.features)
+            if pseudo.features.get(name) != split.features.get(name)
+        )
+        raise ValueError(
+            f"{pseudo_labelled}: its columns differ from the training split's in {differing} (a "
+            "pseudo-labelled dataset must be written against the same dataset and vocabulary)"
+        )
     return datasets.concatenate_datasets([split, pseudo])
 
 
@@ -208,8 +222,11 @@ def one_row_per_caption(split: datasets.Dataset) -> datasets.Dataset:
 
     def explode(rows):
         counts = [len(captions) for captions in rows["captions"]]
-        pairs = {name: [value for value, count in zip(values, counts) for _ in range(count)]
-                 for name, values in rows.items() if name != "captions"}  # fmt: skip
+        pairs = {
+            name: [value for value, count in zip(values, counts) for _ in range(count)]
+            for name, values in rows.items()
+            if name != "captions"
+        }
         pairs["captions"] = [[caption] for captions in rows["captions"] for caption in captions]
         return pairs
 

@@ -23,8 +23,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 def transformer_blocks(encoder: nn.Module) -> nn.ModuleList:
     """The encoder's list of transformer blocks (BERT's `encoder.layer`, CLIP's `encoder.layers`, ...)."""
     for module in encoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(
-            isinstance(block, GradientCheckpointingLayer) for block in module
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(isinstance(block, GradientCheckpointingLayer) for block in module)
         ):
             return module
     raise ValueError(f"{type(encoder).__name__} has no list of transformer blocks to cache")
@@ -53,16 +55,20 @@ class FrozenTextPrefixCache:
         frozen = leading_frozen_blocks(encoder)
         num_blocks = frozen if num_blocks is None else num_blocks
         if num_blocks < 1 or num_blocks > frozen:
-            raise ValueError(f"can cache only frozen blocks: {frozen} leading block(s) of the text encoder (and its "
-                             f"embeddings) have no trainable parameter, asked for {num_blocks}")  # fmt: skip
+            raise ValueError(
+                f"can cache only frozen blocks: {frozen} leading block(s) of the text encoder (and its "
+                f"embeddings) have no trainable parameter, asked for {num_blocks}"
+            )
         above = {id(m) for block in transformer_blocks(encoder)[num_blocks:] for m in block.modules()}
         random = [m for m in encoder.modules() if isinstance(m, nn.Dropout) and m.p > 0 and id(m) not in above]
         attention_dropout = getattr(encoder.config, "attention_probs_dropout_prob", 0.0) or getattr(
             encoder.config, "attention_dropout", 0.0
         )
         if random or attention_dropout:
-            raise ValueError("the text encoder has active dropout, so its frozen blocks are not a function of the "
-                             "tokens: set --backbone_dropout 0 to cache them")  # fmt: skip
+            raise ValueError(
+                "the text encoder has active dropout, so its frozen blocks are not a function of the "
+                "tokens: set --backbone_dropout 0 to cache them"
+            )
         self.encoder = encoder
         self.blocks = list(transformer_blocks(encoder)[:num_blocks])
         self.capacity = capacity

@@ -10,8 +10,17 @@ from modeling_vkood.evaluation import vqa_accuracy
 
 
 @torch.no_grad()
-def generate_texts(model, dataset, collator, batch_size: int, device, max_new_tokens: int = 16, num_beams: int = 1,
-                   accelerator=None, description: str = "generating") -> list[str]:  # fmt: skip
+def generate_texts(
+    model,
+    dataset,
+    collator,
+    batch_size: int,
+    device,
+    max_new_tokens: int = 16,
+    num_beams: int = 1,
+    accelerator=None,
+    description: str = "generating",
+) -> list[str]:
     """The text the model generates for every row of `dataset` (in order), `collator` giving the inputs (a
     `GenerativeVQACollator(..., with_targets=False)`). Under `accelerator` with several processes each process
     generates for every world_size-th row and all of them receive the whole list."""

@@ -62,7 +62,9 @@ def knowledge_fit_labels(dataset, max_items: int) -> torch.Tensor | None:
     item_features = getattr(knowledge, "feature", None)
     if not isinstance(item_features, dict) or "fits_image" not in item_features:
         return None
-    return torch.tensor([item["fits_image"] for row in dataset["knowledge"] for item in row[:max_items]], dtype=torch.bool)
+    return torch.tensor(
+        [item["fits_image"] for row in dataset["knowledge"] for item in row[:max_items]], dtype=torch.bool
+    )
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -80,8 +82,10 @@ def ood_fit_metrics(scores: torch.Tensor, gates: torch.Tensor, fits: torch.Tenso
     """How well the OOD layer tells the items that fit the image from the others: AUROC of the scores, and the
     fraction of each kind that the gate keeps (gate > 0.5)."""
     if len(scores) != len(fits):
-        raise ValueError(f"{len(scores)} OOD scores for {len(fits)} labelled items: the collated items and the "
-                         "dataset's knowledge column are out of step")  # fmt: skip
+        raise ValueError(
+            f"{len(scores)} OOD scores for {len(fits)} labelled items: the collated items and the "
+            "dataset's knowledge column are out of step"
+        )
     kept = gates > 0.5
     return {
         "ood_auroc_fitting": auroc(scores, fits),

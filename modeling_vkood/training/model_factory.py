@@ -127,8 +127,9 @@ def _decoder(model_args, text_config, tokenizer) -> tuple[dict, nn.Module | None
     special = tokenizer_decoder_tokens(tokenizer)
     decoder = None
     if model_args.decoder_model is not None:
-        decoder = AutoModelForCausalLM.from_pretrained(model_args.decoder_model, is_decoder=True,
-                                                       add_cross_attention=True, **special)  # fmt: skip
+        decoder = AutoModelForCausalLM.from_pretrained(
+            model_args.decoder_model, is_decoder=True, add_cross_attention=True, **special
+        )
         config = decoder.config.to_dict()
     elif model_args.decoder_config is not None:
         config = dict(model_args.decoder_config)
@@ -137,8 +138,10 @@ def _decoder(model_args, text_config, tokenizer) -> tuple[dict, nn.Module | None
     config.update(special)
     vocabulary = config.get("vocab_size")
     if vocabulary is not None and vocabulary < len(tokenizer):
-        raise ValueError(f"the decoder's vocab_size ({vocabulary}) is smaller than the tokenizer's {len(tokenizer)} "
-                         "tokens: the decoder writes the processor's tokens")  # fmt: skip
+        raise ValueError(
+            f"the decoder's vocab_size ({vocabulary}) is smaller than the tokenizer's {len(tokenizer)} "
+            "tokens: the decoder writes the processor's tokens"
+        )
     return config, decoder
 
 

@@ -65,8 +65,17 @@ def _gather_rows(accelerator, rows: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, pixels, processor, knowledge_base, max_knowledge_items: int, accelerator,
-                       batch_size: int = 64, k_test: int | None = None) -> dict[str, float]:  # fmt: skip
+def evaluate_retrieval(
+    model,
+    dataset,
+    pixels,
+    processor,
+    knowledge_base,
+    max_knowledge_items: int,
+    accelerator,
+    batch_size: int = 64,
+    k_test: int | None = None,
+) -> dict[str, float]:
     """R@1/5/10 for image->text (`i2t_r*`) and text->image (`t2i_r*`) and their mean `r_mean`, in percent."""
     was_training = model.training
     model.eval()
@@ -86,8 +95,9 @@ def evaluate_retrieval(model, dataset, pixels, processor, knowledge_base, max_kn
         text_features = _encode(accelerator, texts, encode_texts, batch_size, "gallery texts")
         image_queries = _share(len(images), accelerator)
         text_queries = _share(len(texts), accelerator)
-        i2t, t2i = model.rank_gallery(image_features, text_features, k_test=k_test, image_queries=image_queries,
-                                      text_queries=text_queries)  # fmt: skip
+        i2t, t2i = model.rank_gallery(
+            image_features, text_features, k_test=k_test, image_queries=image_queries, text_queries=text_queries
+        )
     i2t = _gather_rows(accelerator, i2t, len(images))
     t2i = _gather_rows(accelerator, t2i, len(texts))
     model.train(was_training)

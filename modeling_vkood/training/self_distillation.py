@@ -19,8 +19,15 @@ import torch.nn.functional as F
 AUGMENTATIONS = ("image", "question", "shorten", "knowledge")
 # The inputs of the augmented pass: no labels (no task loss, hence no alignment loss either); the relevance labels
 # stay where the batch has them, so that a gate-forcing schedule (gate_forcing.py) gates both passes alike.
-STUDENT_INPUTS = ("pixel_values", "input_ids", "attention_mask", "knowledge_input_ids", "knowledge_attention_mask",
-                  "knowledge_mask", "knowledge_relevance")  # fmt: skip
+STUDENT_INPUTS = (
+    "pixel_values",
+    "input_ids",
+    "attention_mask",
+    "knowledge_input_ids",
+    "knowledge_attention_mask",
+    "knowledge_mask",
+    "knowledge_relevance",
+)
 
 
 def _per_example(flags, tensor):

@@ -55,8 +55,10 @@ def dataset_pool(labelled_split: datasets.Dataset, fraction: float | None, seed:
     """The unlabelled images of a training split: one {"image_id", "image"} per image that `--labelled_fraction`
     (drawn with the same seed as train.py draws it) leaves without questions, in image id order."""
     if fraction is None:
-        raise ValueError("the pool is the training images left unlabelled by --labelled_fraction: give it, or a "
-                         "folder of images with --images")  # fmt: skip
+        raise ValueError(
+            "the pool is the training images left unlabelled by --labelled_fraction: give it, or a "
+            "folder of images with --images"
+        )
     labelled = labelled_image_ids(labelled_split, fraction, seed)
     pool = {}
     for image_id, image in zip(labelled_split["image_id"], labelled_split["image"]):
@@ -70,11 +72,14 @@ def folder_pool(folder: Path) -> list[dict]:
     paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return [{"image_id": index, "image": {"path": str(path.resolve()), "bytes": None}} for index, path in enumerate(paths)]
+    return [
+        {"image_id": index, "image": {"path": str(path.resolve()), "bytes": None}} for index, path in enumerate(paths)
+    ]
 
 
-def answer_probabilities(sequences: torch.Tensor, token_log_probs: torch.Tensor, marker: list[int],
-                         ignored: list[int]) -> torch.Tensor:  # fmt: skip
+def answer_probabilities(
+    sequences: torch.Tensor, token_log_probs: torch.Tensor, marker: list[int], ignored: list[int]
+) -> torch.Tensor:
     """Per generated sequence (N, T) the teacher's probability of its answer: the product of the probabilities of the
     tokens after the first `marker` (the token ids of " answer:"), `ignored` (special) tokens left out.
     `token_log_probs` (N, S): the log-probability of each of the S generated tokens (the last S of `sequences`) under
@@ -92,9 +97,16 @@ def answer_probabilities(sequences: torch.Tensor, token_log_probs: torch.Tensor,
 
 
 @torch.no_grad()
-def generate_pairs(model, processor, pool: list[dict], batch_size: int = 32, pairs_per_image: int = 1,
-                   top_p: float | None = 0.9, max_new_tokens: int = 32,
-                   seed: int = 0) -> list[tuple[int, str, float]]:  # fmt: skip
+def generate_pairs(
+    model,
+    processor,
+    pool: list[dict],
+    batch_size: int = 32,
+    pairs_per_image: int = 1,
+    top_p: float | None = 0.9,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+) -> list[tuple[int, str, float]]:
     """(pool index, generated text, the teacher's probability of its answer) for every image of `pool`,
     `pairs_per_image` each, by nucleus sampling (`top_p`, seeded), as SelTDA draws diverse pairs; greedy decoding
     with `top_p=None` (one pair per image: from an image alone, greedy decoding tends to write the same most likely
@@ -114,13 +126,16 @@ def generate_pairs(model, processor, pool: list[dict], batch_size: int = 32, pai
         images = [decoder.decode_example(entry["image"]) for entry in entries]
         inputs = processor(images=images, text=[""] * len(entries), knowledge=[])
         inputs = {key: value.to(device) for key, value in inputs.items()}
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                                output_logits=True, **sampling)  # fmt: skip
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_logits=True, **sampling
+        )
         log_probs = model.compute_transition_scores(output.sequences, output.logits, normalize_logits=True)
         probabilities = answer_probabilities(output.sequences, log_probs, marker, tokenizer.all_special_ids)
         texts = processor.decode_answers(output.sequences)
-        generated.extend((start + index // pairs_per_image, text, probability)
-                         for index, (text, probability) in enumerate(zip(texts, probabilities.tolist())))  # fmt: skip
+        generated.extend(
+            (start + index // pairs_per_image, text, probability)
+            for index, (text, probability) in enumerate(zip(texts, probabilities.tolist()))
+        )
     return generated
 
 
@@ -134,8 +149,13 @@ def _most_common_by_answer(split: datasets.Dataset, column: str) -> tuple[dict[s
     return {answer: counts.most_common(1)[0][0] for answer, counts in per_answer.items()}, overall
 
 
-def pseudo_labelled_rows(generated: list[tuple[int, str, float]], pool: list[dict], labelled_split: datasets.Dataset,
-                         report: SkipReport, min_answer_probability: float | None = None) -> dict[str, list]:  # fmt: skip
+def pseudo_labelled_rows(
+    generated: list[tuple[int, str, float]],
+    pool: list[dict],
+    labelled_split: datasets.Dataset,
+    report: SkipReport,
+    min_answer_probability: float | None = None,
+) -> dict[str, list]:
     """The VQA columns (without knowledge) of the usable generated pairs; the others go into `report`. With
     `min_answer_probability`, a pair whose answer the teacher gave a lower probability is left out too.
 
@@ -154,18 +174,27 @@ def pseudo_labelled_rows(generated: list[tuple[int, str, float]], pool: list[dic
         record = f"image_id={image_id}"
         pair = parse_question_answer(text)
         if pair is None:
-            report.skipped.append({"split": "train", "record": record, "reason": "not a question-answer pair",
-                                   "text": text})  # fmt: skip
+            report.skipped.append(
+                {"split": "train", "record": record, "reason": "not a question-answer pair", "text": text}
+            )
             continue
         question, answer = pair
         label_ids, label_scores = vqa_targets([answer], index)
         if not label_ids:
-            report.skipped.append({"split": "train", "record": record, "reason": "answer not in the vocabulary",
-                                   "text": text})  # fmt: skip
+            report.skipped.append(
+                {"split": "train", "record": record, "reason": "answer not in the vocabulary", "text": text}
+            )
             continue
         if min_answer_probability is not None and not probability >= min_answer_probability:
-            report.skipped.append({"split": "train", "record": record, "reason": "answer probability below "
-                                   f"{min_answer_probability}", "text": text, "probability": probability})  # fmt: skip
+            report.skipped.append(
+                {
+                    "split": "train",
+                    "record": record,
+                    "reason": f"answer probability below {min_answer_probability}",
+                    "text": text,
+                    "probability": probability,
+                }
+            )
             continue
         if (image_id, question) in seen:
             report.skipped.append({"split": "train", "record": record, "reason": "repeated question", "text": text})
@@ -188,8 +217,14 @@ def pseudo_labelled_rows(generated: list[tuple[int, str, float]], pool: list[dic
     return columns
 
 
-def describe(dataset_name: str, teacher: str, pool_size: int, pairs_per_image: int, top_p: float | None,
-             min_answer_probability: float | None = None) -> DatasetDescription:  # fmt: skip
+def describe(
+    dataset_name: str,
+    teacher: str,
+    pool_size: int,
+    pairs_per_image: int,
+    top_p: float | None,
+    min_answer_probability: float | None = None,
+) -> DatasetDescription:
     decoding = "greedy decoding" if top_p is None else f"nucleus sampling (top_p={top_p})"
     if min_answer_probability is not None:
         decoding += f", answers the teacher gave a probability of at least {min_answer_probability}"
@@ -202,20 +237,26 @@ def describe(dataset_name: str, teacher: str, pool_size: int, pairs_per_image: i
         homepage="https://arxiv.org/abs/2306.03932",
         task_categories=["visual-question-answering"],
         licenses=["other"],
-        licence_notes=[f"Images: those of the pool (the licence of {dataset_name}'s images, or of the given folder). "
-                       "Questions and answers: generated by the teacher model."],  # fmt: skip
+        licence_notes=[
+            f"Images: those of the pool (the licence of {dataset_name}'s images, or of the given folder). "
+            "Questions and answers: generated by the teacher model."
+        ],
         citations=[SELTDA_CITATION],
-        notes=["`answers`: the one generated answer; `label_ids`/`label_scores`: its one-hot target.",
-               "`question_type` / `answer_type`: those of the labelled questions with the same answer.",
-               "`knowledge`: retrieved from the generated question, as the builders retrieve it.",
-               "Left out (see the skip report): generations that are not \"question: Q answer: A\", answers outside "
-               "the vocabulary, repeated questions about one image"
-               + (", answers below the probability threshold." if min_answer_probability is not None else ".")],
-    )  # fmt: skip
+        notes=[
+            "`answers`: the one generated answer; `label_ids`/`label_scores`: its one-hot target.",
+            "`question_type` / `answer_type`: those of the labelled questions with the same answer.",
+            "`knowledge`: retrieved from the generated question, as the builders retrieve it.",
+            'Left out (see the skip report): generations that are not "question: Q answer: A", answers outside '
+            "the vocabulary, repeated questions about one image"
+            + (", answers below the probability threshold." if min_answer_probability is not None else "."),
+        ],
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m modeling_vkood.training.seltda", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_vkood.training.seltda", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--teacher", required=True, help="folder (or Hub id) of a trained question-answer generator")
     parser.add_argument("--out", type=Path, required=True, help="output folder (replaced when complete)")
     parser.add_argument("--dataset", default="easy_vqa", help="the labelled dataset (a builder name or a built one)")
@@ -232,9 +273,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pairs_per_image", type=int, default=1)
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling's p (SelTDA draws diverse pairs)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead (one pair per image)")
-    parser.add_argument("--min_answer_probability", type=float,
-                        help="leave out pairs whose answer the teacher gives a lower probability (given the image and "
-                        "its question; default: keep every pair, as SelTDA does)")  # fmt: skip
+    parser.add_argument(
+        "--min_answer_probability",
+        type=float,
+        help="leave out pairs whose answer the teacher gives a lower probability (given the image and "
+        "its question; default: keep every pair, as SelTDA does)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -250,10 +294,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    data_args = DataArguments(task="vqa", dataset=args.dataset, dataset_root=args.dataset_root,
-                              image_root=args.image_root, knowledge=args.knowledge,
-                              max_knowledge_items=args.max_knowledge_items, train_split=args.train_split,
-                              dataset_cache_dir=args.dataset_cache_dir)  # fmt: skip
+    data_args = DataArguments(
+        task="vqa",
+        dataset=args.dataset,
+        dataset_root=args.dataset_root,
+        image_root=args.image_root,
+        knowledge=args.knowledge,
+        max_knowledge_items=args.max_knowledge_items,
+        train_split=args.train_split,
+        dataset_cache_dir=args.dataset_cache_dir,
+    )
     full_split = load_splits(data_args, [args.train_split])[args.train_split]
     if args.images is not None:
         pool = folder_pool(args.images)
@@ -266,32 +316,48 @@ def main(argv=None) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = VKOODForConditionalGeneration.from_pretrained(args.teacher).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.teacher)
-    generated = generate_pairs(model, processor, pool, args.batch_size, args.pairs_per_image, args.top_p,
-                               args.max_new_tokens, args.seed)  # fmt: skip
+    generated = generate_pairs(
+        model, processor, pool, args.batch_size, args.pairs_per_image, args.top_p, args.max_new_tokens, args.seed
+    )
     report = SkipReport(f"{args.dataset}_seltda", image_check="none")
     columns = pseudo_labelled_rows(generated, pool, labelled, report, args.min_answer_probability)
     if not columns["question_id"]:  # an empty Parquet split is not a dataset `load_dataset` can read
-        raise NoPseudoLabels(f"none of the {len(generated)} generations is a usable question-answer pair "
-                             f"{report.per_reason()}: train the teacher longer")  # fmt: skip
+        raise NoPseudoLabels(
+            f"none of the {len(generated)} generations is a usable question-answer pair "
+            f"{report.per_reason()}: train the teacher longer"
+        )
     features = labelled.features.copy()
     features["image"] = datasets.Image()
-    split = finish_split(columns, features, open_knowledge(args.knowledge), "question", split="train",
-                         max_knowledge_items=args.max_knowledge_items, num_proc=1, image_mode="path", work_dir=None)  # fmt: skip
+    split = finish_split(
+        columns,
+        features,
+        open_knowledge(args.knowledge),
+        "question",
+        split="train",
+        max_knowledge_items=args.max_knowledge_items,
+        num_proc=1,
+        image_mode="path",
+        work_dir=None,
+    )
     dataset = DatasetDict({"train": split})
     out = args.out.resolve()
     with scratch_folder(out.parent, f".{out.name}.tmp-") as scratch:
         work = scratch / "output"
         work.mkdir()
         write_parquet(dataset, work)
-        description = describe(args.dataset, args.teacher, len(pool), args.pairs_per_image, args.top_p,
-                               args.min_answer_probability)  # fmt: skip
+        description = describe(
+            args.dataset, args.teacher, len(pool), args.pairs_per_image, args.top_p, args.min_answer_probability
+        )
         card = dataset_card(description, dataset, report.to_dict(), knowledge_source(args.knowledge), "path")
         (work / "README.md").write_text(str(card), encoding="utf-8")
         report.write(work / "skip_report.json")
         replace_folder(work, out, scratch)
         del dataset, split
-    print(f"seltda: wrote {out}: {len(columns['question_id'])} questions for {len(pool)} images, left out "
-          f"{len(report.skipped)} generations {report.per_reason()} (see skip_report.json)", file=sys.stderr)  # fmt: skip
+    print(
+        f"seltda: wrote {out}: {len(columns['question_id'])} questions for {len(pool)} images, left out "
+        f"{len(report.skipped)} generations {report.per_reason()} (see skip_report.json)",
+        file=sys.stderr,
+    )
     return out
 
 

@@ -21,9 +21,18 @@ logger = logging.get_logger(__name__)
 class VKOODTrainer(Trainer):
     """Trainer with per-group learning rates; for retrieval, `evaluate` runs the two-stage gallery protocol."""
 
-    def __init__(self, *args, new_parameters=frozenset(), new_modules_learning_rate=None, retrieval=None,
-                 balance_by=None, ood_threshold_learning_rate=None, extra_losses=(), generation=None,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        new_parameters=frozenset(),
+        new_modules_learning_rate=None,
+        retrieval=None,
+        balance_by=None,
+        ood_threshold_learning_rate=None,
+        extra_losses=(),
+        generation=None,
+        **kwargs,
+    ):
         """`ood_threshold_learning_rate`: the OOD threshold's own learning rate (no weight decay); None: as the
         other new modules. `retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
         max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2. `balance_by`: a training column
@@ -66,8 +75,10 @@ class VKOODTrainer(Trainer):
             logger.warning("OOD threshold not calibrated: the training set has no length (an iterable dataset)")
             return None
         args = self.args
-        count = min(len(self.train_dataset), args.per_device_train_batch_size * args.gradient_accumulation_steps
-                    * args.world_size)  # fmt: skip
+        count = min(
+            len(self.train_dataset),
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        )
         drawn = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
         rows = Subset(self.train_dataset, drawn[args.process_index :: args.world_size].tolist())
         batches = DataLoader(rows, batch_size=args.per_device_train_batch_size, collate_fn=self.data_collator)
@@ -83,8 +94,12 @@ class VKOODTrainer(Trainer):
         if not (self.extra_losses and model.training):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         hidden = any(getattr(term, "needs_hidden_states", False) for term in self.extra_losses)
-        loss, outputs = super().compute_loss(model, {**inputs, **({"output_hidden_states": True} if hidden else {})},
-                                             return_outputs=True, num_items_in_batch=num_items_in_batch)  # fmt: skip
+        loss, outputs = super().compute_loss(
+            model,
+            {**inputs, **({"output_hidden_states": True} if hidden else {})},
+            return_outputs=True,
+            num_items_in_batch=num_items_in_batch,
+        )
         unwrapped = self.accelerator.unwrap_model(model)
         for term in self.extra_losses:
             # The student passes go through `model` (DDP-wrapped: its gradients are synchronised); a teacher uses
@@ -120,8 +135,11 @@ class VKOODTrainer(Trainer):
             if key not in groups:
                 groups[key] = {
                     "params": [],
-                    "lr": self.ood_threshold_learning_rate if threshold
-                    else self.new_modules_learning_rate if new else self.args.learning_rate,
+                    "lr": self.ood_threshold_learning_rate
+                    if threshold
+                    else self.new_modules_learning_rate
+                    if new
+                    else self.args.learning_rate,
                     "weight_decay": self.args.weight_decay if name in decay and not threshold else 0.0,
                 }
             groups[key]["params"].append(parameter)
@@ -151,9 +169,12 @@ class VKOODTrainer(Trainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         model = self.accelerator.unwrap_model(self.model)
         metrics = evaluate_retrieval(
-            model, dataset, accelerator=self.accelerator, batch_size=self.args.per_device_eval_batch_size,
+            model,
+            dataset,
+            accelerator=self.accelerator,
+            batch_size=self.args.per_device_eval_batch_size,
             **self.retrieval,
-        )  # fmt: skip
+        )
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -164,7 +185,9 @@ class VKOODTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         predictions = self.generate_answers(dataset)
-        generated = {f"{metric_key_prefix}_{key}": value for key, value in generated_vqa_metrics(predictions, dataset).items()}
+        generated = {
+            f"{metric_key_prefix}_{key}": value for key, value in generated_vqa_metrics(predictions, dataset).items()
+        }
         self.log(generated)
         metrics.update(generated)
         return metrics
@@ -172,8 +195,15 @@ class VKOODTrainer(Trainer):
     def generate_answers(self, dataset, description: str = "generating") -> list[str]:
         """The generative head's text for every row of `dataset`, in order (all processes take part)."""
         model = self.accelerator.unwrap_model(self.model)
-        return generate_texts(model, dataset, batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                              accelerator=self.accelerator, description=description, **self.generation)  # fmt: skip
+        return generate_texts(
+            model,
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,
+            accelerator=self.accelerator,
+            description=description,
+            **self.generation,
+        )
 
 
 def collect_ood_scores(model, dataset, collator, batch_size: int, max_examples: int, device) -> dict[str, torch.Tensor]:

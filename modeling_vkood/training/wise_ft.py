@@ -26,8 +26,11 @@ def pretrained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     theta_0 of `wise_ft` for a fully fine-tuned model. Take it before training."""
     task = _task_model(model)
     prefixes = tuple(f"{task.base_model_prefix}.{name}." for name in task.config.pretrained_backbones)
-    return {name.replace(".base_layer.", "."): value.detach().cpu().clone() for name, value in task.state_dict().items()
-            if name.startswith(prefixes) and value.is_floating_point() and ".lora_" not in name}  # fmt: skip
+    return {
+        name.replace(".base_layer.", "."): value.detach().cpu().clone()
+        for name, value in task.state_dict().items()
+        if name.startswith(prefixes) and value.is_floating_point() and ".lora_" not in name
+    }
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
-
 from vkood_demo import (  # noqa: E402
     KNOWLEDGE_MODES,
     RETRIEVED_AND_TYPED,
@@ -44,8 +43,16 @@ ANSWER_HEADERS = ["answer", "score"]
 KNOWLEDGE_HEADERS = ["knowledge item", "source", "OOD score", "gate", "kept"]
 ABLATION_HEADERS = ["item removed", "answer without it", "its score", "first answer's score without it"]
 LABEL_HEADERS = ["label", "probability"]
-PAIR_KNOWLEDGE_HEADERS = ["knowledge item", "source", "score (left)", "gate (left)", "kept (left)", "score (right)",
-                          "gate (right)", "kept (right)"]  # fmt: skip
+PAIR_KNOWLEDGE_HEADERS = [
+    "knowledge item",
+    "source",
+    "score (left)",
+    "gate (left)",
+    "kept (left)",
+    "score (right)",
+    "gate (right)",
+    "kept (right)",
+]
 RANKING_HEADERS = ["rank", "caption", "score (ITM margin + ITC)", "ITC similarity"]
 
 
@@ -83,11 +90,15 @@ def vqa_page(checkpoint: Checkpoint, image_path, question, typed, mode):
     result = answer_question(checkpoint, image_path, question, typed, mode)
     best = result.answers[0]
     kept_count = sum(item["kept"] for item in result.knowledge)
-    status = (f"Answer: **{best['answer']}** ({best['score']:.4f}). The model read {len(result.knowledge)} knowledge "
-              f"item(s); the gate kept {kept_count} (tau = {result.threshold:.4f}).")  # fmt: skip
+    status = (
+        f"Answer: **{best['answer']}** ({best['score']:.4f}). The model read {len(result.knowledge)} knowledge "
+        f"item(s); the gate kept {kept_count} (tau = {result.threshold:.4f})."
+    )
     if result.left_out:
-        status += (f" {len(result.left_out)} more item(s) did not fit the model's {checkpoint.max_items} slots "
-                   f"(the processor cuts as training did): {'; '.join(result.left_out)}.")  # fmt: skip
+        status += (
+            f" {len(result.left_out)} more item(s) did not fit the model's {checkpoint.max_items} slots "
+            f"(the processor cuts as training did): {'; '.join(result.left_out)}."
+        )
     answers = table([[a["answer"], number(a["score"])] for a in result.answers], ANSWER_HEADERS)
     knowledge = table(
         [[k["text"], k["source"], number(k["score"]), number(k["gate"]), kept(k["kept"])] for k in result.knowledge],
@@ -109,16 +120,25 @@ def nlvr2_page(checkpoint: Checkpoint, left_path, right_path, sentence, typed, m
     """Outputs of the NLVR2 page: status, the two previews, label probabilities, knowledge under each image."""
     result = judge_pair(checkpoint, left_path, right_path, sentence, typed, mode)
     best = result.labels[0]
-    status = (f"Prediction: **{best['label']}** ({best['probability']:.4f}). The model read "
-              f"{len(result.knowledge)} knowledge item(s) (tau = {result.threshold:.4f}).")  # fmt: skip
+    status = (
+        f"Prediction: **{best['label']}** ({best['probability']:.4f}). The model read "
+        f"{len(result.knowledge)} knowledge item(s) (tau = {result.threshold:.4f})."
+    )
     if result.left_out:
         status += f" {len(result.left_out)} more item(s) did not fit the model's {checkpoint.max_items} slots."
     labels = table([[entry["label"], number(entry["probability"])] for entry in result.labels], LABEL_HEADERS)
     knowledge = table(
-        [[k["text"], k["source"]] + [value for side in (0, 1) for value in
-         (number(k["score"][side]), number(k["gate"][side]), kept(k["kept"][side]))] for k in result.knowledge],
+        [
+            [k["text"], k["source"]]
+            + [
+                value
+                for side in (0, 1)
+                for value in (number(k["score"][side]), number(k["gate"][side]), kept(k["kept"][side]))
+            ]
+            for k in result.knowledge
+        ],
         PAIR_KNOWLEDGE_HEADERS,
-    )  # fmt: skip
+    )
     return status, *result.images, labels, knowledge
 
 
@@ -130,10 +150,14 @@ def empty_nlvr2():
 def retrieval_page(checkpoint: Checkpoint, image_path, captions):
     """Outputs of the retrieval page: status, preview, the captions ranked for the image."""
     result = rank_captions(checkpoint, image_path, captions)
-    status = (f"Best caption: **{result.ranking[0]['caption']}**. The fused ITM head re-scored the top "
-              f"{result.k_test} caption(s) by ITC similarity; the others keep their ITC rank.")  # fmt: skip
-    rows = [[rank, row["caption"], number(row["score"]), number(row["similarity"])]
-            for rank, row in enumerate(result.ranking, start=1)]  # fmt: skip
+    status = (
+        f"Best caption: **{result.ranking[0]['caption']}**. The fused ITM head re-scored the top "
+        f"{result.k_test} caption(s) by ITC similarity; the others keep their ITC rank."
+    )
+    rows = [
+        [rank, row["caption"], number(row["score"]), number(row["similarity"])]
+        for rank, row in enumerate(result.ranking, start=1)
+    ]
     return status, result.image, table(rows, RANKING_HEADERS)
 
 
@@ -148,6 +172,7 @@ def knowledge_vqa_examples(id2label: dict, count: int = EXAMPLE_COUNT) -> list[l
     [] for any other model, and where the vkood package, whose builder draws the facts, is not installed (a Space)."""
     try:
         from datasets import Image
+
         from data_scripts import knowledge_vqa
     except ImportError:
         return []
@@ -155,8 +180,9 @@ def knowledge_vqa_examples(id2label: dict, count: int = EXAMPLE_COUNT) -> list[l
         return []
     test = knowledge_vqa.build(splits=["test"], check_images="none").dataset["test"].select(range(count))
     test = test.cast_column("image", Image(decode=False))  # the file's path, which the page's File input takes
-    return [[row["image"]["path"], row["question"], "\n".join(item["text"] for item in row["knowledge"])]
-            for row in test]  # fmt: skip
+    return [
+        [row["image"]["path"], row["question"], "\n".join(item["text"] for item in row["knowledge"])] for row in test
+    ]
 
 
 def easy_vqa_examples(count: int = EXAMPLE_COUNT) -> list[list[str]]:
@@ -183,10 +209,10 @@ def vqa_examples(checkpoint: Checkpoint) -> tuple[str, list[list[str]]]:
 
 
 def knowledge_inputs():
-    typed = gr.Textbox(label="Knowledge items (optional, one per line; read before the retrieved ones)", lines=3,
-                       elem_id="typed")  # fmt: skip
-    mode = gr.Radio(list(KNOWLEDGE_MODES), value=RETRIEVED_AND_TYPED, label="Knowledge the model reads",
-                    elem_id="mode")  # fmt: skip
+    typed = gr.Textbox(
+        label="Knowledge items (optional, one per line; read before the retrieved ones)", lines=3, elem_id="typed"
+    )
+    mode = gr.Radio(list(KNOWLEDGE_MODES), value=RETRIEVED_AND_TYPED, label="Knowledge the model reads", elem_id="mode")
     return typed, mode
 
 
@@ -204,11 +230,19 @@ def vqa_layout(checkpoint: Checkpoint):
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="status")
             answers = gr.Dataframe(headers=ANSWER_HEADERS, label="Top answers", interactive=False, elem_id="answers")
-            knowledge = gr.Dataframe(headers=KNOWLEDGE_HEADERS, label="Knowledge items: OOD score under the image's "
-                                     "mixture and the gate", interactive=False, elem_id="knowledge")  # fmt: skip
+            knowledge = gr.Dataframe(
+                headers=KNOWLEDGE_HEADERS,
+                label="Knowledge items: OOD score under the image's mixture and the gate",
+                interactive=False,
+                elem_id="knowledge",
+            )
             plot = gr.Plot(label="Item scores against the threshold tau", elem_id="plot")
-            ablation = gr.Dataframe(headers=ABLATION_HEADERS, label="Answer without each of the top-gated items",
-                                    interactive=False, elem_id="ablation")  # fmt: skip
+            ablation = gr.Dataframe(
+                headers=ABLATION_HEADERS,
+                label="Answer without each of the top-gated items",
+                interactive=False,
+                elem_id="ablation",
+            )
     handler = guarded(lambda *args: vqa_page(checkpoint, *args), empty_vqa)
     for trigger in (button.click, question.submit):
         trigger(handler, [image, question, typed, mode], [status, preview, answers, knowledge, plot, ablation])
@@ -228,10 +262,15 @@ def nlvr2_layout(checkpoint: Checkpoint):
                 right_preview = gr.Image(label="Right image read", interactive=False, format="png", height=180)
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="status")
-            labels = gr.Dataframe(headers=LABEL_HEADERS, label="Is the sentence true of the pair?", interactive=False,
-                                  elem_id="labels")  # fmt: skip
-            knowledge = gr.Dataframe(headers=PAIR_KNOWLEDGE_HEADERS, label="Knowledge items under each image's "
-                                     "mixture", interactive=False, elem_id="knowledge")  # fmt: skip
+            labels = gr.Dataframe(
+                headers=LABEL_HEADERS, label="Is the sentence true of the pair?", interactive=False, elem_id="labels"
+            )
+            knowledge = gr.Dataframe(
+                headers=PAIR_KNOWLEDGE_HEADERS,
+                label="Knowledge items under each image's mixture",
+                interactive=False,
+                elem_id="knowledge",
+            )
     handler = guarded(lambda *args: nlvr2_page(checkpoint, *args), empty_nlvr2)
     for trigger in (button.click, sentence.submit):
         trigger(handler, [left, right, sentence, typed, mode], [status, left_preview, right_preview, labels, knowledge])
@@ -241,14 +280,16 @@ def retrieval_layout(checkpoint: Checkpoint):
     with gr.Row():
         with gr.Column(scale=1):
             image = gr.File(label="Image", elem_id="image")
-            captions = gr.Textbox(label="Captions (one per line); each gets the knowledge retrieved for it", lines=6,
-                                  elem_id="captions")  # fmt: skip
+            captions = gr.Textbox(
+                label="Captions (one per line); each gets the knowledge retrieved for it", lines=6, elem_id="captions"
+            )
             button = gr.Button("Rank", variant="primary", elem_id="run")
             preview = gr.Image(label="Image read", interactive=False, format="png", height=220)
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="status")
-            ranking = gr.Dataframe(headers=RANKING_HEADERS, label="Captions ranked for the image", interactive=False,
-                                   elem_id="ranking")  # fmt: skip
+            ranking = gr.Dataframe(
+                headers=RANKING_HEADERS, label="Captions ranked for the image", interactive=False, elem_id="ranking"
+            )
     handler = guarded(lambda *args: retrieval_page(checkpoint, *args), empty_retrieval)
     button.click(handler, [image, captions], [status, preview, ranking])
 
@@ -300,8 +341,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help=f"checkpoint folder or Hub id (default: {default_model()})")
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
-    parser.add_argument("--host", default=None, help="interface to listen on (default: $GRADIO_SERVER_NAME, else "
-                        "127.0.0.1; 0.0.0.0 for every interface)")  # fmt: skip
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="interface to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     return parser.parse_args(argv)
 
 

@@ -28,8 +28,11 @@ TASKS = {
     "VKOODForImagesAndTextClassification": "nlvr2",
     "VKOODForImageTextRetrieval": "retrieval",
 }
-TASK_TITLES = {"vqa": "visual question answering", "nlvr2": "NLVR2 (two images, one sentence: true or false)",
-               "retrieval": "image-text retrieval"}  # fmt: skip
+TASK_TITLES = {
+    "vqa": "visual question answering",
+    "nlvr2": "NLVR2 (two images, one sentence: true or false)",
+    "retrieval": "image-text retrieval",
+}
 AUTO_CLASSES = {"nlvr2": AutoModelForSequenceClassification, "retrieval": AutoModelForZeroShotImageClassification}
 
 MAX_PIXELS = 64_000_000  # 8000 x 8000: larger uploads are refused before their pixels are decoded
@@ -73,7 +76,9 @@ def load_checkpoint(name: str) -> Checkpoint:
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=True)
     except (OSError, ValueError) as error:
-        where = "a local folder" if Path(name).exists() else "neither a local folder nor a Hub model this machine can get"
+        where = (
+            "a local folder" if Path(name).exists() else "neither a local folder nor a Hub model this machine can get"
+        )
         raise DemoInputError(f"cannot load a checkpoint from {name!r}: it is {where} ({first_line(error)})") from error
     task = next((TASKS[a] for a in config.architectures or () if a in TASKS), None)
     if config.model_type != "vkood" or task is None:
@@ -194,22 +199,34 @@ def answer_question(checkpoint: Checkpoint, image_path, question, typed: str = "
     image = open_image(image_path)
     question = require_text(question, "a question")
     choice = choose_knowledge(checkpoint, question, typed, mode)
-    found = checkpoint.vqa(image=image, question=question, knowledge=choice.texts, top_k=TOP_ANSWERS,
-                           return_knowledge=True)  # fmt: skip
+    found = checkpoint.vqa(
+        image=image, question=question, knowledge=choice.texts, top_k=TOP_ANSWERS, return_knowledge=True
+    )
     knowledge = [{**entry, "source": source} for entry, source in zip(found["knowledge"], choice.sources)]
     top_answer = found["answers"][0]["answer"]
     ranked = sorted(range(len(knowledge)), key=lambda m: (-knowledge[m]["gate"], -knowledge[m]["score"]))
     ablated = ranked[:ABLATED_ITEMS]
     every_answer = len(checkpoint.model.config.id2label)
-    without = checkpoint.vqa(
-        [{"image": image, "question": question, "knowledge": choice.texts[:m] + choice.texts[m + 1 :]} for m in ablated],
-        top_k=every_answer,
-    ) if ablated else []  # fmt: skip
+    without = (
+        checkpoint.vqa(
+            [
+                {"image": image, "question": question, "knowledge": choice.texts[:m] + choice.texts[m + 1 :]}
+                for m in ablated
+            ],
+            top_k=every_answer,
+        )
+        if ablated
+        else []
+    )
     ablations = [
-        {"removed": choice.texts[m], "answer": answers[0]["answer"], "score": answers[0]["score"],
-         "top_answer_score": next(a["score"] for a in answers if a["answer"] == top_answer)}
+        {
+            "removed": choice.texts[m],
+            "answer": answers[0]["answer"],
+            "score": answers[0]["score"],
+            "top_answer_score": next(a["score"] for a in answers if a["answer"] == top_answer),
+        }
         for m, answers in zip(ablated, without)
-    ]  # fmt: skip
+    ]
     return VQAResult(image, found["answers"], knowledge, checkpoint.threshold, choice.left_out, ablations)
 
 
@@ -254,7 +271,9 @@ class PairResult:
     left_out: list[str]
 
 
-def judge_pair(checkpoint: Checkpoint, left_path, right_path, sentence, typed: str = "", mode: str = RETRIEVED_AND_TYPED):
+def judge_pair(
+    checkpoint: Checkpoint, left_path, right_path, sentence, typed: str = "", mode: str = RETRIEVED_AND_TYPED
+):
     """Is `sentence` true of the two images? The processor encodes the pair (B, 2, C, H, W), the NLVR2 head judges."""
     if checkpoint.task != "nlvr2":
         raise DemoInputError(wrong_task(checkpoint, "nlvr2"))
@@ -266,8 +285,10 @@ def judge_pair(checkpoint: Checkpoint, left_path, right_path, sentence, typed: s
         outputs = checkpoint.model(**inputs)
     probabilities = outputs.logits.float().softmax(-1)[0]
     id2label = checkpoint.model.config.id2label
-    labels = sorted(({"label": id2label[i], "probability": p} for i, p in enumerate(probabilities.tolist())),
-                    key=lambda entry: -entry["probability"])  # fmt: skip
+    labels = sorted(
+        ({"label": id2label[i], "probability": p} for i, p in enumerate(probabilities.tolist())),
+        key=lambda entry: -entry["probability"],
+    )
     count = len(choice.texts)
     scores = outputs.ood_scores[0, :, :count].float().t().tolist()  # (M, 2): per item, under each image
     gates = outputs.ood_gate[0, :, :count].float().t().tolist()
@@ -302,8 +323,10 @@ def rank_captions(checkpoint: Checkpoint, image_path, captions_text):
     gallery_texts = model.encode_gallery_texts(**processor(text=captions))
     image_to_text, _ = model.rank_gallery(gallery_images, gallery_texts)
     similarity = (gallery_images["embeds"] @ gallery_texts["embeds"].t())[0].tolist()
-    rows = [{"caption": caption, "score": None if score == NOT_RERANKED else score, "similarity": similarity[i]}
-            for i, (caption, score) in enumerate(zip(captions, image_to_text[0].tolist()))]  # fmt: skip
+    rows = [
+        {"caption": caption, "score": None if score == NOT_RERANKED else score, "similarity": similarity[i]}
+        for i, (caption, score) in enumerate(zip(captions, image_to_text[0].tolist()))
+    ]
     rows.sort(key=lambda row: (row["score"] is None, -(row["score"] or 0.0), -row["similarity"]))
     return RankingResult(image, rows, min(model.config.k_test, len(captions)))
 
