@@ -18,7 +18,6 @@ from transformers import set_seed  # noqa: E402
 
 from data_scripts.common import answer_vocabulary, open_knowledge  # noqa: E402
 from hub_cards.model_card import ModelDescription  # noqa: E402
-from modeling_vkood.configuration_vkood import RELEVANCE_ALIGNMENTS  # noqa: E402
 from modeling_vkood.training import (  # noqa: E402
     PACKAGE_SCHEME,
     GenerativeVQACollator,
@@ -45,6 +44,8 @@ from modeling_vkood.training.distillation import MultimodalAdaptiveDistillation,
 from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
 from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
 from modeling_vkood.training.metrics import knowledge_fit_labels, ood_fit_metrics  # noqa: E402
+from modeling_vkood.training.model_factory import max_knowledge_items  # noqa: E402
+from modeling_vkood.training.ood_objectives import RELEVANCE_ALIGNMENTS, OODAlignmentLoss  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 from modeling_vkood.training.self_distillation import ModalityAugmentedSelfDistillation  # noqa: E402
 from modeling_vkood.training.wise_ft import pretrained_state, wise_ft  # noqa: E402
@@ -91,12 +92,12 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         knowledge = f"`{data_args.knowledge}`"
     hyperparameters = {
         "learning_rate": training_args.learning_rate,
-        "new_modules_learning_rate": model_args.new_modules_learning_rate or training_args.learning_rate,
-        "ood_threshold_learning_rate": model_args.ood_threshold_learning_rate
-        or model_args.new_modules_learning_rate
+        "new_modules_learning_rate": training_args.new_modules_learning_rate or training_args.learning_rate,
+        "ood_threshold_learning_rate": training_args.ood_threshold_learning_rate
+        or training_args.new_modules_learning_rate
         or training_args.learning_rate,
-        "ood_gate_forcing_steps": model_args.ood_gate_forcing_steps,
-        "ood_gate_handover_steps": model_args.ood_gate_handover_steps,
+        "ood_gate_forcing_steps": training_args.ood_gate_forcing_steps,
+        "ood_gate_handover_steps": training_args.ood_gate_handover_steps,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": training_args.world_size,
@@ -111,11 +112,13 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         "balance_by": data_args.balance_by,
         "vkood_config": model_args.vkood_config,
     }
-    for name in ("mad_weight", "masd_weight"):
-        if getattr(model_args, name):
-            hyperparameters[name] = getattr(model_args, name)
-    if model_args.wise_ft_alpha is not None:
-        hyperparameters["wise_ft_alpha"] = model_args.wise_ft_alpha
+    for name in ("ood_alignment_weight", "ood_cross_image_weight", "mad_weight", "masd_weight"):
+        if getattr(training_args, name):
+            hyperparameters[name] = getattr(training_args, name)
+    if training_args.ood_alignment_weight:
+        hyperparameters["ood_alignment"] = training_args.ood_alignment
+    if training_args.wise_ft_alpha is not None:
+        hyperparameters["wise_ft_alpha"] = training_args.wise_ft_alpha
     if data_args.train_fraction is not None:
         hyperparameters["train_fraction"] = data_args.train_fraction
     hyperparameters.update({k: round(v, 2) for k, v in metrics.items() if k in ("train_runtime", "eval_runtime")})
@@ -148,19 +151,31 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         license=card_args.license,
         repo_id=training_args.hub_model_id,
         retrieves_knowledge=retrieved,
-        ood_score=built.model.config.ood_score,
+        ood_score=built.model.config.ood_config.score,
         **example,
     )
 
 
-def extra_losses(model, model_args, task: str, device) -> list:
-    """The training-only loss terms asked for: MAD (VQA) and MASD (VQA, NLVR2). Build before training starts: the MAD
-    teacher of a fully fine-tuned model is a frozen copy of the initial encoders."""
+def extra_losses(model, training_args, task: str) -> list:
+    """The training-only loss terms asked for: the OOD alignment (VQA, NLVR2, generative VQA), MAD (VQA) and MASD (VQA,
+    NLVR2). Build before training starts: the MAD teacher of a fully fine-tuned model is a frozen copy of the initial
+    encoders."""
     terms = []
-    if model_args.mad_weight > 0:
+    if training_args.ood_alignment_weight > 0:
+        if task == "retrieval":
+            raise ValueError("--ood_alignment_weight: the OOD alignment trains the VQA, NLVR2 and generative heads")
+        terms.append(
+            OODAlignmentLoss(
+                training_args.ood_alignment,
+                training_args.ood_alignment_weight,
+                training_args.ood_alignment_temperature,
+                training_args.ood_cross_image_weight,
+            )
+        )
+    if training_args.mad_weight > 0:
         if task != "vqa":
             raise ValueError(f"--mad_weight: MAD distils into the VQA head's fused tokens; task {task!r} has none")
-        teacher = UnimodalTeacher(model).to(device)
+        teacher = UnimodalTeacher(model).to(training_args.device)
         if teacher.sides != ("text_model", "vision_model"):
             logger.warning(
                 "MAD distils only %s: the other backbone is trained from scratch (no pretrained teacher)",
@@ -168,15 +183,15 @@ def extra_losses(model, model_args, task: str, device) -> list:
             )
         terms.append(
             MultimodalAdaptiveDistillation(
-                teacher, model_args.mad_weight, model_args.mad_temperature, model_args.mad_token_fraction
+                teacher, training_args.mad_weight, training_args.mad_temperature, training_args.mad_token_fraction
             )
         )
-    if model_args.masd_weight > 0:
+    if training_args.masd_weight > 0:
         if task == "retrieval":
             raise ValueError("--masd_weight: MASD distils a classifier's answer distribution (VQA, NLVR2)")
         terms.append(
             ModalityAugmentedSelfDistillation(
-                model_args.masd_weight, model_args.masd_temperature, model_args.masd_augmentations
+                training_args.masd_weight, training_args.masd_temperature, training_args.masd_augmentations
             )
         )
     return terms
@@ -201,19 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if not splits:
         raise ValueError("nothing to do: set do_train, do_eval and/or predict_split")
+    items = max_knowledge_items(model_args)  # the one cap on the knowledge items: the model config's
     with training_args.main_process_first(desc="dataset"):
-        dataset = load_splits(data_args, list(dict.fromkeys(splits)))
+        dataset = load_splits(data_args, list(dict.fromkeys(splits)), max_knowledge_items=items)
     id2label = dict(enumerate(answer_vocabulary(dataset))) if task == "vqa" else None
     if task == "nlvr2":
         id2label = dict(enumerate(dataset[splits[0]].features["label"].names))
     built = build_model(model_args, task, id2label)
     model = apply_finetuning(built, model_args)
-    objectives = extra_losses(model, model_args, task, training_args.device)
+    objectives = extra_losses(model, training_args, task)
     # WiSE-FT's theta_0 for a fully fine-tuned model (under LoRA the frozen base weights are theta_0)
-    wise_full = model_args.wise_ft_alpha is not None and model_args.finetuning == "full"
+    wise_full = training_args.wise_ft_alpha is not None and model_args.finetuning == "full"
     initial_weights = pretrained_state(model) if wise_full else None
     text_cache = (
-        FrozenTextPrefixCache(built.model.base_model.text_model) if model_args.cache_frozen_text_blocks else None
+        FrozenTextPrefixCache(built.model.base_model.text_model) if training_args.cache_frozen_text_blocks else None
     )
 
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)
@@ -228,16 +244,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if knowledge_base is not None and knowledge_is_retrieved(data_args):
         # The processor (saved with every checkpoint, its index with it) retrieves at inference as the data did.
-        built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path, data_args.max_knowledge_items)
+        built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
-    forcing = model_args.ood_gate_forcing_steps + model_args.ood_gate_handover_steps > 0
+    forcing = training_args.ood_gate_forcing_steps + training_args.ood_gate_handover_steps > 0
     if forcing and task != "vqa":
         raise ValueError("--ood_gate_forcing_steps / --ood_gate_handover_steps need the VQA task's relevance labels")
     if task == "vqa":
         relevance = forcing or (
-            built.model.config.ood_alignment in RELEVANCE_ALIGNMENTS and built.model.config.ood_alignment_weight > 0
+            training_args.ood_alignment in RELEVANCE_ALIGNMENTS and training_args.ood_alignment_weight > 0
         )
-        collator = VQACollator(built.processor, len(id2label), pixels, answer_relevance=relevance)
+        collator = VQACollator(built.processor, len(id2label), pixels, knowledge_relevance=relevance)
         compute_metrics = VQAMetrics(eval_dataset, id2label) if eval_dataset is not None else None
     elif task == "nlvr2":
         collator = NLVR2Collator(built.processor, pixels)
@@ -249,14 +265,14 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics = None
         training_args.prediction_loss_only = True  # the loss; the accuracy comes from generated answers
     else:
-        collator = RetrievalCollator(built.processor, pixels, knowledge_base, data_args.max_knowledge_items)
+        collator = RetrievalCollator(built.processor, pixels, knowledge_base, items)
         compute_metrics = None
     generation = None
     if task == "generative_vqa" and data_args.generation_target == "answer":
         generation = {
             "collator": GenerativeVQACollator(built.processor, pixels, with_targets=False),
-            "max_new_tokens": data_args.generation_max_new_tokens,
-            "num_beams": data_args.generation_num_beams,
+            "max_new_tokens": training_args.generation_max_new_tokens,
+            "num_beams": training_args.generation_num_beams,
         }
     retrieval = None
     if task == "retrieval":
@@ -264,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pixels": pixels,
             "processor": built.processor,
             "knowledge_base": knowledge_base,
-            "max_knowledge_items": data_args.max_knowledge_items,
+            "max_knowledge_items": items,
         }
     else:
         training_args.label_names = ["labels"]
@@ -279,12 +295,13 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=predicted_class if task in ("vqa", "nlvr2") else None,
         new_parameters=new_parameter_names(model, built.pretrained_backbones),
-        new_modules_learning_rate=model_args.new_modules_learning_rate,
-        ood_threshold_learning_rate=model_args.ood_threshold_learning_rate,
+        new_modules_learning_rate=training_args.new_modules_learning_rate,
+        ood_threshold_learning_rate=training_args.ood_threshold_learning_rate,
+        ood_calibration_quantile=training_args.ood_calibration_quantile,
         retrieval=retrieval,
         generation=generation,
         balance_by=data_args.balance_by,
-        callbacks=[GateForcingSchedule(model_args.ood_gate_forcing_steps, model_args.ood_gate_handover_steps)]
+        gate_forcing=GateForcingSchedule(training_args.ood_gate_forcing_steps, training_args.ood_gate_handover_steps)
         if forcing
         else None,
         extra_losses=objectives,
@@ -295,9 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         metrics.update(result.metrics)
-    if model_args.wise_ft_alpha is not None:
-        wise_ft(trainer.accelerator.unwrap_model(trainer.model), model_args.wise_ft_alpha, initial_weights)
-        metrics["wise_ft_alpha"] = model_args.wise_ft_alpha
+    if training_args.wise_ft_alpha is not None:
+        wise_ft(trainer.accelerator.unwrap_model(trainer.model), training_args.wise_ft_alpha, initial_weights)
+        metrics["wise_ft_alpha"] = training_args.wise_ft_alpha
     ood = None
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
@@ -308,12 +325,12 @@ def main(argv: list[str] | None = None) -> dict:
             eval_dataset,
             collator,
             training_args.per_device_eval_batch_size,
-            data_args.ood_plot_examples,
+            training_args.ood_plot_examples,
             training_args.device,
         )
         if len(ood["gates"]):
             metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())
-        plotted = eval_dataset.select(range(min(data_args.ood_plot_examples, len(eval_dataset))))
+        plotted = eval_dataset.select(range(min(training_args.ood_plot_examples, len(eval_dataset))))
         fits = knowledge_fit_labels(plotted, built.processor.max_knowledge_items) if task == "vqa" else None
         if fits is not None:  # a dataset that labels its items (knowledge-VQA): does the layer keep the fitting ones?
             metrics.update(ood_fit_metrics(ood["scores"], ood["gates"], fits))

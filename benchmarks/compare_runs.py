@@ -1,21 +1,26 @@
 """Training-loss curves and final metrics of several `train.py` output folders, side by side (JSON + PNG).
 
-    python benchmarks/compare_runs.py NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] --out benchmarks/results/NAME
+    python benchmarks/compare_runs.py NAME=OUTPUT_DIR [NAME=OUTPUT_DIR ...] --out benchmarks/results/STUDY/NAME
 
 Reads each folder's `trainer_state.json` (the loss logged every `logging_steps`, and the main metric of each
 evaluation during training, `--eval_strategy steps`) and `all_results.json`, writes OUT.json ({name: {"loss":
 [[step, loss], ...], "evaluations": [[step, metric], ...], "results": {...}}}) and OUT.png (the loss curves on a log
-scale, each labelled with its final main metric, and beside them the metric over the steps when a run evaluated).
+scale, each labelled with its final main metric, and beside them the metric over the steps when a run evaluated),
+and records the commit, command and arguments in the folder's provenance.json (benchmarks/provenance.py).
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import provenance
 
 MAIN_METRICS = ("eval_vqa_accuracy", "eval_nlvr2_accuracy", "eval_r_mean")
 
@@ -36,6 +41,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True, help="path without suffix for the .json and .png")
     parser.add_argument("--title", default="training loss")
     args = parser.parse_args()
+    run = provenance.begin(args)
     runs = {}
     for spec in args.runs:
         name, _, folder = spec.partition("=")
@@ -59,6 +65,7 @@ def main():
     figure.tight_layout()
     figure.savefig(args.out.with_suffix(".png"), dpi=110)
     plt.close(figure)
+    provenance.record(args.out.parent, run, outputs=[args.out.with_suffix(".json"), args.out.with_suffix(".png")])
     print(
         json.dumps(
             {

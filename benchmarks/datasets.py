@@ -9,6 +9,9 @@ official file name (image decoding is not part of a path-mode build). Two figure
 - knowledge_rows_per_s: the knowledge `map` alone, the stage `num_proc` parallelises.
 
     python benchmarks/datasets.py --vqav2-records ../shared/refdata/vqav2
+
+Writes the JSON to benchmarks/results/datasets/datasets.json (or `--out`) and records the commit, command and
+arguments in that folder's provenance.json (benchmarks/provenance.py).
 """
 
 import sys
@@ -33,6 +36,10 @@ from PIL import Image  # noqa: E402
 from data_scripts import vqav2  # noqa: E402
 from data_scripts.common import KnowledgeAnnotator  # noqa: E402
 from modeling_vkood.knowledge import KnowledgeBase  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import provenance
 
 COCO_OBJECTS = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign parking_meter "
@@ -120,7 +127,9 @@ def main() -> None:
     parser.add_argument("--vqav2-records", type=Path, help="folder of the refdata VQAv2 records (else synthetic)")
     parser.add_argument("--questions", type=int, default=20_000, help="synthetic questions (without --vqav2-records)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "datasets" / "datasets.json")
     args = parser.parse_args()
+    run = provenance.begin(args)
     disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
         if args.vqav2_records:
@@ -149,21 +158,20 @@ def main() -> None:
                 "knowledge_rows_per_s": round(rows / knowledge_s, 1),
             }
         )
-    print(
-        json.dumps(
-            {
-                "benchmark": "vqav2 build, starter knowledge graph, image_mode=path",
-                "input": source,
-                "repeats": args.repeats,
-                "cpu_count": os.cpu_count(),
-                "python": platform.python_version(),
-                "results": results,
-                "knowledge_speedup_2_vs_1": round(results[0]["knowledge_seconds"] / results[1]["knowledge_seconds"], 2),
-                "build_speedup_2_vs_1": round(results[0]["build_seconds"] / results[1]["build_seconds"], 2),
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        "benchmark": "vqav2 build, starter knowledge graph, image_mode=path",
+        "input": source,
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "results": results,
+        "knowledge_speedup_2_vs_1": round(results[0]["knowledge_seconds"] / results[1]["knowledge_seconds"], 2),
+        "build_speedup_2_vs_1": round(results[0]["build_seconds"] / results[1]["build_seconds"], 2),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    provenance.record(args.out.parent, run, outputs=[args.out])
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

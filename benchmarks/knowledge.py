@@ -9,6 +9,9 @@ with cold caches and once warm, against the synthetic index and against the bund
 vocabulary load per process is timed apart and extrapolated linearly.
 
     python benchmarks/knowledge.py --scale 0.05
+
+Writes the JSON to benchmarks/results/knowledge/knowledge.json (or `--out`) and records the commit, command and
+arguments in that folder's provenance.json (benchmarks/provenance.py).
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ import argparse
 import gzip
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from modeling_vkood.knowledge import DEFAULT_RELATIONS, KnowledgeBase
 from modeling_vkood.knowledge.concepts import STOP_WORDS, tokenize
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import provenance
 
 FULL_LINES = 34_074_917
 FULL_ENGLISH_DEFAULT_EDGES = 3_400_000
@@ -154,7 +162,11 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.05, help="fraction of the full dump size (default 1/20)")
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the dump and index (default: temp)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "knowledge" / "knowledge.json"
+    )
     args = parser.parse_args()
+    run = provenance.begin(args)
     rng = random.Random(args.seed)
 
     questions = load_questions(QUESTIONS)
@@ -181,36 +193,35 @@ def main() -> None:
         with KnowledgeBase.starter(cache_dir=workdir / "cache") as kb:
             starter = time_retrieval(kb, questions)
 
-    print(
-        json.dumps(
-            {
-                "scale": args.scale,
-                "dump": {**written, "gzip_mb": round(dump_mb, 1), "generate_s": round(generate_s, 1)},
-                "build": {
-                    "seconds": round(build_s, 2),
-                    "seconds_extrapolated_full_scale": round(build_s / args.scale, 1),
-                    "target_full_scale_s": 600,
-                    "index_mb": round(index_mb, 1),
-                    "index_mb_extrapolated_full_scale": round(index_mb / args.scale),
-                    "kept": report.kept,
-                    "edges": report.edges,
-                    "concepts": report.concepts,
-                    "malformed": report.malformed,
-                    "skipped_language": report.skipped_language,
-                    "skipped_relation": report.skipped_relation,
-                },
-                "retrieval": {
-                    "questions_source": source,
-                    "target_questions_per_s": 3000,
-                    "synthetic_index": synthetic,
-                    "synthetic_open_s_extrapolated_full_scale": round(synthetic["open_s"] / args.scale, 2),
-                    "starter_graph": starter,
-                },
-                "relations": list(DEFAULT_RELATIONS),
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        "scale": args.scale,
+        "dump": {**written, "gzip_mb": round(dump_mb, 1), "generate_s": round(generate_s, 1)},
+        "build": {
+            "seconds": round(build_s, 2),
+            "seconds_extrapolated_full_scale": round(build_s / args.scale, 1),
+            "target_full_scale_s": 600,
+            "index_mb": round(index_mb, 1),
+            "index_mb_extrapolated_full_scale": round(index_mb / args.scale),
+            "kept": report.kept,
+            "edges": report.edges,
+            "concepts": report.concepts,
+            "malformed": report.malformed,
+            "skipped_language": report.skipped_language,
+            "skipped_relation": report.skipped_relation,
+        },
+        "retrieval": {
+            "questions_source": source,
+            "target_questions_per_s": 3000,
+            "synthetic_index": synthetic,
+            "synthetic_open_s_extrapolated_full_scale": round(synthetic["open_s"] / args.scale, 2),
+            "starter_graph": starter,
+        },
+        "relations": list(DEFAULT_RELATIONS),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    provenance.record(args.out.parent, run, outputs=[args.out])
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

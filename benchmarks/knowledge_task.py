@@ -19,8 +19,14 @@ two fitting items, gate off: what a perfect hard gate would give the fusion) and
 every image replaced by a white one: only the question and the facts). Means over seeds, standard errors in
 `*_stderr`.
 
-    python benchmarks/knowledge_task.py      # 2 seeds in 2 parallel processes, the recipe's steps (README figures)
+    python benchmarks/knowledge_task.py      # 2 seeds in 2 parallel processes, the recipe's steps
     python benchmarks/knowledge_task.py --seeds 0 --max-steps 30 --test-samples 100   # quick look
+
+Writes benchmarks/results/knowledge_task/ (or `--out`): knowledge_task.json (means and standard errors),
+knowledge_task.png, and per_seed/seed<N>.json (each seed's figures, written by its worker process). `--extend`
+reads knowledge_task.json and per_seed/*.json back as its inputs and adds the models it trains to them. Each run
+records its commit, command, arguments, inputs and outputs in the folder's provenance.json (benchmarks/provenance.py;
+a `--extend` part is added to the earlier parts' records).
 """
 
 import argparse
@@ -44,34 +50,35 @@ from tqdm import tqdm  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from modeling_vkood import VKOODConfig  # noqa: E402
+from benchmarks import provenance
+from modeling_vkood.training.arguments import VKOODTrainingArguments  # noqa: E402
 
 CONFIG = REPO_ROOT / "configuration" / "knowledge_vqa.yaml"
 NOT_FITTING_SHARES = (0.0, 0.25, 0.5, 0.75)
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-# name -> (VKOODConfig overrides of the recipe's vkood_config, extra train.py arguments). The recipe
-# (configuration/knowledge_vqa.yaml) is the recommended `ood`: the mixture log-likelihood, the "gate" alignment
-# (InfoNCE + class-balanced gate BCE on the answer-stating items, and the cross-image InfoNCE), and tau's own
-# learning rate.
+# name -> (ImplicitOODConfig overrides of the recipe's ood_config, extra train.py arguments). The recipe
+# (configuration/knowledge_vqa.yaml) is the recommended `ood`: the mixture log-likelihood (the library's default
+# layer), the "gate" alignment (InfoNCE + class-balanced gate BCE on the answer-stating items, and the cross-image
+# InfoNCE), and tau's own learning rate.
 RECIPE = yaml.safe_load(CONFIG.read_text())
-# The paper's layer: the options with which the recipe makes the recommended one, back at the library's defaults
-# (GEM, no alignment, tau calibrated on the first batch).
-RECOMMENDED_OPTIONS = (
-    "ood_score",
-    "ood_alignment",
-    "ood_alignment_weight",
-    "ood_cross_image_weight",
-    "ood_calibration_quantile",
-    "ood_threshold",
-)
-PAPER = {key: getattr(VKOODConfig(), key) for key in RECOMMENDED_OPTIONS}
+# The paper's layer: GEM, no alignment objective, tau calibrated on the first batch at the default quantile.
+PAPER_LAYER = {"score": "gem"}
+PAPER_TRAINING = [
+    "--ood_alignment_weight",
+    "0",
+    "--ood_cross_image_weight",
+    "0",
+    "--ood_calibration_quantile",
+    str(VKOODTrainingArguments.ood_calibration_quantile),
+]
+GATE_OFF = {**PAPER_LAYER, "use_gate": False}
 MODELS = {
     "ood": ({}, []),
-    "ood_paper": (PAPER, ["--ood_threshold_learning_rate", "none"]),
-    "gate_off": ({**PAPER, "use_ood_gate": False}, []),
-    "no_knowledge": (PAPER, []),
-    "gold_fact": ({**PAPER, "use_ood_gate": False}, []),
-    "fitting_only": ({**PAPER, "use_ood_gate": False}, []),  # what a perfect hard gate passes on, trained gate off
+    "ood_paper": (PAPER_LAYER, [*PAPER_TRAINING, "--ood_threshold_learning_rate", "none"]),
+    "gate_off": (GATE_OFF, PAPER_TRAINING),
+    "no_knowledge": (PAPER_LAYER, PAPER_TRAINING),
+    "gold_fact": (GATE_OFF, PAPER_TRAINING),
+    "fitting_only": (GATE_OFF, PAPER_TRAINING),  # what a perfect hard gate passes on, trained gate off
     "blank_image": ({}, []),  # the recipe on a blank image: question and facts only (both modalities needed?)
 }
 CURVE_MODELS = ("ood", "gate_off")
@@ -153,7 +160,7 @@ def train_model(name, train_split, model, seed, args, work):
         "--logging_steps",
         "50",
         "--vkood_config",
-        json.dumps({**RECIPE["vkood_config"], **overrides}),
+        json.dumps({**RECIPE["vkood_config"], "ood_config": {**RECIPE["vkood_config"]["ood_config"], **overrides}}),
         "--disable_tqdm",
         "true",
         *[part for pair in schedule for part in pair],
@@ -236,7 +243,7 @@ def run_seed(seed, args):
     test = test.cast_column("image", datasets.Image(decode=False))  # undecoded: the PixelCache keys by path
     variants = {str(share): with_not_fitting_share(test, share, seed=7) for share in NOT_FITTING_SHARES}
     variants["as_retrieved"] = test
-    previous = args.out / f"knowledge_task_seed{seed}.json"
+    previous = per_seed_path(args.out, seed)
     figures = json.loads(previous.read_text()) if args.extend else {"accuracy": {}, "items": {}, "learning_curve": {}}
     for name in args.curve_models:
         figures["learning_curve"].setdefault(name, {})
@@ -268,8 +275,14 @@ def run_seed(seed, args):
         for name in args.curve_models:
             folder = train_model(f"{name}-{fraction}", rows, MODELS[name], seed, args, work)
             figures["learning_curve"][name][str(fraction)] = evaluate(folder, test)[0]
+    previous.parent.mkdir(parents=True, exist_ok=True)
     previous.write_text(json.dumps(figures, indent=2))
     return figures
+
+
+def per_seed_path(out, seed):
+    """One seed's figures: its worker's output, and an input of every later `--extend` part."""
+    return out / "per_seed" / f"seed{seed}.json"
 
 
 # --------------------------------------------------------------------------------------------- summary, plots
@@ -290,14 +303,16 @@ def summarise(per_seed, seeds, settings):
     result = {"seeds": seeds, "settings": settings}
     for key, get_tree in (("accuracy", lambda f: f["accuracy"]), ("learning_curve", lambda f: f["learning_curve"])):
         tree = get_tree(per_seed[0])
-        result[key] = {m: {k: leaves(lambda f, m=m, k=k: get_tree(f)[m][k])[0] for k in tree[m]} for m in tree}
+        result[key] = {
+            m: {k: leaves(lambda f, m=m, k=k, get_tree=get_tree: get_tree(f)[m][k])[0] for k in tree[m]} for m in tree
+        }
         result[f"{key}_stderr"] = {
-            m: {k: leaves(lambda f, m=m, k=k: get_tree(f)[m][k])[1] for k in tree[m]} for m in tree
+            m: {k: leaves(lambda f, m=m, k=k, get_tree=get_tree: get_tree(f)[m][k])[1] for k in tree[m]} for m in tree
         }
     layered = list(per_seed[0]["items"])
     for key in ("auroc", "auroc_pooled"):
-        result[key] = {m: leaves(lambda f, m=m: f["items"][m][key])[0] for m in layered}
-        result[f"{key}_stderr"] = {m: leaves(lambda f, m=m: f["items"][m][key])[1] for m in layered}
+        result[key] = {m: leaves(lambda f, m=m, key=key: f["items"][m][key])[0] for m in layered}
+        result[f"{key}_stderr"] = {m: leaves(lambda f, m=m, key=key: f["items"][m][key])[1] for m in layered}
     result["kept_fraction"] = {
         m: {k: leaves(lambda f, m=m, k=k: f["items"][m]["kept_fraction"][k])[0] for k in ("fitting", "not_fitting")}
         for m in layered
@@ -394,7 +409,7 @@ def main():
     )
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once, one process each")
     parser.add_argument("--seed-run", type=int, default=None, help=argparse.SUPPRESS)  # a worker: one seed
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "knowledge_task")
     parser.add_argument(
         "--work", type=Path, default=REPO_ROOT / "outputs" / "knowledge_task", help="trained models and their datasets"
     )
@@ -406,6 +421,7 @@ def main():
     if args.seed_run is not None:
         run_seed(args.seed_run, args)
         return
+    run = provenance.begin(args)
     if args.extend:
         earlier = json.loads((args.out / "knowledge_task.json").read_text())
         if earlier["seeds"] != args.seeds or any(earlier["settings"][k] != v for k, v in budget.items()):
@@ -422,7 +438,7 @@ def main():
         if running[0].returncode:
             raise SystemExit(f"a seed run failed with exit status {running[0].returncode}")
         running.pop(0)
-    per_seed = [json.loads((args.out / f"knowledge_task_seed{seed}.json").read_text()) for seed in args.seeds]
+    per_seed = [json.loads(per_seed_path(args.out, seed).read_text()) for seed in args.seeds]
     settings = {
         **budget,
         "config": str(CONFIG.relative_to(REPO_ROOT)),
@@ -443,6 +459,15 @@ def main():
     result = summarise(per_seed, args.seeds, settings)
     (args.out / "knowledge_task.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out)
+    seed_files = [per_seed_path(args.out, seed) for seed in args.seeds]
+    provenance.record(
+        args.out,
+        run,
+        outputs=["knowledge_task.json", "knowledge_task.png", *seed_files],
+        inputs=["knowledge_task.json", *seed_files] if args.extend else [],
+        extends=args.extend,
+        seconds=settings["parts"][-1]["seconds"] if args.extend else settings["seconds"],
+    )
     print(json.dumps(result, indent=2))
 
 

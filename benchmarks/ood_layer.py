@@ -14,20 +14,29 @@
   thread and at the process's count (`--compile-threads`).
 
     python benchmarks/ood_layer.py [--device cuda --dtype bf16] [--step-batch 2] [--repeats 5] [--compile]
+
+Writes the JSON to benchmarks/results/ood_layer/ood_layer_<device type>.json (or `--out`) and records the commit,
+command and arguments in that folder's provenance.json (benchmarks/provenance.py).
 """
 
 import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from dispatch_counts import HostSyncCounter, OpCounter, ops_per_iteration  # noqa: I001 (this folder's sibling: run as a script)
 from tqdm import tqdm
 
-from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering
+from modeling_vkood import ImplicitOODConfig, VKOODConfig, VKOODForQuestionAnswering
 from modeling_vkood.ood_vkood import ImplicitOODLayer, _em_update, _initial_statistics, em_problem
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import provenance
 
 MODES = ("last_iterate", "implicit", "unrolled")
 
@@ -50,6 +59,14 @@ def timed(function, device, repeats):
     return statistics.median(times)
 
 
+HIDDEN = 768  # the width of the image tokens and knowledge vectors (the paper's fusion)
+
+
+def ood_layer(config, **settings):
+    """The OOD layer of `config` (ImplicitOODConfig settings) updated by `settings`, on width-HIDDEN inputs."""
+    return ImplicitOODLayer(ImplicitOODConfig(**{**config, **settings}), HIDDEN)
+
+
 def layer_step(layer, context, items, autocast_dtype):
     context = context.detach().requires_grad_()
     items = items.detach().requires_grad_()
@@ -60,10 +77,7 @@ def layer_step(layer, context, items, autocast_dtype):
 
 
 def saved_bytes(config, iterations, mode, context, items):
-    layer = ImplicitOODLayer(
-        VKOODConfig(**{**config, "ood_max_iter": iterations, "ood_tol": 1e-30, "ood_gradient": mode})
-    )
-    layer.to(context.device)
+    layer = ood_layer(config, max_iter=iterations, tol=1e-30, gradient=mode).to(context.device)
     total = [0]
 
     def pack(tensor):
@@ -78,8 +92,8 @@ def saved_bytes(config, iterations, mode, context, items):
 
 def layer_syncs(config, context, items, training):
     """Host synchronisations of one forward (eval) or forward+backward (training, after calibration)."""
-    layer = ImplicitOODLayer(VKOODConfig(**config)).to(context.device).train(training)
-    layer.calibrate_threshold(torch.randn(16, device=context.device))
+    layer = ood_layer(config).to(context.device).train(training)
+    layer.set_threshold(torch.randn(16, device=context.device).quantile(0.1))  # tau set from data, as training does
     assert not layer.needs_calibration  # the one read of the flag: from now on answered host-side
     with HostSyncCounter() as syncs:
         if training:
@@ -92,7 +106,7 @@ def layer_syncs(config, context, items, training):
 
 def aten_ops(config, context):
     """(ops of one EM step, ops of one solver iteration) on the projected context tokens."""
-    layer = ImplicitOODLayer(VKOODConfig(**config, ood_convergence_check_every=0)).to(context.device)
+    layer = ood_layer(config, convergence_check_every=0).to(context.device)
     with torch.no_grad():
         points = layer.project(context)
         problem = em_problem(points, torch.ones(points.shape[:2], device=points.device), layer.variance_floor)
@@ -116,7 +130,7 @@ def model_syncs(model, batch, check_every):
     with torch.no_grad(), HostSyncCounter() as syncs:
         model(**{key: value for key, value in batch.items() if key != "labels"})
     model.train(was_training)
-    base.force_fixed_shapes, base.ood.check_every = False, model.config.ood_convergence_check_every
+    base.force_fixed_shapes, base.ood.check_every = False, model.config.ood_config.convergence_check_every
     return syncs.count
 
 
@@ -127,7 +141,7 @@ def compiled_vs_eager(config, context, items, autocast_dtype, device, repeats, t
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch._dynamo.reset()
-    layer = ImplicitOODLayer(VKOODConfig(**config, ood_convergence_check_every=0)).to(device).train()
+    layer = ood_layer(config, convergence_check_every=0).to(device).train()
     layer.threshold_calibrated.fill_(True)
     compiled = torch.compile(layer, fullgraph=True)
     start = time.perf_counter()
@@ -166,13 +180,17 @@ def main():
         nargs="+",
         help="intra-op thread counts of the compiled-vs-eager timing (default: 1 and this process's)",
     )
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default: benchmarks/results/ood_layer/ood_layer_<device type>.json)"
+    )
     args = parser.parse_args()
+    run = provenance.begin(args)
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     torch.manual_seed(0)
 
     shapes = dict(batch=32, tokens=197, hidden=768, items=16)
-    config = dict(hidden_size=768, ood_projection_dim=64, ood_num_components=4)
+    config = dict(projection_dim=64, num_components=4, score="gem")  # the paper's layer, on width-768 tokens
     context = torch.randn(shapes["batch"], shapes["tokens"], shapes["hidden"], device=device)
     items = torch.randn(shapes["batch"], shapes["items"], shapes["hidden"], device=device)
     result = {
@@ -184,11 +202,11 @@ def main():
 
     per_mode = {}
     for mode in tqdm(MODES, desc="gradient modes"):
-        layer = ImplicitOODLayer(VKOODConfig(**config, ood_gradient=mode)).to(device)
+        layer = ood_layer(config, gradient=mode).to(device)
         output = layer_step(layer, context, items, autocast_dtype)
         per_mode[mode] = {
             "forward_backward_ms": timed(
-                lambda: layer_step(layer, context, items, autocast_dtype), device, args.repeats
+                lambda layer=layer: layer_step(layer, context, items, autocast_dtype), device, args.repeats
             ),
             "em_iterations_max": int(output.iterations.max()),
             "saved_bytes_5_iter": saved_bytes(config, 5, mode, context, items),
@@ -207,23 +225,23 @@ def main():
         result["compiled"] = [
             compiled_vs_eager(config, context, items, autocast_dtype, device, args.repeats, count) for count in threads
         ]
-    check_every = VKOODConfig().ood_convergence_check_every
+    check_every = ImplicitOODConfig().convergence_check_every
     result["host_syncs"] = {
         "ood_convergence_check_every": check_every,
-        "ood_max_iter": VKOODConfig().ood_max_iter,
+        "ood_max_iter": ImplicitOODConfig().max_iter,
         "ood_layer_eval_forward": layer_syncs(config, context, items, training=False),
         "ood_layer_eval_forward_fixed_budget": layer_syncs(
-            {**config, "ood_convergence_check_every": 0}, context, items, False
+            {**config, "convergence_check_every": 0}, context, items, False
         ),
         "ood_layer_training_step": layer_syncs(config, context, items, training=True),
         "ood_layer_training_step_fixed_budget": layer_syncs(
-            {**config, "ood_convergence_check_every": 0}, context, items, True
+            {**config, "convergence_check_every": 0}, context, items, True
         ),
     }
     ops_per_step, ops_per_iteration = aten_ops(config, context)
     result["aten_ops"] = {"per_em_step": ops_per_step, "per_solver_iteration": ops_per_iteration}
 
-    model = VKOODForQuestionAnswering(VKOODConfig(num_labels=3129)).to(device).train()
+    model = VKOODForQuestionAnswering(VKOODConfig(num_labels=3129, ood_config=config)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = {
         "pixel_values": torch.randn(args.step_batch, 3, 224, 224, device=device),
@@ -258,6 +276,10 @@ def main():
         "ood_layer_ms": ood_ms,
         "ood_share_of_step": ood_ms / step_ms,
     }
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / "ood_layer" / f"ood_layer_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    provenance.record(out.parent, run, outputs=[out])
     print(json.dumps(result, indent=2))
 
 

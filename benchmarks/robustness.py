@@ -1,4 +1,4 @@
-"""Does the implicit OOD layer make VK-OOD robust to irrelevant knowledge? Measured on easy-VQA; prints JSON, writes PNGs.
+"""Does the implicit OOD layer make VK-OOD robust to irrelevant knowledge? Measured on easy-VQA; JSON and PNGs.
 
 A share (0/25/50/75%) of each example's knowledge items is replaced by irrelevant items about COCO objects from the
 starter graph. Reported, side by side in one run:
@@ -11,13 +11,15 @@ starter graph. Reported, side by side in one run:
   knowledge missing or half irrelevant; and its relative robustness (accuracy kept under each condition);
 - a learning curve with and without knowledge at 10/25/50/100% of the training subset.
 
-    python benchmarks/robustness.py                      # every model at the full default recipe (about 10 min each here)
-    python benchmarks/robustness.py --max-steps 200 --test-samples 1000 --train-noise-rates 0 0.5 --fractions 0.25  # README
+    python benchmarks/robustness.py     # every model at the easy-VQA recipe's full budget
+    python benchmarks/robustness.py --max-steps 200 --test-samples 1000 --train-noise-rates 0 0.5 --fractions 0.25
+                                        # the study of benchmarks/README.md
 
 Every model is trained by train.py with the default recipe (configuration/easy_vqa.yaml: its batch size and, unless
 --max-steps says otherwise, its step budget); learning-curve runs keep the budget and shrink the data (sample
 efficiency, the paper's "fewer samples" claim). Finished models are reused when the study is rerun with the same
-settings.
+settings. Writes robustness.json and the PNGs to benchmarks/results/robustness/ (or `--out`; the models under its
+runs/) and records the commit, command and arguments in that folder's provenance.json (benchmarks/provenance.py).
 """
 
 import argparse
@@ -44,6 +46,7 @@ from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor  # n
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
+from benchmarks import provenance
 from data_scripts import easy_vqa  # noqa: E402
 from modeling_vkood.evaluation import vqa_accuracy  # noqa: E402
 from modeling_vkood.knowledge import KnowledgeBase  # noqa: E402
@@ -92,15 +95,17 @@ def write_dataset(train_split, test_split, folder):
     return str(folder)
 
 
-def train_model(name, train_split, test_split, vkood_overrides, args, work):
-    """One run of train.py (the default recipe) on a prepared dataset; returns the model folder.
+def train_model(name, train_split, test_split, overrides, args, work):
+    """One run of train.py (the default recipe) on a prepared dataset; returns the model folder. `overrides`: the
+    model's {"ood_config": ImplicitOODConfig settings, "arguments": extra train.py arguments}.
 
     A finished run is reused only when it was trained with the same arguments (the study can be resumed, and a
     changed budget or recipe retrains)."""
     folder = work / name
     output = folder / "model"
     recipe = yaml.safe_load(CONFIG.read_text())
-    vkood_config = {**recipe["vkood_config"], **vkood_overrides}
+    vkood_config = dict(recipe["vkood_config"])
+    vkood_config["ood_config"] = {**vkood_config.get("ood_config", {}), **overrides.get("ood_config", {})}
     max_steps = args.max_steps or recipe["max_steps"]
     argv = [
         str(CONFIG),
@@ -124,6 +129,7 @@ def train_model(name, train_split, test_split, vkood_overrides, args, work):
         str(max_steps // 10),
         "--per_device_train_batch_size",
         str(args.train_batch_size or recipe["per_device_train_batch_size"]),
+        *overrides.get("arguments", []),
     ]
     fingerprint = {"argv": argv, "train_rows": len(train_split), "recipe": recipe}
     record = folder / "run.json"
@@ -298,6 +304,7 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "robustness")
     args = parser.parse_args()
+    run = provenance.begin(args)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "runs"
     started = time.perf_counter()
@@ -311,9 +318,10 @@ def main():
     test_clean = test_clean.cast_column("image", datasets.Image(decode=False))  # undecoded: the PixelCache keys by path
     pool = irrelevant_pool(kb)
     noisy_test = {rate: inject_noise(test_clean, rate, pool, args.seed + 1) for rate in NOISE_RATES}
-    models = {"ood_on": {}, "ood_off": {"use_ood_gate": False}}
+    models = {"ood_on": {}, "ood_off": {"ood_config": {"use_gate": False}}}
     if args.alignment_weight > 0:
-        models["ood_on+alignment"] = {"ood_alignment_weight": args.alignment_weight}
+        alignment = ["--ood_alignment", "mean_direction", "--ood_alignment_weight", str(args.alignment_weight)]
+        models["ood_on+alignment"] = {"arguments": alignment}
 
     results = {
         "settings": {
@@ -380,6 +388,8 @@ def main():
         plot_learning_curve(curve, args.out / "learning_curve.png")
     results["seconds"] = time.perf_counter() - started
     (args.out / "robustness.json").write_text(json.dumps(results, indent=2))
+    written = ["robustness.json", "ood_scores_50pct_noise.png", "knowledge_noise.png"]
+    provenance.record(args.out, run, outputs=written + (["learning_curve.png"] if args.learning_curve else []))
     print(json.dumps(results, indent=2))
 
 

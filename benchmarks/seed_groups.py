@@ -1,22 +1,27 @@
 """Final metrics of `train.py` runs grouped by variant: each run, and per group the mean ± standard error over its
 seeds (JSON + PNG).
 
-    python benchmarks/seed_groups.py GROUP=OUTPUT_DIR [GROUP=OUTPUT_DIR ...] --out benchmarks/results/NAME
+    python benchmarks/seed_groups.py GROUP=OUTPUT_DIR [GROUP=OUTPUT_DIR ...] --out benchmarks/results/STUDY/NAME
 
 A group name given several times collects those runs (one per seed). Reads each folder's `all_results.json`; writes
 OUT.json ({"groups": {group: {metric: {"values", "mean", "sem"}}}, "runs": {group: [folder, ...]}}) and OUT.png (one
-panel per metric: every run as a point, the group's mean ± standard error as a bar). Prints the JSON's groups.
+panel per metric: every run as a point, the group's mean ± standard error as a bar), and records the commit, command
+and arguments in the folder's provenance.json (benchmarks/provenance.py). Prints the JSON's groups.
 """
 
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import provenance
 
 METRICS = ("eval_vqa_accuracy", "ood_auroc_fitting", "ood_kept_fraction_fitting", "ood_kept_fraction_not_fitting")
 
@@ -69,11 +74,13 @@ def main():
     parser.add_argument("--out", type=Path, required=True, help="path without suffix for the .json and .png")
     parser.add_argument("--title", default="runs by group: points per seed, bars mean ± standard error")
     args = parser.parse_args()
+    run = provenance.begin(args)
     runs = group_runs(args.runs)
     groups = summarise(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"groups": groups, "runs": runs}, indent=2))
     plot(groups, args.out.with_suffix(".png"), args.title)
+    provenance.record(args.out.parent, run, outputs=[args.out.with_suffix(".json"), args.out.with_suffix(".png")])
     print(json.dumps(groups, indent=2))
 
 

@@ -1,4 +1,4 @@
-"""Generative answers and SelTDA on data-scarce easy-VQA; prints JSON, writes benchmarks/results/seltda.json + .png.
+"""Generative answers and SelTDA on data-scarce easy-VQA; prints JSON, writes benchmarks/results/seltda/seltda.json.
 
 Per seed, every model trained by train.py with the shipped recipes (configuration/easy_vqa.yaml for the classifier,
 configuration/easy_vqa_generative.yaml for the generative head) under one step budget:
@@ -22,9 +22,12 @@ that keeps the answer (`rephrase`), with knowledge retrieved for the new wording
     python benchmarks/seltda.py --steps 100 --pool-images 1000   # a smaller budget
     python benchmarks/seltda.py --steps 300 --teacher-steps 600 --heads classifier --pool-images 1000 \
         --min-answer-probability 0.9 --work-dir outputs/seltda_teacher \
-        --out benchmarks/results/seltda_teacher.json   # a stronger teacher, with and without the filter
+        --out benchmarks/results/seltda_teacher/seltda_teacher.json   # a stronger teacher, with and without the filter
     python benchmarks/seltda.py --quick         # a smoke run: a few steps and examples, to check the pipeline
-                                                # (its 2-step teacher writes no usable pair: the SelTDA runs are skipped)
+                                                # (its 2-step teacher writes no usable pair: no SelTDA runs)
+
+Writes the JSON (`--out`) and a .png beside it, and records the commit, command and arguments in that folder's
+provenance.json (benchmarks/provenance.py).
 """
 
 import argparse
@@ -47,6 +50,7 @@ from datasets import DatasetDict, load_dataset  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 import train  # noqa: E402
+from benchmarks import provenance
 from data_scripts.__main__ import write_parquet  # noqa: E402
 from data_scripts.common import KnowledgeAnnotator, open_knowledge  # noqa: E402
 from modeling_vkood.training import load_splits, seltda  # noqa: E402
@@ -95,10 +99,9 @@ def write_rephrased_test(folder: Path, cache_dir: str) -> Path:
         dataset="easy_vqa",
         knowledge="starter",
         eval_split="test",
-        max_knowledge_items=MAX_KNOWLEDGE_ITEMS,
         dataset_cache_dir=cache_dir,
     )
-    test = load_splits(arguments, ["test"])["test"]
+    test = load_splits(arguments, ["test"], MAX_KNOWLEDGE_ITEMS)["test"]
     features = test.features
     test = test.map(lambda row: {"question": rephrase(row["question"])}, desc="rephrasing")
     annotate = KnowledgeAnnotator(open_knowledge("starter"), "question", MAX_KNOWLEDGE_ITEMS, several_texts=False)
@@ -175,10 +178,9 @@ class Study:
             task="vqa",
             dataset="easy_vqa",
             knowledge="starter",
-            max_knowledge_items=MAX_KNOWLEDGE_ITEMS,
             dataset_cache_dir=str(self.work / "datasets"),
         )
-        train = load_splits(arguments, ["train"])["train"]
+        train = load_splits(arguments, ["train"], MAX_KNOWLEDGE_ITEMS)["train"]
         return {
             (image_id, question): set(answers)
             for image_id, question, answers in zip(train["image_id"], train["question"], train["answers"])
@@ -390,7 +392,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="per-device batch size (default: the configs')")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, 16 questions, 8 pool images")
     parser.add_argument("--work-dir", default="outputs/seltda_study")
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "seltda.json"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "seltda" / "seltda.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.eval_samples, args.pool_images, args.batch_size = 2, 16, 8, 8
@@ -399,6 +401,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    run = provenance.begin(args, None if argv is None else [__file__, *argv])
     study = Study(args)
     rephrased = write_rephrased_test(study.work / "easy_vqa_rephrased", str(study.work / "datasets"))
     per_seed = {seed: study.seed(seed, rephrased) for seed in args.seeds}
@@ -411,6 +414,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(per_seed, out.with_suffix(".png"))
+    provenance.record(out.parent, run, outputs=[out, out.with_suffix(".png")])
     print(json.dumps(result, indent=2))
     return result
 

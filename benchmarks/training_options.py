@@ -17,12 +17,14 @@ pretrained backbone (MAD, WiSE-FT) is reported as not applicable on a config wit
 
     python benchmarks/training_options.py   # easy-VQA, 2 fractions x 2 seeds: 12 runs of 120 steps, 16 models x 8 evals
     python benchmarks/training_options.py --config configuration/knowledge_vqa.yaml --steps 1500 --warmup-steps 30 \
-        --options baseline masd --out benchmarks/results/training_options_knowledge_vqa.json   # the recipe's schedule
+        --options baseline masd \
+        --out benchmarks/results/training_options_knowledge_vqa/training_options_knowledge_vqa.json   # its schedule
     python benchmarks/training_options.py --steps 2 --test-samples 16 --seeds 0 --fractions 0.1   # smoke test
 
-Writes benchmarks/results/training_options.json (or `--out`) and a .png beside it; the models go to
-outputs/<out name>_runs/. Finished runs are reused when
-the study is rerun with the same arguments (the `train.py` argv is the key).
+Writes benchmarks/results/training_options/training_options.json (or `--out`) and a .png beside it, and records the
+commit, command and arguments in that folder's provenance.json (benchmarks/provenance.py); the models go to
+outputs/<out name>_runs/. Finished runs are reused when the study is rerun with the same arguments (the `train.py`
+argv is the key).
 """
 
 import argparse
@@ -46,8 +48,10 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import robustness  # noqa: E402
 
 import train  # noqa: E402
+from benchmarks import provenance
 from modeling_vkood.knowledge import KnowledgeBase  # noqa: E402
 from modeling_vkood.training import build_model, load_splits, parse_arguments  # noqa: E402
+from modeling_vkood.training.model_factory import max_knowledge_items  # noqa: E402
 from modeling_vkood.training.wise_ft import pretrained_state, wise_ft  # noqa: E402
 
 OPTIONS = ("baseline", "mad", "masd", "wise_ft")
@@ -118,8 +122,8 @@ def evaluator_for(args, folder, argv, alpha=None):
 def test_splits(args):
     """The run's test split (as train.py loads it), `--test-samples` of it, and the same with half its knowledge
     items replaced by irrelevant ones."""
-    data_args = parse_arguments([str(args.config)])[1]
-    test = load_splits(data_args, [data_args.eval_split])[data_args.eval_split]
+    model_args, data_args = parse_arguments([str(args.config)])[:2]
+    test = load_splits(data_args, [data_args.eval_split], max_knowledge_items(model_args))[data_args.eval_split]
     test = test.shuffle(seed=0).select(range(min(args.test_samples, len(test))))
     noisy = robustness.inject_noise(test, 0.5, robustness.irrelevant_pool(KnowledgeBase.starter()), seed=1)
     return test, noisy
@@ -197,8 +201,13 @@ def main():
     parser.add_argument("--wise-ft-alphas", type=float, nargs="+", default=[0.5])
     parser.add_argument("--test-samples", type=int, default=500, help="each is evaluated 8 times per model")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "training_options.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "benchmarks" / "results" / "training_options" / "training_options.json",
+    )
     args = parser.parse_args()
+    run = provenance.begin(args)
     if "wise_ft" in args.options and "baseline" not in args.options:
         parser.error("wise_ft interpolates the baseline runs: keep baseline in --options")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,6 +264,7 @@ def main():
     }
     args.out.write_text(json.dumps(results, indent=2))
     plot(summary, runs, options, args.fractions, args.out.with_suffix(".png"))
+    provenance.record(args.out.parent, run, outputs=[args.out, args.out.with_suffix(".png")])
     print(json.dumps(results, indent=2))
 
 

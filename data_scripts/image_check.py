@@ -4,7 +4,8 @@ Without it an empty, truncated, non-image or decompression-bomb file is stored a
 inside the collator, far from the file's name. Modes (`--check-images`):
 
 - "decode" (default): open and fully decode every image (`Image.load()`), the work the collator will do; finds
-  every unreadable file. About 5 ms per COCO-size JPEG per process, so the check runs in `num_proc` processes.
+  every unreadable file. Decoding every image is the slow part of a build, so the check runs in `num_proc`
+  processes.
 - "header": open only (Pillow reads the header): finds empty, non-image and oversized files, not truncated ones.
 - "none": no check beyond the file existing.
 

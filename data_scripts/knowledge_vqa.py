@@ -2,7 +2,8 @@
 
 Every image of easy-VQA (the `easy-vqa` package, or a folder in its layout) shows one shape in one colour. Each row
 draws its own random one-to-one mapping from the 11 concepts such an image can show (3 shapes, 8 colours) to 11 of
-the 16 place words of `ANSWERS`, stated as facts ("circle means harbour", "red means castle"). The question asks what the shape shown, or its colour, stands for. So:
+the 16 place words of `ANSWERS`, stated as facts ("circle means harbour", "red means castle"). The question asks what
+the shape shown, or its colour, stands for. So:
 
 - the answer needs a fact: the mapping changes from row to row, so the image alone (or the question) gives chance
   accuracy, 1/16;
@@ -127,7 +128,8 @@ def image_contents(records: Sequence) -> dict[int, dict[str, str]]:
 
     Such an answer names what the image shows, and so does a shape or colour word of its question ("what is the blue
     shape?" -> rectangle, blue). Yes/no questions are not read: their negations take many forms ("is no yellow shape
-    present?", "does the image not contain a circle?"), and reading them mislabelled 1 image in 4 of the first 12.
+    present?", "does the image not contain a circle?"), and reading them mislabelled images (the knowledge-task
+    study's "A labelling bug", benchmarks/README.md).
     An image whose questions name two shapes or two colours is left out.
     """
     stated: dict[int, dict[str, set]] = {}

@@ -14,20 +14,18 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_vkood import VKOODConfig
+from .configuration_vkood import ImplicitOODConfig, VKOODConfig
 from .generation_vkood import VKOODForConditionalGeneration, VKOODGenerationMemory, VKOODGenerationOutput
 from .modeling_vkood import (
-    VKOODClassificationOutput,
     VKOODForImagesAndTextClassification,
-    VKOODForImageTextRetrieval,
     VKOODForQuestionAnswering,
     VKOODModel,
-    VKOODModelOutput,
     VKOODPreTrainedModel,
-    VKOODRetrievalOutput,
 )
 from .ood_vkood import GaussianMixtureOutput, ImplicitOODLayer, ImplicitOODOutput, gem_score
+from .outputs_vkood import VKOODClassificationOutput, VKOODModelOutput, VKOODRetrievalOutput
 from .processing_vkood import VKOODProcessor
+from .retrieval_vkood import VKOODForImageTextRetrieval
 
 _TASK_AUTO_CLASSES = (
     (AutoModel, VKOODModel),
@@ -46,6 +44,7 @@ AutoProcessor.register(VKOODConfig, VKOODProcessor, exist_ok=True)
 
 __all__ = [
     "VKOODConfig",
+    "ImplicitOODConfig",
     "VKOODPreTrainedModel",
     "VKOODModel",
     "VKOODForQuestionAnswering",

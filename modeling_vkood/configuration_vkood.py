@@ -7,26 +7,126 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 OOD_GRADIENT_MODES = ("last_iterate", "implicit", "unrolled")
+OOD_SCORES = ("log_likelihood", "gem")
 CLASSIFIER_HEADS = ("mlp", "gated_product")
 BACKBONES = ("vision_model", "text_model")
-OOD_SCORES = ("gem", "log_likelihood")
-OOD_ALIGNMENTS = ("mean_direction", "contrastive", "gate")
-# The alignments trained on `knowledge_relevance` (the items that state the training answer).
-RELEVANCE_ALIGNMENTS = ("contrastive", "gate")
 
-# One checkpoint serves every Auto class: the Hub copies these files and `from_pretrained(..., trust_remote_code=True)`
-# resolves the class named here. NLVR2 and retrieval have no dedicated transformers Auto class, so they use the
-# nearest ones (sentence classification given images; CLIP-family image-text matching).
+# One checkpoint serves every Auto class of modeling_vkood.py: the Hub copies these files and `from_pretrained(...,
+# trust_remote_code=True)` resolves the class named here. NLVR2 has no dedicated transformers Auto class, so it uses
+# the nearest one (sentence classification given images). The heads in files of their own (retrieval_vkood.py,
+# generation_vkood.py) are added by their own checkpoints, which ship those files (`custom_object_save`).
 VKOOD_AUTO_MAP = {
     "AutoConfig": "configuration_vkood.VKOODConfig",
     "AutoModel": "modeling_vkood.VKOODModel",
     "AutoModelForVisualQuestionAnswering": "modeling_vkood.VKOODForQuestionAnswering",
     "AutoModelForSequenceClassification": "modeling_vkood.VKOODForImagesAndTextClassification",
-    "AutoModelForZeroShotImageClassification": "modeling_vkood.VKOODForImageTextRetrieval",
     "AutoProcessor": "processing_vkood.VKOODProcessor",
 }
 # The generative head's entry, preset only in configs that hold a `decoder_config` (only its checkpoints ship the file).
 GENERATION_AUTO_MAP = {"AutoModelForImageTextToText": "generation_vkood.VKOODForConditionalGeneration"}
+
+
+@strict
+class ImplicitOODConfig(PreTrainedConfig):
+    r"""
+    Inference settings of VK-OOD's implicit OOD layer (`VKOODConfig.ood_config`). The defaults are the layer that the
+    knowledge-VQA study (benchmarks/README.md) measured to keep the facts that fit the image; the paper's layer is
+    `ImplicitOODConfig(score="gem")` (tau is then calibrated from the scores at the start of training).
+
+    Args:
+        projection_dim: width d' of the shared projection in which the mixture is fitted.
+        num_components: K, the Gaussian components fitted to each image's tokens.
+        max_iter, tol: EM fixed-point budget and relative-change tolerance.
+        convergence_check_every: EM iterations between the host's reads of whether every example has converged, to
+            stop early (each read is a host synchronisation; converged examples are frozen on the device either
+            way). 0: never read, always run `max_iter` iterations: no synchronisation at all, as CUDA graphs and
+            `torch.compile(fullgraph=True)` need. The implicit gradient's adjoint solve follows it too.
+        variance_floor: added to every variance in the M step (scikit-learn's `reg_covar`). The projected points are
+            standardised per vector (coordinates of unit mean square), so the floor also bounds the squared
+            Mahalanobis distance by 4 d' / floor and keeps the scores of far items finite enough to have a gradient.
+        gradient: "last_iterate" (paper), "implicit" (implicit function theorem) or "unrolled" (reference).
+        temperature, threshold: gate = sigmoid((score - tau) / temperature), tau initialised to `threshold`, learnt.
+        hard_gate: at inference, gate in {0, 1} (score > tau) instead of the soft sigmoid.
+        use_gate: False keeps every knowledge item with gate 1 (the "OOD layer off" ablation; scores still computed).
+        score: how an item is scored under the image's mixture: "log_likelihood" (the mixture density with weights
+            and log-determinants, relative to the mean log-likelihood of the image's own tokens: 0 for an item as
+            likely as they are) or "gem" (the paper: the weight-free GEM energy of Morteza & Li, standardised; it has
+            no natural zero, so training calibrates tau first). Both are on the scale sqrt(d'/2), so one threshold
+            serves every projection width.
+    """
+
+    model_type = "vkood_ood"
+
+    projection_dim: int = 64
+    num_components: int = 4
+    max_iter: int = 50
+    tol: float = 1e-4
+    convergence_check_every: int = 5
+    variance_floor: float = 0.1
+    gradient: str = "last_iterate"
+    temperature: float = 1.0
+    threshold: float = -3.0
+    hard_gate: bool = False
+    use_gate: bool = True
+    score: str = "log_likelihood"
+
+    def validate_architecture(self):
+        """Fail at construction, with the field name, instead of deep inside a forward pass."""
+        super().validate_architecture()
+        for name in ("projection_dim", "num_components", "max_iter"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ImplicitOODConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("tol", "variance_floor", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ImplicitOODConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.convergence_check_every < 0:
+            raise ValueError(
+                f"ImplicitOODConfig.convergence_check_every must be >= 0, got {self.convergence_check_every}"
+            )
+        if self.gradient not in OOD_GRADIENT_MODES:
+            raise ValueError(f"ImplicitOODConfig.gradient must be one of {OOD_GRADIENT_MODES}, got {self.gradient!r}")
+        if self.score not in OOD_SCORES:
+            raise ValueError(f"ImplicitOODConfig.score must be one of {OOD_SCORES}, got {self.score!r}")
+
+
+# Checkpoints saved before `ood_config` existed hold the layer's settings as flat fields (only those that differed
+# from the defaults of then, whose score was "gem"): `VKOODConfig.from_dict` converts them. Their training-only
+# fields (now training arguments) are dropped.
+LEGACY_OOD_FIELDS = {
+    "ood_projection_dim": "projection_dim",
+    "ood_num_components": "num_components",
+    "ood_max_iter": "max_iter",
+    "ood_tol": "tol",
+    "ood_convergence_check_every": "convergence_check_every",
+    "ood_variance_floor": "variance_floor",
+    "ood_gradient": "gradient",
+    "ood_temperature": "temperature",
+    "ood_threshold": "threshold",
+    "ood_hard_gate": "hard_gate",
+    "use_ood_gate": "use_gate",
+    "ood_score": "score",
+}
+LEGACY_OOD_DEFAULTS = {"score": "gem"}
+LEGACY_TRAINING_FIELDS = (
+    "ood_calibration_quantile",
+    "ood_alignment_weight",
+    "ood_alignment",
+    "ood_alignment_temperature",
+    "ood_cross_image_weight",
+)
+
+
+def convert_legacy_config(config_dict: dict) -> dict:
+    """A config dict saved with flat `ood_*` fields, with them gathered into `ood_config` (a copy; others as given)."""
+    if "ood_config" in config_dict:
+        return config_dict
+    converted = {key: value for key, value in config_dict.items() if key not in LEGACY_TRAINING_FIELDS}
+    ood = dict(LEGACY_OOD_DEFAULTS)
+    for old, new in LEGACY_OOD_FIELDS.items():
+        if old in converted:
+            ood[new] = converted.pop(old)
+    converted["ood_config"] = ood
+    return converted
 
 
 @strict
@@ -41,44 +141,10 @@ class VKOODConfig(PreTrainedConfig):
     Args:
         vision_config / text_config: backbone configs (dict or `PreTrainedConfig`; `model_type` picks the class).
         hidden_size, num_fusion_layers, num_attention_heads, intermediate_size: fusion transformer sizes.
-        max_knowledge_items: knowledge items kept per example (M); knowledge_max_length: tokens per item (Lk).
-        ood_projection_dim: width d' of the shared projection in which the mixture is fitted.
-        ood_num_components: K, the Gaussian components fitted to each image's tokens.
-        ood_max_iter, ood_tol: EM fixed-point budget and relative-change tolerance.
-        ood_convergence_check_every: how many EM iterations pass between the host's reads of whether every example
-            has converged, to stop early (each read is a host synchronisation; converged examples are frozen on the
-            device either way). 0: never read, always run `ood_max_iter` iterations: no synchronisation at all, as
-            CUDA graphs and `torch.compile(fullgraph=True)` need. The implicit gradient's adjoint solve follows it too.
-        ood_variance_floor: added to every variance in the M step (scikit-learn's `reg_covar`). The projected points
-            are standardised per vector (coordinates of unit mean square, on a sphere of radius sqrt(d')), so the
-            floor also bounds the squared Mahalanobis distance by 4 d' / floor: 0.1 keeps scores of far items in the
-            tens instead of the thousands, where every gate and its gradient would be 0.
-        ood_gradient: "last_iterate" (paper), "implicit" (implicit function theorem) or "unrolled" (reference).
-        ood_temperature, ood_threshold: gate = sigmoid((score - tau) / temperature), tau initialised to the threshold
-            and learnt; scores are standardised so that one threshold works for any d'.
-        ood_calibration_quantile: if set, tau is re-initialised to this quantile of the items' scores before
-            training (`ImplicitOODLayer.calibrate_threshold`, which the vkood Trainer calls on the examples of the
-            first optimizer step, gathered over all processes), so the knowledge path starts open: knowledge encoded
-            by a text model starts far from the image tokens, and with every gate at 0 no gradient would ever reach
-            it. Done once: the flag is saved with the weights. None keeps `ood_threshold`.
-        ood_hard_gate: at inference, gate in {0, 1} (score > tau) instead of the soft sigmoid.
-        use_ood_gate: False keeps every knowledge item with gate 1 (the "OOD layer off" ablation).
-        ood_score: how an item is scored under the image's mixture: "gem" (the paper: the weight-free GEM energy of
-            Morteza & Li, standardised) or "log_likelihood" (the mixture density with weights and log-determinants,
-            relative to the mean log-likelihood of the image's own tokens, on the same scale).
-        ood_alignment_weight: weight of the optional cross-modal alignment loss (VQA and NLVR2 heads); 0 disables it.
-        ood_alignment: which alignment loss: "mean_direction" pulls every projected knowledge item towards the
-            image's mean direction on the hypersphere (whether it fits the image or not); "contrastive" is an
-            InfoNCE on the OOD scores over each question's candidates: the items that state the training answer
-            (`knowledge_relevance`) must outscore the others; "gate" adds to it a class-balanced binary cross-entropy
-            of the gate against the same relevance, on detached scores: the InfoNCE orders the scores, the BCE
-            places tau (VQA head; both need `knowledge_relevance` in the batch, e.g. `VQACollator(answer_relevance=True)`).
-        ood_alignment_temperature: divides the scores in the contrastive alignment's logits.
-        ood_cross_image_weight: weight, within the "contrastive" and "gate" alignments, of their cross-image term: an
-            InfoNCE over the batch's images, in which each item that states a training answer must score higher
-            under its own image's mixture than under the other rows' images'. The candidates of one question differ
-            only in their concept; the other images add negatives that differ in what they show (on knowledge-VQA
-            it made every seed's layer tell the shapes apart). 0 disables it.
+        max_knowledge_items: knowledge items kept per example (M), the one cap on the item count: the processor,
+            the training collators and the dataset builders of `train.py` read it; knowledge_max_length: tokens per
+            item (Lk).
+        ood_config: the implicit OOD layer (`ImplicitOODConfig`, dict or instance; default: its defaults).
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
         classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (METER,
@@ -101,11 +167,13 @@ class VKOODConfig(PreTrainedConfig):
         ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="roberta"),
         "decoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+        "ood_config": SubConfigSpec(config_class=ImplicitOODConfig),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     decoder_config: dict | PreTrainedConfig | None = None
+    ood_config: dict | PreTrainedConfig | None = None
     hidden_size: int = 768
     num_fusion_layers: int = 6
     num_attention_heads: int = 12
@@ -119,26 +187,14 @@ class VKOODConfig(PreTrainedConfig):
     classifier_head: str = "mlp"
     max_knowledge_items: int = 16
     knowledge_max_length: int = 32
-    ood_projection_dim: int = 64
-    ood_num_components: int = 4
-    ood_max_iter: int = 50
-    ood_tol: float = 1e-4
-    ood_convergence_check_every: int = 5
-    ood_variance_floor: float = 0.1
-    ood_gradient: str = "last_iterate"
-    ood_temperature: float = 1.0
-    ood_threshold: float = -3.0
-    ood_calibration_quantile: float | None = 0.1
-    ood_hard_gate: bool = False
-    use_ood_gate: bool = True
-    ood_score: str = "gem"
-    ood_alignment_weight: float = 0.0
-    ood_alignment: str = "mean_direction"
-    ood_alignment_temperature: float = 1.0
-    ood_cross_image_weight: float = 0.0
     projection_dim: int = 256
     k_test: int = 128
     pretrained_backbones: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, converting a checkpoint saved with flat `ood_*` fields first."""
+        return super().from_dict(convert_legacy_config(config_dict), **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -161,49 +217,20 @@ class VKOODConfig(PreTrainedConfig):
             "intermediate_size",
             "max_knowledge_items",
             "knowledge_max_length",
-            "ood_projection_dim",
-            "ood_num_components",
-            "ood_max_iter",
             "projection_dim",
             "k_test",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"VKOODConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("ood_tol", "ood_variance_floor", "ood_temperature", "ood_alignment_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"VKOODConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"VKOODConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if self.ood_gradient not in OOD_GRADIENT_MODES:
-            raise ValueError(f"VKOODConfig.ood_gradient must be one of {OOD_GRADIENT_MODES}, got {self.ood_gradient!r}")
-        if self.ood_score not in OOD_SCORES:
-            raise ValueError(f"VKOODConfig.ood_score must be one of {OOD_SCORES}, got {self.ood_score!r}")
-        if self.ood_alignment not in OOD_ALIGNMENTS:
-            raise ValueError(f"VKOODConfig.ood_alignment must be one of {OOD_ALIGNMENTS}, got {self.ood_alignment!r}")
         if self.classifier_head not in CLASSIFIER_HEADS:
             raise ValueError(
                 f"VKOODConfig.classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}"
-            )
-        if self.ood_calibration_quantile is not None and not 0.0 <= self.ood_calibration_quantile <= 1.0:
-            raise ValueError(
-                f"VKOODConfig.ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}"
-            )
-        if self.ood_convergence_check_every < 0:
-            raise ValueError(
-                f"VKOODConfig.ood_convergence_check_every must be >= 0, got {self.ood_convergence_check_every}"
-            )
-        if self.ood_alignment_weight < 0:
-            raise ValueError(f"VKOODConfig.ood_alignment_weight must be >= 0, got {self.ood_alignment_weight}")
-        if self.ood_cross_image_weight < 0:
-            raise ValueError(f"VKOODConfig.ood_cross_image_weight must be >= 0, got {self.ood_cross_image_weight}")
-        if self.ood_cross_image_weight > 0 and self.ood_alignment not in RELEVANCE_ALIGNMENTS:
-            raise ValueError(
-                f"VKOODConfig.ood_cross_image_weight needs an ood_alignment among {RELEVANCE_ALIGNMENTS} "
-                f"(its positives are the relevant items), got {self.ood_alignment!r}"
             )
         unknown = sorted(set(self.pretrained_backbones) - set(BACKBONES))
         if unknown:
@@ -213,4 +240,4 @@ class VKOODConfig(PreTrainedConfig):
                 raise ValueError(f"VKOODConfig.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
-__all__ = ["VKOODConfig"]
+__all__ = ["ImplicitOODConfig", "VKOODConfig"]

@@ -22,7 +22,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
 
 from .configuration_vkood import VKOODConfig
-from .modeling_vkood import VKOODModel, VKOODPreTrainedModel, check_inputs, knowledge_item_mask
+from .modeling_vkood import VKOODModel, VKOODPreTrainedModel
+from .outputs_vkood import OOD_OUTPUTS
 
 IGNORE_INDEX = -100
 
@@ -39,7 +40,6 @@ class VKOODGenerationMemory(ModelOutput):
     ood_gate: torch.FloatTensor | None = None
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
-    ood_alignment_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -106,20 +106,17 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         knowledge_attention_mask=None,
         knowledge_mask=None,
         knowledge_relevance=None,
+        gate_forcing=None,
     ) -> VKOODGenerationMemory:
-        """The decoder's memory from one fused pass (image, question or prompt, knowledge)."""
+        """The decoder's memory from one fused pass (image, question or prompt, knowledge). `knowledge_relevance`
+        and `gate_forcing` (training only) as in `VKOODModel.fuse`."""
         if pixel_values is None or input_ids is None:
             raise ValueError(
                 "VK-OOD needs both `pixel_values` and `input_ids` (an empty prompt for the question "
                 'generator: the processor\'s text="")'
             )
-        check_inputs(
-            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask
-        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if knowledge_input_ids is not None:
-            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         fused = self.vkood(
             pixel_values,
             input_ids,
@@ -128,23 +125,19 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
             knowledge_attention_mask,
             knowledge_mask,
             knowledge_relevance,
+            gate_forcing,
             output_attentions=False,
             output_hidden_states=False,
             return_dict=True,
         )
-        batch, items = fused.ood_gate.shape
-        item_mask = knowledge_mask if knowledge_mask is not None else attention_mask.new_zeros(batch, items)
-        item_mask = item_mask.to(attention_mask.dtype) * (fused.ood_gate > 0).to(attention_mask.dtype)
-        image_mask = attention_mask.new_ones(batch, fused.image_last_hidden_state.shape[1])
+        # Padded items have gate 0 exactly (log-gate -inf), like hard-gated-out ones: neither is memory.
+        item_mask = (fused.ood_gate > 0).to(attention_mask.dtype)
+        image_mask = attention_mask.new_ones(fused.image_last_hidden_state.shape[:2])
         states = torch.cat([fused.last_hidden_state, fused.image_last_hidden_state], dim=1)
         return VKOODGenerationMemory(
             states=self.memory_projection(states),
             mask=torch.cat([attention_mask, item_mask, image_mask], dim=1),
-            ood_scores=fused.ood_scores,
-            ood_gate=fused.ood_gate,
-            ood_iterations=fused.ood_iterations,
-            ood_residual=fused.ood_residual,
-            ood_alignment_loss=fused.ood_alignment_loss,
+            **{name: getattr(fused, name) for name in OOD_OUTPUTS},
         )
 
     def forward(
@@ -159,6 +152,7 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         decoder_attention_mask=None,
         labels=None,
         knowledge_relevance=None,
+        gate_forcing=None,
         memory=None,
         cache=None,
         use_cache=None,
@@ -176,6 +170,7 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
                 knowledge_attention_mask,
                 knowledge_mask,
                 knowledge_relevance,
+                gate_forcing,
             )
         if decoder_input_ids is None:
             if labels is None:
@@ -193,16 +188,11 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         loss = None
         if labels is not None:
             loss = answer_token_loss(decoded.logits, labels)
-            if memory.ood_alignment_loss is not None:
-                loss = loss + self.config.ood_alignment_weight * memory.ood_alignment_loss
         output = VKOODGenerationOutput(
             loss=loss,
             logits=decoded.logits,
             cache=decoded.cache,
-            ood_scores=memory.ood_scores,
-            ood_gate=memory.ood_gate,
-            ood_iterations=memory.ood_iterations,
-            ood_residual=memory.ood_residual,
+            **{name: getattr(memory, name) for name in OOD_OUTPUTS},
         )
         return self._returned(output, return_dict)
 

@@ -31,13 +31,15 @@ class GaussianMixtureOutput(ModelOutput):
 
 @dataclass
 class ImplicitOODOutput(GaussianMixtureOutput):
-    """Mixture fields plus the standardised GEM `scores`, the `gate` and its stable `log_gate` per item (B, M), and
-    `alignment_loss`: mean (1 - cosine) between each real item and its image's mean direction in the projection."""
+    """Mixture fields plus, per knowledge item (B, M): the `scores`, the `gate` and its stable `log_gate`. For the
+    training objectives (`modeling_vkood.training.ood_objectives`): `knowledge_points` (B, M, d'), the projected
+    items, and `image_fit`, the `ImageFit` of each row's image (None without knowledge items)."""
 
     scores: torch.FloatTensor | None = None
     gate: torch.FloatTensor | None = None
     log_gate: torch.FloatTensor | None = None
-    alignment_loss: torch.FloatTensor | None = None
+    knowledge_points: torch.FloatTensor | None = None
+    image_fit: "ImageFit | None" = None
 
 
 def _features(points):
@@ -261,7 +263,7 @@ class ImageFit(NamedTuple):
 class ImplicitOODLayer(nn.Module):
     """Scores and gates knowledge items by how well they fit a Gaussian mixture of the image tokens.
 
-    Gradient modes (`config.ood_gradient`):
+    Gradient modes (`ImplicitOODConfig.gradient`):
     - "last_iterate" (paper): the solver runs without a graph; one differentiable step T(stop_grad(theta*); Z)
       carries the gradient, so memory does not grow with the iteration count.
     - "implicit": implicit function theorem; the backward solves the adjoint fixed point u = g + (dT/dtheta)^T u.
@@ -269,35 +271,32 @@ class ImplicitOODLayer(nn.Module):
 
     The solver is a fixed-shape loop on the device: an example whose next step would change its statistics by less
     than tol (relative) is frozen (`torch.where`; its state, residual and iteration count stop changing), and the
-    host reads whether all have converged only every `config.ood_convergence_check_every` iterations (0: never, a
-    fixed budget of `ood_max_iter`), each read being a host synchronisation. An example's fit therefore does not
-    depend on the rest of its batch.
+    host reads whether all have converged only every `convergence_check_every` iterations (0: never, a fixed budget
+    of `max_iter`), each read being a host synchronisation. An example's fit therefore does not depend on the rest of
+    its batch.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, hidden_size):
+        """`config`: an `ImplicitOODConfig`; `hidden_size`: the width of the image tokens and knowledge vectors."""
         super().__init__()
-        self.num_components = config.ood_num_components
-        self.max_iter = config.ood_max_iter
-        self.tol = config.ood_tol
-        self.check_every = config.ood_convergence_check_every
-        self.variance_floor = config.ood_variance_floor
-        self.gradient_mode = config.ood_gradient
-        self.temperature = config.ood_temperature
-        self.hard_gate = config.ood_hard_gate
-        self.use_gate = config.use_ood_gate
-        self.score_kind = config.ood_score
-        self.alignment_kind = config.ood_alignment
-        self.alignment_temperature = config.ood_alignment_temperature
-        self.cross_image_weight = config.ood_cross_image_weight
-        self.projection = nn.Linear(config.hidden_size, config.ood_projection_dim)
-        # Shape (1,), not 0-dim: DeepSpeed ZeRO broadcasts parameters through `view(torch.uint8)`, which 0-dim tensors refuse.
-        self.threshold = nn.Parameter(torch.full((1,), float(config.ood_threshold)))
-        self.calibration_quantile = config.ood_calibration_quantile
-        # Saved with the weights, so a trained or reloaded model is never re-calibrated.
-        self.register_buffer("threshold_calibrated", torch.tensor(config.ood_calibration_quantile is None))
-        # Share of the relevance labels in the gate the fusion sees, training only (a schedule sets it: see
-        # `relevance_forced_gate`); 0 outside training, not saved.
-        self.relevance_forcing = 0.0
+        self.num_components = config.num_components
+        self.max_iter = config.max_iter
+        self.tol = config.tol
+        self.check_every = config.convergence_check_every
+        self.variance_floor = config.variance_floor
+        self.gradient_mode = config.gradient
+        self.temperature = config.temperature
+        self.initial_threshold = config.threshold
+        self.hard_gate = config.hard_gate
+        self.use_gate = config.use_gate
+        self.score_kind = config.score
+        self.projection = nn.Linear(hidden_size, config.projection_dim)
+        # Shape (1,), not 0-dim: DeepSpeed ZeRO broadcasts parameters through `view(torch.uint8)`, which 0-dim
+        # tensors refuse.
+        self.threshold = nn.Parameter(torch.full((1,), float(config.threshold)))
+        # Whether tau was set from data (`set_threshold`); saved with the weights, so a trained or reloaded model is
+        # never re-calibrated.
+        self.register_buffer("threshold_calibrated", torch.tensor(False))
         self._known_calibrated = None  # (the flag tensor, its version) once it was read True: no further host reads
 
     def _may_stop(self, step, active):
@@ -378,30 +377,28 @@ class ImplicitOODLayer(nn.Module):
 
         return solve_adjoint
 
-    gem_score = staticmethod(gem_score)
-
     def project(self, hidden):
         """Shared projection to d', then per-vector standardisation: bounded scale whatever the input magnitude."""
         dtype = hidden.dtype
         projected = F.linear(hidden, self.projection.weight.to(dtype), self.projection.bias.to(dtype))
         return F.layer_norm(projected, projected.shape[-1:])
 
-    def score(self, item_points, fit):
-        """Per-item OOD score under the example's mixture (`config.ood_score`): "gem" (paper) or "log_likelihood"."""
+    def score(self, knowledge_points, fit):
+        """Per-item OOD score under the example's mixture (`ImplicitOODConfig.score`): "log_likelihood" or "gem"."""
         if self.score_kind == "log_likelihood":
-            return relative_log_likelihood(item_points, fit.mixture, fit.reference)
-        return gem_score(item_points, fit.mixture)
+            return relative_log_likelihood(knowledge_points, fit.mixture, fit.reference)
+        return gem_score(knowledge_points, fit.mixture)
 
     @staticmethod
     def _dtype(tensor):
         return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
-    def fit_images(self, context, context_mask=None):
-        """The `ImageFit` of each image: context (B, N, H) image tokens, `context_mask` 1/True for real ones."""
-        dtype = self._dtype(context)
-        with torch.autocast(device_type=context.device.type, enabled=False):
-            points = self.project(context.to(dtype))
-            mask = torch.ones(points.shape[:2], device=points.device) if context_mask is None else context_mask
+    def fit_images(self, image_tokens, image_mask=None):
+        """The `ImageFit` of each image: `image_tokens` (B, N, H), `image_mask` 1/True for real ones."""
+        dtype = self._dtype(image_tokens)
+        with torch.autocast(device_type=image_tokens.device.type, enabled=False):
+            points = self.project(image_tokens.to(dtype))
+            mask = torch.ones(points.shape[:2], device=points.device) if image_mask is None else image_mask
             mask = mask.to(dtype)
             mixture = self.fit_mixture(points, mask)
             if self.score_kind == "log_likelihood":
@@ -411,52 +408,51 @@ class ImplicitOODLayer(nn.Module):
             direction = F.normalize((points * mask.unsqueeze(-1)).sum(1), dim=-1)
         return ImageFit(mixture, reference, direction)
 
-    def forward(self, context, items, context_mask=None, items_mask=None, items_relevance=None, image_fit=None):
-        """context (B, N, H) image tokens; items (B, M, H) knowledge vectors; masks 1/True for real entries.
+    def forward(
+        self,
+        image_tokens,
+        knowledge,
+        image_mask=None,
+        knowledge_mask=None,
+        knowledge_relevance=None,
+        gate_forcing=None,
+        image_fit=None,
+    ):
+        """Score and gate each knowledge item against its row's image.
 
-        `items_relevance` (B, M), training only: 1 for the items that state the example's answer (the contrastive
-        alignment's positives; see `contrastive_alignment_loss`). `image_fit`: the `fit_images` of each row's image,
-        when it was fitted once for several rows (`context` is then not read)."""
-        dtype = self._dtype(items)
-        with torch.autocast(device_type=items.device.type, enabled=False):
-            item_points = self.project(items.to(dtype))
-            items_mask = torch.ones(items.shape[:2], device=items.device) if items_mask is None else items_mask
-            items_mask = items_mask.to(dtype)
-            if items.shape[1] == 0:  # no knowledge item (a static shape): nothing to score, so no EM
+        `image_tokens` (B, N, H); `knowledge` (B, M, H) item vectors; masks 1/True for real entries. `image_fit`:
+        the `fit_images` of each row's image, when it was fitted once for several rows (`image_tokens` is then not
+        read). Training only: `gate_forcing` (a share s in [0, 1], float or 0-dim tensor) with `knowledge_relevance`
+        (B, M), 1 for the items that state the example's answer, gives the fusion the gate (1 - s) * gate +
+        s * relevance (see `forced_log_gate`)."""
+        dtype = self._dtype(knowledge)
+        with torch.autocast(device_type=knowledge.device.type, enabled=False):
+            knowledge_points = self.project(knowledge.to(dtype))
+            if knowledge_mask is None:
+                knowledge_mask = torch.ones(knowledge.shape[:2], device=knowledge.device)
+            knowledge_mask = knowledge_mask.to(dtype)
+            fit = None
+            if knowledge.shape[1] == 0:  # no knowledge item (a static shape): nothing to score, so no EM
                 # the empty mixture hangs on the image's graph where there is one (its gradient is then a zero)
-                mixture = _no_mixture(item_points if context is None else self.project(context.to(dtype)))
-                direction = item_points.new_zeros(item_points.shape[0], item_points.shape[-1])
-                scores = item_points.sum(-1)  # (B, 0), from the items like the scores it stands for
+                images = knowledge_points if image_tokens is None else self.project(image_tokens.to(dtype))
+                mixture = _no_mixture(images)
+                scores = knowledge_points.sum(-1)  # (B, 0), from the items like the scores it stands for
             else:
-                fit = self.fit_images(context, context_mask) if image_fit is None else image_fit
-                if fit.reference.shape[0] != items.shape[0]:
-                    raise ValueError(f"image_fit holds {fit.reference.shape[0]} images for {items.shape[0]} rows")
-                mixture, direction = fit.mixture, fit.direction
-                scores = self.score(item_points, fit) * items_mask
-            gate_logits = (scores - self.threshold.to(dtype)) / self.temperature
+                fit = self.fit_images(image_tokens, image_mask) if image_fit is None else image_fit
+                if fit.reference.shape[0] != knowledge.shape[0]:
+                    raise ValueError(f"image_fit holds {fit.reference.shape[0]} images for {knowledge.shape[0]} rows")
+                mixture = fit.mixture
+                scores = self.score(knowledge_points, fit) * knowledge_mask
             if not self.use_gate:
                 log_gate = torch.zeros_like(scores)
             elif self.hard_gate and not self.training:
                 log_gate = torch.where(scores > self.threshold, 0.0, float("-inf")).to(dtype)
             else:
                 # logsigmoid, not log(sigmoid): finite gradients even for items far outside the mixture
-                log_gate = F.logsigmoid(gate_logits)
-            log_gate = log_gate.masked_fill(items_mask == 0, float("-inf"))
-            if self.training and self.relevance_forcing > 0 and items_relevance is not None:
-                log_gate = self.relevance_forced_gate(log_gate, items_mask, items_relevance)
-            gate = log_gate.exp()
-            if self.alignment_kind == "mean_direction":
-                alignment_loss = self.alignment_loss(direction, item_points, items_mask)
-            else:
-                alignment_loss = self.contrastive_alignment_loss(scores, items_mask, items_relevance)
-                if self.cross_image_weight > 0 and items.shape[1] > 0:
-                    cross = self.cross_image_alignment_loss(item_points, fit, items_mask, items_relevance)
-                    alignment_loss = alignment_loss + self.cross_image_weight * cross
-                if self.alignment_kind == "gate":
-                    # The InfoNCE orders the scores; the BCE, on detached scores, places tau (on the scores too, it
-                    # slowed their ordering: AUROC 0.71 against 0.91 after 300 steps on knowledge-VQA).
-                    cut = (scores.detach() - self.threshold.to(dtype)) / self.temperature
-                    alignment_loss = alignment_loss + self.gate_relevance_loss(cut, items_mask, items_relevance)
+                log_gate = F.logsigmoid((scores - self.threshold.to(dtype)) / self.temperature)
+            log_gate = log_gate.masked_fill(knowledge_mask == 0, float("-inf"))
+            if self.training and gate_forcing is not None and knowledge_relevance is not None:
+                log_gate = forced_log_gate(log_gate, knowledge_mask, knowledge_relevance, gate_forcing)
         return ImplicitOODOutput(
             weights=mixture.weights,
             means=mixture.means,
@@ -464,29 +460,23 @@ class ImplicitOODLayer(nn.Module):
             iterations=mixture.iterations,
             residual=mixture.residual,
             scores=scores,
-            gate=gate,
+            gate=log_gate.exp(),
             log_gate=log_gate,
-            alignment_loss=alignment_loss,
+            knowledge_points=knowledge_points,
+            image_fit=fit,
         )
-
-    def relevance_forced_gate(self, log_gate, items_mask, items_relevance):
-        """log of (1 - s) * gate + s * relevance, s = `relevance_forcing`: the gate teacher-forced by the items that
-        state the training answer. A fusion trained from scratch behind a gate that is still learning which items
-        fit the image learns to ignore the knowledge (it then stays at the answer prior); forced first, it learns to
-        read the selected item, and a schedule hands the selection over to the learned gate."""
-        share = self.relevance_forcing
-        forced = math.log1p(-share) + log_gate if share < 1 else torch.full_like(log_gate, float("-inf"))
-        relevant = (items_relevance.to(log_gate.dtype) * items_mask) > 0
-        return torch.where(relevant, torch.logaddexp(forced, log_gate.new_tensor(math.log(share))), forced)
 
     @property
     def needs_calibration(self) -> bool:
-        """True until `calibrate_threshold` has set tau (a saved, trained or reloaded model never needs it).
+        """True while tau has not been set from data (`set_threshold`) and the score has no natural zero: GEM's
+        energy depends on d' and on how far the encoders start apart, so training calibrates tau from the scores of
+        its first examples; the log-likelihood score is relative to the image's own tokens and needs none. A saved,
+        trained or reloaded model never needs it.
 
         Reading the flag is a host synchronisation; once it was read True, that answer is kept host-side for as long
         as the flag tensor is the same object at the same version (`load_state_dict`, `from_pretrained` and
         `_init_weights` write or replace it, and the next read looks again)."""
-        if not self.use_gate:
+        if not self.use_gate or self.score_kind == "log_likelihood":
             return False
         flag = self.threshold_calibrated
         if flag.is_inference():  # inference tensors keep no version counter: read it every time
@@ -500,107 +490,28 @@ class ImplicitOODLayer(nn.Module):
         return False
 
     @torch.no_grad()
-    def calibrate_threshold(self, scores):
-        """Data-dependent start (as ActNorm's): tau = the `calibration_quantile` of the scores of real items.
-
-        `scores` (any shape) holds this process's real-item scores, possibly none. Under torch.distributed this is a
-        collective, so EVERY rank must call it: the scores of all ranks are gathered and the quantile is taken over
-        their union, so every replica gets the same tau, equal to a single process's on the same examples. Call it
-        before the optimizer (and any ZeRO/FSDP wrapper) exists, so that the optimizer's master copy starts from it.
-        Returns tau, or None when no process had a real item (tau and the calibrated flag are then left as they are).
-        """
-        scores = scores.detach().float().reshape(-1)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            count = torch.tensor([scores.numel()], device=scores.device)
-            counts = [torch.zeros_like(count) for _ in range(world)]
-            torch.distributed.all_gather(counts, count)
-            counts = [int(c) for c in counts]
-            if max(counts) == 0:
-                return None
-            padded = torch.cat([scores, scores.new_zeros(max(counts) - scores.numel())])
-            gathered = [torch.empty_like(padded) for _ in range(world)]
-            torch.distributed.all_gather(gathered, padded)
-            scores = torch.cat([part[:n] for part, n in zip(gathered, counts)])
-        if scores.numel() == 0:
-            return None
-        threshold = torch.quantile(scores, self.calibration_quantile)
-        self.threshold.copy_(threshold.to(self.threshold.device, self.threshold.dtype))
+    def set_threshold(self, threshold):
+        """Set tau from data (a float or a tensor) and mark it calibrated."""
+        self.threshold.copy_(torch.as_tensor(threshold).to(self.threshold.device, self.threshold.dtype))
         self.threshold_calibrated.fill_(True)
-        return threshold.item()
 
-    def contrastive_alignment_loss(self, scores, items_mask, items_relevance):
-        """Image-text contrastive loss on the OOD scores themselves (MMFT's alignment, with the layer's own density
-        as the similarity and the retrieved candidates as the negatives): under each image's mixture, the items that
-        state the example's answer (`items_relevance`: the pseudo-relevance of retrieval-augmented VQA, from the
-        training answers) must outscore its other candidates: -log sum_pos softmax(scores / temperature).
 
-        The scores see the image and the item, never the question; so when different questions about one image are
-        answered by different items that all fit it (its shape's fact, its colour's fact), the optimum scores every
-        fitting item alike and the others low: the loss teaches fit to the image, not the answer. Examples without
-        a positive, or without relevance, contribute nothing.
-        """
-        if items_relevance is None:
-            return scores.new_zeros(())
-        absent = torch.finfo(scores.dtype).min / 4  # large and finite: no NaN gradients from padded items
-        logits = (scores / self.alignment_temperature).masked_fill(items_mask == 0, absent)
-        positive = items_relevance.to(scores.dtype) * items_mask
-        has_positive = positive.sum(1) > 0
-        per_example = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(positive == 0, absent), 1)
-        # where, not a product: with no item at all (M = 0) per_example is -inf - (-inf)
-        return torch.where(has_positive, per_example, 0.0).sum() / has_positive.sum().clamp_min(1)
+def forced_log_gate(log_gate, knowledge_mask, knowledge_relevance, share):
+    """log of (1 - s) * gate + s * relevance: the gate teacher-forced by the items that state the training answer.
 
-    def cross_image_alignment_loss(self, item_points, fit, items_mask, items_relevance):
-        """InfoNCE over the batch's images: every item that states its row's training answer is scored under each
-        row's mixture, and its own row's image must win, -log softmax over rows of (score / temperature).
-
-        The within-question InfoNCE contrasts candidates that differ only in their concept; here the negatives
-        are the other images of the same forward (of this process and micro-batch: a larger batch gives more).
-        Two rows of one image give equal logits, whose gradients cancel; images that show the item's concept too
-        are negatives it cannot beat through its concept: they raise the loss's floor and add a little noise.
-        `item_points` (B, M, d') projected items, `fit` the rows' fits. Examples without a positive, or without
-        relevance, contribute nothing.
-        """
-        if items_relevance is None:
-            return item_points.new_zeros(())
-        rows, items, dim = item_points.shape
-        every_item = item_points.reshape(1, rows * items, dim).expand(rows, rows * items, dim)
-        logits = self.score(every_item, fit) / self.alignment_temperature  # (images, items of the whole batch)
-        own_row = torch.arange(rows, device=logits.device).repeat_interleave(items)
-        per_item = torch.logsumexp(logits, 0) - logits.gather(0, own_row.unsqueeze(0)).squeeze(0)
-        positive = (items_relevance.to(logits.dtype) * items_mask).reshape(-1)
-        return (per_item * positive).sum() / positive.sum().clamp_min(1.0)
-
-    @staticmethod
-    def gate_relevance_loss(gate_logits, items_mask, items_relevance):
-        """Class-balanced binary cross-entropy of the gate against the pseudo-relevance: per example, the mean BCE of
-        its positives (the items that state the training answer) plus that of its other real items, so that one
-        positive among ten candidates weighs as much as the ten. `ood_alignment="gate"` applies it to detached
-        scores, so that it places tau while the contrastive loss orders the scores.
-
-        An item that fits the image but states another question's answer is a positive in some examples and a
-        negative in others; the balance puts its optimal gate above 1/2 (at 1/(1 + 1/10) for one positive in eleven
-        candidates, counting it positive in half its examples), while an item about what the image does not show is
-        never a positive and goes to 0. Examples without a positive, or without relevance, contribute nothing.
-        """
-        if items_relevance is None:
-            return gate_logits.new_zeros(())
-        positive = items_relevance.to(gate_logits.dtype) * items_mask
-        negative = (1.0 - positive) * items_mask
-        has_positive = (positive.sum(1) > 0).to(gate_logits.dtype)
-        positive_term = (F.softplus(-gate_logits) * positive).sum(1) / positive.sum(1).clamp_min(1.0)
-        negative_term = (F.softplus(gate_logits) * negative).sum(1) / negative.sum(1).clamp_min(1.0)
-        return ((positive_term + negative_term) * has_positive).sum() / has_positive.sum().clamp_min(1.0)
-
-    @staticmethod
-    def alignment_loss(image_direction, item_points, items_mask):
-        """Cross-modal alignment on the hypersphere: 1 - cos(item, mean image direction), averaged over real items."""
-        cosine = torch.einsum("bmd,bd->bm", F.normalize(item_points, dim=-1), image_direction)
-        return ((1.0 - cosine) * items_mask).sum() / items_mask.sum().clamp_min(1.0)
+    A fusion trained from scratch behind a gate that is still learning which items fit the image learns to ignore
+    the knowledge; forced first, it learns to read the selected item, and a schedule (the trainer's gate forcing)
+    hands the selection over to the learned gate. `share` s: a float or 0-dim tensor in [0, 1] (a tensor does not
+    make torch.compile specialise on each value)."""
+    share = torch.as_tensor(share, dtype=log_gate.dtype, device=log_gate.device)
+    forced = torch.log1p(-share) + log_gate  # -inf for s = 1: only the relevance remains
+    relevant = (knowledge_relevance.to(log_gate.dtype) * knowledge_mask) > 0
+    return torch.where(relevant, torch.logaddexp(forced, share.log()), forced)
 
 
 __all__ = [
     "ImplicitOODLayer",
+    "forced_log_gate",
     "ImplicitOODOutput",
     "GaussianMixtureOutput",
     "ImageFit",

@@ -1,4 +1,5 @@
-"""Run configuration: three dataclasses (+ TrainingArguments) filled from a YAML file, then from the command line.
+"""Run configuration: model, data and card arguments and `VKOODTrainingArguments`, filled from a YAML file, then from
+the command line.
 
 `python train.py configuration/vqav2.yaml --learning_rate 1e-4`: the YAML gives the run, CLI flags override single
 fields; `--FIELD none` resets an optional field to None. Without a YAML file the embedded default
@@ -20,6 +21,8 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from data_scripts.image_check import IMAGE_CHECKS
+
+from .ood_objectives import OOD_ALIGNMENTS, OODAlignmentLoss
 
 TASKS = ("vqa", "nlvr2", "retrieval", "generative_vqa")
 VQA_TASKS = ("vqa", "generative_vqa")  # the tasks that read VQA datasets
@@ -131,6 +134,164 @@ class ModelArguments:
             "at the lowest adapted layer"
         },
     )
+    given_backbones: dict = field(
+        init=False,
+        default_factory=dict,
+        metadata={"help": "the backbone names as given, before package:// is resolved"},
+    )
+
+    def __post_init__(self):
+        self.given_backbones = {"vision": self.vision_model, "text": self.text_model}  # for the model card
+        for name in ("vision_config", "text_config", "vkood_config", "decoder_config"):
+            setattr(self, name, _json_field(getattr(self, name), name))
+        self.vkood_config = dict(self.vkood_config or {})
+        if self.finetuning not in FINETUNING:
+            raise ValueError(f"--finetuning must be one of {FINETUNING}, got {self.finetuning!r}")
+        self.text_model = resolve_model_path(self.text_model)
+        self.vision_model = resolve_model_path(self.vision_model)
+        self.decoder_model = resolve_model_path(self.decoder_model)
+        if self.decoder_model is not None and self.decoder_config is not None:
+            raise ValueError("give at most one of --decoder_model (pretrained) and --decoder_config (from scratch)")
+        self.tokenizer_name = resolve_model_path(self.tokenizer_name)
+        if self.model_name_or_path is None:
+            for side in ("vision", "text"):
+                given = [getattr(self, f"{side}_model") is not None, getattr(self, f"{side}_config") is not None]
+                if sum(given) != 1:
+                    raise ValueError(
+                        f"give exactly one of --{side}_model (pretrained) and --{side}_config (from scratch), "
+                        "or a vkood checkpoint with --model_name_or_path"
+                    )
+
+
+@dataclass
+class DataArguments:
+    """Which dataset, which splits, and how the examples are prepared."""
+
+    task: str = field(default="vqa", metadata={"help": f"one of {TASKS}"})
+    dataset: str = field(
+        default="knowledge_vqa",
+        metadata={
+            "help": "a data_scripts builder (easy_vqa, vqav2, okvqa, nlvr2, coco_karpathy, flickr30k), or a "
+            "built dataset (folder written by `python -m data_scripts` or a Hub dataset id)"
+        },
+    )
+    dataset_root: str | None = field(default=None, metadata={"help": "official annotation files (builders)"})
+    image_root: str | None = field(default=None, metadata={"help": "images (builders; default dataset_root)"})
+    knowledge: str = field(
+        default="starter", metadata={"help": 'knowledge index for builders and retrieval texts: a path or "starter"'}
+    )
+    train_split: str = "train"
+    eval_split: str = "validation"
+    predict_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "a split to predict at the end (it may have no answers: VQAv2 test_dev / test), written "
+            "in the official submission format: VQA results JSON (the classifier's or the generated answers), "
+            "NLVR2 identifier,prediction CSV"
+        },
+    )
+    predictions_file: str | None = field(
+        default=None,
+        metadata={"help": "where --predict_split's file goes (default: output_dir/predictions_<split>.json / .csv)"},
+    )
+    max_train_samples: int | None = None
+    train_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "train on this share of the training split (0 < f <= 1): the first round(f * rows) rows of "
+            "a fixed shuffle (seed 0, whatever --seed: runs of different seeds see the same rows); after "
+            "max_train_samples"
+        },
+    )
+    max_eval_samples: int | None = None
+    preprocessing_num_workers: int = 1
+    check_images: str = field(
+        default="decode",
+        metadata={
+            "help": 'how builders check each image file: "decode" (fully, as the collator will), "header" '
+            '(open only: fast, misses truncated files) or "none" (existence only)'
+        },
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "where built datasets are kept, keyed by their inputs, for later runs and the other "
+            "processes (default: HF_DATASETS_CACHE/vkood)"
+        },
+    )
+    pixel_cache_size: int = field(
+        default=0,
+        metadata={
+            "help": "images whose pixel values the collator keeps in memory (0: none); set it to the number "
+            "of distinct images of a small dataset so each image is decoded once"
+        },
+    )
+    balance_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "a training column (e.g. question_type): draw rows with replacement so that each of its "
+            "values is equally frequent; for a task type that is rare in the data but needs its own features"
+        },
+    )
+
+    labelled_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "VQA tasks, data-scarce setting: keep the questions of this fraction of the training "
+            "images (drawn with --labelled_fraction_seed); the other training images are the unlabelled pool "
+            "that SelTDA pseudo-labels (`python -m modeling_vkood.training.seltda`). None: every question"
+        },
+    )
+    labelled_fraction_seed: int = field(
+        default=0, metadata={"help": "seed of the draw of --labelled_fraction's images (the same for every run seed)"}
+    )
+    pseudo_labelled_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "VQA tasks: a dataset written by `python -m modeling_vkood.training.seltda` (a folder or a "
+            "Hub id) whose train split is added to the (labelled) training split: SelTDA's step 3"
+        },
+    )
+    generation_target: str = field(
+        default="answer",
+        metadata={
+            "help": f"generative_vqa: one of {GENERATION_TARGETS}: the most frequent human answer of each "
+            'question, or "question: Q answer: A" for the image alone (the SelTDA teacher, no question '
+            "and no knowledge given)"
+        },
+    )
+    max_answer_length: int = field(
+        default=32, metadata={"help": "generative_vqa: tokens of a target text, start and end tokens included"}
+    )
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.generation_target not in GENERATION_TARGETS:
+            raise ValueError(f"--generation_target must be one of {GENERATION_TARGETS}, got {self.generation_target!r}")
+        if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
+            raise ValueError(f"--labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
+        if (self.labelled_fraction is not None or self.pseudo_labelled_dataset) and self.task not in VQA_TASKS:
+            raise ValueError("--labelled_fraction / --pseudo_labelled_dataset are for the VQA tasks")
+        if self.predict_split is not None and self.task == "generative_vqa" and self.generation_target != "answer":
+            raise ValueError(
+                "--predict_split writes answers: a generative_vqa run predicts with "
+                f"--generation_target answer, not {self.generation_target!r}"
+            )
+        if self.predict_split is not None and self.task == "retrieval":
+            raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
+        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
+            raise ValueError(f"--train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.check_images not in IMAGE_CHECKS:
+            raise ValueError(f"--check_images must be one of {IMAGE_CHECKS}, got {self.check_images!r}")
+
+
+@dataclass
+class VKOODTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments` plus what a vkood run trains and evaluates with: learning rates of the new
+    modules and of tau, the training objectives (OOD alignment and calibration, gate forcing, MAD, MASD), WiSE-FT, the
+    frozen-text cache, generative decoding and the OOD plots. None of it is saved with the model."""
+
     new_modules_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -207,141 +368,34 @@ class ModelArguments:
             "(see modeling_vkood/training/frozen_text_cache.py)"
         },
     )
-
-    given_backbones: dict = field(
-        init=False,
-        default_factory=dict,
-        metadata={"help": "the backbone names as given, before package:// is resolved"},
-    )
-
-    def __post_init__(self):
-        self.given_backbones = {"vision": self.vision_model, "text": self.text_model}  # for the model card
-        for name in ("vision_config", "text_config", "vkood_config", "decoder_config"):
-            setattr(self, name, _json_field(getattr(self, name), name))
-        self.vkood_config = dict(self.vkood_config or {})
-        if self.finetuning not in FINETUNING:
-            raise ValueError(f"--finetuning must be one of {FINETUNING}, got {self.finetuning!r}")
-        if self.mad_weight < 0 or self.masd_weight < 0:
-            raise ValueError(f"--mad_weight and --masd_weight must be >= 0, got {self.mad_weight}, {self.masd_weight}")
-        if self.wise_ft_alpha is not None and not 0 <= self.wise_ft_alpha <= 1:
-            raise ValueError(f"--wise_ft_alpha must be in [0, 1], got {self.wise_ft_alpha}")
-        self.text_model = resolve_model_path(self.text_model)
-        self.vision_model = resolve_model_path(self.vision_model)
-        self.decoder_model = resolve_model_path(self.decoder_model)
-        if self.decoder_model is not None and self.decoder_config is not None:
-            raise ValueError("give at most one of --decoder_model (pretrained) and --decoder_config (from scratch)")
-        self.tokenizer_name = resolve_model_path(self.tokenizer_name)
-        if self.model_name_or_path is None:
-            for side in ("vision", "text"):
-                given = [getattr(self, f"{side}_model") is not None, getattr(self, f"{side}_config") is not None]
-                if sum(given) != 1:
-                    raise ValueError(
-                        f"give exactly one of --{side}_model (pretrained) and --{side}_config (from scratch), "
-                        "or a vkood checkpoint with --model_name_or_path"
-                    )
-
-
-@dataclass
-class DataArguments:
-    """Which dataset, which splits, and how the examples are prepared."""
-
-    task: str = field(default="vqa", metadata={"help": f"one of {TASKS}"})
-    dataset: str = field(
-        default="easy_vqa",
+    ood_alignment: str = field(
+        default="gate",
         metadata={
-            "help": "a data_scripts builder (easy_vqa, vqav2, okvqa, nlvr2, coco_karpathy, flickr30k), or a "
-            "built dataset (folder written by `python -m data_scripts` or a Hub dataset id)"
+            "help": f"the OOD layer's alignment objective, one of {OOD_ALIGNMENTS} (see "
+            "modeling_vkood/training/ood_objectives.py); applied with --ood_alignment_weight > 0"
         },
     )
-    dataset_root: str | None = field(default=None, metadata={"help": "official annotation files (builders)"})
-    image_root: str | None = field(default=None, metadata={"help": "images (builders; default dataset_root)"})
-    knowledge: str = field(
-        default="starter", metadata={"help": 'knowledge index for builders and retrieval texts: a path or "starter"'}
+    ood_alignment_weight: float = field(
+        default=0.0, metadata={"help": "weight of the OOD alignment objective (VQA, NLVR2, generative VQA); 0: off"}
     )
-    max_knowledge_items: int = 16
-    train_split: str = "train"
-    eval_split: str = "validation"
-    predict_split: str | None = field(
-        default=None,
+    ood_alignment_temperature: float = field(
+        default=1.0, metadata={"help": "divides the OOD scores in the alignment's InfoNCE logits"}
+    )
+    ood_cross_image_weight: float = field(
+        default=0.0,
         metadata={
-            "help": "a split to predict at the end (it may have no answers: VQAv2 test_dev / test), written "
-            "in the official submission format: VQA results JSON (the classifier's or the generated answers), "
-            "NLVR2 identifier,prediction CSV"
+            "help": "weight, within the contrastive and gate alignments, of the cross-image InfoNCE: each item "
+            "that states a training answer must score higher under its own image's mixture than under the "
+            "batch's other images'; 0: off"
         },
     )
-    predictions_file: str | None = field(
-        default=None,
-        metadata={"help": "where --predict_split's file goes (default: output_dir/predictions_<split>.json / .csv)"},
-    )
-    max_train_samples: int | None = None
-    train_fraction: float | None = field(
-        default=None,
+    ood_calibration_quantile: float | None = field(
+        default=0.1,
         metadata={
-            "help": "train on this share of the training split (0 < f <= 1): the first round(f * rows) rows of "
-            "a fixed shuffle (seed 0, whatever --seed: runs of different seeds see the same rows); after "
-            "max_train_samples"
+            "help": "before training, an OOD layer whose score has no natural zero (GEM) and whose tau was never "
+            "set from data starts tau at this quantile of the scores of the first step's examples, so that the "
+            "knowledge path starts open; none: keep ImplicitOODConfig.threshold"
         },
-    )
-    max_eval_samples: int | None = None
-    preprocessing_num_workers: int = 1
-    check_images: str = field(
-        default="decode",
-        metadata={
-            "help": 'how builders check each image file: "decode" (fully, as the collator will), "header" '
-            '(open only: fast, misses truncated files) or "none" (existence only)'
-        },
-    )
-    dataset_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "where built datasets are kept, keyed by their inputs, for later runs and the other "
-            "processes (default: HF_DATASETS_CACHE/vkood)"
-        },
-    )
-    pixel_cache_size: int = field(
-        default=0,
-        metadata={
-            "help": "images whose pixel values the collator keeps in memory (0: none); set it to the number "
-            "of distinct images of a small dataset so each image is decoded once"
-        },
-    )
-    ood_plot_examples: int = field(default=512, metadata={"help": "eval examples whose OOD scores are plotted"})
-    balance_by: str | None = field(
-        default=None,
-        metadata={
-            "help": "a training column (e.g. question_type): draw rows with replacement so that each of its "
-            "values is equally frequent; for a task type that is rare in the data but needs its own features"
-        },
-    )
-
-    labelled_fraction: float | None = field(
-        default=None,
-        metadata={
-            "help": "VQA tasks, data-scarce setting: keep the questions of this fraction of the training "
-            "images (drawn with --labelled_fraction_seed); the other training images are the unlabelled pool "
-            "that SelTDA pseudo-labels (`python -m modeling_vkood.training.seltda`). None: every question"
-        },
-    )
-    labelled_fraction_seed: int = field(
-        default=0, metadata={"help": "seed of the draw of --labelled_fraction's images (the same for every run seed)"}
-    )
-    pseudo_labelled_dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "VQA tasks: a dataset written by `python -m modeling_vkood.training.seltda` (a folder or a "
-            "Hub id) whose train split is added to the (labelled) training split: SelTDA's step 3"
-        },
-    )
-    generation_target: str = field(
-        default="answer",
-        metadata={
-            "help": f"generative_vqa: one of {GENERATION_TARGETS}: the most frequent human answer of each "
-            'question, or "question: Q answer: A" for the image alone (the SelTDA teacher, no question '
-            "and no knowledge given)"
-        },
-    )
-    max_answer_length: int = field(
-        default=32, metadata={"help": "generative_vqa: tokens of a target text, start and end tokens included"}
     )
     generation_max_new_tokens: int = field(
         default=16, metadata={"help": "generative_vqa evaluation: most tokens generated per answer"}
@@ -349,27 +403,20 @@ class DataArguments:
     generation_num_beams: int = field(
         default=1, metadata={"help": "generative_vqa evaluation: beams of the beam search (1: greedy decoding)"}
     )
+    ood_plot_examples: int = field(default=512, metadata={"help": "eval examples whose OOD scores are plotted"})
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        if self.generation_target not in GENERATION_TARGETS:
-            raise ValueError(f"--generation_target must be one of {GENERATION_TARGETS}, got {self.generation_target!r}")
-        if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
-            raise ValueError(f"--labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
-        if (self.labelled_fraction is not None or self.pseudo_labelled_dataset) and self.task not in VQA_TASKS:
-            raise ValueError("--labelled_fraction / --pseudo_labelled_dataset are for the VQA tasks")
-        if self.predict_split is not None and self.task == "generative_vqa" and self.generation_target != "answer":
-            raise ValueError(
-                "--predict_split writes answers: a generative_vqa run predicts with "
-                f"--generation_target answer, not {self.generation_target!r}"
-            )
-        if self.predict_split is not None and self.task == "retrieval":
-            raise ValueError("--predict_split writes VQA or NLVR2 submission files; retrieval has no such format")
-        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
-            raise ValueError(f"--train_fraction must be in (0, 1], got {self.train_fraction}")
-        if self.check_images not in IMAGE_CHECKS:
-            raise ValueError(f"--check_images must be one of {IMAGE_CHECKS}, got {self.check_images!r}")
+        super().__post_init__()
+        if self.mad_weight < 0 or self.masd_weight < 0:
+            raise ValueError(f"--mad_weight and --masd_weight must be >= 0, got {self.mad_weight}, {self.masd_weight}")
+        if self.wise_ft_alpha is not None and not 0 <= self.wise_ft_alpha <= 1:
+            raise ValueError(f"--wise_ft_alpha must be in [0, 1], got {self.wise_ft_alpha}")
+        if self.ood_calibration_quantile is not None and not 0.0 <= self.ood_calibration_quantile <= 1.0:
+            raise ValueError(f"--ood_calibration_quantile must be in [0, 1], got {self.ood_calibration_quantile}")
+        # the objective validates its own settings
+        OODAlignmentLoss(
+            self.ood_alignment, self.ood_alignment_weight, self.ood_alignment_temperature, self.ood_cross_image_weight
+        )
 
 
 @dataclass
@@ -381,7 +428,7 @@ class CardArguments:
     license: str = "apache-2.0"
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, CardArguments, TrainingArguments)
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, CardArguments, VKOODTrainingArguments)
 
 
 def resolve_config_path(given: str) -> Path:

@@ -92,14 +92,14 @@ def states_answer(item_text: str, answers: Sequence[str]) -> bool:
 class VQACollator:
     """VQA rows (image, question, knowledge, label_ids, label_scores) -> model inputs with dense soft-score labels.
 
-    `answer_relevance`: also `knowledge_relevance` (B, M), 1 for the items whose text states one of the row's
-    answers: the pseudo-relevance labels of retrieval-augmented VQA, from the training answers only (the contrastive
-    OOD alignment's positives).
+    `knowledge_relevance=True`: the batch also holds `knowledge_relevance` (B, M), 1 for the items whose text states
+    one of the row's answers: the pseudo-relevance labels of retrieval-augmented VQA, from the training answers only
+    (the OOD alignment's positives and gate forcing's selection).
     """
 
-    def __init__(self, processor, num_labels: int, pixels: PixelCache, answer_relevance: bool = False):
+    def __init__(self, processor, num_labels: int, pixels: PixelCache, knowledge_relevance: bool = False):
         self.processor, self.num_labels, self.pixels = processor, num_labels, pixels
-        self.answer_relevance = answer_relevance
+        self.knowledge_relevance = knowledge_relevance
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = dict(self.processor(text=[r["question"] for r in rows], knowledge=[r["knowledge"] for r in rows]))
@@ -107,7 +107,7 @@ class VQACollator:
         batch["labels"] = soft_score_labels(
             [r["label_ids"] for r in rows], [r["label_scores"] for r in rows], self.num_labels
         )
-        if self.answer_relevance and "knowledge_mask" in batch:
+        if self.knowledge_relevance and "knowledge_mask" in batch:
             relevance = torch.zeros(batch["knowledge_mask"].shape, dtype=torch.float32)
             for row, r in enumerate(rows):
                 for position, item in enumerate(r["knowledge"][: relevance.shape[1]]):

@@ -29,6 +29,7 @@ STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "s
 BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
 
 
+DEFAULT_MAX_KNOWLEDGE_ITEMS = modeling_vkood.VKOODConfig().max_knowledge_items
 TRAIN_FRACTION_SEED = 0  # `train_fraction` keeps the same rows whatever the run's seed
 IMAGE_STORAGE = {"bytes": Value("binary"), "path": Value("string")}  # how an Image column is stored in Arrow
 IMAGE_COLUMNS_FILE = "vkood_image_columns.json"
@@ -56,14 +57,14 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def build_key(data_args, splits: list[str]) -> str:
+def build_key(data_args, splits: list[str], max_knowledge_items: int) -> str:
     """Hex digest of everything a build of `splits` reads; any change to an input or option gives a new key."""
     roots = {data_args.dataset_root, data_args.image_root} - {None}
     knowledge = STARTER_GRAPH if data_args.knowledge == "starter" else Path(data_args.knowledge)
     inputs = {
         "builder": data_args.dataset,
         "splits": sorted(splits),
-        "max_knowledge_items": data_args.max_knowledge_items,
+        "max_knowledge_items": max_knowledge_items,
         "check_images": data_args.check_images,
         "roots": {str(Path(root).resolve()): _files_state(Path(root)) for root in sorted(roots)},
         "image_root": data_args.image_root,
@@ -73,10 +74,11 @@ def build_key(data_args, splits: list[str]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def build_dataset(data_args, splits: list[str]) -> DatasetDict:
-    """The splits built by the `data_args.dataset` builder, from the cache when the same build was saved before."""
+def build_dataset(data_args, splits: list[str], max_knowledge_items: int) -> DatasetDict:
+    """The splits built by the `data_args.dataset` builder with at most `max_knowledge_items` items per row (the model
+    config's cap), from the cache when the same build was saved before."""
     cache = (
-        Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits)}"
+        Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits, max_knowledge_items)}"
     )
     if cache.is_dir():
         return _load_cached(cache)
@@ -86,7 +88,7 @@ def build_dataset(data_args, splits: list[str]) -> DatasetDict:
         image_root=data_args.image_root or data_args.dataset_root,
         knowledge=data_args.knowledge,
         splits=splits,
-        max_knowledge_items=data_args.max_knowledge_items,
+        max_knowledge_items=max_knowledge_items,
         num_proc=data_args.preprocessing_num_workers,
         check_images=data_args.check_images,
     ).dataset
@@ -140,10 +142,11 @@ def knowledge_is_retrieved(data_args) -> bool:
     return not getattr(importlib.import_module(f"data_scripts.{data_args.dataset}"), "PER_EXAMPLE_KNOWLEDGE", False)
 
 
-def load_splits(data_args, splits: list[str]) -> DatasetDict:
-    """The requested splits, capped by max_*_samples, with image columns left undecoded for the PixelCache."""
+def load_splits(data_args, splits: list[str], max_knowledge_items: int = DEFAULT_MAX_KNOWLEDGE_ITEMS) -> DatasetDict:
+    """The requested splits, capped by max_*_samples, with image columns left undecoded for the PixelCache. A builder
+    keeps at most `max_knowledge_items` items per row (the model config's cap; a built dataset brings its own)."""
     if data_args.dataset in BUILDERS:
-        dataset = build_dataset(data_args, splits)
+        dataset = build_dataset(data_args, splits, max_knowledge_items)
     else:
         loaded = load_dataset(data_args.dataset)
         missing = sorted(set(splits) - set(loaded))

@@ -81,6 +81,17 @@ def _image_processor(model_args, vision_config):
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def max_knowledge_items(model_args) -> int:
+    """The model config's cap on the knowledge items per example (`VKOODConfig.max_knowledge_items`), known before
+    the model is built: the run's `vkood_config`, else the checkpoint's config, else the default. The datasets that
+    train.py builds, the collators and the processor all take it from here."""
+    if "max_knowledge_items" in model_args.vkood_config:
+        return model_args.vkood_config["max_knowledge_items"]
+    if model_args.model_name_or_path is not None:
+        return VKOODConfig.from_pretrained(model_args.model_name_or_path).max_knowledge_items
+    return VKOODConfig().max_knowledge_items
+
+
 def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -> BuiltModel:
     """The task model from a vkood checkpoint or from two backbones (each pretrained or built from a config)."""
     model_class = TASK_MODELS[task]

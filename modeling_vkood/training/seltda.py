@@ -300,11 +300,10 @@ def main(argv=None) -> Path:
         dataset_root=args.dataset_root,
         image_root=args.image_root,
         knowledge=args.knowledge,
-        max_knowledge_items=args.max_knowledge_items,
         train_split=args.train_split,
         dataset_cache_dir=args.dataset_cache_dir,
     )
-    full_split = load_splits(data_args, [args.train_split])[args.train_split]
+    full_split = load_splits(data_args, [args.train_split], args.max_knowledge_items)[args.train_split]
     if args.images is not None:
         pool = folder_pool(args.images)
         labelled = full_split

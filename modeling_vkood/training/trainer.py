@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 from transformers import Trainer
 from transformers.utils import logging
 
+from ..ood_vkood import ImplicitOODLayer
 from .generation_eval import generate_texts, generated_vqa_metrics
+from .ood_objectives import calibrate_threshold, capture_ood_outputs
 from .retrieval_eval import evaluate_retrieval
 
 logger = logging.get_logger(__name__)
@@ -31,14 +33,21 @@ class VKOODTrainer(Trainer):
         ood_threshold_learning_rate=None,
         extra_losses=(),
         generation=None,
+        gate_forcing=None,
+        ood_calibration_quantile=0.1,
         **kwargs,
     ):
         """`ood_threshold_learning_rate`: the OOD threshold's own learning rate (no weight decay); None: as the
         other new modules. `retrieval`: dict of `evaluate_retrieval` arguments (pixels, processor, knowledge_base,
         max_knowledge_items, k_test) for a retrieval run; None for VQA and NLVR2. `balance_by`: a training column
         whose values are drawn equally often. `extra_losses`: training-only loss terms added to the head's loss
-        (`MultimodalAdaptiveDistillation`, `ModalityAugmentedSelfDistillation`): callables (model, outputs, batch,
-        unwrapped=) -> a batch-averaged scalar, with a `needs_hidden_states` attribute. `generation`: for the
+        (`MultimodalAdaptiveDistillation`, `ModalityAugmentedSelfDistillation`, `OODAlignmentLoss`): callables (model,
+        outputs, batch, unwrapped=) -> a batch-averaged scalar; one with `needs_hidden_states` gets the forward's
+        hidden states, one with `needs_ood_outputs` also `ood_outputs=`, the OOD layer calls of the forward
+        (`capture_ood_outputs`). `gate_forcing`: a `GateForcingSchedule`: while its share of the step is above 0,
+        training batches that hold `knowledge_relevance` are forwarded with `gate_forcing=share`.
+        `ood_calibration_quantile`: the quantile of the first step's scores that an uncalibrated OOD layer's tau
+        starts at (`calibrate_threshold`); None: no calibration. `generation`: for the
         generative head answering questions, dict of `generate_texts` arguments (collator without targets,
         max_new_tokens, num_beams): `evaluate` adds the official VQA accuracy of the generated answers to the
         evaluation loss."""
@@ -50,6 +59,8 @@ class VKOODTrainer(Trainer):
         self.retrieval = retrieval
         self.balance_by = balance_by
         self.generation = generation
+        self.gate_forcing = gate_forcing
+        self.ood_calibration_quantile = ood_calibration_quantile
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """Calibrate the OOD threshold, then train. A resumed run takes tau from its checkpoint."""
@@ -68,8 +79,8 @@ class VKOODTrainer(Trainer):
         the accumulation. The model is run in eval mode (no dropout) under the run's autocast. Returns tau (None when
         nothing was calibrated).
         """
-        layers = [m for m in self.model.modules() if getattr(m, "needs_calibration", False)]
-        if not layers or self.train_dataset is None:
+        layers = [m for m in self.model.modules() if isinstance(m, ImplicitOODLayer) and m.needs_calibration]
+        if not layers or self.train_dataset is None or self.ood_calibration_quantile is None:
             return None
         if not hasattr(self.train_dataset, "__len__"):
             logger.warning("OOD threshold not calibrated: the training set has no length (an iterable dataset)")
@@ -85,26 +96,36 @@ class VKOODTrainer(Trainer):
         with self.accelerator.autocast():
             scores = ood_scores(self.model, batches, next(self.model.parameters()).device)["scores"]
         # One OOD layer per model; PEFT's modules_to_save holds a trained copy next to the original: both get tau.
-        thresholds = {layer.calibrate_threshold(scores.to(args.device)) for layer in layers}
+        scores = scores.to(args.device)
+        thresholds = {calibrate_threshold(layer, scores, self.ood_calibration_quantile) for layer in layers}
         return thresholds.pop()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The head's loss plus, in training, each of `extra_losses`. Every term is a mean over this batch, like the
+        """The head's loss plus, in training, each of `extra_losses`; in training under a gate-forcing schedule, the
+        batch is forwarded with the step's `gate_forcing` share. Every term is a mean over this batch, like the
         head's loss, so the sum keeps the loss contract: the Trainer divides it by the accumulation steps only."""
-        if not (self.extra_losses and model.training):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        share = self.gate_forcing(self.state.global_step) if self.gate_forcing is not None else 0.0
+        if share > 0 and "knowledge_relevance" in inputs:
+            # a tensor, not a float: a compiled model does not specialise on each value of the schedule
+            inputs = {**inputs, "gate_forcing": torch.tensor(share)}
+        if not self.extra_losses:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         hidden = any(getattr(term, "needs_hidden_states", False) for term in self.extra_losses)
-        loss, outputs = super().compute_loss(
-            model,
-            {**inputs, **({"output_hidden_states": True} if hidden else {})},
-            return_outputs=True,
-            num_items_in_batch=num_items_in_batch,
-        )
         unwrapped = self.accelerator.unwrap_model(model)
+        with capture_ood_outputs(unwrapped) as ood_outputs:  # the forward's calls only, not the terms' own passes
+            loss, outputs = super().compute_loss(
+                model,
+                {**inputs, "output_hidden_states": True} if hidden else inputs,
+                return_outputs=True,
+                num_items_in_batch=num_items_in_batch,
+            )
         for term in self.extra_losses:
             # The student passes go through `model` (DDP-wrapped: its gradients are synchronised); a teacher uses
             # the unwrapped module under no_grad.
-            loss = loss + term(model, outputs, inputs, unwrapped=unwrapped)
+            extra = {"ood_outputs": ood_outputs} if getattr(term, "needs_ood_outputs", False) else {}
+            loss = loss + term(model, outputs, inputs, unwrapped=unwrapped, **extra)
         return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
@@ -124,7 +145,7 @@ class VKOODTrainer(Trainer):
         model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(model))
         # tau of every OOD layer (under PEFT, the trained modules_to_save copy and the frozen original)
-        thresholds = {id(m.threshold) for m in model.modules() if hasattr(m, "calibrate_threshold")}
+        thresholds = {id(m.threshold) for m in model.modules() if isinstance(m, ImplicitOODLayer)}
         groups = {}
         for name, parameter in model.named_parameters():
             if not parameter.requires_grad:
@@ -152,7 +173,8 @@ class VKOODTrainer(Trainer):
         """The loss as the Trainer computes it, but only (B,) integers go on to be gathered across processes: the
         predicted class (`predicted_class`, the `preprocess_logits_for_metrics`) and, for VQA's dense (B, vocabulary)
         soft scores, the best-scored answer instead of the scores. The metrics read the references from the
-        evaluation dataset; gathering the dense scores would cost N x vocabulary floats per rank (2.7 GB on VQAv2 val)."""
+        evaluation dataset; gathering the dense scores would cost N x vocabulary floats per rank (2.7 GB on VQAv2
+        val)."""
         loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         if labels is not None and labels.dim() > 1:
             labels = labels.argmax(-1)
