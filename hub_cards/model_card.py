@@ -66,7 +66,7 @@ class ModelDescription:
     # Whether the processor retrieves knowledge itself when none is passed (False where the dataset draws each
     # question's facts, as knowledge-VQA does: a user passes them), and what the OOD scores are.
     retrieves_knowledge: bool = True
-    ood_score: str = "gem"
+    ood_score: str = "log_likelihood"
 
 
 def reported_results(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,22 +1,15 @@
-"""Knowledge retrieval for VK-OOD: concept extraction, verbalisation and reading a knowledge index.
+"""Knowledge retrieval for VK-OOD: the SQLite knowledge index, written once and read by retrieval.
 
 The one implementation of retrieval, shared by the dataset builders (through `modeling_vkood.knowledge`, which adds
 the ConceptNet index builder) and by the processor at inference. It is Hub remote code: standard library only
-(`sqlite3`, `re`, ...), imported by `processing_vkood.py` as a flat sibling, so a checkpoint loaded with
+(`sqlite3`, `json`, ...) and its flat siblings `concepts_vkood.py` (concept extraction) and `verbalize_vkood.py`
+(edge -> sentence), imported by `processing_vkood.py` as a flat sibling, so a checkpoint loaded with
 `trust_remote_code=True` retrieves exactly what the training data held, without this package.
 
-- Concepts: the text is normalised and tokenised the same way concept names are normalised at index-build time, so
-  a question word and a ConceptNet URI meet in one form ("T-shirt" and /c/en/t-shirt both become "t shirt").
-  Matching is greedy, left to right, longest n-gram (up to 3 words) first, so "hot dog" wins over "dog". Only the
-  last word of an n-gram is lemmatised ("wine glasses" -> "wine glass"): in English noun phrases the head noun
-  carries the plural. Lemmatisation is deliberately light and rule based; each rule proposes candidates and the
-  index vocabulary decides, so a wrong rule output ("cookies" -> "cooky") costs nothing when the right one
-  ("cookie") is in the graph.
-- Verbalisation: an edge becomes the English sentence the text encoder reads ("a cup is used for drinking"), see
-  `verbalize`.
-- Index: a SQLite file of (head, relation, tail, weight) edges with the concept vocabulary, written once and never
-  modified (so readers open it immutable, without locking, from any number of processes). `KnowledgeIndex` reads
-  it; `index_from_edge_lines` writes one from JSON lines of edges (the Hub dataset form of a knowledge source).
+An index is a SQLite file of (head, relation, tail, weight) edges with the concept vocabulary, written once and never
+modified (so readers open it immutable, without locking, from any number of processes). `KnowledgeIndex` reads it
+and retrieves; `retrieval_cut` cuts a retrieved list to fewer items exactly as a smaller retrieval would; and
+`index_from_edge_lines` writes an index from JSON lines of edges (the Hub dataset form of a knowledge source).
 """
 
 from __future__ import annotations
@@ -24,382 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import tempfile
-import unicodedata
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-# ================================================================================================== concepts
-
-MAX_NGRAM = 3
-
-# Contractions are expanded or dropped before splitting so "isn't" gives the stop word "not", not a token "isn".
-_CONTRACTIONS = re.compile(r"\b(?:ca|wo)n['’]t\b|n['’]t\b|['’](?:s|re|ll|ve|d|m)\b")
-_EXPANSIONS = {"c": "can not", "w": "will not", "n": " not"}
-_TOKEN = re.compile(r"[^\W_]+")
-
-# English function words, plus words that scaffold VQA and NLVR2 text ("how many", "what kind of", "in the
-# image", "the left image") without naming anything in the scene; matching them would fill the knowledge slots
-# with noise. A stop word may still end a multi-word concept ("trash can").
-STOP_WORDS = frozenset(
-    """
-    a about above across after again against all almost along also although always am among an and another any
-    anybody anyone anything anywhere are around as at be because been before behind being below beneath beside
-    besides between beyond both but by can cannot could did do does doing done down during each either else
-    enough even ever every everybody everyone everything everywhere few for from further get gets getting go
-    goes going got had has have having he her here hers herself him himself his how however i if in inside
-    into is it its itself just least left less like many may me might mine more most much must my myself
-    near neither never next no nobody none nor not nothing now of off often on once one ones only onto or
-    other others otherwise our ours ourselves out outside over own per perhaps quite rather really right same
-    several shall she should since so some somebody someone something somewhere still such than that the
-    their theirs them themselves then there therefore these they thing things this those though through
-    throughout thus to together too toward towards under underneath unless until up upon us very via was
-    we were what whatever when whenever where wherever whether which while who whoever whole whom whose why
-    will with within without would yes yet you your yours yourself yourselves
-    kind kinds type types sort sorts appear appears seem seems show shown shows visible seen see contain
-    contains containing present image images picture pictures photo photos photograph photographs pic
-    """.split()
-)
-
-# Plurals that no suffix rule recovers.
-IRREGULAR_PLURALS = {
-    "people": "person",
-    "men": "man",
-    "women": "woman",
-    "children": "child",
-    "feet": "foot",
-    "teeth": "tooth",
-    "mice": "mouse",
-    "geese": "goose",
-    "oxen": "ox",
-    "dice": "die",
-    "knives": "knife",
-    "wives": "wife",
-    "lives": "life",
-    "leaves": "leaf",
-    "loaves": "loaf",
-    "halves": "half",
-    "calves": "calf",
-    "shelves": "shelf",
-    "wolves": "wolf",
-    "thieves": "thief",
-    "scarves": "scarf",
-}
-
-# Words that look plural but name one thing; their own form is tried before the stripped one.
-PLURAL_FORM_NOUNS = frozenset(
-    "glasses sunglasses eyeglasses goggles scissors pants trousers jeans shorts pajamas pyjamas clothes tongs "
-    "pliers binoculars headphones earphones news species series".split()
-)
-
-# Endings where a final "s" belongs to the word itself (glass, famous); after -us/-is it usually does
-# (cactus, tennis) but not always (skis, taxis), so there the word itself is tried first.
-_SINGULAR_ENDINGS = ("ss", "ous")
-_AMBIGUOUS_ENDINGS = ("us", "is")
-_VOWELS = frozenset("aeiou")
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercase word tokens of `text`: NFKC-normalised, contractions resolved, punctuation dropped."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return _TOKEN.findall(_CONTRACTIONS.sub(lambda m: _EXPANSIONS.get(m.group(0)[0], ""), text))
-
-
-def normalize_name(name: str) -> str:
-    """Canonical form of a concept name; the index stores heads in this form so lookups are exact."""
-    return " ".join(tokenize(name))
-
-
-def _plural_candidates(word: str) -> list[str]:
-    if word.endswith("ies") and len(word) > 4:
-        return [word[:-3] + "y", word[:-1]]
-    if word.endswith("ves"):
-        return [word[:-1], word[:-3] + "f", word[:-3] + "fe"]
-    if word.endswith("ses"):
-        stem = word[:-2]
-        return [stem, word[:-1]] if stem.endswith(("ss", "us")) else [word[:-1], stem]
-    if word.endswith(("xes", "ches", "shes")):
-        return [word[:-2], word[:-1]]
-    if word.endswith("oes") and len(word) > 6:
-        return [word[:-2], word[:-1]]  # potatoes, tomatoes (but shoes, toes, canoes)
-    if word.endswith(("zes", "oes")):
-        return [word[:-1], word[:-2]]
-    return [word[:-1]]
-
-
-def _verb_candidates(word: str, suffix_len: int) -> list[str]:
-    stem = word[:-suffix_len]
-    candidates = [stem, stem + "e"]
-    if len(stem) > 2 and stem[-1] == stem[-2] and stem[-1] not in _VOWELS:
-        candidates.append(stem[:-1])  # running -> run, stopped -> stop
-    if suffix_len == 2 and word.endswith("ied"):
-        candidates.append(word[:-3] + "y")  # fried -> fry
-    return candidates
-
-
-@lru_cache(maxsize=1 << 16)
-def lemma_candidates(word: str) -> tuple[str, ...]:
-    """Possible dictionary forms of `word`, most likely first; the word itself is always included.
-
-    Plurals put the singular first (a plural noun almost always means the singular concept). Words in -ing/-ed
-    put themselves first, since many are nouns in their own right (building, painting, clothing).
-    """
-    if word in IRREGULAR_PLURALS:
-        return (IRREGULAR_PLURALS[word], word)
-    if word in PLURAL_FORM_NOUNS:
-        return (word, word[:-2] if word.endswith("ses") else word[:-1])
-    if len(word) > 5 and word.endswith("ing"):
-        return (word, *_verb_candidates(word, 3))
-    if len(word) > 4 and word.endswith("ed"):
-        return (word, *_verb_candidates(word, 2))
-    if len(word) <= 3 or not word.endswith("s") or word.endswith(_SINGULAR_ENDINGS):
-        return (word,)
-    if word.endswith(_AMBIGUOUS_ENDINGS):
-        return (word, word[:-1])
-    return (*dict.fromkeys(_plural_candidates(word)), word)
-
-
-def extract_concepts(text: str, vocabulary: Container[str]) -> list[str]:
-    """Concepts of `vocabulary` mentioned in `text`, in order of appearance, each once.
-
-    At each position not holding a stop word, the longest n-gram (<= 3 words) whose form (last word lemmatised)
-    is in `vocabulary` is taken, and matching resumes after it; a single stop word is never a concept.
-    """
-    tokens = tokenize(text)
-    found: dict[str, None] = {}
-    i = 0
-    while i < len(tokens):
-        step = 1
-        if tokens[i] not in STOP_WORDS:
-            for n in range(min(MAX_NGRAM, len(tokens) - i), 0, -1):
-                prefix = " ".join(tokens[i : i + n - 1])
-                forms = (f"{prefix} {w}" if prefix else w for w in lemma_candidates(tokens[i + n - 1]))
-                match = next((form for form in forms if form in vocabulary), None)
-                if match is not None:
-                    found.setdefault(match)
-                    step = n
-                    break
-        i += step
-    return list(found)
-
-
-# ============================================================================================== verbalisation
-# Sentences follow ConceptNet's own surface patterns ("a cup is used for drinking", "a dog is a kind of animal").
-# Concept names carry no articles and no number, so each noun phrase is classed by its head noun (its last word
-# before a preposition: "mix of black and white" -> "mix", "chairs around it" -> "chairs"):
-#
-# - countable: "a"/"an" where the pattern needs a noun phrase ("a dog", "a wheel is part of a car");
-# - plural ("wheels", "scissors", "teeth", "salt and pepper"): no article and a plural verb ("scissors are ...");
-# - mass ("broccoli", "fur", "sports equipment"): no article ("broccoli is a kind of vegetable", "a cat has fur");
-# - a colour name used as a colour ("red"; "orange" or "teal" only when the other end of the edge is a colour):
-#   no article, and IsA reads "red is a color" / "red is a primary color", since "a kind of" suits classes of
-#   things, not a colour's category.
-#
-# The word lists below are small and aimed at the knowledge this package ships and retrieves (COCO objects,
-# easy-VQA shapes and colours, everyday ConceptNet): a noun missing from them is treated as countable, the common
-# case. Locations take "the" (none for mass nouns and place names) and the preposition their head noun takes ("on
-# the table", "at the bus stop", "in the kitchen").
-
-# relation -> (pattern, whether the tail takes an indefinite article). The word after {head} is the verb; it is
-# put in the plural (_PLURAL_VERBS) when the head is plural.
-_PATTERNS = {
-    "AtLocation": ("{head} is often found {location}", False),
-    "PartOf": ("{head} is part of {tail}", True),
-    "IsA": ("{head} is a kind of {tail}", False),
-    "UsedFor": ("{head} is used for {tail}", False),
-    "HasA": ("{head} has {tail}", True),
-    "RelatedTo": ("{head} is related to {tail}", False),
-    "FormOf": ("{head} is a form of {tail}", False),
-    "CapableOf": ("{head} can {tail}", False),
-    "NotCapableOf": ("{head} cannot {tail}", False),
-    "Causes": ("{head} causes {tail}", False),
-    "CausesDesire": ("{head} makes you want to {tail}", False),
-    "HasSubevent": ("{head} involves {tail}", False),
-    "HasFirstSubevent": ("{head} begins with {tail}", False),
-    "HasLastSubevent": ("{head} ends with {tail}", False),
-    "HasPrerequisite": ("{head} requires {tail}", False),
-    "HasProperty": ("{head} is {tail}", False),
-    "NotHasProperty": ("{head} is not {tail}", False),
-    "MotivatedByGoal": ("{head} is motivated by {tail}", False),
-    "ObstructedBy": ("{head} is obstructed by {tail}", False),
-    "Desires": ("{head} wants {tail}", False),
-    "NotDesires": ("{head} does not want {tail}", False),
-    "CreatedBy": ("{head} is created by {tail}", False),
-    "MadeOf": ("{head} is made of {tail}", False),
-    "ReceivesAction": ("{head} can be {tail}", False),
-    "NotUsedFor": ("{head} is not used for {tail}", False),
-    "Synonym": ("{head} means the same as {tail}", False),
-    "Antonym": ("{head} is the opposite of {tail}", False),
-    "DistinctFrom": ("{head} is not {tail}", True),
-    "DerivedFrom": ("{head} is derived from {tail}", False),
-    "SymbolOf": ("{head} is a symbol of {tail}", False),
-    "DefinedAs": ("{head} is defined as {tail}", False),
-    "MannerOf": ("{head} is a way to {tail}", False),
-    "LocatedNear": ("{head} is found near {tail}", True),
-    "HasContext": ("{head} is used in the context of {tail}", False),
-    "SimilarTo": ("{head} is similar to {tail}", False),
-    "EtymologicallyRelatedTo": ("{head} is etymologically related to {tail}", False),
-    "EtymologicallyDerivedFrom": ("{head} is etymologically derived from {tail}", False),
-    "InstanceOf": ("{head} is an instance of {tail}", False),
-    "Entails": ("{head} entails {tail}", False),
-}
-_COLOUR_IS_A = "{head} is {tail}"  # IsA for a colour: "red is a primary color"
-_PLURAL_VERBS = {
-    "is": "are",
-    "has": "have",
-    "does": "do",
-    "causes": "cause",
-    "makes": "make",
-    "involves": "involve",
-    "begins": "begin",
-    "ends": "end",
-    "requires": "require",
-    "wants": "want",
-    "means": "mean",
-    "entails": "entail",
-}
-
-_PREPOSITIONS = frozenset("of in on at around with for from to by under over near into onto inside behind".split())
-# Colour names that are only colours, and those that also name a thing (the fruit, the duck, the flower).
-_COLOURS = frozenset(
-    "red yellow green blue purple pink brown black white gray grey cyan magenta beige maroon crimson scarlet "
-    "navy indigo turquoise ivory khaki".split()
-)
-_COLOUR_OR_THING = frozenset(
-    "orange teal lime olive violet lavender peach plum rose salmon lemon cherry gold silver bronze copper cream "
-    "chocolate coral tan".split()
-)
-_COLOUR_CATEGORIES = frozenset("color colour colors colours tone tones shade shades hue hues tint tints".split())
-# Uncountable nouns common in visual scenes and everyday knowledge: food and drink, materials and substances,
-# collectives, fields and activities. Multi-word entries are whole names whose last word would mislead.
-_MASS_NOUNS = frozenset(
-    """
-    food water milk coffee tea juice wine beer soda liquor bread rice pasta spaghetti cheese butter meat beef pork
-    bacon ham broccoli lettuce spinach celery corn cereal oatmeal soup sauce ketchup mustard mayonnaise sugar salt
-    honey jam jelly chocolate candy cream yogurt flour dough frosting icing glaze stuffing popcorn toast fruit
-    produce garlic ginger seafood protein fiber potassium calcium vitamin caffeine alcohol oil gasoline fuel
-    wood metal plastic paper cardboard cloth fabric leather wool cotton silk denim fur hair concrete cement asphalt
-    sand soil dirt mud grass hay snow ice rain fog steam air smoke dust rubber steel aluminum copper gold silver
-    bronze glue tape webbing foam clay wax paint ink
-    furniture equipment luggage baggage clothing apparel jewelry jewellery cutlery silverware dishware glassware
-    tableware kitchenware cookware hardware software machinery traffic information news money garbage trash
-    rubbish waste mail homework music art entertainment transportation transport footwear headwear neckwear
-    rainwear underwear sportswear livestock poultry wildlife scenery vegetation foliage electricity energy heat
-    sunlight weather space safety fun comfort health hygiene exercise work fashion
-    physics mathematics economics politics gymnastics athletics aerobics billiards measles diabetes
-    """.split()
-) | {"vitamin c", "ice cream", "fast food", "junk food", "landing gear", "rain gear"}
-# Words ending in "s" that name one thing.
-_SINGULAR_S = frozenset("gas lens canvas atlas bias chaos christmas series species".split())
-_PLURAL_NOUNS = (frozenset(IRREGULAR_PLURALS) | PLURAL_FORM_NOUNS | {"cattle", "police"}) - _SINGULAR_S - _MASS_NOUNS
-
-# Locations: the preposition their head noun takes ("in" otherwise), and names that take no "the".
-_LOCATION_PREPOSITIONS = {
-    **dict.fromkeys(
-        "table desk shelf bookshelf plate counter wall floor sidewalk couch sofa lap windowsill mantel beach roof "
-        "bed field ground runway rack pad tray highway road track railway railroad slope mountain hill farm court "
-        "porch corner back arm neck shoulder page screen island shore coast".split(),
-        "on",
-    ),
-    **dict.fromkeys(
-        "stop intersection crosswalk party wedding picnic game match fair barbecue concert festival ceremony "
-        "funeral meeting circus zoo market checkout work".split(),
-        "at",
-    ),
-}
-_PLACE_NAMES = frozenset(
-    """
-    africa asia europe antarctica australia oceania arctic china japan india russia canada mexico brazil france
-    germany italy spain england britain scotland ireland egypt kenya london paris tokyo rome venice beijing
-    chicago boston washington hawaii alaska california florida texas
-    """.split()
-) | {
-    "north america",
-    "south america",
-    "central america",
-    "new york",
-    "new york city",
-    "hong kong",
-    "los angeles",
-    "san francisco",
-}
-
-_CAMEL_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-_AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "ute", "uri", "ura", "uku", "eu", "ewe", "one", "once")  # "y"/"w" sound
-_A_EXCEPTIONS = ("hour", "honest", "honor", "honour", "heir")  # silent "h"
-
-
-def _noun_words(phrase: str) -> list[str]:
-    """The words of `phrase` up to its first preposition: the noun phrase whose last word is the head noun."""
-    words = phrase.split()
-    cut = next((i for i, word in enumerate(words) if i > 0 and word in _PREPOSITIONS), len(words))
-    return words[:cut]
-
-
-def _is_colour_term(phrase: str) -> bool:
-    """Whether `phrase` names a colour or a kind of colour ("blue", "dark cyan", "warm color", "earth tone")."""
-    words = _noun_words(phrase)
-    return bool(words) and (words[-1] in _COLOURS or words[-1] in _COLOUR_CATEGORIES)
-
-
-def noun_kind(phrase: str) -> str:
-    """ "count", "plural" or "mass": how the noun phrase takes articles and verbs (colour names count as mass)."""
-    words = _noun_words(phrase)
-    if not words:
-        return "count"
-    head = words[-1]
-    if "and" in words[1:-1]:
-        return "plural"  # "salt and pepper", "black and white stripes"
-    if " ".join(words) in _MASS_NOUNS or head in _MASS_NOUNS or head in _COLOURS:
-        return "mass"
-    if head in _PLURAL_NOUNS:
-        return "plural"
-    if head.endswith("s") and len(head) > 2 and not head.endswith(("ss", "us", "is")) and head not in _SINGULAR_S:
-        return "plural"
-    return "count"
-
-
-def with_article(phrase: str) -> str:
-    """`phrase` with "a"/"an" in front when it is a countable singular noun phrase that starts with a letter."""
-    if not phrase or not phrase[0].isalpha() or noun_kind(phrase) != "count":
-        return phrase
-    vowel_sound = phrase.startswith(tuple("aeiou")) and not phrase.startswith(_AN_EXCEPTIONS)
-    return ("an " if vowel_sound or phrase.startswith(_A_EXCEPTIONS) else "a ") + phrase
-
-
-def _location(tail: str) -> str:
-    """ "on the table", "at the bus stop", "in the kitchen", "in snow", "in africa"."""
-    words = _noun_words(tail)
-    preposition = _LOCATION_PREPOSITIONS.get(words[-1] if words else "", "in")
-    bare = tail in _PLACE_NAMES or noun_kind(tail) == "mass"
-    return f"{preposition} {tail}" if bare else f"{preposition} the {tail}"
-
-
-def verbalize(head: str, relation: str, tail: str) -> str:
-    """English sentence for the edge; a relation without a pattern reads as its name ("HasGenre" -> "has genre")."""
-    pattern, tail_article = _PATTERNS.get(relation, (None, False))
-    if pattern is None:
-        words = " ".join(w.lower() for w in _CAMEL_WORD.findall(relation.rsplit("/", 1)[-1]))
-        pattern = "{head} " + words + " {tail}"
-    as_colour = head in _COLOURS or (head in _COLOUR_OR_THING and _is_colour_term(tail))
-    if as_colour and relation == "IsA":
-        pattern, tail_article = _COLOUR_IS_A, True
-    subject = head if as_colour else with_article(head)
-    if not as_colour and noun_kind(head) == "plural":
-        verb, _, rest = pattern.removeprefix("{head} ").partition(" ")
-        pattern = "{head} " + " ".join(filter(None, (_PLURAL_VERBS.get(verb, verb), rest)))
-    return pattern.format(
-        head=subject,
-        tail=with_article(tail) if tail_article else tail,
-        location=_location(tail) if relation == "AtLocation" else "",
-    )
-
-
-# ===================================================================================================== index
+from .concepts_vkood import extract_concepts, normalize_name
+from .verbalize_vkood import verbalize
 
 INDEX_FORMAT = "vkood-conceptnet-index/1"
 DEFAULT_MAX_ITEMS = 16
@@ -459,17 +85,61 @@ def finish_index(connection: sqlite3.Connection, meta: dict[str, str]) -> tuple[
     return edges, concepts
 
 
-def deal_round_robin(groups: Sequence[tuple[KnowledgeItem, ...]], budget: int) -> list[KnowledgeItem]:
-    """The first items of each group, `budget` in all, dealt one per group per round; kept in group order."""
-    if sum(map(len, groups)) <= budget:
-        return [item for group in groups for item in group]
-    takes = [0] * len(groups)
+def _round_robin_takes(sizes: Sequence[int], budget: int) -> list[int]:
+    """How many first items of each group `budget` slots take when dealt one per group per round, in group order."""
+    if sum(sizes) <= budget:
+        return list(sizes)
+    takes = [0] * len(sizes)
     while budget:
-        for g, group in enumerate(groups):
-            if budget and takes[g] < len(group):
+        for g, size in enumerate(sizes):
+            if budget and takes[g] < size:
                 takes[g] += 1
                 budget -= 1
+    return takes
+
+
+def deal_round_robin(groups: Sequence[tuple[KnowledgeItem, ...]], budget: int) -> list[KnowledgeItem]:
+    """The first items of each group, `budget` in all, dealt one per group per round; kept in group order."""
+    takes = _round_robin_takes([len(group) for group in groups], budget)
     return [item for group, take in zip(groups, takes) for item in group[:take]]
+
+
+def item_group(item) -> tuple[str, str] | None:
+    """The (head, relation) of a retrieved item (a `KnowledgeItem`, its dict row, or any object with `.head` and
+    `.relation`): the group retrieval deals slots over. None for an item without both (e.g. a bare sentence)."""
+    if isinstance(item, Mapping):
+        head, relation = item.get("head"), item.get("relation")
+    else:
+        head, relation = getattr(item, "head", None), getattr(item, "relation", None)
+    return (head, relation) if isinstance(head, str) and isinstance(relation, str) else None
+
+
+def retrieval_cut(items: Sequence, max_items: int) -> list:
+    """At most `max_items` of the retrieved `items`, chosen as retrieval itself chooses them.
+
+    `retrieval_cut(index.retrieve(text, n), m) == index.retrieve(text, m)` for every n >= m, which the prefix
+    `retrieve(text, n)[:m]` is not: retrieval deals its slots round-robin over the (concept, relation) groups, so a
+    smaller retrieval keeps fewer items of the first groups, not fewer groups. Each group (`item_group`) keeps its
+    first items and the kept items stay in their given order. Items without a (head, relation), such as plain
+    sentences, are cut in order (the first `max_items`).
+    """
+    if max_items < 0:
+        raise ValueError(f"need max_items >= 0, got {max_items}")
+    if len(items) <= max_items:
+        return list(items)
+    groups = [item_group(item) for item in items]
+    if None in groups:
+        return list(items[:max_items])
+    sizes: dict[tuple[str, str], int] = {}
+    for group in groups:
+        sizes[group] = sizes.get(group, 0) + 1
+    takes = dict(zip(sizes, _round_robin_takes(list(sizes.values()), max_items)))
+    kept = []
+    for item, group in zip(items, groups):
+        if takes[group]:
+            takes[group] -= 1
+            kept.append(item)
+    return kept
 
 
 class _Reader:

@@ -20,8 +20,7 @@ class VKOODModelOutput(ModelOutput):
 
     last_hidden_state: text stream [text ; knowledge] (B, L + M, H); image_last_hidden_state (B, N, H);
     pooler_output: concat(pooled text CLS, pooled image CLS) (B, 2H); ood_scores / ood_gate (B, M);
-    ood_iterations (B,) EM steps of each example; ood_residual (B,) its last relative change;
-    ood_alignment_loss: the OOD layer's cross-modal alignment loss (scalar; added by the heads when its weight > 0).
+    ood_iterations (B,) EM steps of each example; ood_residual (B,) its last relative change.
 
     With `output_hidden_states=True` (default `config.output_hidden_states`), per stream a tuple of
     `config.num_fusion_layers + 1` states: the fusion's input (token-type embeddings added, knowledge scaled by its
@@ -45,7 +44,6 @@ class VKOODModelOutput(ModelOutput):
     ood_gate: torch.FloatTensor | None = None
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
-    ood_alignment_loss: torch.FloatTensor | None = None
     text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     text_self_attentions: tuple[torch.FloatTensor, ...] | None = None

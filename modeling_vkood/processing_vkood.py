@@ -1,31 +1,36 @@
 """VKOODProcessor: image + text + explicit knowledge -> the tensors `VKOODModel` reads.
 
-Hub remote code: this file imports only torch, transformers (numpy and PIL through its dependencies), the standard
-library and its flat sibling `knowledge_vkood.py`, so it works when copied into a checkpoint folder and loaded with
-`AutoProcessor.from_pretrained(folder, trust_remote_code=True)`. With a knowledge source the processor retrieves
-each text's knowledge itself, with the code the dataset builders used, so inference sees what training saw.
+Hub remote code: this file imports only torch, transformers, the standard library and its flat siblings
+(`image_loading_vkood.py`: decoding images to RGB; `knowledge_vkood.py`: retrieval; `knowledge_source_vkood.py`: where
+the knowledge index comes from and how it travels; `decoder_targets_vkood.py`: decoder texts), so it works when
+copied into a checkpoint folder and loaded with `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
+With a knowledge source the processor retrieves each text's knowledge itself, with the code the dataset builders
+used, so inference sees what training saw.
 """
 
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 from transformers import BatchFeature
-from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import ChannelDimension
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils.hub import cached_file
+from transformers.utils import logging
 
-from .knowledge_vkood import EDGES_FILE, KnowledgeIndex, index_from_edge_lines
+from .decoder_targets_vkood import decoder_targets, tokenizer_decoder_tokens
+from .image_loading_vkood import flatten_images, image_to_rgb
+from .knowledge_source_vkood import (
+    KNOWLEDGE_INDEX_FILE,
+    checkpoint_index,
+    is_hub_dataset,
+    ship_file,
+    source_index,
+)
+from .knowledge_vkood import KnowledgeIndex, retrieval_cut
 
-# Pillow modes holding 16-bit samples (16-bit PNG/TIFF decode to these); `Image.convert("RGB")` would clip them at 255.
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-_CHANNEL_COUNTS = (1, 3, 4)
+logger = logging.get_logger(__name__)
+
 # Text models whose position ids start at padding_idx + 1 (fairseq numbering, `create_position_ids_from_input_ids`
 # in transformers), padding_idx being the pad token id (MPNet: always 1): only max_position_embeddings -
 # padding_idx - 1 tokens fit (RoBERTa-base: 514 - 2 = 512).
@@ -56,152 +61,6 @@ def usable_text_length(text_config) -> int | None:
     return positions
 
 
-def tokenizer_decoder_tokens(tokenizer) -> dict[str, int]:
-    """The start, end and padding token ids of decoder texts in `tokenizer`: BERT-style [CLS] / [SEP] / [PAD], or a
-    causal tokenizer's BOS / EOS / PAD (EOS pads where there is no PAD). What `VKOODConfig.decoder_config` holds as
-    `bos_token_id` / `eos_token_id` / `pad_token_id`, so that the model starts and stops where the targets do."""
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
-    if start is None or end is None:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has neither [CLS]/[SEP] nor BOS/EOS tokens to start and end decoder texts"
-        )
-    return {"bos_token_id": start, "eos_token_id": end, "pad_token_id": pad}
-
-
-def _is_single_image(value) -> bool:
-    return isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor))
-
-
-def _sixteen_bit_to_uint8(array: np.ndarray, where: str) -> np.ndarray:
-    """Map 16-bit samples [0, 65535] onto [0, 255] (x / 257, exact at both ends) instead of saturating them."""
-    low, high = int(array.min()), int(array.max())
-    if low < 0 or high > 65535:
-        raise ValueError(f"{where}: 16-bit image values must lie in [0, 65535], got [{low}, {high}]")
-    return np.rint(array.astype(np.float32) / 257.0).astype(np.uint8)
-
-
-def _image_to_rgb(image, where: str) -> np.ndarray:
-    """Return one image as an (H, W, 3) channels-last array: uint8, or float as given; transparency on white."""
-    if isinstance(image, PIL.Image.Image):
-        try:
-            image.load()  # Pillow decodes lazily: a truncated or corrupt file only fails here, not at open
-        except OSError as error:
-            source = f" ({image.filename})" if getattr(image, "filename", "") else ""
-            raise ValueError(f"{where}{source}: the image data cannot be decoded ({error})") from error
-        if image.mode == "F":
-            raise ValueError(
-                f"{where}: Pillow mode 'F' (32-bit float samples, range unknown) is not supported; convert it to "
-                "'L' or 'RGB', or pass a float array in [0, 1]"
-            )
-        if image.mode in _SIXTEEN_BIT_MODES:
-            gray = _sixteen_bit_to_uint8(np.asarray(image), where)
-            return np.repeat(gray[..., None], 3, axis=-1)
-        return convert_to_rgb(image, return_numpy=True)
-
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
-        image = (image.float() if image.is_floating_point() else image).numpy()
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"{where}: expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
-    if image.ndim == 2:
-        image = image[..., None]
-    elif image.ndim == 3:
-        # Channels-last is the numpy/PIL convention, so it wins when both ends could be channels (e.g. a 3x4x3 image).
-        if image.shape[-1] not in _CHANNEL_COUNTS:
-            if image.shape[0] not in _CHANNEL_COUNTS:
-                raise ValueError(f"{where}: cannot find a channel axis of size 1, 3 or 4 in shape {image.shape}")
-            image = np.moveaxis(image, 0, -1)
-    else:
-        raise ValueError(f"{where}: an image array must be (H, W), (H, W, C) or (C, H, W), got shape {image.shape}")
-
-    if image.dtype == np.uint16:
-        image = _sixteen_bit_to_uint8(image, where)
-    elif np.issubdtype(image.dtype, np.integer) and image.dtype != np.uint8:
-        low, high = int(image.min()), int(image.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"{where}: integer image values must lie in [0, 255] (or use dtype uint16 for 16-bit data), "
-                f"got [{low}, {high}] with dtype {image.dtype}"
-            )
-        image = image.astype(np.uint8)
-    elif not (image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating)):
-        raise ValueError(f"{where}: unsupported image dtype {image.dtype}")
-    return convert_to_rgb(image, return_numpy=True, input_data_format=ChannelDimension.LAST)
-
-
-def _flatten_images(images) -> tuple[list, int | None, bool]:
-    """Images -> (flat list, images per example or None, whether the input was a batch).
-
-    A list whose elements are lists/tuples is a batch of multi-image examples (NLVR2: pairs); every example must
-    hold the same number of images so that pixel_values can be (B, n, C, H, W).
-    """
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return list(images), None, True
-    if _is_single_image(images):
-        return [images], None, False
-    if not isinstance(images, (list, tuple)):
-        raise TypeError(
-            "images must be a PIL image, an array/tensor, or a list of them (or of per-example lists), "
-            f"got {type(images).__name__}"
-        )
-    if not images:
-        raise ValueError("images is an empty list")
-    grouped = [isinstance(example, (list, tuple)) for example in images]
-    if not any(grouped):
-        return list(images), None, True
-    if not all(grouped):
-        raise ValueError("images mixes single images and per-example lists; give all examples the same form")
-    sizes = sorted({len(example) for example in images})
-    if len(sizes) != 1 or sizes[0] == 0:
-        raise ValueError(f"every example must hold the same, non-zero number of images (NLVR2: 2), got sizes {sizes}")
-    return [image for example in images for image in example], sizes[0], True
-
-
-# The file name of the knowledge index inside a saved processor folder (and so inside a Hub model repository).
-KNOWLEDGE_INDEX_FILE = "knowledge_index.sqlite"
-HUB_DATASET_PREFIX = "hf://datasets/"
-STARTER_SOURCE = "starter"
-
-
-def _is_edge_source(source: str) -> bool:
-    """Whether `source` names JSON-lines edges (a Hub dataset, a local folder or .jsonl file) rather than an index."""
-    if source == STARTER_SOURCE:
-        return False
-    path = Path(source)
-    return source.startswith(HUB_DATASET_PREFIX) or path.is_dir() or (path.suffix == ".jsonl" and path.is_file())
-
-
-def _edges_file(source: str) -> str:
-    """The JSON-lines edge file of a Hub dataset (`hf://datasets/OWNER/NAME[@REVISION]`, fetched into the Hugging
-    Face cache) or of a local folder/file."""
-    if source.startswith(HUB_DATASET_PREFIX):
-        repo_id, _, revision = source.removeprefix(HUB_DATASET_PREFIX).partition("@")
-        return cached_file(repo_id, EDGES_FILE, repo_type="dataset", revision=revision or None)
-    path = Path(source)
-    return str(path / EDGES_FILE if path.is_dir() else path)
-
-
-def _ship_file(source: Path, destination: Path) -> None:
-    """Put `source` at `destination`: a hard link where possible (an index is never modified, only replaced, so
-    sharing its inode is safe and saving a checkpoint costs no space), else a copy; atomic either way."""
-    if destination.exists() and os.path.samefile(source, destination):
-        return
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
-    os.close(descriptor)
-    try:
-        os.remove(temporary)
-        try:
-            os.link(source, temporary)
-        except OSError:  # another file system, or links not supported
-            shutil.copyfile(source, temporary)
-        os.replace(temporary, destination)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def _item_text(item, example: int, position: int) -> str:
     """A knowledge item's sentence: a str, a mapping with "text", or any object with a `.text` attribute."""
     text = item.get("text") if isinstance(item, Mapping) else getattr(item, "text", item)
@@ -223,7 +82,10 @@ class VKOODProcessor(ProcessorMixin):
     Args:
         image_processor: any transformers image processor (the vision backbone's).
         tokenizer: the text backbone's tokenizer; it encodes both the text and the knowledge items.
-        max_knowledge_items (`int`, defaults to 16): items kept per example (M cap); extra items are dropped in order.
+        max_knowledge_items (`int`, defaults to 16): items per example (the model's M cap): retrieval retrieves this
+            many per text, and of more items given, this many are kept: retrieved items (with a head and a relation,
+            as `retrieve_knowledge` and the datasets' `knowledge` column hold them) as a retrieval of this many would
+            choose them (`knowledge_vkood.retrieval_cut`), other items (sentences) the first ones, in order.
         knowledge_max_length (`int`, defaults to 32): tokens kept per item, special tokens included (Lk cap).
         max_text_length (`int`, *optional*): most tokens of a text, special tokens included: the positions the
             text encoder can embed (`from_model_config` sets it), so that a long text is truncated here instead of
@@ -237,9 +99,10 @@ class VKOODProcessor(ProcessorMixin):
             of the checkpoint (`save_pretrained` ships the index as `knowledge_index.sqlite` and `from_pretrained`
             finds it, locally or in a Hub repository). Needed for "starter" and index sources; for edge sources it
             is built on first use (in $VKOOD_CACHE, default ~/.cache/vkood).
-        knowledge_retrieval_items (`int`, *optional*): items retrieved per text (the dataset builders'
-            `max_knowledge_items`), of which the first `max_knowledge_items` are encoded, as the training collator
-            did with the dataset's `knowledge` column. None: `max_knowledge_items`.
+
+    A processor config saved with the former `knowledge_retrieval_items` (items retrieved per text, of which the first
+    `max_knowledge_items` were encoded) still loads: the key is ignored, with a warning when it differs from
+    `max_knowledge_items`.
     """
 
     def __init__(
@@ -251,7 +114,6 @@ class VKOODProcessor(ProcessorMixin):
         max_text_length: int | None = None,
         knowledge_source: str | None = None,
         knowledge_index: str | None = None,
-        knowledge_retrieval_items: int | None = None,
     ):
         super().__init__(image_processor, tokenizer)
         limits = {"max_knowledge_items": max_knowledge_items, "knowledge_max_length": knowledge_max_length}
@@ -274,27 +136,19 @@ class VKOODProcessor(ProcessorMixin):
         self.max_knowledge_items = max_knowledge_items
         self.knowledge_max_length = knowledge_max_length
         self.max_text_length = max_text_length
-        self.set_knowledge_source(knowledge_source, knowledge_index, knowledge_retrieval_items)
+        self.set_knowledge_source(knowledge_source, knowledge_index)
 
     # ------------------------------------------------------------------------------------------- knowledge
-    def set_knowledge_source(
-        self, source: str | None, index: str | os.PathLike | None = None, retrieval_items: int | None = None
-    ) -> None:
-        """Set where retrieval reads (see the class arguments `knowledge_source`, `knowledge_index`,
-        `knowledge_retrieval_items`); `set_knowledge_source(None)` turns self-retrieval off."""
+    def set_knowledge_source(self, source: str | None, index: str | os.PathLike | None = None) -> None:
+        """Set where retrieval reads (see the class arguments `knowledge_source` and `knowledge_index`);
+        `set_knowledge_source(None)` turns self-retrieval off. Retrieval takes `max_knowledge_items` items per text."""
         for name, value in (("knowledge_source", source), ("knowledge_index", index)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise TypeError(f"VKOODProcessor.{name} must be a string or a path, got {type(value).__name__}")
         if source is None and index is not None:
             raise ValueError("VKOODProcessor.knowledge_index needs a knowledge_source naming what it holds")
-        positive = isinstance(retrieval_items, int) and not isinstance(retrieval_items, bool) and retrieval_items > 0
-        if retrieval_items is not None and not positive:
-            raise ValueError(
-                f"VKOODProcessor.knowledge_retrieval_items must be a positive integer, got {retrieval_items!r}"
-            )
         self.knowledge_source = None if source is None else str(source)
         self.knowledge_index = None if index is None else str(index)
-        self.knowledge_retrieval_items = retrieval_items
         self._index_location = self.knowledge_index  # where the index file is found on this machine
         self._index: KnowledgeIndex | None = None
 
@@ -306,23 +160,18 @@ class VKOODProcessor(ProcessorMixin):
     def _knowledge(self) -> KnowledgeIndex:
         """The open index, located and opened on first use (an edge source is indexed then)."""
         if self._index is None:
-            if self._index_location is None and not _is_edge_source(self.knowledge_source):
-                raise ValueError(
-                    f"knowledge_source={self.knowledge_source!r} has no knowledge_index: give the index file (for the "
-                    "starter graph, modeling_vkood.knowledge.KnowledgeBase.starter().path) to set_knowledge_source"
-                )
-            if self._index_location is None:
-                self._index_location = str(index_from_edge_lines(_edges_file(self.knowledge_source)))
+            self._index_location = source_index(self.knowledge_source, self._index_location)
             self._index = KnowledgeIndex(self._index_location)
         return self._index
 
     def retrieve_knowledge(self, texts: list[str]) -> list[list]:
         """Per text the knowledge items (`knowledge_vkood.KnowledgeItem`: head, relation, tail, weight, text) the
-        dataset builders would have stored for it: same concepts, ranking and item count."""
+        dataset builders' retrieval gives for it: same concepts and ranking, `max_knowledge_items` items at most (a
+        dataset annotated with more items per text gives the same items once cut to `max_knowledge_items`, see
+        `knowledge_sentences`)."""
         if not self.has_knowledge_source:
             raise ValueError("this processor has no knowledge_source to retrieve from (see set_knowledge_source)")
-        retrieval_items = self.knowledge_retrieval_items or self.max_knowledge_items
-        return self._knowledge().retrieve_batch(list(texts), max_items=retrieval_items)
+        return self._knowledge().retrieve_batch(list(texts), max_items=self.max_knowledge_items)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Save as ProcessorMixin does, plus the knowledge index (`knowledge_index.sqlite`) unless the source is a
@@ -335,7 +184,7 @@ class VKOODProcessor(ProcessorMixin):
             return files
         if not self.has_knowledge_source:
             return super().save_pretrained(save_directory, **kwargs)
-        ships = not self.knowledge_source.startswith(HUB_DATASET_PREFIX)
+        ships = not is_hub_dataset(self.knowledge_source)
         index = Path(self._knowledge().path) if ships else None
         configured = self.knowledge_index
         try:
@@ -345,7 +194,7 @@ class VKOODProcessor(ProcessorMixin):
         finally:
             self.knowledge_index = configured
         if ships:
-            _ship_file(index, Path(save_directory) / KNOWLEDGE_INDEX_FILE)
+            ship_file(index, Path(save_directory) / KNOWLEDGE_INDEX_FILE)
             files.append(str(Path(save_directory) / KNOWLEDGE_INDEX_FILE))
         return files
 
@@ -356,9 +205,23 @@ class VKOODProcessor(ProcessorMixin):
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         index = processor.knowledge_index
         if index is not None and not Path(index).is_absolute():
-            hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-            processor._index_location = cached_file(pretrained_model_name_or_path, index, **hub_kwargs)
+            processor._index_location = checkpoint_index(pretrained_model_name_or_path, index, **kwargs)
         return processor
+
+    @classmethod
+    def from_dict(cls, processor_dict: dict, **kwargs):
+        """ProcessorMixin.from_dict; a config saved with the former `knowledge_retrieval_items` loads too."""
+        processor_dict = dict(processor_dict)
+        retrieval_items = processor_dict.pop("knowledge_retrieval_items", None)
+        max_items = kwargs.get("max_knowledge_items", processor_dict.get("max_knowledge_items"))
+        if retrieval_items is not None and retrieval_items != max_items:
+            logger.warning(
+                f"this processor config has knowledge_retrieval_items={retrieval_items}, which is no longer read: the "
+                f"processor retrieves max_knowledge_items={max_items} items per text (the model's M), chosen as a "
+                f"retrieval of {max_items} chooses them, where it used to retrieve {retrieval_items} and encode the "
+                f"first {max_items}; for some texts the encoded items differ"
+            )
+        return super().from_dict(processor_dict, **kwargs)
 
     @classmethod
     def from_model_config(cls, image_processor, tokenizer, config) -> "VKOODProcessor":
@@ -430,7 +293,7 @@ class VKOODProcessor(ProcessorMixin):
 
         data, sizes, batched = {}, {}, False
         if images is not None:
-            flat_images, per_example, images_batched = _flatten_images(images)
+            flat_images, per_example, images_batched = flatten_images(images)
             batched |= images_batched
             pixel_values = self._encode_images(flat_images, per_example, **kwargs)
             data["pixel_values"] = pixel_values
@@ -484,32 +347,10 @@ class VKOODProcessor(ProcessorMixin):
         return tokenizer_decoder_tokens(self.tokenizer)
 
     def decoder_targets(self, texts: list[str], max_length: int = 32) -> dict[str, torch.Tensor]:
-        """Decoder inputs and labels for target `texts`: `decoder_input_ids` (B, T) = [start, tokens..., end, pad...]
-        (at most `max_length` tokens: a longer text is cut, and still ends with the end token), its
-        `decoder_attention_mask`, and `labels` = the same tokens with -100 at the start token and the padding, so that
-        the loss counts exactly the text's tokens and its end."""
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("answers must be a string or a list of strings")
-        if max_length < 3:
-            raise ValueError(f"max_answer_length={max_length} leaves no room for a token between start and end")
-        special = self.decoder_special_tokens()
-        encoded = self.tokenizer(
-            list(texts),
-            add_special_tokens=False,
-            truncation=True,
-            max_length=max_length - 2,
-            return_attention_mask=False,
-        )["input_ids"]
-        rows = [[special["bos_token_id"], *ids, special["eos_token_id"]] for ids in encoded]
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), special["pad_token_id"], dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row)
-            attention_mask[index, : len(row)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, 0] = -100
-        return {"decoder_input_ids": input_ids, "decoder_attention_mask": attention_mask, "labels": labels}
+        """Decoder inputs and labels for target `texts` (`decoder_targets_vkood.decoder_targets` with this
+        tokenizer): `decoder_input_ids` (B, T) = [start, tokens..., end, pad...], at most `max_length` tokens, its
+        `decoder_attention_mask`, and `labels` (-100 at the start token and the padding)."""
+        return decoder_targets(self.tokenizer, texts, max_length)
 
     def decode_answers(self, sequences) -> list[str]:
         """The texts of generated token ids (B, T): special tokens (start, end, padding) dropped, stripped."""
@@ -535,7 +376,7 @@ class VKOODProcessor(ProcessorMixin):
                 return f"images[{index}]"
             return f"images[{index // per_example}][{index % per_example}]"
 
-        rgb = [_image_to_rgb(image, where(index)) for index, image in enumerate(flat_images)]
+        rgb = [image_to_rgb(image, where(index)) for index, image in enumerate(flat_images)]
         encoded = self.image_processor(rgb, return_tensors="pt", input_data_format=ChannelDimension.LAST, **kwargs)
         pixel_values = encoded["pixel_values"]
         if per_example is None:
@@ -544,11 +385,12 @@ class VKOODProcessor(ProcessorMixin):
 
     def knowledge_sentences(self, knowledge) -> list[list[str]]:
         """Per example the sentences of `knowledge` (a batch: one list per example) that `__call__` encodes, in slot
-        order: each item's text, at most `max_knowledge_items` of them."""
+        order: each item's text, at most `max_knowledge_items` of them (chosen as the class docstring says)."""
         return self._knowledge_texts(knowledge, other_inputs_batched=True)
 
     def _knowledge_texts(self, knowledge, other_inputs_batched: bool) -> list[list[str]]:
-        """Per-example item sentences, each list cut to `max_knowledge_items` (kept in the given order)."""
+        """Per-example item sentences, each list cut to `max_knowledge_items` (`retrieval_cut`: retrieved items as a
+        retrieval of `max_knowledge_items` chooses them, other items the first ones; kept in the given order)."""
         if not isinstance(knowledge, (list, tuple)):
             raise TypeError(
                 f"knowledge must be a list (per example, or for one example), got {type(knowledge).__name__}"
@@ -566,7 +408,7 @@ class VKOODProcessor(ProcessorMixin):
         else:
             raise ValueError("knowledge mixes per-example lists and single items; pass one list of items per example")
         return [
-            [_item_text(item, b, i) for i, item in enumerate((example or [])[: self.max_knowledge_items])]
+            [_item_text(item, b, i) for i, item in enumerate(retrieval_cut(example or [], self.max_knowledge_items))]
             for b, example in enumerate(examples)
         ]
 
@@ -607,4 +449,4 @@ class VKOODProcessor(ProcessorMixin):
 
 VKOODProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["VKOODProcessor", "tokenizer_decoder_tokens", "usable_text_length"]
+__all__ = ["VKOODProcessor", "usable_text_length"]

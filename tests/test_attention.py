@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_vkood_config
 
 from modeling_vkood import (
     VKOODForImagesAndTextClassification,
@@ -16,7 +15,9 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODModel,
 )
-from modeling_vkood.modeling_vkood import FUSION_ATTENTIONS, FUSION_OUTPUTS, VKOODAttention
+from modeling_vkood.fusion_vkood import VKOODAttention
+from modeling_vkood.outputs_vkood import FUSION_ATTENTIONS, FUSION_OUTPUTS
+from tests.utils.tiny import tiny_batch, tiny_vkood_config
 
 try:
     from torch.nn.attention.flex_attention import flex_attention
@@ -158,7 +159,7 @@ def test_flex_attention_gets_the_bias_and_gives_the_eager_logits(monkeypatch):
 
 def test_output_attentions_are_probabilities_without_padded_or_hard_gated_keys():
     torch.manual_seed(0)
-    config = deterministic_config(num_labels=5, ood_hard_gate=True, num_fusion_layers=3)
+    config = deterministic_config(num_labels=5, ood_config=dict(hard_gate=True), num_fusion_layers=3)
     config._attn_implementation = "eager"
     model = VKOODForQuestionAnswering(config).eval()
     batch = padded_batch()

@@ -4,11 +4,11 @@ same rows, and changing an input file, the knowledge index or a builder option b
 import os
 
 import pytest
-from test_training import write_easy_vqa
 
 import data_scripts.easy_vqa
 from modeling_vkood.training import load_splits
 from modeling_vkood.training.arguments import DataArguments
+from tests.utils.generated_data import write_easy_vqa
 
 
 @pytest.fixture
@@ -34,13 +34,13 @@ def test_second_load_comes_from_the_cache_and_a_changed_input_rebuilds(builds, t
         dataset="easy_vqa",
         dataset_root=str(root),
         eval_split="test",
-        max_knowledge_items=2,
         check_images="header",
         dataset_cache_dir=str(tmp_path / "cache"),
     )
-    first = load_splits(args, ["train", "test"])
+    items = 2
+    first = load_splits(args, ["train", "test"], items)
     assert len(builds) == 1 and builds[0]["check_images"] == "header"
-    second = load_splits(args, ["train", "test"])
+    second = load_splits(args, ["train", "test"], items)
     assert len(builds) == 1  # from the cache
     assert rows(second) == rows(first) and len(first["train"]) == 36
     assert second["train"].features == first["train"].features
@@ -50,13 +50,13 @@ def test_second_load_comes_from_the_cache_and_a_changed_input_rebuilds(builds, t
     questions = root / "train" / "questions.json"
     questions.write_text(questions.read_text().replace("what shape is in the image?", "which shape is it?"))
     os.utime(questions, ns=(questions.stat().st_atime_ns, questions.stat().st_mtime_ns + 10**9))
-    changed = load_splits(args, ["train", "test"])
+    changed = load_splits(args, ["train", "test"], items)
     assert len(builds) == 2 and "which shape is it?" in changed["train"]["question"]
 
-    args.max_knowledge_items = 3  # a builder option is part of the key too
-    load_splits(args, ["train", "test"])
+    items = 3  # a builder option is part of the key too
+    load_splits(args, ["train", "test"], items)
     assert len(builds) == 3
-    load_splits(args, ["train", "test"])
+    load_splits(args, ["train", "test"], items)
     assert len(builds) == 3
     caches = [path.name for path in (tmp_path / "cache").iterdir()]
     assert len(caches) == 3 and not any(".partial-" in name for name in caches)

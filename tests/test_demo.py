@@ -16,7 +16,6 @@ import easy_vqa
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_vkood import (
@@ -27,6 +26,8 @@ from modeling_vkood import (
     pipeline_vkood,
 )
 from modeling_vkood.knowledge import KnowledgeBase
+from tests.utils.paths import REPO_ROOT
+from tests.utils.tiny import tiny_vkood_config
 
 try:  # the browser test's driver (the `demo` extra); without it that test skips or, in CI, fails
     from selenium import webdriver
@@ -44,7 +45,6 @@ import vkood_demo  # noqa: E402
 from vkood_demo import NO_KNOWLEDGE, RETRIEVED_AND_TYPED, TYPED_ONLY, DemoInputError  # noqa: E402
 
 REQUIRE_BROWSER = bool(os.environ.get("VKOOD_REQUIRE_BROWSER"))
-RETRIEVED = 6  # items retrieved per text; the tiny models read 4 (`max_knowledge_items`), so some are left out
 QUESTION = "what color is the circle?"
 TYPED = "a dog is an animal\na circle is round"
 ANSWERS = easy_vqa.get_answers()
@@ -74,12 +74,12 @@ def save_checkpoint(task: str, folder: Path, minilm_path: str, answers=ANSWERS):
     }[task]
     labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     torch.manual_seed(0)
-    model = model_class(tiny_vkood_config(ood_max_iter=3, **labels)).eval()
+    model = model_class(tiny_vkood_config(**labels, ood_config=dict(max_iter=3))).eval()
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = VKOODProcessor.from_model_config(
         image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config
     )
-    processor.set_knowledge_source("starter", KnowledgeBase.starter().path, RETRIEVED)
+    processor.set_knowledge_source("starter", KnowledgeBase.starter().path)
     if task == "vqa":
         model.config.custom_pipelines = pipeline_vkood.VQA_PIPELINE
         shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
@@ -512,6 +512,8 @@ class Page:
         return [[row[col] for col in sorted(row)] for _, row in sorted(rows.items())]
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_the_page_in_a_browser(checkpoints, bad_files, tmp_path):
     app = load_app()
     driver = browser_or_skip()

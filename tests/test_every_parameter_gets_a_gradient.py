@@ -3,10 +3,10 @@ for each head, with CLIP vision + BERT or RoBERTa text backbones, under full fin
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
 
 from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval, VKOODForQuestionAnswering
+from tests.utils.tiny import tiny_batch, tiny_vkood_config
 
 TEXT_BACKBONES = {
     "bert": {},
@@ -31,7 +31,7 @@ def tiny_model(head, text_type, finetuning):
     )
     text.update(TEXT_BACKBONES[text_type])
     config = tiny_vkood_config(
-        text_config=text, num_labels=3, ood_max_iter=3, pretrained_backbones=["vision_model", "text_model"]
+        text_config=text, num_labels=3, pretrained_backbones=["vision_model", "text_model"], ood_config=dict(max_iter=3)
     )
     model = HEADS[head][0](config)
     model.activation_checkpointing_enable()

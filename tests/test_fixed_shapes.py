@@ -3,10 +3,11 @@ forward, the same outputs as the CPU path that encodes each distinct text once, 
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_vkood_config
 
 from benchmarks.dispatch_counts import HostSyncCounter
 from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForQuestionAnswering, VKOODModel
+from modeling_vkood.training.ood_objectives import calibrate_threshold
+from tests.utils.tiny import tiny_batch, tiny_vkood_config
 
 
 def test_the_counter_sees_reads_and_data_dependent_shapes_but_not_fixed_shape_work():
@@ -34,7 +35,9 @@ def test_the_counter_sees_reads_and_data_dependent_shapes_but_not_fixed_shape_wo
 
 def _model(model_class=VKOODModel, **overrides):
     torch.manual_seed(0)
-    config = tiny_vkood_config(**{"ood_convergence_check_every": 0, "ood_calibration_quantile": None, **overrides})
+    config = tiny_vkood_config(
+        ood_config=dict(convergence_check_every=overrides.pop("convergence_check_every", 0)), **overrides
+    )
     return model_class(config).eval()
 
 
@@ -61,7 +64,7 @@ def test_forward_with_knowledge_makes_no_host_synchronisation_on_the_fixed_shape
 
 
 def test_fixed_shape_path_gives_the_outputs_of_the_distinct_text_path():
-    model = _model(ood_convergence_check_every=5)
+    model = _model(convergence_check_every=5)
     batch = _knowledge_batch()
     outputs = {}
     for forced in (False, True):
@@ -113,10 +116,10 @@ def test_non_finite_pixels_raise_on_the_fixed_shape_path_too():
 
 
 def test_calibration_flag_is_read_once_and_stays_right_through_from_pretrained(tmp_path):
-    model = VKOODModel(tiny_vkood_config(ood_calibration_quantile=0.5))
+    model = VKOODModel(tiny_vkood_config())
     assert model.ood.needs_calibration
     model.save_pretrained(tmp_path / "fresh")
-    model.ood.calibrate_threshold(torch.randn(10))
+    calibrate_threshold(model.ood, torch.randn(10), 0.5)
     assert not model.ood.needs_calibration
     model.save_pretrained(tmp_path / "calibrated")
     fresh = VKOODModel.from_pretrained(tmp_path / "fresh")

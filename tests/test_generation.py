@@ -8,7 +8,6 @@ import shutil
 import PIL.Image
 import pytest
 import torch
-from conftest import run_without_package, tiny_decoder_config, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, CLIPImageProcessorPil, TrainingArguments
 
@@ -18,6 +17,8 @@ from modeling_vkood.generation_vkood import answer_token_loss
 from modeling_vkood.training import VKOODTrainer
 from modeling_vkood.training.collators import parse_question_answer, question_answer_text
 from modeling_vkood.training.generation_eval import generated_vqa_metrics
+from tests.utils.tiny import tiny_decoder_config, tiny_vkood_config
+from tests.utils.without_package import run_without_package
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (250, 250, 250)}
 # One question per image; the answers have 1 to 3 words, so the decoder must also learn where to stop.
@@ -31,8 +32,8 @@ def deterministic_config(**overrides):
         decoder_config=tiny_decoder_config(),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        ood_max_iter=5,
         **overrides,
+        ood_config=dict(max_iter=5),
     )
     config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     return config
@@ -69,6 +70,7 @@ def trained(minilm_path):
     return model.eval(), processor, float(loss.detach())
 
 
+@pytest.mark.slow
 def test_generate_after_training_reproduces_the_trained_answers(trained):
     model, processor, final_loss = trained
     assert final_loss < 0.5  # from 10.4 (uniform over the 30522 tokens)
@@ -79,6 +81,7 @@ def test_generate_after_training_reproduces_the_trained_answers(trained):
     assert ((sequences == model.config.decoder_config.eos_token_id).sum(-1) == 1).all()
 
 
+@pytest.mark.slow
 def test_beam_search_and_greedy_agree_where_they_must(trained):
     model, processor, _ = trained
     batch = inputs(processor)
@@ -145,6 +148,7 @@ def test_the_head_honours_the_trainer_loss_contract_also_under_peft(tmp_path):
         model(num_items_in_batch=8)
 
 
+@pytest.mark.slow
 def test_lora_merge_and_unload_keeps_the_generations(trained):
     trained_model, processor, _ = trained
     torch.manual_seed(2)
@@ -170,6 +174,7 @@ def test_lora_merge_and_unload_keeps_the_generations(trained):
     )
 
 
+@pytest.mark.slow
 def test_save_load_as_remote_code_gives_the_same_generations_and_pipeline_answers(trained, tmp_path):
     model, processor, _ = trained
     folder = tmp_path / "checkpoint"
@@ -208,7 +213,9 @@ def test_save_load_as_remote_code_gives_the_same_generations_and_pipeline_answer
         answers = [vqa(image=f"{{i}}.png", question=q, knowledge=k, top_k=1)
                    for i, (q, k) in enumerate(zip({QUESTIONS!r}, {KNOWLEDGE!r}))]
         top3 = vqa(image="0.png", question={QUESTIONS[0]!r}, knowledge={KNOWLEDGE[0]!r}, top_k=3)
-        json.dump({{"answers": answers, "top3": top3, "texts": processor.decode_answers(greedy)}}, open("out.json", "w"))
+        json.dump(
+            {{"answers": answers, "top3": top3, "texts": processor.decode_answers(greedy)}}, open("out.json", "w")
+        )
         """,
         tmp_path,
     )

@@ -19,14 +19,16 @@ import PIL.Image
 import PIL.ImageDraw
 import pytest
 import torch
-from conftest import REFDATA, REPO_ROOT, run_without_package, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from data_scripts.common import KnowledgeAnnotator
-from modeling_vkood import VKOODForQuestionAnswering, VKOODProcessor, processing_vkood
-from modeling_vkood.knowledge import KnowledgeBase
+from modeling_vkood import VKOODForQuestionAnswering, VKOODProcessor, knowledge_source_vkood
+from modeling_vkood.knowledge import KnowledgeBase, retrieval_cut
 from modeling_vkood.pipeline_vkood import VQA_PIPELINE, VKOODVisualQuestionAnsweringPipeline
 from modeling_vkood.training.collators import PixelCache, VQACollator
+from tests.utils.paths import REFDATA, REPO_ROOT
+from tests.utils.tiny import tiny_vkood_config
+from tests.utils.without_package import run_without_package
 
 CONCEPTNET_CSV = REFDATA / "conceptnet" / "assertions.csv" if REFDATA is not None else Path("refdata-absent")
 needs_conceptnet = pytest.mark.skipif(
@@ -107,7 +109,6 @@ def test_self_retrieval_gives_the_training_collators_tensors(graph, request, tok
         knowledge_max_length=12,
         knowledge_source=graph,
         knowledge_index=str(kb.path),
-        knowledge_retrieval_items=RETRIEVED,
     )
     training = collated(explicit, kb, questions)
     inference = retrieving(images=images(len(questions)), text=questions)
@@ -120,9 +121,13 @@ def test_self_retrieval_gives_the_training_collators_tensors(graph, request, tok
     assert inference["knowledge_mask"].sum(1).tolist() == [min(c, ENCODED) for c in counts]
     if graph == "starter":
         assert max(counts) > ENCODED  # the collator's cut to ENCODED items is exercised
-        # Retrieving only ENCODED items deals other items (round-robin): the retrieval count must be the builders'.
+        # Retrieving only ENCODED items deals other items (round-robin) than the first ENCODED of RETRIEVED items:
+        # the processor cuts the builders' items as retrieval does, so it retrieves ENCODED items itself.
         fewer = [[i.text for i in items] for items in kb.retrieve_batch(questions, max_items=ENCODED)]
         assert fewer != [[i.text for i in items][:ENCODED] for items in kb.retrieve_batch(questions, RETRIEVED)]
+        stored = [[i.to_dict() for i in items] for items in kb.retrieve_batch(questions, RETRIEVED)]
+        assert explicit.knowledge_sentences(stored) == fewer == retrieving.knowledge_sentences(stored)
+        assert [[i["text"] for i in retrieval_cut(items, ENCODED)] for items in stored] == fewer
 
 
 def test_explicit_and_empty_knowledge_override_retrieval(tokenizer, starter):
@@ -140,8 +145,8 @@ def test_explicit_and_empty_knowledge_override_retrieval(tokenizer, starter):
         VKOODProcessor(image_processor(), tokenizer, knowledge_source="starter")(text="a dog")
     with pytest.raises(ValueError, match="needs a knowledge_source"):
         plain.set_knowledge_source(None, starter.path)
-    with pytest.raises(ValueError, match="knowledge_retrieval_items must be a positive integer"):
-        plain.set_knowledge_source("starter", starter.path, retrieval_items=0)
+    plain.set_knowledge_source("starter", starter.path)
+    assert len(plain.retrieve_knowledge(["a red circle and a blue square and a dog"])[0]) == plain.max_knowledge_items
 
 
 def test_edges_dataset_folder_retrieves_like_its_index_and_ships_when_local(tokenizer, starter, tmp_path, monkeypatch):
@@ -159,6 +164,27 @@ def test_edges_dataset_folder_retrieves_like_its_index_and_ships_when_local(toke
     assert reloaded.retrieve_knowledge(STARTER_QUESTIONS) == starter.retrieve_batch(STARTER_QUESTIONS, 16)
 
 
+def test_a_config_saved_with_knowledge_retrieval_items_still_loads(tokenizer, starter, tmp_path, caplog):
+    processor = VKOODProcessor(
+        image_processor(),
+        tokenizer,
+        max_knowledge_items=ENCODED,
+        knowledge_source="starter",
+        knowledge_index=starter.path,
+    )
+    processor.save_pretrained(tmp_path / "saved")
+    config_file = tmp_path / "saved" / "processor_config.json"
+    config = json.loads(config_file.read_text())
+    for retrieval_items, warned in ((ENCODED, False), (RETRIEVED, True)):  # as a processor of before one cap saved it
+        config_file.write_text(json.dumps({**config, "knowledge_retrieval_items": retrieval_items}))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            reloaded = VKOODProcessor.from_pretrained(tmp_path / "saved")
+        assert not hasattr(reloaded, "knowledge_retrieval_items")
+        assert ("knowledge_retrieval_items=6, which is no longer read" in caplog.text) == warned
+        assert reloaded.retrieve_knowledge(STARTER_QUESTIONS) == starter.retrieve_batch(STARTER_QUESTIONS, ENCODED)
+
+
 def test_hub_dataset_source_is_fetched_as_a_dataset_and_not_copied(tokenizer, starter, tmp_path, monkeypatch):
     monkeypatch.setenv("VKOOD_CACHE", str(tmp_path / "cache"))
     edges = starter.export_edges(tmp_path / "edges.jsonl")
@@ -168,7 +194,7 @@ def test_hub_dataset_source_is_fetched_as_a_dataset_and_not_copied(tokenizer, st
         fetched.append((repo_id, filename, kwargs))
         return str(edges)
 
-    monkeypatch.setattr(processing_vkood, "cached_file", cached_file)
+    monkeypatch.setattr(knowledge_source_vkood, "cached_file", cached_file)
     processor = VKOODProcessor(image_processor(), tokenizer, knowledge_source="hf://datasets/someone/kg@v1")
     assert processor.retrieve_knowledge(["a red circle"]) == starter.retrieve_batch(["a red circle"], 16)
     assert fetched == [("someone/kg", "edges.jsonl", {"repo_type": "dataset", "revision": "v1"})]
@@ -209,7 +235,7 @@ def tiny_checkpoint(folder: Path, tokenizer, kb: KnowledgeBase) -> tuple[VKOODFo
     model = VKOODForQuestionAnswering(config).eval()
     model.config.custom_pipelines = VQA_PIPELINE
     processor = VKOODProcessor.from_model_config(image_processor(), tokenizer, config)
-    processor.set_knowledge_source("starter", kb.path, RETRIEVED)
+    processor.set_knowledge_source("starter", kb.path)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     (folder / "pipeline_vkood.py").write_text((REPO_ROOT / "modeling_vkood" / "pipeline_vkood.py").read_text())
@@ -234,16 +260,19 @@ torch.save({"items": items, "logits": logits, "answers": answers, "module": type
 """
 
 
+@pytest.mark.slow
 def test_saved_checkpoint_retrieves_and_answers_the_same_without_the_package(tokenizer, starter, tmp_path):
     folder = tmp_path / "checkpoint"
     model, processor = tiny_checkpoint(folder, tokenizer, starter)
     assert {"knowledge_vkood.py", "processing_vkood.py", "knowledge_index.sqlite"} <= {p.name for p in folder.iterdir()}
+    assert set(REMOTE_PROCESSOR_FILES) <= {p.name for p in folder.iterdir()}  # the siblings the processor imports
     saved = json.loads((folder / "processor_config.json").read_text())
-    assert (saved["knowledge_source"], saved["knowledge_index"], saved["knowledge_retrieval_items"]) == (
+    assert (saved["knowledge_source"], saved["knowledge_index"], saved["max_knowledge_items"]) == (
         "starter",
         "knowledge_index.sqlite",
-        RETRIEVED,
+        model.config.max_knowledge_items,
     )
+    assert "knowledge_retrieval_items" not in saved  # one cap: the processor retrieves the model's M items
 
     paths = []
     for index, picture in enumerate(images(len(STARTER_QUESTIONS))):
@@ -256,7 +285,8 @@ def test_saved_checkpoint_retrieves_and_answers_the_same_without_the_package(tok
     remote = torch.load(tmp_path / "remote.pt")
     assert remote["module"].startswith("transformers_modules")
 
-    expected_items = [[item.text for item in row] for row in starter.retrieve_batch(STARTER_QUESTIONS, RETRIEVED)]
+    retrieved = starter.retrieve_batch(STARTER_QUESTIONS, model.config.max_knowledge_items)
+    expected_items = [[item.text for item in row] for row in retrieved]
     assert remote["items"] == expected_items
     with torch.no_grad():
         local = model(**processor(images=[PIL.Image.open(p) for p in paths], text=STARTER_QUESTIONS)).logits
@@ -304,18 +334,29 @@ def test_return_knowledge_reports_the_hard_gate_when_configured(tokenizer, start
 
 # ------------------------------------------------------------------------------------------- remote-code rule
 KNOWLEDGE_FILE = REPO_ROOT / "modeling_vkood" / "knowledge_vkood.py"
+# Retrieval and what it imports: flat siblings, each imported in the `from .x import` form transformers copies.
+RETRIEVAL_FILES = ("knowledge_vkood.py", "concepts_vkood.py", "verbalize_vkood.py")
+REMOTE_PROCESSOR_FILES = (
+    "processing_vkood.py",
+    "image_loading_vkood.py",
+    "knowledge_source_vkood.py",
+    "decoder_targets_vkood.py",
+    *RETRIEVAL_FILES,
+)
 
 
 def test_knowledge_file_imports_only_the_standard_library():
-    tree = ast.parse(KNOWLEDGE_FILE.read_text(encoding="utf-8"))
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "knowledge_vkood.py imports a sibling"
-            imported.add(node.module.split(".")[0])
-    assert imported and imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    for name in RETRIEVAL_FILES:
+        tree = ast.parse((REPO_ROOT / "modeling_vkood" / name).read_text(encoding="utf-8"))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and f"{node.module}.py" in RETRIEVAL_FILES, f"{name} imports {node.module}"
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module.split(".")[0])
+        assert imported and imported <= set(sys.stdlib_module_names), (name, imported - set(sys.stdlib_module_names))
     processing = (REPO_ROOT / "modeling_vkood" / "processing_vkood.py").read_text(encoding="utf-8")
     assert "\nfrom .knowledge_vkood import " in processing  # the form transformers copies and loads as remote code
 
@@ -323,15 +364,16 @@ def test_knowledge_file_imports_only_the_standard_library():
 def test_knowledge_file_runs_with_every_third_party_package_blocked(tmp_path, starter):
     edges = starter.export_edges(tmp_path / "edges.jsonl")
     code = f"""
-        import importlib.abc, importlib.util, json, sys
+        import importlib, importlib.abc, json, sys, types
         class _StdlibOnly(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] not in sys.stdlib_module_names:
+                if name.split(".")[0] not in (*sys.stdlib_module_names, "flat"):
                     raise ImportError(f"{{name}} is not in the standard library")
         sys.meta_path.insert(0, _StdlibOnly())
-        spec = importlib.util.spec_from_file_location("knowledge_vkood", {str(KNOWLEDGE_FILE)!r})
-        module = sys.modules["knowledge_vkood"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        # The flat folder of remote-code files, as a package whose __init__ never runs (as transformers_modules).
+        sys.modules["flat"] = types.ModuleType("flat")
+        sys.modules["flat"].__path__ = [{str(KNOWLEDGE_FILE.parent)!r}]
+        module = importlib.import_module("flat.knowledge_vkood")
         index = module.KnowledgeIndex(module.index_from_edge_lines({str(edges)!r}, {str(tmp_path / "cache")!r}))
         rows = [[item.to_dict() for item in index.retrieve(q, max_items=6)] for q in {STARTER_QUESTIONS!r}]
         json.dump(rows, open("retrieved.json", "w"))

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_vkood_config
 
 from modeling_vkood import (
     VKOODForImagesAndTextClassification,
@@ -10,6 +9,7 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODModel,
 )
+from tests.utils.tiny import tiny_batch, tiny_vkood_config
 
 
 def processor_like_batch(pairs=False):

@@ -9,14 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_vkood_config
 from huggingface_hub import DatasetCard
 from sklearn.mixture import GaussianMixture
 
 from data_scripts import knowledge_vqa
 from data_scripts.__main__ import main
 from data_scripts.common import SkipReport, load_json
-from modeling_vkood import VKOODConfig
+from modeling_vkood import ImplicitOODConfig, VKOODConfig
 from modeling_vkood.ood_vkood import (
     GaussianMixtureOutput,
     ImplicitOODLayer,
@@ -25,6 +24,14 @@ from modeling_vkood.ood_vkood import (
     log_likelihood_score,
 )
 from modeling_vkood.training.collators import states_answer
+from modeling_vkood.training.gate_forcing import GateForcingSchedule
+from modeling_vkood.training.ood_objectives import (
+    OODAlignmentLoss,
+    cross_image_contrastive_loss,
+    gate_relevance_loss,
+    relevance_contrastive_loss,
+)
+from tests.utils.tiny import tiny_ood_layer
 
 pytest.importorskip("easy_vqa", reason="knowledge-VQA reads the images of the easy-vqa package")
 
@@ -191,19 +198,19 @@ def test_log_likelihood_score_is_relative_to_the_image_tokens_and_differs_from_g
 
 
 def contrastive_layer(**overrides):
-    config = tiny_vkood_config(
-        **{"ood_alignment": "contrastive", "ood_score": "log_likelihood", "ood_alignment_weight": 1.0, **overrides}
-    )
-    return ImplicitOODLayer(config).double()
+    """The recommended layer (log-likelihood score) of the tiny config, in float64."""
+    return tiny_ood_layer(score="log_likelihood", **overrides).double()
 
 
 def test_contrastive_alignment_is_the_multi_positive_infonce_of_the_scores_over_the_candidates():
     torch.manual_seed(0)
-    layer = contrastive_layer(ood_alignment_temperature=0.5)
+    layer = contrastive_layer()
+    alignment = OODAlignmentLoss("contrastive", temperature=0.5)
     context, items = torch.randn(3, 6, 32, dtype=torch.float64), torch.randn(3, 4, 32, dtype=torch.float64)
     items_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
     relevance = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.float64)  # row 2: no positive
-    output = layer(context, items, items_mask=items_mask, items_relevance=relevance)
+    output = layer(context, items, knowledge_mask=items_mask, knowledge_relevance=relevance)
+    loss = alignment.layer_loss(layer, output, items_mask, relevance)
     logits = output.scores / 0.5
     expected = torch.stack(
         [
@@ -211,18 +218,17 @@ def test_contrastive_alignment_is_the_multi_positive_infonce_of_the_scores_over_
             torch.logsumexp(logits[1, :3], 0) - logits[1, 2],  # the padded item is no negative
         ]
     ).mean()
-    assert torch.allclose(output.alignment_loss, expected)
-    output.alignment_loss.backward()
+    assert torch.allclose(loss, expected)
+    loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
     assert layer.projection.weight.grad.abs().sum() > 0
 
 
 def test_contrastive_alignment_is_minimal_when_every_positive_outscores_the_rest():
-    layer = contrastive_layer(ood_alignment_temperature=0.01)
     scores = torch.tensor([[5.0, 5.0, -5.0, -5.0]])
     mask = torch.ones_like(scores)
-    good = layer.contrastive_alignment_loss(scores, mask, torch.tensor([[1.0, 0, 0, 0]]))
-    bad = layer.contrastive_alignment_loss(scores, mask, torch.tensor([[0, 0, 1.0, 0]]))
+    good = relevance_contrastive_loss(scores, mask, torch.tensor([[1.0, 0, 0, 0]]), temperature=0.01)
+    bad = relevance_contrastive_loss(scores, mask, torch.tensor([[0, 0, 1.0, 0]]), temperature=0.01)
     assert torch.isclose(good, torch.tensor(math.log(2.0)), atol=1e-6)  # two fitting items share the top score
     assert bad > 100
 
@@ -230,16 +236,17 @@ def test_contrastive_alignment_is_minimal_when_every_positive_outscores_the_rest
 def test_contrastive_alignment_without_relevance_is_zero():
     layer = contrastive_layer()
     output = layer(torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 3, 32, dtype=torch.float64))
-    assert float(output.alignment_loss) == 0.0
+    assert float(OODAlignmentLoss("contrastive").layer_loss(layer, output, None, None)) == 0.0
 
 
 def test_gate_alignment_adds_the_class_balanced_bce_of_the_gate_on_detached_scores_to_the_infonce():
     torch.manual_seed(0)
-    layer = contrastive_layer(ood_alignment="gate", ood_temperature=2.0)
+    layer = contrastive_layer(temperature=2.0)
     context, items = torch.randn(2, 6, 32, dtype=torch.float64), torch.randn(2, 4, 32, dtype=torch.float64)
     items_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float64)
     relevance = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.float64)
-    output = layer(context, items, items_mask=items_mask, items_relevance=relevance)
+    output = layer(context, items, knowledge_mask=items_mask, knowledge_relevance=relevance)
+    loss = OODAlignmentLoss("gate").layer_loss(layer, output, items_mask, relevance)
     logits = (output.scores - layer.threshold) / 2.0
     bce = torch.nn.functional.softplus
     balanced = torch.stack(
@@ -248,10 +255,10 @@ def test_gate_alignment_adds_the_class_balanced_bce_of_the_gate_on_detached_scor
             bce(-logits[1, 1:3]).mean() + bce(logits[1, 0]),  # the padded item counts in neither term
         ]
     ).mean()
-    infonce = layer.contrastive_alignment_loss(output.scores, items_mask, relevance)
-    assert torch.allclose(output.alignment_loss, infonce + balanced)
+    infonce = relevance_contrastive_loss(output.scores, items_mask, relevance)
+    assert torch.allclose(loss, infonce + balanced)
     (projection_grad,) = torch.autograd.grad(infonce, layer.projection.weight, retain_graph=True)
-    output.alignment_loss.backward()
+    loss.backward()
     assert layer.threshold.grad.abs() > 0  # tau is trained by it, unlike by the InfoNCE alone
     assert torch.allclose(layer.projection.weight.grad, projection_grad)  # the scores only by the InfoNCE
 
@@ -259,27 +266,28 @@ def test_gate_alignment_adds_the_class_balanced_bce_of_the_gate_on_detached_scor
 @pytest.mark.parametrize("alignment", ["contrastive", "gate"])
 def test_cross_image_term_is_the_infonce_of_each_positive_over_the_batch_images(alignment):
     torch.manual_seed(0)
-    layer = contrastive_layer(ood_alignment=alignment, ood_alignment_temperature=0.5, ood_cross_image_weight=0.7)
-    plain = contrastive_layer(ood_alignment=alignment, ood_alignment_temperature=0.5)
-    plain.load_state_dict(layer.state_dict())
+    layer = contrastive_layer()
+    with_term = OODAlignmentLoss(alignment, temperature=0.5, cross_image_weight=0.7)
+    without_term = OODAlignmentLoss(alignment, temperature=0.5)
     context, items = torch.randn(3, 6, 32, dtype=torch.float64), torch.randn(3, 4, 32, dtype=torch.float64)
     items_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
     relevance = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.float64)  # row 1: padding only
-    output = layer(context, items, items_mask=items_mask, items_relevance=relevance)
+    output = layer(context, items, knowledge_mask=items_mask, knowledge_relevance=relevance)
+    loss = with_term.layer_loss(layer, output, items_mask, relevance)
     fits = layer.fit_images(context)
     terms = []
     for row, slot in [(0, 0), (0, 2), (2, 1)]:  # each positive, scored by hand under each image's own fit
         item = layer.project(items[row, slot]).reshape(1, 1, -1)
         logits = torch.cat([layer.score(item, fits.select(torch.tensor([image]))) for image in range(3)]).reshape(3)
         terms.append(-torch.log_softmax(logits / 0.5, 0)[row])
-    without = plain(context, items, items_mask=items_mask, items_relevance=relevance).alignment_loss
-    assert torch.allclose(output.alignment_loss, without + 0.7 * torch.stack(terms).mean())
-    output.alignment_loss.backward()
+    without = without_term.layer_loss(layer, output, items_mask, relevance)
+    assert torch.allclose(loss, without + 0.7 * torch.stack(terms).mean())
+    loss.backward()
     assert torch.isfinite(layer.projection.weight.grad).all() and layer.projection.weight.grad.abs().sum() > 0
 
 
 def test_cross_image_term_is_small_when_each_positive_fits_only_its_own_image():
-    layer = contrastive_layer(ood_cross_image_weight=1.0, ood_alignment_temperature=0.1)
+    layer = contrastive_layer()
     far = torch.zeros(2, 1, 32, dtype=torch.float64)
     far[0, 0, 0], far[1, 0, 1] = 1.0, 1.0
     items = far * 50.0  # projected, each row's item sits where its own image's tokens are
@@ -287,10 +295,11 @@ def test_cross_image_term_is_small_when_each_positive_fits_only_its_own_image():
     fit = layer.fit_images(context)
     points = layer.project(items)
     relevance, mask = torch.ones(2, 1, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64)
-    matched = layer.cross_image_alignment_loss(points, fit, mask, relevance)
-    swapped = layer.cross_image_alignment_loss(points.flip(0), fit, mask, relevance)
+    matched = cross_image_contrastive_loss(layer, points, fit, mask, relevance, temperature=0.1)
+    swapped = cross_image_contrastive_loss(layer, points.flip(0), fit, mask, relevance, temperature=0.1)
     assert matched < 1e-3 and swapped > 10.0
-    assert float(layer.cross_image_alignment_loss(points, fit, mask, None)) == 0.0
+    objective = OODAlignmentLoss("contrastive", temperature=0.1, cross_image_weight=1.0)
+    assert float(objective.layer_loss(layer, layer(context, items), mask, None)) == 0.0  # no relevance, no term
 
 
 def test_balanced_gate_loss_keeps_an_item_that_answers_half_the_questions_and_drops_one_that_answers_none():
@@ -305,7 +314,7 @@ def test_balanced_gate_loss_keeps_an_item_that_answers_half_the_questions_and_dr
 
     def closure():
         optimizer.zero_grad()
-        loss = ImplicitOODLayer.gate_relevance_loss(logits.expand(2, 11), mask, relevance)
+        loss = gate_relevance_loss(logits.expand(2, 11), mask, relevance)
         loss = loss + 1e-3 * logits[2:].square().mean()  # keeps the never-relevant logits finite
         loss.backward()
         return loss
@@ -316,27 +325,27 @@ def test_balanced_gate_loss_keeps_an_item_that_answers_half_the_questions_and_dr
     assert (gates[2:] < 0.1).all()
 
 
-@pytest.mark.parametrize("share", [0.3, 1.0])
-def test_relevance_forced_gate_mixes_the_relevance_labels_into_the_gate(share):
+@pytest.mark.parametrize("share", [0.3, 1.0, torch.tensor(0.3)])
+def test_gate_forcing_mixes_the_relevance_labels_into_the_gate(share):
     torch.manual_seed(0)
-    layer = contrastive_layer(ood_alignment="gate").train()
+    layer = contrastive_layer().train()
     context, items = torch.randn(2, 6, 32, dtype=torch.float64), torch.randn(2, 4, 32, dtype=torch.float64)
     items_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.float64)
     relevance = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 1]], dtype=torch.float64)  # row 1: the relevant slot 3 is padding
-    learned = layer(context, items, items_mask=items_mask, items_relevance=relevance).gate
-    layer.relevance_forcing = share
-    forced = layer(context, items, items_mask=items_mask, items_relevance=relevance)
-    assert torch.allclose(forced.gate, (1 - share) * learned + share * relevance * items_mask)
+    inputs = dict(knowledge_mask=items_mask, knowledge_relevance=relevance)
+    learned = layer(context, items, **inputs).gate
+    forced = layer(context, items, **inputs, gate_forcing=share)
+    assert torch.allclose(forced.gate, (1 - float(share)) * learned + float(share) * relevance * items_mask)
     assert torch.allclose(forced.log_gate.exp(), forced.gate) and forced.gate[1, 3] == 0
-    assert torch.allclose(layer.eval()(context, items, items_mask=items_mask, items_relevance=relevance).gate, learned)
-    assert torch.allclose(layer.train()(context, items, items_mask=items_mask).gate, learned)  # no labels: learned
+    assert torch.allclose(layer.eval()(context, items, **inputs, gate_forcing=share).gate, learned)  # training only
+    no_labels = layer.train()(context, items, knowledge_mask=items_mask, gate_forcing=share).gate
+    assert torch.allclose(no_labels, learned)  # without labels: the learned gate
 
 
 def test_gate_forcing_share_holds_then_hands_over_linearly():
-    from modeling_vkood.training.gate_forcing import GateForcingSchedule, forcing_share
-
-    assert [forcing_share(step, 2, 4) for step in range(8)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
-    assert [forcing_share(step, 0, 0) for step in range(2)] == [0.0, 0.0]
+    schedule = GateForcingSchedule(2, 4)
+    assert [schedule(step) for step in range(8)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert [GateForcingSchedule(0, 0)(step) for step in range(2)] == [0.0, 0.0]
     with pytest.raises(ValueError, match=">= 0"):
         GateForcingSchedule(-1, 2)
 
@@ -348,30 +357,36 @@ def test_states_answer_matches_whole_words_only():
     assert not states_answer("the colour red is the symbol of the farm", ["tower", ""])
 
 
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("ood_score", "energy"),
-        ("ood_alignment", "pull"),
-        ("ood_alignment_temperature", 0.0),
-        ("ood_cross_image_weight", -1.0),
-    ],
-)
-def test_new_ood_options_are_validated(field, value):
-    with pytest.raises(Exception, match=f"VKOODConfig.{field} must"):  # huggingface_hub wraps the ValueError
-        VKOODConfig(**{field: value})
+def test_new_ood_options_are_validated():
+    with pytest.raises(Exception, match="ImplicitOODConfig.score must"):  # huggingface_hub wraps the ValueError
+        ImplicitOODConfig(score="energy")
+    with pytest.raises(ValueError, match="--ood_alignment must be one of"):
+        OODAlignmentLoss("pull")
+    with pytest.raises(ValueError, match="--ood_alignment_temperature"):
+        OODAlignmentLoss("gate", temperature=0.0)
+    with pytest.raises(ValueError, match="--ood_cross_image_weight"):
+        OODAlignmentLoss("gate", cross_image_weight=-1.0)
 
 
 def test_cross_image_term_needs_a_relevance_alignment():
-    with pytest.raises(Exception, match="ood_cross_image_weight needs an ood_alignment"):
-        VKOODConfig(ood_cross_image_weight=1.0)  # the paper's "mean_direction" has no positives
+    with pytest.raises(ValueError, match="--ood_cross_image_weight needs an --ood_alignment"):
+        OODAlignmentLoss("mean_direction", cross_image_weight=1.0)  # the regulariser has no positives
 
 
-def test_new_ood_options_default_to_the_paper():
-    config = VKOODConfig()
-    assert (config.ood_score, config.ood_alignment, config.ood_alignment_weight) == ("gem", "mean_direction", 0.0)
+def test_ood_defaults_are_the_recommended_layer_and_the_paper_layer_is_one_setting_away():
+    from modeling_vkood.training.arguments import VKOODTrainingArguments
+
+    assert VKOODConfig().ood_config.score == "log_likelihood"
+    assert VKOODConfig(ood_config={"score": "gem"}).ood_config.score == "gem"
+    arguments = VKOODTrainingArguments(output_dir="unused")
+    assert (arguments.ood_alignment, arguments.ood_alignment_weight, arguments.ood_calibration_quantile) == (
+        "gate",
+        0.0,
+        0.1,
+    )
 
 
+@pytest.mark.slow
 def test_the_shipped_config_trains_evaluates_and_saves(tmp_path, monkeypatch):
     """configuration/knowledge_vqa.yaml as shipped (the study's recipe), cut to 4 steps on 64 questions, its gate
     forcing to 1 forced step and 2 handover steps: every training forward sees the scheduled share, and the labels."""
@@ -379,10 +394,10 @@ def test_the_shipped_config_trains_evaluates_and_saves(tmp_path, monkeypatch):
 
     seen, forward = [], ImplicitOODLayer.forward
 
-    def recording(self, *args, items_relevance=None, **kwargs):
+    def recording(self, *args, knowledge_relevance=None, gate_forcing=None, **kwargs):
         if self.training:
-            seen.append((self.relevance_forcing, items_relevance is not None))
-        return forward(self, *args, items_relevance=items_relevance, **kwargs)
+            seen.append((0.0 if gate_forcing is None else float(gate_forcing), knowledge_relevance is not None))
+        return forward(self, *args, knowledge_relevance=knowledge_relevance, gate_forcing=gate_forcing, **kwargs)
 
     monkeypatch.setattr(ImplicitOODLayer, "forward", recording)
     output = tmp_path / "run"

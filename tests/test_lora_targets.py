@@ -5,12 +5,12 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_vkood_config
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from modeling_vkood import VKOODForQuestionAnswering
 from modeling_vkood.training import apply_finetuning, build_model
 from modeling_vkood.training.arguments import ModelArguments
+from tests.utils.tiny import tiny_vkood_config
 
 RESNET = {
     "model_type": "resnet",
@@ -25,8 +25,7 @@ VKOOD = {
     "num_fusion_layers": 1,
     "num_attention_heads": 2,
     "intermediate_size": 32,
-    "ood_projection_dim": 4,
-    "ood_max_iter": 3,
+    "ood_config": {"projection_dim": 4, "max_iter": 3},
     "max_knowledge_items": 2,
     "knowledge_max_length": 8,
 }

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TinyVQARows, stack, tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval, VKOODForQuestionAnswering
 from modeling_vkood.training import VKOODTrainer
+from tests.utils.paths import REPO_ROOT
+from tests.utils.tiny import TinyVQARows, stack, tiny_batch, tiny_vkood_config
 
 
 def deterministic_config(**overrides):
@@ -25,8 +26,7 @@ def deterministic_config(**overrides):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         classifier_dropout=0.0,
-        ood_tol=1e-30,
-        ood_max_iter=8,
+        ood_config=dict(tol=1e-30, max_iter=8),
         **overrides,
     )
     config = tiny_vkood_config(**settings)
@@ -47,7 +47,7 @@ class GradientRecorder(TrainerCallback):
 
 def first_step_gradients(tmp_path, per_device_batch, accumulation):
     torch.manual_seed(0)
-    model = VKOODForQuestionAnswering(deterministic_config(num_labels=5, ood_calibration_quantile=None))
+    model = VKOODForQuestionAnswering(deterministic_config(num_labels=5))
     recorder = GradientRecorder()
     args = TrainingArguments(
         output_dir=str(tmp_path / f"ga{accumulation}"),
@@ -64,7 +64,12 @@ def first_step_gradients(tmp_path, per_device_batch, accumulation):
         seed=0,
     )
     trainer = VKOODTrainer(
-        model=model, args=args, train_dataset=TinyVQARows(8, seed=3), data_collator=stack, callbacks=[recorder]
+        model=model,
+        args=args,
+        train_dataset=TinyVQARows(8, seed=3),
+        data_collator=stack,
+        callbacks=[recorder],
+        ood_calibration_quantile=None,  # tau as configured: the gradients alone are compared
     )
     trainer.train()
     return recorder.gradients
@@ -115,9 +120,11 @@ def launch(accelerate_config: str, script: Path, *arguments, processes=2) -> sub
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_tau_is_calibrated_alike_on_every_rank_and_kept_by_the_first_bf16_step(tmp_path):
     """ddp.yaml as shipped (bf16 mixed precision), two gloo ranks of 4 examples each."""
-    import distributed_calibration_worker as worker
+    from tests.utils import distributed_calibration_worker as worker
 
     proc = launch("ddp.yaml", Path(worker.__file__), tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -129,9 +136,13 @@ def test_tau_is_calibrated_alike_on_every_rank_and_kept_by_the_first_bf16_step(t
     # One process on the same 8 examples calibrates to the same tau.
     args = worker.training_arguments(tmp_path / "single", per_device_batch=8, bf16=True)
     single = VKOODTrainer(
-        model=worker.tiny_model(), args=args, train_dataset=TinyVQARows(8, seed=3), data_collator=stack
+        model=worker.tiny_model(),
+        args=args,
+        train_dataset=TinyVQARows(8, seed=3),
+        data_collator=stack,
+        ood_calibration_quantile=worker.CALIBRATION_QUANTILE,
     ).calibrate_ood_threshold()
     tau = ranks[0]["tau_at_train_begin"]
-    assert tau == pytest.approx(single, abs=2e-2) and abs(tau - tiny_vkood_config().ood_threshold) > 0.1
+    assert tau == pytest.approx(single, abs=2e-2) and abs(tau - tiny_vkood_config().ood_config.threshold) > 0.1
     # The first AdamW step moves a parameter by at most the learning rate: tau was not reset to its initial value.
     assert 0 < abs(ranks[0]["tau_after_first_step"] - tau) <= worker.LEARNING_RATE * 1.001

@@ -7,7 +7,6 @@ import textwrap
 
 import PIL.Image
 import pytest
-from conftest import run_without_package, tiny_decoder_config, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from hub_cards.model_card import TASKS, ModelDescription, model_card
@@ -20,6 +19,8 @@ from modeling_vkood import (
     pipeline_vkood,
 )
 from modeling_vkood.knowledge import KnowledgeBase
+from tests.utils.tiny import tiny_decoder_config, tiny_vkood_config
+from tests.utils.without_package import run_without_package
 
 CHECKPOINTS = {
     "vqa": (VKOODForQuestionAnswering, {0: "yes", 1: "no", 2: "circle"}),
@@ -45,7 +46,7 @@ def save_checkpoint(task, folder, minilm_path, retrieves=True):
     model_class, id2label = CHECKPOINTS[task]
     labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     decoder = {"decoder_config": tiny_decoder_config()} if task == "generative_vqa" else {}
-    model = model_class(tiny_vkood_config(ood_max_iter=3, **labels, **decoder))
+    model = model_class(tiny_vkood_config(**labels, **decoder, ood_config=dict(max_iter=3)))
     if task in PIPELINES:  # as save_output_folder ships a VQA checkpoint: with its pipeline
         model.config.custom_pipelines = PIPELINES[task]
         shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
@@ -55,7 +56,7 @@ def save_checkpoint(task, folder, minilm_path, retrieves=True):
         image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config
     )
     if retrieves:  # as train.py does where the data was retrieved: the card's pipeline retrieves
-        processor.set_knowledge_source("starter", KnowledgeBase.starter().path, 4)
+        processor.set_knowledge_source("starter", KnowledgeBase.starter().path)
     processor.save_pretrained(folder)
 
 
@@ -81,6 +82,7 @@ def test_every_task_has_a_checkpoint_here():
     assert set(CHECKPOINTS) == set(TASKS) == set(RESULTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_card_usage_snippets_run_without_the_package(task, tmp_path, minilm_path):
     folder = tmp_path / "checkpoint"
@@ -98,6 +100,7 @@ def test_card_usage_snippets_run_without_the_package(task, tmp_path, minilm_path
     assert "snippets ran" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_card_of_per_example_facts_passes_the_run_s_own_example_and_its_snippets_run(tmp_path, minilm_path):
     """knowledge-VQA's facts come with each question: the card shows one of the run's questions with its facts,
     says that nothing is retrieved, names the score the model computes, and its snippets run as written."""

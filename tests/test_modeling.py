@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import run_without_package, tiny_batch, tiny_vkood_config
 from transformers import AutoModel, AutoModelForVisualQuestionAnswering, BertConfig, BertModel, CLIPConfig, CLIPModel
 
 from modeling_vkood import (
@@ -14,7 +13,9 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODModel,
 )
-from modeling_vkood.modeling_vkood import _classifier
+from modeling_vkood.classifier_vkood import build_classifier
+from tests.utils.tiny import tiny_batch, tiny_vkood_config
+from tests.utils.without_package import run_without_package
 
 HEADS = {
     "vqa": (VKOODForQuestionAnswering, "AutoModelForVisualQuestionAnswering", dict(num_labels=5)),
@@ -41,11 +42,11 @@ def head_logits(model, task, batch):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(ood_gradient="newton"), "ood_gradient"),
+        (dict(ood_config=dict(gradient="newton")), "ImplicitOODConfig.gradient"),
         (dict(hidden_size=31), "divisible"),
-        (dict(ood_num_components=0), "ood_num_components"),
+        (dict(ood_config=dict(num_components=0)), "ImplicitOODConfig.num_components"),
         (dict(max_knowledge_items=-1), "max_knowledge_items"),
-        (dict(ood_tol=0.0), "ood_tol"),
+        (dict(ood_config=dict(tol=0.0)), "ImplicitOODConfig.tol"),
         (dict(classifier_head="bilinear"), "classifier_head"),
     ],
 )
@@ -54,12 +55,14 @@ def test_config_rejects_bad_values(bad, message):
         tiny_vkood_config(**bad)
 
 
-def test_default_config_is_the_paper():
+def test_default_config_is_the_paper_architecture_with_the_recommended_ood_layer():
     config = VKOODConfig()
     assert config.vision_config.model_type == "clip_vision_model" and config.vision_config.patch_size == 16
     assert config.text_config.model_type == "roberta"
     assert (config.hidden_size, config.num_fusion_layers, config.num_attention_heads) == (768, 6, 12)
-    assert (config.ood_projection_dim, config.ood_num_components, config.ood_gradient) == (64, 4, "last_iterate")
+    ood = config.ood_config
+    assert (ood.projection_dim, ood.num_components, ood.gradient) == (64, 4, "last_iterate")
+    assert ood.score == "log_likelihood"  # the knowledge-VQA study's layer; the paper's is score="gem"
     assert config.classifier_head == "mlp"  # METER's head
 
 
@@ -87,6 +90,7 @@ def test_head_forward_loss_backward_reaches_the_ood_layer(task, classifier_head)
     assert output.ood_gate.shape[-1] == 4 and torch.isfinite(output.ood_scores).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, classifier_head", TASK_HEADS)
 def test_save_load_same_logits_also_as_remote_code(task, classifier_head, tmp_path):
     model_class, auto_class, kwargs = HEADS[task]
@@ -101,7 +105,9 @@ def test_save_load_same_logits_also_as_remote_code(task, classifier_head, tmp_pa
         p.name for p in folder.iterdir()
     }
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"][auto_class] == f"modeling_vkood.{model_class.__name__}"
+    # the retrieval head has a file of its own; its checkpoints ship it
+    module = "retrieval_vkood" if task == "retrieval" else "modeling_vkood"
+    assert config["auto_map"][auto_class] == f"{module}.{model_class.__name__}"
     assert config["auto_map"]["AutoModel"] == "modeling_vkood.VKOODModel"
     reloaded = model_class.from_pretrained(folder).eval()
     with torch.no_grad():
@@ -131,6 +137,29 @@ def test_save_load_same_logits_also_as_remote_code(task, classifier_head, tmp_pa
     )
 
 
+def test_a_checkpoint_saved_with_flat_ood_fields_loads_with_the_same_outputs(tmp_path):
+    """Checkpoints saved before `ood_config` hold the layer's settings as flat `ood_*` fields, written only where they
+    differed from the defaults of then (whose score was GEM), and the training-only fields of then: converted."""
+    torch.manual_seed(0)
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, ood_config=dict(max_iter=7))).eval()
+    batch = {k: v for k, v in head_inputs("vqa").items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["ood_config"]
+    config.update(ood_projection_dim=8, ood_max_iter=7, ood_alignment="gate", ood_alignment_weight=1.0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = VKOODForQuestionAnswering.from_pretrained(tmp_path).eval()
+    ood = reloaded.config.ood_config
+    assert (ood.score, ood.projection_dim, ood.max_iter, ood.num_components) == ("gem", 8, 7, 4)
+    assert not hasattr(reloaded.config, "ood_alignment") and not hasattr(reloaded.config, "ood_projection_dim")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=0)
+    reloaded.save_pretrained(tmp_path / "again")  # saved anew in today's layout
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["ood_config"]["score"] == "gem"
+
+
 def negated_match_problem(samples, colours=8, width=32, seed=0):
     """Pooled (text, image) vectors of easy-VQA's yes/no questions, without the prior: the text names a colour and
     maybe a "not" (each an additive direction, as attention pools tokens), the image shows a colour, half the pairs
@@ -147,13 +176,16 @@ def negated_match_problem(samples, colours=8, width=32, seed=0):
     return torch.cat([text, image], dim=-1), (match ^ negated).long()
 
 
+@pytest.mark.slow
 def test_gated_product_head_learns_a_negated_match_that_the_mlp_head_does_not():
     features, labels = negated_match_problem(4096)
     test_features, test_labels = features[-1024:], labels[-1024:]
     accuracy = {}
     for head in ("mlp", "gated_product"):
         torch.manual_seed(0)
-        classifier = _classifier(tiny_vkood_config(num_labels=2, classifier_head=head, classifier_dropout=0.0), pairs=1)
+        classifier = build_classifier(
+            tiny_vkood_config(num_labels=2, classifier_head=head, classifier_dropout=0.0), pairs=1
+        )
         optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-4)
         for step in range(300):
             rows = torch.arange(step * 64, (step + 1) * 64) % 3072
@@ -206,12 +238,14 @@ def test_knowledge_is_optional_and_empty_knowledge_is_valid():
 
 def test_hard_gated_out_knowledge_is_removed():
     torch.manual_seed(0)
-    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, ood_hard_gate=True, ood_threshold=1e6)).eval()
+    model = VKOODForQuestionAnswering(
+        tiny_vkood_config(num_labels=5, ood_config=dict(hard_gate=True, threshold=1e6))
+    ).eval()
     batch = tiny_batch()
     with torch.no_grad():
         gated = model(**batch)
         plain = model(**{k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask")})
-        kept = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, use_ood_gate=False)).eval()
+        kept = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, ood_config=dict(use_gate=False))).eval()
         kept.load_state_dict(model.state_dict())
         with_knowledge = kept(**batch)
     assert (gated.ood_gate == 0).all()
@@ -303,6 +337,7 @@ def test_from_vision_text_pretrained_keeps_backbone_weights(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     batch = head_inputs("vqa")
     gradients = []
@@ -360,15 +395,28 @@ def test_retrieval_ranks_a_gallery_in_two_stages():
     assert i2t[image, text].item() == pytest.approx((margin[1] - margin[0] + similarity[image, text]).item(), abs=1e-5)
 
 
-def test_alignment_weight_adds_the_alignment_loss():
+def test_alignment_objective_reads_the_layer_outputs_of_the_forward_and_weighs_them():
+    """The OOD alignment is a training objective outside the model: captured during the head's forward, the layer's
+    outputs give `weight` x its loss, computed from the same tensors as the head's output (one graph)."""
+    from modeling_vkood.training.ood_objectives import OODAlignmentLoss, capture_ood_outputs
+
     batch = head_inputs("vqa")
-    losses = {}
-    for weight in (0.0, 2.0):
-        torch.manual_seed(0)
-        model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, ood_alignment_weight=weight)).eval()
-        losses[weight] = model(**batch).loss
-    alignment = model.vkood(**{k: v for k, v in batch.items() if k != "labels"}).ood_alignment_loss
-    torch.testing.assert_close(losses[2.0], losses[0.0] + 2.0 * alignment)
+    torch.manual_seed(0)
+    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5)).eval()
+    with capture_ood_outputs(model) as calls:
+        outputs = model(**batch)
+    assert len(calls) == 1 and calls[0][0] is model.vkood.ood
+    layer, inputs, ood = calls[0]
+    torch.testing.assert_close(ood.scores, outputs.ood_scores, rtol=0, atol=0)
+    objective = OODAlignmentLoss("mean_direction", weight=2.0)
+    term = objective(model, outputs, batch, ood_outputs=calls)
+    torch.testing.assert_close(term, 2.0 * objective.layer_loss(layer, ood, inputs["knowledge_mask"], None))
+    term.backward()
+    assert model.vkood.ood.projection.weight.grad.abs().sum() > 0
+    with capture_ood_outputs(model) as later:
+        pass
+    model(**batch)
+    assert later == []  # the hooks are gone once the block ends
 
 
 def test_repeated_questions_are_encoded_once_with_the_same_result():

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import TinyVQARows, stack, tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForImageTextRetrieval, VKOODForQuestionAnswering
+from tests.utils.tiny import TinyVQARows, stack, tiny_batch, tiny_vkood_config
 
 
 def test_lora_trainer_step_updates_adapters_and_vkood_modules_then_merges(tmp_path):

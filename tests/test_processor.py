@@ -9,11 +9,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import run_without_package
 from transformers import AutoModel, AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_vkood.configuration_vkood import VKOODConfig
 from modeling_vkood.processing_vkood import VKOODProcessor, usable_text_length
+from tests.utils.without_package import run_without_package
 
 SIZE = 32
 KEYS = [
@@ -300,12 +300,17 @@ torch.save(dict(out), OUTPUT)
 """
 
 
+@pytest.mark.slow
 def test_save_and_reload_including_remote_code_without_the_package(tokenizer, tmp_path):
     processor = make_processor(tokenizer, max_knowledge_items=5, knowledge_max_length=12, max_text_length=64)
     folder = tmp_path / "checkpoint"
     processor.save_pretrained(folder)
 
     assert (folder / "processing_vkood.py").is_file()
+    # Copied with it: the flat siblings it imports, and theirs (knowledge_vkood.py imports concepts and verbalize).
+    siblings = ("image_loading", "knowledge_source", "decoder_targets", "knowledge", "concepts", "verbalize")
+    for sibling in siblings:
+        assert (folder / f"{sibling}_vkood.py").is_file(), sibling
     saved = json.loads((folder / "processor_config.json").read_text())
     assert saved["auto_map"] == {"AutoProcessor": "processing_vkood.VKOODProcessor"}
     assert (saved["max_knowledge_items"], saved["knowledge_max_length"], saved["max_text_length"]) == (5, 12, 64)

@@ -10,12 +10,14 @@ from types import SimpleNamespace
 import PIL.Image
 import pytest
 import torch
-from conftest import run_without_package, save_tiny_bert
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
-from test_training import draw, tiny_config, train, write_easy_vqa
 
 from modeling_vkood import VKOODConfig, VKOODForQuestionAnswering, VKOODProcessor
+from tests.utils.generated_data import draw, write_easy_vqa
+from tests.utils.tiny import save_tiny_bert
+from tests.utils.train_script import tiny_config, train
+from tests.utils.without_package import run_without_package
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
@@ -72,6 +74,7 @@ def text_model(tmp_path, minilm_path) -> str:
     return save_tiny_bert(tmp_path / "tiny_bert", minilm_path)
 
 
+@pytest.mark.slow
 def test_push_with_checkpoints_uploads_a_clean_merged_folder(hub, text_model, tmp_path):
     config = tiny_config(
         tmp_path,

@@ -14,16 +14,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REFDATA
 from PIL import Image
 
 from data_scripts import answer_vocabulary, coco_karpathy, flickr30k, nlvr2, okvqa, vqav2
 from modeling_vkood.evaluation import nlvr2_accuracy, normalize_answer, vqa_accuracy
 from modeling_vkood.knowledge import KnowledgeBase
+from tests.utils.paths import REFDATA
 
 pytestmark = pytest.mark.skipif(
     REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
-    reason="../shared/refdata (real official annotation files) is absent on this machine (VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
+    reason="../shared/refdata (real official annotation files) is absent on this machine "
+    "(VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
 )
 
 
@@ -106,6 +107,7 @@ def okvqa_annotation(question: dict, index: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_okvqa_real_questions_with_annotations_in_the_published_schema(tmp_path, knowledge_base, placeholder):
     root, images = tmp_path / "annotations", tmp_path / "images"
     root.mkdir()
@@ -133,6 +135,7 @@ def test_okvqa_real_questions_with_annotations_in_the_published_schema(tmp_path,
     assert sorted(row["label_scores"]) == pytest.approx([0.6, 0.6, 1.0])  # 2, 2 and 6 of 10 answers
 
 
+@pytest.mark.slow
 def test_nlvr2_dev_from_the_real_file(tmp_path, knowledge_base, placeholder):
     root, images = tmp_path / "annotations", tmp_path / "images"
     root.mkdir()

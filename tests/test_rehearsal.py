@@ -4,7 +4,7 @@ Each case runs `accelerate launch --config_file configuration/accelerate/ddp.yam
 --mixed_precision no train.py configuration/<task>.yaml ...` with the YAML as shipped except for:
 - the backbones: `--vision_model` / `--text_model` point at tiny local checkpoints saved in the formats of
   openai/clip-vit-base-patch16 (CLIPModel composite folder + processor files) and FacebookAI/roberta-base
-  (tests/rehearsal_fixtures.py);
+  (tests/utils/rehearsal_fixtures.py);
 - the data: `--dataset_root` / `--image_root` at official annotation files made of real records of
   ../shared/refdata with generated images at the official file names, built by the real builder that train.py
   runs from the YAML's `dataset`; `--knowledge starter` (the bundled graph) instead of the full ConceptNet index;
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REFDATA, REPO_ROOT, run_without_package
 from PIL import Image
-from rehearsal_fixtures import (
+
+from tests.utils.paths import REFDATA, REPO_ROOT
+from tests.utils.rehearsal_fixtures import (
     save_tiny_clip,
     save_tiny_roberta,
     write_coco_karpathy,
@@ -45,14 +46,20 @@ from rehearsal_fixtures import (
     write_okvqa,
     write_vqav2,
 )
+from tests.utils.without_package import run_without_package
 
-pytestmark = pytest.mark.skipif(
-    REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
-    reason="../shared/refdata (real official annotation files) is absent on this machine "
-    "(VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
+        reason="../shared/refdata (real official annotation files) is absent on this machine "
+        "(VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
+    ),
+]
 
-TINY_FUSION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "ood_projection_dim": 8}
+TINY_FUSION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_OOD = {"projection_dim": 8}
 PER_DEVICE_BATCH = 2
 EVAL_BATCH, EVAL_ROWS = 4, 8
 PROCESSES = 2
@@ -125,7 +132,9 @@ def launch(case: Case, root: Path, backbones: dict, name: str, *extra: str) -> t
     data_root, image_root, _ = write_data(case, root)
     output = root / name
     from_checkpoint = "--model_name_or_path" in extra  # the checkpoint's own widths: only the YAML's keys apply
-    vkood_config = {**(shipped(case.config).get("vkood_config") or {}), **({} if from_checkpoint else TINY_FUSION)}
+    vkood_config = dict(shipped(case.config).get("vkood_config") or {})
+    if not from_checkpoint:
+        vkood_config.update(TINY_FUSION, ood_config={**vkood_config.get("ood_config", {}), **TINY_OOD})
     command = [
         sys.executable,
         "-m",

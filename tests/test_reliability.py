@@ -21,7 +21,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REPO_ROOT, run_without_package, tiny_batch, tiny_vkood_config
 from safetensors import safe_open
 from transformers import AutoModelForVisualQuestionAnswering, AutoTokenizer, CLIPImageProcessorPil
 
@@ -35,6 +34,9 @@ from modeling_vkood import (
 )
 from modeling_vkood.knowledge import KnowledgeBase
 from modeling_vkood.knowledge.scratch import scratch_folder
+from tests.utils.paths import REPO_ROOT
+from tests.utils.tiny import tiny_batch, tiny_vkood_config
+from tests.utils.without_package import run_without_package
 
 SIZE = 32  # the tiny vision tower's input size
 MAX_TEXT_TOKENS = 128  # the tiny BERT text tower's max_position_embeddings: the processor's max_text_length
@@ -349,6 +351,7 @@ def kill_when(command: list[str], progress: re.Pattern) -> int:
         child.stderr.close()
 
 
+@pytest.mark.slow
 def test_index_build_killed_mid_stream_leaves_no_index_and_a_rebuild_works(tmp_path):
     lines = 150_000  # about 30 MB: a few seconds of indexing
     relations = ("IsA", "UsedFor", "AtLocation", "PartOf", "HasA")
@@ -397,6 +400,7 @@ def folder_files(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_dataset_build_killed_then_rerun_gives_the_same_files(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     KnowledgeBase.starter(cache_dir=cache)  # shared by the child and the reruns through VKOOD_CACHE
@@ -479,6 +483,7 @@ def test_pickled_weights_are_ignored_beside_safetensors_and_never_executed(check
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_changed_remote_code_never_runs_without_trust_remote_code(checkpoint, tmp_path):
     _, folder = checkpoint
     markers = tmp_path / "markers"

@@ -7,17 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
+import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO_ROOT
-from retrieval_fixtures import gallery_inputs, itc_batch, itc_gradients, tiny_retrieval_model
 
-from modeling_vkood.modeling_vkood import VKOODLogitScale
+from modeling_vkood.contrastive_vkood import VKOODLogitScale
 from modeling_vkood.training import retrieval_eval
 from modeling_vkood.training.data import one_row_per_caption
+from tests.utils.paths import REPO_ROOT
+from tests.utils.retrieval_fixtures import gallery_inputs, itc_batch, itc_gradients, tiny_retrieval_model
 
 
 def free_port() -> int:
@@ -26,6 +26,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path, minilm_path):
     out = tmp_path / "two_processes.pt"
     env = dict(
@@ -44,7 +46,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, minilm_pa
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(Path(__file__).with_name("distributed_retrieval_worker.py")),
+        str(REPO_ROOT / "tests" / "utils" / "distributed_retrieval_worker.py"),
         str(out),
         minilm_path,
     ]

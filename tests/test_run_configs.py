@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
 
 from modeling_vkood.training.arguments import (
     SHIPPED_CONFIGS,
     parse_arguments,
     resolve_config_path,
 )
+from tests.utils.paths import REPO_ROOT
 
 TASK_CONFIGS = ("vqav2", "okvqa", "nlvr2", "coco_retrieval", "flickr30k_zeroshot", "easy_vqa_generative")
 PAPER_TRAINING_CONFIGS = ("vqav2", "okvqa", "nlvr2", "coco_retrieval")
@@ -63,6 +63,7 @@ def test_config_path_outside_a_checkout_falls_back_to_the_shipped_copy(tmp_path,
         resolve_config_path("configuration/nlvr3.yaml")
 
 
+@pytest.mark.slow
 def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(
@@ -120,10 +121,12 @@ def test_installed_wheel_ships_the_configs_and_train_py_finds_its_default(tmp_pa
     assert "--warmup_steps" in helped.stdout
 
 
+@pytest.mark.slow
 def test_the_shipped_generative_config_trains_evaluates_generated_answers_and_saves(tmp_path):
     """configuration/easy_vqa_generative.yaml as shipped (its backbones, decoder and recipe), on a tiny easy-VQA
     of the package's layout for 2 steps: it trains, evaluates generated answers and writes the Hub folder."""
-    from test_training import train, write_easy_vqa
+    from tests.utils.generated_data import write_easy_vqa
+    from tests.utils.train_script import train
 
     root = write_easy_vqa(tmp_path / "easy_vqa")
     output = tmp_path / "run"

@@ -8,9 +8,7 @@ import math
 import datasets
 import pytest
 import torch
-from conftest import save_tiny_bert, tiny_decoder_config
 from huggingface_hub import DatasetCard
-from test_training import ANSWERS, tiny_config, train, write_easy_vqa
 from transformers import AutoProcessor
 
 from modeling_vkood.generation_vkood import VKOODForConditionalGeneration
@@ -19,6 +17,9 @@ from modeling_vkood.training.arguments import DataArguments
 from modeling_vkood.training.collators import ANSWER_MARKER, parse_question_answer
 from modeling_vkood.training.data import labelled_image_ids
 from modeling_vkood.training.seltda import dataset_pool
+from tests.utils.generated_data import ANSWERS, write_easy_vqa
+from tests.utils.tiny import tiny_decoder_config
+from tests.utils.train_script import tiny_config, train
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,7 @@ def easy_vqa_root(workdir):
     return write_easy_vqa(workdir / "easy_vqa")  # 12 training images, 3 questions each; 6 test images
 
 
-@pytest.fixture(scope="module")
-def tiny_text_model(workdir, minilm_path):
-    return save_tiny_bert(workdir / "tiny_bert", minilm_path)
+ITEMS = 4  # knowledge items per row, as the tiny models take
 
 
 def data_args(workdir, root, **overrides):
@@ -42,15 +41,14 @@ def data_args(workdir, root, **overrides):
         dataset="easy_vqa",
         dataset_root=str(root),
         knowledge="starter",
-        max_knowledge_items=4,
         dataset_cache_dir=str(workdir / "built"),
         **overrides,
     )
 
 
 def test_labelled_fraction_keeps_whole_images_and_leaves_the_others_as_the_pool(workdir, easy_vqa_root):
-    full = load_splits(data_args(workdir, easy_vqa_root), ["train"])["train"]
-    scarce = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.25), ["train"])["train"]
+    full = load_splits(data_args(workdir, easy_vqa_root), ["train"], ITEMS)["train"]
+    scarce = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.25), ["train"], ITEMS)["train"]
     labelled = set(scarce["image_id"])
     assert len(labelled) == 3 and len(scarce) == 9  # ceil(0.25 x 12) images with their 3 questions each
     assert [row for row in full["question_id"] if row in set(scarce["question_id"])] == scarce["question_id"]
@@ -140,12 +138,13 @@ def test_answer_probability_is_the_product_of_the_answer_tokens_probabilities():
     assert probability[2].isnan()
 
 
+@pytest.mark.slow
 def test_answer_probability_equals_the_teacher_forced_probability_of_the_reparsed_pair(workdir, easy_vqa_root, teacher):
     """generate_pairs' probability (from the sampling's raw logits) against a separate path: the pair parsed from
     the decoded text, tokenised anew and scored by one teacher-forced forward pass."""
     model = VKOODForConditionalGeneration.from_pretrained(teacher).eval()
     processor = AutoProcessor.from_pretrained(teacher)
-    full = load_splits(data_args(workdir, easy_vqa_root), ["train"])["train"]
+    full = load_splits(data_args(workdir, easy_vqa_root), ["train"], ITEMS)["train"]
     pool = dataset_pool(full, 0.5, 0)[:4]
     generated = seltda.generate_pairs(model, processor, pool, batch_size=4, pairs_per_image=2, seed=3)
     decoder, checked = datasets.Image(), 0
@@ -167,6 +166,7 @@ def test_answer_probability_equals_the_teacher_forced_probability_of_the_reparse
     assert checked >= 1
 
 
+@pytest.mark.slow
 def test_teacher_pseudo_labels_and_the_target_trains_on_both(workdir, easy_vqa_root, tiny_text_model, teacher):
     # Step 2: pseudo-label the 6 training images that labelled_fraction=0.5 leaves unlabelled, 2 pairs each.
     out = workdir / "pseudo"
@@ -188,9 +188,9 @@ def test_teacher_pseudo_labels_and_the_target_trains_on_both(workdir, easy_vqa_r
     assert "greedy decoding" in seltda.describe("easy_vqa", str(teacher), 6, 1, top_p=None).summary
 
     # The training data path reads it back: labelled questions followed by the pseudo-labelled ones.
-    labelled = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.5), ["train"])["train"]
+    labelled = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.5), ["train"], ITEMS)["train"]
     both = load_splits(
-        data_args(workdir, easy_vqa_root, labelled_fraction=0.5, pseudo_labelled_dataset=str(out)), ["train"]
+        data_args(workdir, easy_vqa_root, labelled_fraction=0.5, pseudo_labelled_dataset=str(out)), ["train"], ITEMS
     )["train"]
     pseudo = both.select(range(len(labelled), len(both)))
     assert len(pseudo) >= 1 and len(pseudo) + report["total_skipped"] == 6 * 2
@@ -225,13 +225,14 @@ def test_teacher_pseudo_labels_and_the_target_trains_on_both(workdir, easy_vqa_r
     assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0
 
 
+@pytest.mark.slow
 def test_min_answer_probability_leaves_out_the_pairs_the_teacher_is_unsure_of(workdir, easy_vqa_root, teacher):
     # The draws the command makes (same pool, batches and seed), to set a threshold between their probabilities.
     model = VKOODForConditionalGeneration.from_pretrained(teacher).eval()
     processor = AutoProcessor.from_pretrained(teacher)
-    pool = dataset_pool(load_splits(data_args(workdir, easy_vqa_root), ["train"])["train"], 0.5, 0)
+    pool = dataset_pool(load_splits(data_args(workdir, easy_vqa_root), ["train"], ITEMS)["train"], 0.5, 0)
     generated = seltda.generate_pairs(model, processor, pool, batch_size=4, pairs_per_image=2, seed=0)
-    labelled = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.5), ["train"])["train"]
+    labelled = load_splits(data_args(workdir, easy_vqa_root, labelled_fraction=0.5), ["train"], ITEMS)["train"]
     vocabulary = set(labelled.features["label_ids"].feature.names)
     pairs = [(parse_question_answer(text), p) for _, text, p in generated if parse_question_answer(text) is not None]
     probabilities = sorted(p for (_, answer), p in pairs if answer in vocabulary)

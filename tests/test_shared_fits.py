@@ -3,29 +3,33 @@ fit (`ImplicitOODLayer.fit_images` / `ImageFit.select`), with the same numbers a
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_vkood_config
 
 from modeling_vkood import VKOODForImageTextRetrieval
 from modeling_vkood.ood_vkood import ImageFit, ImplicitOODLayer
+from modeling_vkood.training.ood_objectives import OODAlignmentLoss
+from tests.utils.tiny import tiny_batch, tiny_ood_layer, tiny_vkood_config
 
 
 @pytest.mark.parametrize("score, alignment", [("gem", "mean_direction"), ("log_likelihood", "gate")])
 def test_a_shared_fit_scores_gates_and_trains_like_refitting_every_row(score, alignment):
     torch.manual_seed(0)
-    config = tiny_vkood_config(ood_score=score, ood_alignment=alignment, ood_alignment_weight=1.0)
-    layer = ImplicitOODLayer(config).double().train()
+    layer = tiny_ood_layer(score=score).double().train()
+    objective = OODAlignmentLoss(alignment)
     images = torch.randn(3, 6, 32, dtype=torch.float64, requires_grad=True)
     items = torch.randn(5, 4, 32, dtype=torch.float64)
     index = torch.tensor([0, 1, 2, 0, 2])
     relevance = torch.zeros(5, 4, dtype=torch.float64)
     relevance[:, 0] = 1.0
-    refitted = layer(images[index], items, items_relevance=relevance)
-    refit_loss = refitted.alignment_loss + (refitted.gate * torch.arange(4.0, dtype=torch.float64)).sum()
+    refitted = layer(images[index], items, knowledge_relevance=relevance)
+    refitted_alignment = objective.layer_loss(layer, refitted, None, relevance)
+    refit_loss = refitted_alignment + (refitted.gate * torch.arange(4.0, dtype=torch.float64)).sum()
     refit_grads = torch.autograd.grad(refit_loss, [images, layer.projection.weight, layer.threshold])
-    shared = layer(None, items, items_relevance=relevance, image_fit=layer.fit_images(images).select(index))
-    for field in ("scores", "gate", "alignment_loss", "means", "variances", "weights", "iterations"):
+    shared = layer(None, items, knowledge_relevance=relevance, image_fit=layer.fit_images(images).select(index))
+    for field in ("scores", "gate", "means", "variances", "weights", "iterations"):
         torch.testing.assert_close(getattr(shared, field), getattr(refitted, field))
-    shared_loss = shared.alignment_loss + (shared.gate * torch.arange(4.0, dtype=torch.float64)).sum()
+    shared_alignment = objective.layer_loss(layer, shared, None, relevance)
+    torch.testing.assert_close(shared_alignment, refitted_alignment)
+    shared_loss = shared_alignment + (shared.gate * torch.arange(4.0, dtype=torch.float64)).sum()
     for ours, reference in zip(
         torch.autograd.grad(shared_loss, [images, layer.projection.weight, layer.threshold]), refit_grads
     ):
@@ -34,7 +38,7 @@ def test_a_shared_fit_scores_gates_and_trains_like_refitting_every_row(score, al
 
 def test_image_fits_concatenate_by_chunks_and_refuse_a_row_count_that_does_not_match():
     torch.manual_seed(0)
-    layer = ImplicitOODLayer(tiny_vkood_config()).double().eval()
+    layer = tiny_ood_layer().double().eval()
     images = torch.randn(5, 6, 32, dtype=torch.float64)
     whole = layer.fit_images(images)
     chunked = ImageFit.cat([layer.fit_images(images[:2]), layer.fit_images(images[2:])])

@@ -12,8 +12,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import REFDATA, tiny_decoder_config
-from test_training import draw, read_results, tiny_config, tiny_text_model, train, workdir, write_nlvr2  # noqa: F401
 
 from modeling_vkood.evaluation import nlvr2_accuracy, vqa_accuracy
 from modeling_vkood.evaluation.submission import (
@@ -23,6 +21,10 @@ from modeling_vkood.evaluation.submission import (
     write_vqa_results,
 )
 from modeling_vkood.training.predictions import official_ids
+from tests.utils.generated_data import draw, write_nlvr2
+from tests.utils.paths import REFDATA
+from tests.utils.tiny import tiny_decoder_config
+from tests.utils.train_script import read_results, tiny_config, train
 
 # ------------------------------------------------------------------------------- the official tools' readers
 
@@ -118,7 +120,8 @@ def test_nlvr2_predictions_reject_bad_input(tmp_path, identifiers, predictions, 
 
 @pytest.mark.skipif(
     REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
-    reason="../shared/refdata (real official annotation files) is absent on this machine (VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
+    reason="../shared/refdata (real official annotation files) is absent on this machine "
+    "(VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
 )
 def test_nlvr2_metrics_on_the_real_dev_file_equal_ours(tmp_path):
     examples = [json.loads(line) for line in (REFDATA / "nlvr2" / "dev.json").read_text().splitlines() if line]
@@ -214,6 +217,7 @@ def generative_vqav2_config(workdir, tiny_text_model, root, **overrides):
     )
 
 
+@pytest.mark.slow
 def test_train_py_predicts_vqav2_test_questions_with_the_generative_head(workdir, tiny_text_model):
     root = workdir / "vqav2_generative_submission"
     root.mkdir()
@@ -225,6 +229,7 @@ def test_train_py_predicts_vqav2_test_questions_with_the_generative_head(workdir
     assert len(json.loads((output / "predictions_test.json").read_text())) == len(test_ids) == 5
 
 
+@pytest.mark.slow
 def test_generated_predictions_score_what_the_generative_evaluation_scores(workdir, tiny_text_model):
     """Predicting the evaluated split: the file's answers, scored with the official accuracy, give eval's figure."""
     root = workdir / "vqav2_generative_scored"
@@ -252,6 +257,7 @@ def test_generated_predictions_score_what_the_generative_evaluation_scores(workd
     assert any(answers.values())  # the decoder generated text, not only end tokens
 
 
+@pytest.mark.slow
 def test_train_py_predicts_nlvr2_as_the_official_csv_and_its_score_is_the_eval_score(workdir, tiny_text_model):
     root = write_nlvr2(workdir / "nlvr2_submission")
     # 9 True / 3 False: a mix-up of the two labels in the file would then show as 100 - accuracy.

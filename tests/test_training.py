@@ -1,6 +1,5 @@
 """train.py end to end on tiny models and generated data in the official file formats, plus its building blocks."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,6 @@ import PIL.ImageDraw
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, run_without_package, save_tiny_bert
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import TrainingArguments
@@ -34,158 +32,12 @@ from modeling_vkood.training import (
     resolve_model_path,
     soft_score_labels,
 )
+from modeling_vkood.training.model_factory import max_knowledge_items
 from modeling_vkood.training.retrieval_eval import _concat_padded
-
-# train.py is a script at the repository root, not part of an installed package: load it from its file.
-_spec = importlib.util.spec_from_file_location("train", REPO_ROOT / "train.py")
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
-
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
-SHAPES = ("circle", "rectangle", "triangle")
-ANSWERS = ["yes", "no", "circle", "rectangle", "triangle", *COLOURS]
-
-
-def draw(shape: str, colour: str, size: int = 32) -> PIL.Image.Image:
-    image = PIL.Image.new("RGB", (size, size), (255, 255, 255))
-    pen, box = PIL.ImageDraw.Draw(image), (6, 6, size - 6, size - 6)
-    if shape == "circle":
-        pen.ellipse(box, fill=COLOURS[colour])
-    elif shape == "rectangle":
-        pen.rectangle(box, fill=COLOURS[colour])
-    else:
-        pen.polygon([(size // 2, 6), (6, size - 6), (size - 6, size - 6)], fill=COLOURS[colour])
-    return image
-
-
-def scenes(count: int, offset: int = 0) -> list[tuple[str, str]]:
-    return [(SHAPES[(i + offset) % 3], list(COLOURS)[(i + offset) // 3 % 3]) for i in range(count)]
-
-
-def write_easy_vqa(root: Path) -> Path:
-    """The easy-VQA package layout: answers.txt, {split}/questions.json, {split}/images/{id}.png."""
-    root.mkdir(parents=True)
-    (root / "answers.txt").write_text("\n".join(ANSWERS) + "\n")
-    for split, count, offset in (("train", 12, 0), ("test", 6, 1)):
-        (root / split / "images").mkdir(parents=True)
-        questions = []
-        for image_id, (shape, colour) in enumerate(scenes(count, offset)):
-            draw(shape, colour).save(root / split / "images" / f"{image_id}.png")
-            questions += [
-                ["what shape is in the image?", shape, image_id],
-                ["what color is the shape?", colour, image_id],
-                [f"is there a red {shape}?", "yes" if colour == "red" else "no", image_id],
-            ]
-        (root / split / "questions.json").write_text(json.dumps(questions))
-    return root
-
-
-def write_nlvr2(root: Path) -> Path:
-    """NLVR2 layout: train.json / dev.json (JSON lines) and {split}-{set}-{pair}-img{0,1}.png images."""
-    for split, folder, name in (("train", "train", "train.json"), ("dev", "dev", "dev.json")):
-        lines = []
-        for pair, (shape, colour) in enumerate(scenes(6)):
-            for sentence in range(2):
-                identifier = f"{split}-{pair}-{pair}-{sentence}"
-                stem = identifier.rsplit("-", 1)[0]
-                for side, picture in enumerate((draw(shape, colour), draw(SHAPES[(pair + 1) % 3], colour))):
-                    (root / "images" / folder).mkdir(parents=True, exist_ok=True)
-                    picture.save(root / "images" / folder / f"{stem}-img{side}.png")
-                label = "True" if sentence == 0 else "False"
-                lines.append(
-                    json.dumps(
-                        {"identifier": identifier, "sentence": f"one image shows a {colour} {shape}", "label": label}
-                    )
-                )
-        (root / name).write_text("\n".join(lines) + "\n")
-    return root
-
-
-def write_coco_karpathy(root: Path) -> Path:
-    """Karpathy split file dataset_coco.json and images under {filepath}/{filename}."""
-    records = []
-    for index, (shape, colour) in enumerate(scenes(12)):
-        split = "train" if index < 8 else "test"
-        filename = f"COCO_{index:06d}.jpg"
-        (root / "images" / "val2014").mkdir(parents=True, exist_ok=True)
-        draw(shape, colour).save(root / "images" / "val2014" / filename)
-        records.append(
-            {
-                "filepath": "val2014",
-                "filename": filename,
-                "cocoid": 100 + index,
-                "split": split,
-                "sentences": [{"raw": f"a {colour} {shape}"}, {"raw": f"a {shape} that is {colour}"}],
-            }
-        )
-    (root / "dataset_coco.json").write_text(json.dumps({"images": records}))
-    return root
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("training")
-
-
-@pytest.fixture(scope="module")
-def tiny_text_model(workdir, minilm_path) -> str:
-    """A 2-layer BERT with MiniLM's vocabulary and tokenizer, saved as a "pretrained" backbone for LoRA."""
-    return save_tiny_bert(workdir / "tiny_bert", minilm_path)
-
-
-def tiny_config(workdir: Path, text_model: str, **overrides) -> Path:
-    """A run config with tiny backbones (CLIP vision width 32, 2 layers; the tiny BERT) and fusion width 32."""
-    config = {
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        "text_model": text_model,
-        "vkood_config": {
-            "hidden_size": 32,
-            "num_fusion_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "max_knowledge_items": 4,
-            "knowledge_max_length": 12,
-            "ood_projection_dim": 8,
-            "ood_max_iter": 5,
-            "projection_dim": 16,
-            "k_test": 4,
-        },
-        "knowledge": "starter",
-        "max_knowledge_items": 4,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "learning_rate": 1e-3,
-        "new_modules_learning_rate": 3e-3,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "do_train": True,
-        "do_eval": True,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "report_to": "none",
-        "seed": 7,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-        "ood_plot_examples": 8,
-        "pixel_cache_size": 64,
-        "dataset_cache_dir": str(workdir / "built_datasets"),
-        **overrides,
-    }
-    path = workdir / f"config_{len(list(workdir.glob('config_*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def read_results(output_dir: Path) -> dict:
-    return json.loads((output_dir / "all_results.json").read_text())
+from tests.utils.generated_data import ANSWERS, COLOURS, draw, scenes, write_coco_karpathy, write_easy_vqa, write_nlvr2
+from tests.utils.paths import REPO_ROOT
+from tests.utils.train_script import read_results, tiny_config, train
+from tests.utils.without_package import run_without_package
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +65,7 @@ def vqa_run(workdir, tiny_text_model, easy_vqa_root) -> Path:
 # ---------------------------------------------------------------------------------------------- every task
 
 
+@pytest.mark.slow
 def test_vqa_trains_evaluates_and_writes_the_hub_folder(vqa_run):
     results = read_results(vqa_run)
     assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0
@@ -237,7 +90,7 @@ def test_vqa_trains_evaluates_and_writes_the_hub_folder(vqa_run):
         "starter",
         "knowledge_index.sqlite",
     )  # the run's knowledge travels with it; the processor retrieves from it
-    assert processor_config["knowledge_retrieval_items"] == 4  # the run config's max_knowledge_items
+    assert processor_config["max_knowledge_items"] == 4  # the model config's cap, the one the run read
     assert not (vqa_run / "adapter_model.safetensors").exists()  # merged, not adapter form
     weights = load_file(vqa_run / "model.safetensors")
     assert not any("lora_" in key or "modules_to_save" in key for key in weights)
@@ -246,6 +99,7 @@ def test_vqa_trains_evaluates_and_writes_the_hub_folder(vqa_run):
             assert image.format == "PNG" and image.size[0] > 100
 
 
+@pytest.mark.slow
 def test_nlvr2_trains_and_reports_accuracy_and_consistency(workdir, tiny_text_model):
     root = write_nlvr2(workdir / "nlvr2")
     config = tiny_config(
@@ -265,6 +119,7 @@ def test_nlvr2_trains_and_reports_accuracy_and_consistency(workdir, tiny_text_mo
     assert {r.metric_type for r in card.data.eval_results} == {"nlvr2_accuracy", "nlvr2_consistency"}
 
 
+@pytest.mark.slow
 def test_retrieval_trains_and_reports_two_stage_recall(workdir, tiny_text_model):
     root = write_coco_karpathy(workdir / "coco")
     config = tiny_config(
@@ -310,6 +165,7 @@ def test_retrieval_trains_and_reports_two_stage_recall(workdir, tiny_text_model)
 # ---------------------------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.slow
 def test_output_folder_loads_without_the_package_and_its_card_holds_the_results(vqa_run, tmp_path):
     image = tmp_path / "red_circle.png"
     draw("circle", "red").save(image)
@@ -321,7 +177,9 @@ def test_output_folder_loads_without_the_package_and_its_card_holds_the_results(
         processor = AutoProcessor.from_pretrained({str(vqa_run)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         spec = json.loads({json.dumps(json.dumps(inputs))})
-        batch = processor(images=[PIL.Image.open(p) for p in spec["images"]], text=spec["text"], knowledge=spec["knowledge"])
+        batch = processor(
+            images=[PIL.Image.open(p) for p in spec["images"]], text=spec["text"], knowledge=spec["knowledge"]
+        )
         with torch.no_grad():
             torch.save(model(**batch).logits, {str(tmp_path / "remote.pt")!r})
     """
@@ -345,6 +203,7 @@ def test_output_folder_loads_without_the_package_and_its_card_holds_the_results(
     assert "merged" in card.text and "plots/ood_scores.png" in card.text and "trust_remote_code=True" in card.text
 
 
+@pytest.mark.slow
 def test_pipeline_answers_with_and_without_knowledge(vqa_run, tmp_path):
     image = tmp_path / "blue_triangle.png"
     draw("triangle", "blue").save(image)
@@ -369,6 +228,7 @@ def test_pipeline_answers_with_and_without_knowledge(vqa_run, tmp_path):
 # ---------------------------------------------------------------------------------------------- resume, DDP
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny_text_model, easy_vqa_root):
     config = tiny_config(
         workdir,
@@ -396,6 +256,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workdir, tiny
     assert any(not torch.equal(at_four[key], at_two[key]) for key in at_two)  # steps 3-4 did move the weights
 
 
+@pytest.mark.slow
 def test_cached_frozen_text_blocks_train_to_the_weights_of_the_plain_run(workdir, tiny_text_model, easy_vqa_root):
     """`--cache_frozen_text_blocks`: LoRA on the tiny BERT's top block, its bottom block looked up per distinct row."""
     config = tiny_config(
@@ -487,6 +348,8 @@ def one_and_two_process_runs(workdir, tiny_text_model, easy_vqa_root, accelerate
     return single, multi
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_the_same_global_batch(
     workdir, tiny_text_model, easy_vqa_root
 ):
@@ -504,6 +367,8 @@ def test_two_process_ddp_run_sees_world_size_2_and_the_loss_of_one_process_on_th
     assert (ddp / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_deepspeed_zero2_run_gives_the_loss_of_one_process_on_the_same_global_batch(
     workdir, tiny_text_model, easy_vqa_root
 ):
@@ -555,7 +420,8 @@ def test_yaml_gives_the_run_and_the_command_line_overrides_it(tmp_path):
         "test",
         "outputs/knowledge_vqa",
     )
-    assert default_model.ood_gate_forcing_steps > 0 and default_training.max_steps == 1500
+    assert default_training.ood_gate_forcing_steps > 0 and default_training.max_steps == 1500
+    assert default_training.ood_alignment_weight == 1.0 and default_model.vkood_config["max_knowledge_items"] == 11
     assert parse_arguments(["configuration/easy_vqa.yaml"])[1].balance_by == "question_type"
     # the command line can switch it off
     assert parse_arguments(["configuration/easy_vqa.yaml", "--balance_by", "none"])[1].balance_by is None
@@ -745,6 +611,7 @@ def test_balance_by_draws_each_value_of_the_column_equally_often(tmp_path):
         sampler("answer_kind")
 
 
+@pytest.mark.slow
 def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official_metric(
     workdir, tiny_text_model, easy_vqa_root, tmp_path
 ):
@@ -752,7 +619,7 @@ def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official
         workdir, tiny_text_model, task="vqa", dataset="easy_vqa", dataset_root=str(easy_vqa_root), eval_split="test"
     )
     model_args, data_args, _, _ = parse_arguments([str(config), "--output_dir", str(tmp_path)])
-    splits = load_splits(data_args, ["test"])
+    splits = load_splits(data_args, ["test"], max_knowledge_items(model_args))  # as train.py reads the cap
     evaluation, id2label = splits["test"], dict(enumerate(answer_vocabulary(splits)))
     built = build_model(model_args, "vqa", id2label)
     collator = VQACollator(built.processor, len(id2label), PixelCache(built.processor, 64))

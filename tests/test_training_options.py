@@ -12,10 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, TinyVQARows, stack, tiny_batch, tiny_vkood_config
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_training import read_results, tiny_config, train, write_easy_vqa
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_vkood import VKOODForImagesAndTextClassification, VKOODForQuestionAnswering
@@ -31,6 +29,10 @@ from modeling_vkood.training.self_distillation import (
     self_distillation_loss,
 )
 from modeling_vkood.training.wise_ft import pretrained_state, wise_ft
+from tests.utils.generated_data import write_easy_vqa
+from tests.utils.paths import REPO_ROOT
+from tests.utils.tiny import TinyVQARows, stack, tiny_batch, tiny_vkood_config
+from tests.utils.train_script import read_results, tiny_config, train
 
 BOTH = ["vision_model", "text_model"]
 
@@ -43,15 +45,12 @@ def tiny_model(finetuning="lora", pretrained=BOTH, seed=0, deterministic=False):
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
             classifier_dropout=0.0,
-            ood_tol=1e-30,
-            ood_max_iter=8,
+            ood_config=dict(tol=1e-30, max_iter=8),
         )
         if deterministic
         else {}
     )
-    config = tiny_vkood_config(
-        num_labels=5, pretrained_backbones=list(pretrained), ood_calibration_quantile=None, **settings
-    )
+    config = tiny_vkood_config(num_labels=5, pretrained_backbones=list(pretrained), **settings)
     if deterministic:
         config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     torch.manual_seed(seed)
@@ -221,13 +220,19 @@ def test_masd_runs_on_the_nlvr2_head_and_removes_relevance_labels_with_the_knowl
 
 
 def test_train_py_refuses_options_a_task_cannot_take():
-    arguments = SimpleNamespace(mad_weight=1.0, masd_weight=0.0, mad_temperature=0.05, mad_token_fraction=0.5)
+    common = dict(ood_alignment_weight=0.0, device="cpu")
+    arguments = SimpleNamespace(**common, mad_weight=1.0, masd_weight=0.0, mad_temperature=0.05, mad_token_fraction=0.5)
     with pytest.raises(ValueError, match="MAD distils into the VQA head"):
-        train.extra_losses(tiny_model("full"), arguments, "nlvr2", "cpu")
-    arguments = SimpleNamespace(mad_weight=0.0, masd_weight=1.0, masd_temperature=1.0, masd_augmentations=["image"])
+        train.extra_losses(tiny_model("full"), arguments, "nlvr2")
+    arguments = SimpleNamespace(
+        **common, mad_weight=0.0, masd_weight=1.0, masd_temperature=1.0, masd_augmentations=["image"]
+    )
     with pytest.raises(ValueError, match="MASD distils a classifier"):
-        train.extra_losses(tiny_model("full"), arguments, "retrieval", "cpu")
-    assert len(train.extra_losses(tiny_model("full"), arguments, "nlvr2", "cpu")) == 1
+        train.extra_losses(tiny_model("full"), arguments, "retrieval")
+    assert len(train.extra_losses(tiny_model("full"), arguments, "nlvr2")) == 1
+    alignment = SimpleNamespace(**{**vars(arguments), "masd_weight": 0.0, "ood_alignment_weight": 1.0})
+    with pytest.raises(ValueError, match="OOD alignment trains the VQA, NLVR2 and generative heads"):
+        train.extra_losses(tiny_model("full"), alignment, "retrieval")
 
 
 # ---------------------------------------------------------------------------------------------- WiSE-FT
@@ -239,6 +244,7 @@ def logits(model, batch):
         return model(**batch).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_wise_ft_gives_the_endpoints_exactly_at_alpha_0_and_1(finetuning, tmp_path):
     model = tiny_model(finetuning)
@@ -280,13 +286,6 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_text_model(workdir, minilm_path):
-    from conftest import save_tiny_bert
-
-    return save_tiny_bert(workdir / "tiny_bert", minilm_path)
-
-
-@pytest.fixture(scope="module")
 def easy_vqa_root(workdir):
     return write_easy_vqa(workdir / "easy_vqa")
 
@@ -296,7 +295,6 @@ def options_config(workdir, tiny_text_model, easy_vqa_root, **overrides):
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "classifier_dropout": 0.0,
-        "ood_tol": 1e-30,
     }
     config = tiny_config(
         workdir,
@@ -312,6 +310,7 @@ def options_config(workdir, tiny_text_model, easy_vqa_root, **overrides):
     )
     values = yaml.safe_load(config.read_text())
     values["vkood_config"].update(deterministic)
+    values["vkood_config"]["ood_config"]["tol"] = 1e-30
     config.write_text(yaml.safe_dump(values))
     return config
 
@@ -321,6 +320,7 @@ def first_step(output):
     return next(entry for entry in state["log_history"] if entry.get("step") == 1 and "loss" in entry)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_a_run_with_mad_masd_and_wise_ft_resumes_to_the_weights_of_an_uninterrupted_run(
     finetuning, workdir, tiny_text_model, easy_vqa_root
@@ -381,6 +381,8 @@ def test_train_fraction_keeps_the_same_rows_whatever_the_seed(workdir, tiny_text
     assert rows[0] == rows[1] and len(rows[0]) == 9  # round(0.25 * 36)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_mad_and_masd_on_2_ddp_processes_give_the_loss_of_one_process_on_the_same_global_batch(
     workdir, tiny_text_model, easy_vqa_root
 ):
@@ -421,6 +423,7 @@ def test_mad_and_masd_on_2_ddp_processes_give_the_loss_of_one_process_on_the_sam
     assert first_step(multi)["grad_norm"] == pytest.approx(first_step(single)["grad_norm"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_options_through_the_trainer_keep_the_loss_contract_under_gradient_accumulation(tmp_path):
     """MAD + MASD (image only: deterministic) with 2 x 4 accumulated give the gradient of one batch of 8."""
 

@@ -20,14 +20,15 @@ import warnings
 from contextlib import redirect_stdout
 
 import pytest
-from conftest import REFDATA
 
 from modeling_vkood.evaluation import OFFICIAL_DECIMALS, answer_scores, metric_path, vqa_accuracy
 from modeling_vkood.evaluation.vqa_normalization import _ARTICLES, _CONTRACTIONS, _NUMBER_WORDS, _PUNCTUATION
+from tests.utils.paths import REFDATA
 
 pytestmark = pytest.mark.skipif(
     REFDATA is None and not os.environ.get("VKOOD_REQUIRE_REFDATA"),
-    reason="../shared/refdata (real official annotation files) is absent on this machine (VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
+    reason="../shared/refdata (real official annotation files) is absent on this machine "
+    "(VKOOD_REQUIRE_REFDATA=1 forbids the skip)",
 )
 TOLERANCE = 1e-9
 

@@ -1,12 +1,23 @@
 """Explicit knowledge for VK-OOD: an offline ConceptNet index, concept extraction, retrieval, verbalisation.
 
 Pure Python and SQLite (no torch, no transformers), so dataset preparation can use it in light worker
-processes. Retrieval itself (concepts, verbalisation, reading an index) is the remote-code file
-`modeling_vkood/knowledge_vkood.py`, which the processor also uses at inference; this package adds building,
-opening and exporting indexes, and the remote-code files never import it.
+processes. Retrieval itself is remote code the processor also uses at inference: `modeling_vkood/concepts_vkood.py`
+(concept extraction), `modeling_vkood/verbalize_vkood.py` (edge -> sentence) and `modeling_vkood/knowledge_vkood.py`
+(the index: format, reading, retrieval); this package adds building, opening and exporting indexes, and the
+remote-code files never import it.
 """
 
-from ..knowledge_vkood import KnowledgeItem, extract_concepts, verbalize
+from ..concepts_vkood import extract_concepts
+from ..knowledge_vkood import KnowledgeItem, retrieval_cut
+from ..verbalize_vkood import verbalize
 from .store import DEFAULT_RELATIONS, BuildReport, KnowledgeBase
 
-__all__ = ["DEFAULT_RELATIONS", "BuildReport", "KnowledgeBase", "KnowledgeItem", "extract_concepts", "verbalize"]
+__all__ = [
+    "DEFAULT_RELATIONS",
+    "BuildReport",
+    "KnowledgeBase",
+    "KnowledgeItem",
+    "extract_concepts",
+    "retrieval_cut",
+    "verbalize",
+]

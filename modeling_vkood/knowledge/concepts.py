@@ -1,10 +1,10 @@
 """Concept extraction (normalise, lemmatise, longest n-gram match, stop words out).
 
-The implementation is `modeling_vkood/knowledge_vkood.py`, the remote-code file the processor retrieves with at
-inference; this module names its concept part for the index builder and other package code.
+The implementation is `modeling_vkood/concepts_vkood.py`, the remote-code file the processor retrieves with at
+inference (through `knowledge_vkood.py`); this module names it for the index builder and other package code.
 """
 
-from ..knowledge_vkood import (
+from ..concepts_vkood import (
     IRREGULAR_PLURALS,
     MAX_NGRAM,
     PLURAL_FORM_NOUNS,

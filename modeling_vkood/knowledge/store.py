@@ -7,9 +7,10 @@ renamed when complete, so readers never see a half-built index, and it is never 
 what lets readers open it immutable (no locking) from any number of processes. The temporary file lives in a
 locked scratch folder (`scratch.py`), so the leftovers of a killed build are deleted by the next build.
 
-Reading and retrieval (`KnowledgeIndex`, the index schema, concept extraction, verbalisation) live in the remote-code
-file `modeling_vkood/knowledge_vkood.py`, so that the processor at inference retrieves with the very same code;
-`KnowledgeBase` is that reader plus the ways to make an index.
+Reading and retrieval (`KnowledgeIndex`, the index schema) live in the remote-code file
+`modeling_vkood/knowledge_vkood.py`, concept extraction and verbalisation in its siblings `concepts_vkood.py` and
+`verbalize_vkood.py`, so that the processor at inference retrieves with the very same code; `KnowledgeBase` is that
+reader plus the ways to make an index.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..concepts_vkood import normalize_name
 from ..knowledge_vkood import (
     EDGES_FILE,
     KnowledgeIndex,
     default_cache_dir,
     finish_index,
-    normalize_name,
     start_index,
 )
 from .scratch import scratch_folder

@@ -1,9 +1,9 @@
 """Edge -> English sentence ("a cup is used for drinking"), the form the text encoder reads.
 
-The implementation is `modeling_vkood/knowledge_vkood.py` (remote code, shared with the processor at inference);
-this module names its verbalisation part for package code.
+The implementation is `modeling_vkood/verbalize_vkood.py` (remote code, shared with the processor at inference);
+this module names it for package code.
 """
 
-from ..knowledge_vkood import noun_kind, verbalize, with_article
+from ..verbalize_vkood import noun_kind, verbalize, with_article
 
 __all__ = ["noun_kind", "verbalize", "with_article"]

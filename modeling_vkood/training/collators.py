@@ -109,9 +109,10 @@ class VQACollator:
         )
         if self.knowledge_relevance and "knowledge_mask" in batch:
             relevance = torch.zeros(batch["knowledge_mask"].shape, dtype=torch.float32)
-            for row, r in enumerate(rows):
-                for position, item in enumerate(r["knowledge"][: relevance.shape[1]]):
-                    text = item["text"] if isinstance(item, Mapping) else getattr(item, "text", item)
+            # the sentences of the encoded slots, in slot order (the processor's cut of each row's items)
+            sentences = self.processor.knowledge_sentences([r["knowledge"] for r in rows])
+            for row, (r, texts) in enumerate(zip(rows, sentences)):
+                for position, text in enumerate(texts):
                     relevance[row, position] = float(states_answer(text, r["answers"]))
             batch["knowledge_relevance"] = relevance
         return batch

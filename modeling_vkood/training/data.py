@@ -78,7 +78,8 @@ def build_dataset(data_args, splits: list[str], max_knowledge_items: int) -> Dat
     """The splits built by the `data_args.dataset` builder with at most `max_knowledge_items` items per row (the model
     config's cap), from the cache when the same build was saved before."""
     cache = (
-        Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{build_key(data_args, splits, max_knowledge_items)}"
+        Path(data_args.dataset_cache_dir or default_cache_dir())
+        / f"{data_args.dataset}-{build_key(data_args, splits, max_knowledge_items)}"
     )
     if cache.is_dir():
         return _load_cached(cache)

@@ -3,10 +3,11 @@ Encoders for Vision-Language Tasks", formerly CLIP-TD): the pretrained unimodal 
 model, token by token, with a per-example choice of which tokens and how much.
 
 - Teacher: the pretrained backbones as they were before fine-tuning, with their projections to the fusion width as
-  initialised (a fixed random linear map of the pretrained features: the targets do not move) (`UnimodalTeacher`). Under LoRA they cost no extra weights: the same PeftModel with its adapters disabled
-  (PEFT's `disable_adapter()`, which also routes every `modules_to_save` module to its untouched original). Under
-  full fine-tuning: a frozen copy of the initial backbones and projections, kept by the trainer (never saved with
-  the model, so a resumed run distils from the same initial encoders).
+  initialised (a fixed random linear map of the pretrained features: the targets do not move) (`UnimodalTeacher`).
+  Under LoRA they cost no extra weights: the same PeftModel with its adapters disabled (PEFT's `disable_adapter()`,
+  which also routes every `modules_to_save` module to its untouched original). Under full fine-tuning: a frozen
+  copy of the initial backbones and projections, kept by the trainer (never saved with the model, so a resumed run
+  distils from the same initial encoders).
 - Student: the cross-modal model's last fused states at the same tokens: the question tokens of the text stream and
   the image tokens of the image stream.
 - Which tokens: per example, the teacher's most salient tokens, those whose teacher feature agrees most with the

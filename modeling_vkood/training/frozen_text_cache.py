@@ -8,9 +8,9 @@ recomputed, and only the adapted blocks run. The results are those of the uncach
 padded positions are zero, and masked as keys in every later block).
 
 The lookup is vectorised: one `torch.unique` over the cached and the incoming keys matches rows; it reads the host
-(how many rows are new), so it is a speed-up of the CPU path, like the distinct-text encoding it sits under. Installing patches the `forward`
-of the frozen block instances only; module names, parameters and the state dict stay as they are, so checkpoints are
-unchanged, and `remove()` restores the plain encoder.
+(how many rows are new), so it is a speed-up of the CPU path, like the distinct-text encoding it sits under.
+Installing patches the `forward` of the frozen block instances only; module names, parameters and the state dict
+stay as they are, so checkpoints are unchanged, and `remove()` restores the plain encoder.
 """
 
 import contextlib

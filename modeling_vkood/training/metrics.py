@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from modeling_vkood.evaluation import nlvr2_accuracy, vqa_accuracy
+from modeling_vkood.knowledge import retrieval_cut
 
 
 def predicted_class(logits, labels):
@@ -56,14 +57,15 @@ __all__ = ["NLVR2Metrics", "VQAMetrics", "predicted_class"]
 
 
 def knowledge_fit_labels(dataset, max_items: int) -> torch.Tensor | None:
-    """`fits_image` of the items the collator encodes (the first `max_items` of each row, in order), flat; None when
-    the dataset does not label its items (only the knowledge-conditioned task does)."""
+    """`fits_image` of the items the collator encodes (each row cut to `max_items` as the processor cuts it,
+    `retrieval_cut`), flat; None when the dataset does not label its items (only the knowledge-conditioned task
+    does)."""
     knowledge = dataset.features.get("knowledge")
     item_features = getattr(knowledge, "feature", None)
     if not isinstance(item_features, dict) or "fits_image" not in item_features:
         return None
     return torch.tensor(
-        [item["fits_image"] for row in dataset["knowledge"] for item in row[:max_items]], dtype=torch.bool
+        [item["fits_image"] for row in dataset["knowledge"] for item in retrieval_cut(row, max_items)], dtype=torch.bool
     )
 
 

@@ -27,8 +27,8 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODProcessor,
 )
+from modeling_vkood.decoder_targets_vkood import tokenizer_decoder_tokens
 from modeling_vkood.modeling_vkood import backbone_kwargs
-from modeling_vkood.processing_vkood import tokenizer_decoder_tokens
 
 TASK_MODELS = {
     "vqa": VKOODForQuestionAnswering,

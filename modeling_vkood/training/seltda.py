@@ -42,7 +42,8 @@ from .data import labelled_image_ids, load_splits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SELTDA_CITATION = """@inproceedings{khan2023seltda,
-  title={Q: How to Specialize Large Vision-Language Models to Data-Scarce {VQA} Tasks? A: Self-Train on Unlabeled Images!},
+  title={Q: How to Specialize Large Vision-Language Models to Data-Scarce {VQA} Tasks?
+         A: Self-Train on Unlabeled Images!},
   author={Khan, Zaid and BG, Vijay Kumar and Schulter, Samuel and Yu, Xiang and Fu, Yun and Chandraker, Manmohan},
   booktitle={CVPR}, year={2023}}"""
 

@@ -4,13 +4,15 @@ gradients on this process's half of a batch, and the sharded gallery evaluation;
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a script: import the helpers as tests.utils.*, from the repository root, not this folder
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parents[1]), *(p for p in sys.path if Path(p or ".").resolve() != _here)]
+
 import torch
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).parent))
-from retrieval_fixtures import gallery_inputs, itc_batch, itc_gradients, tiny_retrieval_model  # noqa: E402
-
-from modeling_vkood.training import retrieval_eval  # noqa: E402
+from modeling_vkood.training import retrieval_eval
+from tests.utils.retrieval_fixtures import gallery_inputs, itc_batch, itc_gradients, tiny_retrieval_model
 
 
 def main(out: Path, tokenizer_path: str):

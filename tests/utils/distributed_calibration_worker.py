@@ -1,7 +1,7 @@
 """One rank of the tau-calibration check, started by `accelerate launch` from tests/test_loss_contract.py.
 
     accelerate launch --config_file configuration/accelerate/ddp.yaml --num_processes 2 \
-        tests/distributed_calibration_worker.py OUTPUT_DIR
+        tests/utils/distributed_calibration_worker.py OUTPUT_DIR
 
 Trains a tiny VQA model for one optimizer step with VKOODTrainer under the launcher's mixed precision and writes
 rank<k>.json: the world size this rank saw, tau right after calibration (on_train_begin, when the optimizer and the
@@ -12,12 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a script: import the helpers as tests.utils.*, from the repository root, not this folder
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parents[1]), *(p for p in sys.path if Path(p or ".").resolve() != _here)]
+
 import torch
-from conftest import TinyVQARows, stack, tiny_vkood_config
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_vkood import VKOODForQuestionAnswering
 from modeling_vkood.training import VKOODTrainer
+from tests.utils.tiny import TinyVQARows, stack, tiny_vkood_config
 
 CALIBRATION_QUANTILE = 0.2
 LEARNING_RATE = 1e-3
@@ -25,7 +29,7 @@ LEARNING_RATE = 1e-3
 
 def tiny_model():
     torch.manual_seed(0)
-    return VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5, ood_calibration_quantile=CALIBRATION_QUANTILE))
+    return VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5))
 
 
 def training_arguments(output_dir, per_device_batch, **overrides):
@@ -78,6 +82,7 @@ def main(output_dir: Path):
         train_dataset=TinyVQARows(8, seed=3),
         data_collator=stack,
         callbacks=[recorder],
+        ood_calibration_quantile=CALIBRATION_QUANTILE,
     )
     trainer.train()
     record = {**recorder.record, "distributed_type": trainer.accelerator.distributed_type.value}

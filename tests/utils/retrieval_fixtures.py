@@ -1,11 +1,11 @@
 """Shared by test_retrieval_distributed.py and its torchrun worker: one tiny retrieval model, batch and gallery."""
 
 import torch
-from conftest import tiny_batch, tiny_vkood_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_vkood import VKOODForImageTextRetrieval, VKOODProcessor
 from modeling_vkood.knowledge import KnowledgeBase
+from tests.utils.tiny import tiny_batch, tiny_vkood_config
 
 GRADIENT_PARAMETERS = (
     "image_embedding.weight",
@@ -33,7 +33,9 @@ def tiny_retrieval_model():
     )
     torch.manual_seed(0)
     return VKOODForImageTextRetrieval(
-        tiny_vkood_config(text_config=text, ood_max_iter=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        tiny_vkood_config(
+            text_config=text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, ood_config=dict(max_iter=3)
+        )
     )
 
 
