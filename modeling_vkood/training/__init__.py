@@ -1,7 +1,15 @@
-"""Training pieces behind train.py (not Hub remote code): arguments, data, collators, model set-up, Trainer,
-metrics, retrieval evaluation, plots and the output folder."""
+"""Training pieces behind train.py (not Hub remote code): arguments, data, collators, model set-up, Trainer, the OOD
+layer's training objectives, metrics, retrieval evaluation, plots and the output folder."""
 
-from .arguments import PACKAGE_SCHEME, CardArguments, DataArguments, ModelArguments, parse_arguments, resolve_model_path
+from .arguments import (
+    PACKAGE_SCHEME,
+    CardArguments,
+    DataArguments,
+    ModelArguments,
+    VKOODTrainingArguments,
+    parse_arguments,
+    resolve_model_path,
+)
 from .collators import (
     GenerativeVQACollator,
     NLVR2Collator,
@@ -11,8 +19,10 @@ from .collators import (
     soft_score_labels,
 )
 from .data import load_splits
+from .gate_forcing import GateForcingSchedule
 from .metrics import NLVR2Metrics, VQAMetrics, predicted_class
 from .model_factory import BuiltModel, apply_finetuning, build_model, merged_model, new_parameter_names
+from .ood_objectives import OODAlignmentLoss, calibrate_threshold, capture_ood_outputs
 from .outputs import push_output_folder, save_output_folder
 from .retrieval_eval import evaluate_retrieval
 from .trainer import VKOODTrainer, collect_ood_scores
@@ -23,16 +33,21 @@ __all__ = [
     "CardArguments",
     "GenerativeVQACollator",
     "DataArguments",
+    "GateForcingSchedule",
     "ModelArguments",
+    "OODAlignmentLoss",
     "NLVR2Collator",
     "NLVR2Metrics",
     "PixelCache",
     "RetrievalCollator",
     "VKOODTrainer",
+    "VKOODTrainingArguments",
     "VQACollator",
     "VQAMetrics",
     "apply_finetuning",
     "build_model",
+    "calibrate_threshold",
+    "capture_ood_outputs",
     "collect_ood_scores",
     "evaluate_retrieval",
     "load_splits",
