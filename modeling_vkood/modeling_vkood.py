@@ -1,8 +1,9 @@
-"""VK-OOD models (Hub remote code: imports torch, transformers, the standard library and its two siblings only).
+"""VK-OOD models (Hub remote code: imports torch, transformers, the standard library and its flat siblings only).
 
 VKOODModel encodes the image, the text and the knowledge items, gates the knowledge with the implicit OOD layer
-and fuses [text ; gated knowledge] with the image through METER-style co-attention layers. Task heads:
-VQA (VKOODForQuestionAnswering), NLVR2 (VKOODForImagesAndTextClassification), retrieval (VKOODForImageTextRetrieval).
+and fuses [text ; gated knowledge] with the image through METER-style co-attention layers. Task heads here: VQA
+(VKOODForQuestionAnswering) and NLVR2 (VKOODForImagesAndTextClassification); retrieval is in retrieval_vkood.py, the
+generative head in generation_vkood.py.
 """
 
 import inspect
@@ -22,12 +23,7 @@ from .configuration_vkood import VKOODConfig
 from .contrastive_vkood import VKOODLogitScale
 from .fusion_vkood import VKOODFusionLayer, VKOODPooler, key_bias
 from .ood_vkood import ImplicitOODLayer
-from .outputs_vkood import (
-    FUSION_ATTENTIONS,
-    VKOODClassificationOutput,
-    VKOODModelOutput,
-    fused_fields,
-)
+from .outputs_vkood import FUSION_ATTENTIONS, VKOODClassificationOutput, VKOODModelOutput, fused_fields
 
 TEXT_TYPE, IMAGE_TYPE, KNOWLEDGE_TYPE = 0, 1, 2
 NON_FINITE_PIXELS = "pixel_values contains NaN or Inf; check the image files and the image processor"

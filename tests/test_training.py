@@ -663,3 +663,21 @@ def test_evaluation_gathers_one_integer_per_example_and_scores_with_the_official
     official = vqa_accuracy(answers, evaluation["answers"], evaluation["answer_type"])
     assert results["eval_vqa_accuracy"] == pytest.approx(official["overall"], abs=1e-9)
     assert results["eval_loss"] == pytest.approx(loss_sum / len(evaluation), rel=1e-5)
+
+
+def test_a_partial_ood_config_updates_the_checkpoints_rather_than_replacing_it(tmp_path, minilm_path):
+    from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+    from modeling_vkood import VKOODForQuestionAnswering, VKOODProcessor
+    from modeling_vkood.training import ModelArguments
+    from tests.utils.tiny import tiny_vkood_config
+
+    config = tiny_vkood_config(num_labels=2, ood_config=dict(max_iter=7, threshold=-1.5))
+    VKOODForQuestionAnswering(config).save_pretrained(tmp_path)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    VKOODProcessor.from_model_config(
+        image_processor, AutoTokenizer.from_pretrained(minilm_path), config
+    ).save_pretrained(tmp_path)
+    arguments = ModelArguments(model_name_or_path=str(tmp_path), vkood_config={"ood_config": {"hard_gate": True}})
+    ood = build_model(arguments, "vqa", {0: "no", 1: "yes"}).model.config.ood_config
+    assert (ood.hard_gate, ood.max_iter, ood.threshold, ood.score, ood.projection_dim) == (True, 7, -1.5, "gem", 8)
