@@ -165,7 +165,7 @@ class VKOODPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ImplicitOODLayer):
-            init.constant_(module.threshold, module.initial_threshold)
+            init.constant_(module.threshold, self.config.ood_config.threshold)
             init.constant_(module.threshold_calibrated, False)
         elif isinstance(module, VKOODLogitScale):
             init.constant_(module.log_scale, math.log(1 / 0.07))

@@ -286,7 +286,6 @@ class ImplicitOODLayer(nn.Module):
         self.variance_floor = config.variance_floor
         self.gradient_mode = config.gradient
         self.temperature = config.temperature
-        self.initial_threshold = config.threshold
         self.hard_gate = config.hard_gate
         self.use_gate = config.use_gate
         self.score_kind = config.score
@@ -449,7 +448,7 @@ class ImplicitOODLayer(nn.Module):
                 log_gate = torch.where(scores > self.threshold, 0.0, float("-inf")).to(dtype)
             else:
                 # logsigmoid, not log(sigmoid): finite gradients even for items far outside the mixture
-                log_gate = F.logsigmoid((scores - self.threshold.to(dtype)) / self.temperature)
+                log_gate = F.logsigmoid(self.gate_logits(scores))
             log_gate = log_gate.masked_fill(knowledge_mask == 0, float("-inf"))
             if self.training and gate_forcing is not None and knowledge_relevance is not None:
                 log_gate = forced_log_gate(log_gate, knowledge_mask, knowledge_relevance, gate_forcing)
@@ -465,6 +464,10 @@ class ImplicitOODLayer(nn.Module):
             knowledge_points=knowledge_points,
             image_fit=fit,
         )
+
+    def gate_logits(self, scores):
+        """(score - tau) / temperature: the logits of the soft gate, in the scores' dtype."""
+        return (scores - self.threshold.to(scores.dtype)) / self.temperature
 
     @property
     def needs_calibration(self) -> bool:

@@ -29,7 +29,6 @@ STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "s
 BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
 
 
-DEFAULT_MAX_KNOWLEDGE_ITEMS = modeling_vkood.VKOODConfig().max_knowledge_items
 TRAIN_FRACTION_SEED = 0  # `train_fraction` keeps the same rows whatever the run's seed
 IMAGE_STORAGE = {"bytes": Value("binary"), "path": Value("string")}  # how an Image column is stored in Arrow
 IMAGE_COLUMNS_FILE = "vkood_image_columns.json"
@@ -143,7 +142,9 @@ def knowledge_is_retrieved(data_args) -> bool:
     return not getattr(importlib.import_module(f"data_scripts.{data_args.dataset}"), "PER_EXAMPLE_KNOWLEDGE", False)
 
 
-def load_splits(data_args, splits: list[str], max_knowledge_items: int = DEFAULT_MAX_KNOWLEDGE_ITEMS) -> DatasetDict:
+def load_splits(
+    data_args, splits: list[str], max_knowledge_items: int = modeling_vkood.VKOODConfig.max_knowledge_items
+) -> DatasetDict:
     """The requested splits, capped by max_*_samples, with image columns left undecoded for the PixelCache. A builder
     keeps at most `max_knowledge_items` items per row (the model config's cap; a built dataset brings its own)."""
     if data_args.dataset in BUILDERS:

@@ -89,7 +89,7 @@ def max_knowledge_items(model_args) -> int:
         return model_args.vkood_config["max_knowledge_items"]
     if model_args.model_name_or_path is not None:
         return VKOODConfig.from_pretrained(model_args.model_name_or_path).max_knowledge_items
-    return VKOODConfig().max_knowledge_items
+    return VKOODConfig.max_knowledge_items  # the field's default, without building a config
 
 
 def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -> BuiltModel:

@@ -126,8 +126,8 @@ class OODAlignmentLoss:
             )
             loss = loss + self.cross_image_weight * cross
         if self.kind == "gate":
-            cut = (output.scores.detach() - layer.threshold.to(points.dtype)) / layer.temperature
-            loss = loss + gate_relevance_loss(cut, mask, knowledge_relevance)
+            # on detached scores: the BCE places tau, the InfoNCE orders the scores
+            loss = loss + gate_relevance_loss(layer.gate_logits(output.scores.detach()), mask, knowledge_relevance)
         return loss
 
     def __call__(self, model, outputs, batch, unwrapped=None, ood_outputs=()):
