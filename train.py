@@ -128,11 +128,11 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         dataset_name=data_args.dataset,
         eval_split=data_args.eval_split,
         vision_backbone=describe_backbone(model_args.given_backbones["vision"], model_args.vision_config)
-        if not model_args.model_name_or_path
-        else f"from `{model_args.model_name_or_path}`",
+        if not model_args.init_from
+        else f"from `{model_args.init_from}`",
         text_backbone=describe_backbone(model_args.given_backbones["text"], model_args.text_config)
-        if not model_args.model_name_or_path
-        else f"from `{model_args.model_name_or_path}`",
+        if not model_args.init_from
+        else f"from `{model_args.init_from}`",
         knowledge_source=knowledge,
         finetuning=finetuning,
         weights_form="merged: the LoRA adapters are folded into the backbone weights, so this is a plain checkpoint"
@@ -145,7 +145,7 @@ def describe(model_args, data_args, card_args, training_args, built, metrics, ar
         dataset_id=card_args.dataset_id,
         base_models=[
             m
-            for m in (*model_args.given_backbones.values(), model_args.model_name_or_path)
+            for m in (*model_args.given_backbones.values(), model_args.init_from)
             if m and not os.path.isdir(m) and not m.startswith(PACKAGE_SCHEME)
         ],
         license=card_args.license,

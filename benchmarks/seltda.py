@@ -193,7 +193,7 @@ class Study:
             *self.common(seed),
             "--task",
             task,
-            "--model_name_or_path",
+            "--init_from",
             str(model),
             "--vision_config",
             "none",

@@ -106,7 +106,7 @@ def train_once(args, option, fraction, seed) -> tuple[Path, list[str], float]:
 
 def has_pretrained_backbone(args) -> bool:
     model_args = parse_arguments([str(args.config)])[0]
-    return model_args.model_name_or_path is not None or bool(model_args.vision_model or model_args.text_model)
+    return model_args.init_from is not None or bool(model_args.vision_model or model_args.text_model)
 
 
 def evaluator_for(args, folder, argv, alpha=None):

@@ -38,6 +38,13 @@ def build_classifier(config, pairs):
     if config.classifier_head == "gated_product":
         return VKOODGatedProductHead(config.hidden_size, pairs, config.num_labels, config.classifier_dropout)
     width = 2 * pairs * config.hidden_size
+    if config.classifier_head == "meter":  # METER's layout (module indices 0, 1, 3), no dropout
+        return nn.Sequential(
+            nn.Linear(width, 2 * config.hidden_size),
+            nn.LayerNorm(2 * config.hidden_size),
+            nn.GELU(),
+            nn.Linear(2 * config.hidden_size, config.num_labels),
+        )
     return nn.Sequential(
         nn.Linear(width, width),
         nn.LayerNorm(width),

@@ -8,8 +8,11 @@ from transformers.configuration_utils import SubConfigSpec
 
 OOD_GRADIENT_MODES = ("last_iterate", "implicit", "unrolled")
 OOD_SCORES = ("log_likelihood", "gem")
-CLASSIFIER_HEADS = ("mlp", "gated_product")
+CLASSIFIER_HEADS = ("mlp", "gated_product", "meter")
 BACKBONES = ("vision_model", "text_model")
+# Rows a token-type table may hold; text, image and knowledge are required, a second image (NLVR2) optional.
+TOKEN_TYPES = ("text", "image", "second_image", "knowledge")
+RETRIEVAL_SCORES = ("itm", "rank_output")
 
 # One checkpoint serves every Auto class of modeling_vkood.py: the Hub copies these files and `from_pretrained(...,
 # trust_remote_code=True)` resolves the class named here. NLVR2 has no dedicated transformers Auto class, so it uses
@@ -147,9 +150,18 @@ class VKOODConfig(PreTrainedConfig):
         ood_config: the implicit OOD layer (`ImplicitOODConfig`, dict or instance; default: its defaults).
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
-        classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (METER,
-            the paper) or "gated_product" (a GeGLU layer over [text ; image ; text * image], which learns answers that
-            hinge on matching a word of the question with the image, such as negated yes/no questions, much faster).
+        classifier_head: the VQA / NLVR2 classifier over the pooled [text ; image] of each fused pair: "mlp" (the
+            paper: Linear-LayerNorm-GELU-Dropout-Linear of width 2H per pair), "meter" (METER's released heads:
+            Linear to 2H, LayerNorm, GELU, Linear, no dropout; converted METER checkpoints use it) or
+            "gated_product" (a GeGLU layer over [text ; image ; text * image], which learns answers that hinge on
+            matching a word of the question with the image, such as negated yes/no questions, much faster).
+        token_types: the rows of the token-type table, in order, added to the fused streams: "text", "image",
+            "knowledge" and optionally "second_image" (NLVR2's second image gets its own row, as in METER).
+        num_images: images per example of `VKOODForImagesAndTextClassification` (NLVR2: 2; SNLI-VE: 1).
+        interpolate_pos_encoding: let the vision tower take any image size by resizing its position table
+            (bicubic, as METER resizes its checkpoints); False: only the tower's own `image_size`.
+        retrieval_score: how the retrieval head scores a fused pair: "itm" (ITM logit margin) or "rank_output"
+            (METER's fine-tuned retrieval score, a linear map of the pooled output).
         pretrained_backbones: the backbones (of "vision_model", "text_model") whose weights came from a pretrained
             checkpoint; the others were trained from scratch. A run continuing from this checkpoint adapts the first
             with LoRA and trains the others in full.
@@ -185,6 +197,10 @@ class VKOODConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     classifier_dropout: float = 0.1
     classifier_head: str = "mlp"
+    token_types: list[str] = field(default_factory=lambda: ["text", "image", "knowledge"])
+    num_images: int = 2
+    interpolate_pos_encoding: bool = False
+    retrieval_score: str = "itm"
     max_knowledge_items: int = 16
     knowledge_max_length: int = 32
     projection_dim: int = 256
@@ -219,6 +235,7 @@ class VKOODConfig(PreTrainedConfig):
             "knowledge_max_length",
             "projection_dim",
             "k_test",
+            "num_images",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -231,6 +248,20 @@ class VKOODConfig(PreTrainedConfig):
         if self.classifier_head not in CLASSIFIER_HEADS:
             raise ValueError(
                 f"VKOODConfig.classifier_head must be one of {CLASSIFIER_HEADS}, got {self.classifier_head!r}"
+            )
+        if self.retrieval_score not in RETRIEVAL_SCORES:
+            raise ValueError(
+                f"VKOODConfig.retrieval_score must be one of {RETRIEVAL_SCORES}, got {self.retrieval_score!r}"
+            )
+        types = list(self.token_types)
+        if (
+            len(set(types)) != len(types)
+            or not set(types) <= set(TOKEN_TYPES)
+            or not {"text", "image", "knowledge"} <= set(types)
+        ):
+            raise ValueError(
+                f"VKOODConfig.token_types must name each row once, among {TOKEN_TYPES}, with text, image and "
+                f"knowledge; got {types}"
             )
         unknown = sorted(set(self.pretrained_backbones) - set(BACKBONES))
         if unknown:

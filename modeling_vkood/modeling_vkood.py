@@ -25,7 +25,6 @@ from .fusion_vkood import VKOODFusionLayer, VKOODPooler, key_bias
 from .ood_vkood import ImplicitOODLayer
 from .outputs_vkood import FUSION_ATTENTIONS, VKOODClassificationOutput, VKOODModelOutput, fused_fields
 
-TEXT_TYPE, IMAGE_TYPE, KNOWLEDGE_TYPE = 0, 1, 2
 NON_FINITE_PIXELS = "pixel_values contains NaN or Inf; check the image files and the image processor"
 
 
@@ -251,7 +250,7 @@ class VKOODModel(VKOODPreTrainedModel):
         self.image_projection = nn.Linear(vision_width, config.hidden_size)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.hidden_size)
         self.knowledge_projection = nn.Linear(config.text_config.hidden_size, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(3, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(len(config.token_types), config.hidden_size)
         self.ood = ImplicitOODLayer(config.ood_config, config.hidden_size)
         self.fusion_layers = nn.ModuleList([VKOODFusionLayer(config) for _ in range(config.num_fusion_layers)])
         self.text_pooler = VKOODPooler(config)
@@ -275,7 +274,8 @@ class VKOODModel(VKOODPreTrainedModel):
             torch._assert_async(finite, NON_FINITE_PIXELS)
         elif not finite:
             raise ValueError(NON_FINITE_PIXELS)
-        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        resize = {"interpolate_pos_encoding": True} if self.config.interpolate_pos_encoding else {}
+        hidden = self.vision_model(pixel_values=pixel_values, **resize).last_hidden_state
         if hidden.dim() == 4:
             hidden = hidden.flatten(2).transpose(1, 2)
             hidden = torch.cat([hidden.mean(1, keepdim=True), hidden], dim=1)
@@ -383,6 +383,7 @@ class VKOODModel(VKOODPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         image_fit=None,
+        image_types=None,
     ):
         """OOD-gate the knowledge against the image, then run the co-attention layers over both streams.
 
@@ -390,7 +391,8 @@ class VKOODModel(VKOODPreTrainedModel):
         answer, teacher-forces the gate the fusion sees (`ImplicitOODLayer.forward`). `output_attentions` /
         `output_hidden_states` (default: the config's) add the fields described in `VKOODModelOutput`, which this
         always returns. `image_fit`: the OOD layer's `fit_images` of each row's image, when an image's mixture is
-        fitted once for several rows."""
+        fitted once for several rows. `image_types` (B, H): the token-type embedding added to each row's image tokens
+        (default: the "image" row; NLVR2 gives its second images the "second_image" row)."""
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         if output_hidden_states is None:
@@ -423,8 +425,10 @@ class VKOODModel(VKOODPreTrainedModel):
         dtype = text_tokens.dtype
         knowledge_tokens = knowledge_tokens * ood.gate.to(dtype).unsqueeze(-1)
         types = self.token_type_embeddings.weight
-        text_states = torch.cat([text_tokens + types[TEXT_TYPE], knowledge_tokens + types[KNOWLEDGE_TYPE]], dim=1)
-        image_states = image_tokens + types[IMAGE_TYPE]
+        row = self.config.token_types.index
+        text_states = torch.cat([text_tokens + types[row("text")], knowledge_tokens + types[row("knowledge")]], dim=1)
+        image_type = types[row("image")] if image_types is None else image_types[:, None]
+        image_states = image_tokens + image_type
         # Gated-out items get an attention bias of log(gate): a hard 0 removes them, a soft gate down-weights them.
         minimum = torch.finfo(dtype).min
         log_gate = ood.log_gate.clamp_min(minimum).masked_fill(knowledge_mask == 0, minimum)
@@ -547,14 +551,19 @@ class VKOODForQuestionAnswering(VKOODPreTrainedModel):
 
 
 class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
-    """NLVR2: one sentence, two images (`pixel_values` (B, 2, C, H, W)); each image is fused with the sentence and
-    its knowledge, the two pooled outputs are concatenated and classified (2 classes: False, True)."""
+    """One sentence, `config.num_images` images (`pixel_values` (B, num_images, C, H, W)); each image is fused with the
+    sentence and its knowledge, the pooled outputs are concatenated and classified, cross-entropy on `labels`.
+    NLVR2: 2 images, 2 classes (False, True), METER's pair method (with a "second_image" token type, the second image
+    gets that row); SNLI-VE: 1 image, 3 classes."""
 
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
         self.vkood = VKOODModel(config)
-        self.num_images = 2
+        self.num_images = config.num_images
         self.classifier = build_classifier(config, pairs=self.num_images)
+        second = "second_image" if "second_image" in config.token_types else "image"
+        # the token-type row of each image of an example (plain ints: indexing with them needs no device tensor)
+        self.image_rows = [config.token_types.index("image" if i == 0 else second) for i in range(self.num_images)]
         self.post_init()
 
     def forward(
@@ -570,7 +579,10 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
     ):
-        """`output_attentions`, `output_hidden_states` and `return_dict` as in `VKOODModel.forward`."""
+        """`output_attentions`, `output_hidden_states` and `return_dict` as in `VKOODModel.forward`; with one image per
+        example `pixel_values` may also be (B, C, H, W)."""
+        if pixel_values is not None and pixel_values.dim() == 4 and self.num_images == 1:
+            pixel_values = pixel_values.unsqueeze(1)
         if pixel_values is None or pixel_values.dim() != 5 or pixel_values.shape[1] != self.num_images:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must have shape (B, {self.num_images}, C, H, W), got {shape}")
@@ -588,6 +600,9 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
             per_image(knowledge_mask),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            image_types=torch.stack([base.token_type_embeddings.weight[row] for row in self.image_rows]).repeat(
+                pixel_values.shape[0], 1
+            ),
         )
         batch = pixel_values.shape[0]
         pooled = outputs.pooler_output.reshape(batch, -1)

@@ -77,7 +77,8 @@ class VKOODClassificationOutput(ModelOutput):
 
 @dataclass
 class VKOODRetrievalOutput(ModelOutput):
-    """ITC + ITM loss; `logits_per_image` (B, B) ITC similarities; `itm_logits` (B, 2) for the given pairs.
+    """ITC + ITM loss; `logits_per_image` (B, B) ITC similarities; `itm_logits` (B, 2) and `rank_scores` (B,), the
+    score `rank_gallery` re-ranks with (see `VKOODForImageTextRetrieval`), for the given pairs.
 
     The hidden states and attentions (when asked for) are those of `VKOODModelOutput` for the fused (ITM) pass of
     the given pairs (B, ...); the hard-negative pairs of the training loss are left out, as in `itm_logits`.
@@ -87,6 +88,7 @@ class VKOODRetrievalOutput(ModelOutput):
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
+    rank_scores: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     itc_loss: torch.FloatTensor | None = None

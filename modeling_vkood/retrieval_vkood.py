@@ -16,7 +16,11 @@ from .outputs_vkood import VKOODRetrievalOutput, fused_fields
 
 class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
     """Image-text retrieval (COCO, Flickr30k) as in ALBEF/BLIP: ITC on unimodal CLS projections + ITM on fused pairs
-    with hard negatives drawn from the ITC similarities; `rank_gallery` scores a gallery in two stages."""
+    with hard negatives drawn from the ITC similarities; `rank_gallery` scores a gallery in two stages.
+
+    A fused pair's score (`rank_scores`) is the ITM logit margin, or with `config.retrieval_score="rank_output"`
+    METER's retrieval score `rank_output(pooled)`, trained as METER does (softmax over the positive pair and its
+    negatives; here the hard negatives) next to ITC and ITM."""
 
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
@@ -25,17 +29,24 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         self.text_embedding = nn.Linear(config.hidden_size, config.projection_dim)
         self.logit_scale = VKOODLogitScale()
         self.itm_head = nn.Linear(2 * config.hidden_size, 2)
+        self.rank_output = nn.Linear(2 * config.hidden_size, 1) if config.retrieval_score == "rank_output" else None
         self.post_init()
 
     def _embed(self, projection, tokens):
         return F.normalize(projection(tokens[:, 0]).float(), dim=-1)
 
     def _itm_scores(self, image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, image_fit=None, **requested):
-        """ITM logits (B, 2) and the fused pass; `requested`: fuse's `output_attentions` / `output_hidden_states`."""
+        """ITM logits (B, 2), pair scores (B,) and the fused pass; `requested`: fuse's `output_attentions` /
+        `output_hidden_states`."""
         fused = self.vkood.fuse(
             image_tokens, text_tokens, text_mask, knowledge, knowledge_mask, image_fit=image_fit, **requested
         )
-        return self.itm_head(fused.pooler_output), fused
+        itm_logits = self.itm_head(fused.pooler_output)
+        if self.rank_output is None:
+            scores = itm_logits[:, 1] - itm_logits[:, 0]
+        else:
+            scores = self.rank_output(fused.pooler_output)[:, 0]
+        return itm_logits, scores, fused
 
     def _fit_images(self, image_tokens, knowledge, chunk=None):
         """Each image's OOD mixture, fitted once for all the pairs it is in (`chunk`: images per EM batch); None
@@ -81,10 +92,12 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             text_embeds=text_embeds,
         )
         if not return_loss:
-            itm_logits, fused = self._itm_scores(
+            itm_logits, scores, fused = self._itm_scores(
                 image_tokens, text_tokens, attention_mask, knowledge, knowledge_mask, **requested
             )
-            output = VKOODRetrievalOutput(itm_logits=itm_logits, **embeddings, **fused_fields(fused))
+            output = VKOODRetrievalOutput(
+                itm_logits=itm_logits, rank_scores=scores, **embeddings, **fused_fields(fused)
+            )
             return self._returned(output, return_dict)
         batch = image_tokens.shape[0]
         if image_ids is None:
@@ -106,7 +119,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         if knowledge is not None:
             pair_knowledge = torch.cat([knowledge, knowledge[negative_text], knowledge])
             pair_knowledge_mask = torch.cat([knowledge_mask, knowledge_mask[negative_text], knowledge_mask])
-        itm_logits, fused = self._itm_scores(
+        itm_logits, scores, fused = self._itm_scores(
             pair_image,
             pair_text,
             pair_mask,
@@ -126,9 +139,17 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             ]
         )
         itm_loss = F.cross_entropy(itm_logits.float(), itm_labels, ignore_index=-100)
+        loss = itc_loss + itm_loss
+        if self.rank_output is not None:  # each positive against its hard negative text and its hard negative image
+            positive, negative_texts, negative_images = scores.float().view(3, batch)
+            pairs = torch.stack([positive.repeat(2), torch.cat([negative_texts, negative_images])], dim=1)
+            has_negative = torch.cat([has_text_negative, has_image_negative])
+            rank_labels = torch.where(has_negative, torch.zeros_like(ignore.repeat(2)), ignore.repeat(2))
+            loss = loss + F.cross_entropy(pairs, rank_labels, ignore_index=-100)
         output = VKOODRetrievalOutput(
-            loss=itc_loss + itm_loss,
+            loss=loss,
             itm_logits=itm_logits[:batch],
+            rank_scores=scores[:batch],
             itc_loss=itc_loss,
             itm_loss=itm_loss,
             **embeddings,
@@ -163,7 +184,8 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
 
         `images` / `texts` are the (padded to a common length) outputs of `encode_gallery_images` /
         `encode_gallery_texts`. Returns (i2t (I, T), t2i (T, I)); re-ranked entries hold ITM logit-margin + ITC
-        similarity, the rest keep -100 as in ALBEF so that only re-ranked candidates can reach the top.
+        similarity (with `rank_output`: its score alone, METER's ranking when `k_test` covers the gallery), the rest
+        keep -100 as in ALBEF so that only re-ranked candidates can reach the top.
         `image_queries` / `text_queries` (index tensors; default all) restrict the work to those queries and return
         only their rows: a distributed evaluation gives each process a share of the queries.
         """
@@ -195,7 +217,7 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
             text_part = text_index[start : start + pair_batch_size]
             knowledge = texts["knowledge"][text_part] if "knowledge" in texts else None
             knowledge_mask = texts["knowledge_mask"][text_part] if "knowledge_mask" in texts else None
-            logits, _ = self._itm_scores(
+            _, scores, _ = self._itm_scores(
                 images["tokens"][image_part],
                 texts["tokens"][text_part],
                 texts["mask"][text_part],
@@ -203,9 +225,11 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
                 knowledge_mask,
                 image_fit=None if image_fit is None else image_fit.select(image_part),
             )
-            itm.append((logits[:, 1] - logits[:, 0]).to(similarity.dtype))
-        scores = torch.full_like(similarity, -100.0)
-        return scores.scatter(1, top_index, torch.cat(itm).view(-1, k) + top_similarity)
+            itm.append(scores.to(similarity.dtype))
+        reranked = torch.cat(itm).view(-1, k)
+        if self.rank_output is None:  # ITM margin + ITC similarity (ALBEF); METER's rank_output score stands alone
+            reranked = reranked + top_similarity
+        return torch.full_like(similarity, -100.0).scatter(1, top_index, reranked)
 
 
 __all__ = ["VKOODForImageTextRetrieval"]

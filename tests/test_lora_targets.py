@@ -76,9 +76,9 @@ def test_a_continued_run_trains_the_from_scratch_backbone_in_full(text_model, tm
     first.model.save_pretrained(tmp_path)
     first.processor.save_pretrained(tmp_path)
 
-    continued = build_model(lora_args(model_name_or_path=str(tmp_path)), "vqa")
+    continued = build_model(lora_args(init_from=str(tmp_path)), "vqa")
     assert continued.pretrained_backbones == ("text_model",)
-    model = apply_finetuning(continued, lora_args(model_name_or_path=str(tmp_path)))
+    model = apply_finetuning(continued, lora_args(init_from=str(tmp_path)))
     vision = {
         name: p for name, p in model.named_parameters() if ".vision_model." in name and ".original_module." not in name
     }

@@ -131,7 +131,7 @@ def launch(case: Case, root: Path, backbones: dict, name: str, *extra: str) -> t
     """Run the shipped config through `accelerate launch` on two CPU processes; (output folder, process)."""
     data_root, image_root, _ = write_data(case, root)
     output = root / name
-    from_checkpoint = "--model_name_or_path" in extra  # the checkpoint's own widths: only the YAML's keys apply
+    from_checkpoint = "--init_from" in extra  # the checkpoint's own widths: only the YAML's keys apply
     vkood_config = dict(shipped(case.config).get("vkood_config") or {})
     if not from_checkpoint:
         vkood_config.update(TINY_FUSION, ood_config={**vkood_config.get("ood_config", {}), **TINY_OOD})
@@ -435,8 +435,8 @@ def test_coco_retrieval_full_finetuning_with_activation_checkpointing(runs, rehe
 def test_flickr30k_zeroshot_evaluates_the_coco_checkpoint_on_two_processes(runs, rehearsal_root, as_a_user):
     coco, coco_proc = runs("coco_retrieval_lora", "coco_retrieval")
     assert_succeeded(coco_proc)
-    assert shipped("flickr30k_zeroshot")["model_name_or_path"] == "outputs/coco_retrieval"  # chained as shipped
-    output, proc = runs("flickr30k_zeroshot", "flickr30k_zeroshot", "--model_name_or_path", str(coco))
+    assert shipped("flickr30k_zeroshot")["init_from"] == "outputs/coco_retrieval"  # chained as shipped
+    output, proc = runs("flickr30k_zeroshot", "flickr30k_zeroshot", "--init_from", str(coco))
     assert_succeeded(proc)
     results = read_results(output)
     assert all(0.0 <= results[key] <= 100.0 for key in RECALLS) and "train_loss" not in results

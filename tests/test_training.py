@@ -151,7 +151,7 @@ def test_retrieval_trains_and_reports_two_stage_recall(workdir, tiny_text_model)
         image_root=str(root / "images"),
         eval_split="test",
         do_train=False,
-        model_name_or_path=str(output),
+        init_from=str(output),
         vision_config=None,
         vkood_config=None,
     )
@@ -678,6 +678,6 @@ def test_a_partial_ood_config_updates_the_checkpoints_rather_than_replacing_it(t
     VKOODProcessor.from_model_config(
         image_processor, AutoTokenizer.from_pretrained(minilm_path), config
     ).save_pretrained(tmp_path)
-    arguments = ModelArguments(model_name_or_path=str(tmp_path), vkood_config={"ood_config": {"hard_gate": True}})
+    arguments = ModelArguments(init_from=str(tmp_path), vkood_config={"ood_config": {"hard_gate": True}})
     ood = build_model(arguments, "vqa", {0: "no", 1: "yes"}).model.config.ood_config
     assert (ood.hard_gate, ood.max_iter, ood.threshold, ood.score, ood.projection_dim) == (True, 7, -1.5, "gem", 8)

@@ -74,8 +74,14 @@ def _json_field(value, name: str):
 class ModelArguments:
     """Where the weights come from and how they are fine-tuned."""
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "a vkood checkpoint (Hub id or folder); replaces the backbone options"}
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--model_name_or_path"],
+            "help": "a vkood checkpoint (Hub id or folder, e.g. a converted METER checkpoint) whose weights the run "
+            "starts from; replaces the backbone options. A head whose size differs from the task's (another answer "
+            "vocabulary) starts anew; a VQA run keeps the checkpoint's answer order when it has answer names",
+        },
     )
     vision_model: str | None = field(default=None, metadata={"help": "pretrained vision backbone (Hub id or folder)"})
     vision_config: dict | str | None = field(
@@ -153,13 +159,13 @@ class ModelArguments:
         if self.decoder_model is not None and self.decoder_config is not None:
             raise ValueError("give at most one of --decoder_model (pretrained) and --decoder_config (from scratch)")
         self.tokenizer_name = resolve_model_path(self.tokenizer_name)
-        if self.model_name_or_path is None:
+        if self.init_from is None:
             for side in ("vision", "text"):
                 given = [getattr(self, f"{side}_model") is not None, getattr(self, f"{side}_config") is not None]
                 if sum(given) != 1:
                     raise ValueError(
                         f"give exactly one of --{side}_model (pretrained) and --{side}_config (from scratch), "
-                        "or a vkood checkpoint with --model_name_or_path"
+                        "or a vkood checkpoint with --init_from"
                     )
 
 

@@ -5,6 +5,7 @@ starts from a random initialisation (fusion, OOD layer, heads, projections, and 
 trained in full through PEFT's `modules_to_save`.
 """
 
+import logging
 from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -29,6 +30,8 @@ from modeling_vkood import (
 )
 from modeling_vkood.decoder_targets_vkood import tokenizer_decoder_tokens
 from modeling_vkood.modeling_vkood import backbone_kwargs
+
+logger = logging.getLogger(__name__)
 
 TASK_MODELS = {
     "vqa": VKOODForQuestionAnswering,
@@ -87,8 +90,8 @@ def max_knowledge_items(model_args) -> int:
     train.py builds, the collators and the processor all take it from here."""
     if "max_knowledge_items" in model_args.vkood_config:
         return model_args.vkood_config["max_knowledge_items"]
-    if model_args.model_name_or_path is not None:
-        return VKOODConfig.from_pretrained(model_args.model_name_or_path).max_knowledge_items
+    if model_args.init_from is not None:
+        return VKOODConfig.from_pretrained(model_args.init_from).max_knowledge_items
     return VKOODConfig.max_knowledge_items  # the field's default, without building a config
 
 
@@ -96,9 +99,19 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
     """The task model from a vkood checkpoint or from two backbones (each pretrained or built from a config)."""
     model_class = TASK_MODELS[task]
     labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    if model_args.model_name_or_path is not None:
-        model = model_class.from_pretrained(model_args.model_name_or_path, **labels, **model_args.vkood_config)
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    if model_args.init_from is not None:
+        saved_labels = VKOODConfig.from_pretrained(model_args.init_from).id2label
+        model = model_class.from_pretrained(
+            model_args.init_from, **labels, **model_args.vkood_config, ignore_mismatched_sizes=True
+        )
+        if id2label is not None and saved_labels != id2label and hasattr(model, "classifier"):
+            # Same size, other labels (another vocabulary, or the same answers in another order): the saved
+            # classifier's outputs would stand for the wrong answers. It starts anew (a size change already did).
+            logger.warning(
+                "%s: its classifier's labels are not this run's; the classifier starts anew", model_args.init_from
+            )
+            model.classifier.apply(model._init_weights)
+        processor = AutoProcessor.from_pretrained(model_args.init_from)
         return BuiltModel(model, processor)  # the checkpoint's config says which backbones were pretrained
 
     dropout = model_args.backbone_dropout
