@@ -2,10 +2,12 @@
 a vkood folder: safetensors, config, processor, remote code and a model card.
 
     python -m modeling_vkood.convert_meter --checkpoint meter_clip16_288_roberta_vqa.ckpt --output_dir meter-vqa \
-        [--vqa_annotations data/vqav2] [--image_size 576] [--push_to_hub USER/meter-vqa]
+        [--vqa_annotations data/vqav2] [--image_size 576] [--task nlvr2] [--push_to_hub USER/meter-vqa]
 
 The task comes from the checkpoint's heads (pretrain, vqa, nlvr2, snli, irtr), every size from the state dict's shapes
-and the saved hyper-parameters, so the released base models and tiny test checkpoints convert alike. The Lightning
+and the saved hyper-parameters, so the released base models and tiny test checkpoints convert alike. `--task` builds
+another task's model from a pre-training checkpoint, as METER starts its fine-tuning: its head starts anew, and for
+NLVR2 the second image's token type starts as a copy of the image's (METER's rule). The Lightning
 file is read without Lightning and without running its pickled code. Weights outside METER's modules (modules other
 projects added) are named and dropped with a warning; a METER weight that maps nowhere, or one missing, stops the
 conversion with the keys named. The pre-training checkpoints' MLM head is kept beside the model in
@@ -44,6 +46,7 @@ from .retrieval_vkood import VKOODForImageTextRetrieval
 
 logger = logging.getLogger(__name__)
 
+TASKS = ("pretrain", "vqa", "nlvr2", "snli", "irtr")
 TASK_MODELS = {
     "pretrain": VKOODForImageTextRetrieval,
     "irtr": VKOODForImageTextRetrieval,
@@ -93,14 +96,17 @@ def vkood_config(task: str, state_dict: dict, hyper: dict, text_base: dict, id2l
 
 
 def task_labels(task: str, state_dict: dict, vqa_annotations: str | None) -> tuple[dict | None, str]:
-    """(id2label, a sentence for the card) of the task's classifier."""
+    """(id2label, a sentence for the card) of the task's classifier (for a VQA head the checkpoint lacks, the size
+    of METER's answer list rebuilt from `vqa_annotations`)."""
     if task == "nlvr2":
         return dict(enumerate(NLVR2_LABELS)), "NLVR2 labels: 0 = False, 1 = True (METER's order)."
     if task == "snli":
         return dict(enumerate(SNLI_LABELS)), "SNLI-VE labels in METER's order: " + ", ".join(SNLI_LABELS) + "."
     if task != "vqa":
         return None, ""
-    size = state_dict["vqa_classifier.3.weight"].shape[0]
+    size = state_dict["vqa_classifier.3.weight"].shape[0] if "vqa_classifier.3.weight" in state_dict else None
+    if vqa_annotations is None and size is None:
+        raise ValueError("a VQA model from a pre-training checkpoint needs --vqa_annotations (its answer list)")
     if vqa_annotations is None:
         note = (
             f"The {size} VQA labels are named `answer_{{i}}`: the checkpoint stores no answer names; convert with "
@@ -108,7 +114,7 @@ def task_labels(task: str, state_dict: dict, vqa_annotations: str | None) -> tup
         )
         return {index: f"answer_{index}" for index in range(size)}, note
     answers = meter_answer_list(vqa_annotations)
-    if len(answers) != size:
+    if size is not None and len(answers) != size:
         raise ValueError(
             f"METER's answer list rebuilt from {vqa_annotations} has {len(answers)} answers, the checkpoint's "
             f"classifier {size} outputs: these are not the annotation files it was trained with"
@@ -137,6 +143,7 @@ def convert_meter(
     output_dir: str | Path,
     vqa_annotations: str | None = None,
     image_size: int | None = None,
+    task: str | None = None,
     text_encoder: str | None = None,
     tokenizer: str | None = None,
     command: str | None = None,
@@ -146,12 +153,24 @@ def convert_meter(
 
     `text_encoder` / `tokenizer`: where the text encoder's config and the tokenizer come from (default: the
     checkpoint's `tokenizer` hyper-parameter, e.g. roberta-base, which METER built its text encoder from).
-    `image_size`: the resolution to work at (default: the checkpoint's own, read off its position table)."""
+    `image_size`: the resolution to work at (default: the checkpoint's own, read off its position table).
+    `task`: the model to build from a pre-training checkpoint (default: the checkpoint's own task)."""
     checkpoint = Path(checkpoint)
     loaded = load_lightning_checkpoint(checkpoint)
     state_dict, hyper = loaded["state_dict"], checkpoint_hyper_parameters(loaded)
-    task = detect_task(state_dict)
+    source_task = detect_task(state_dict)
+    task = task or source_task
+    if task != source_task and source_task != "pretrain":
+        raise ValueError(
+            f"--task {task}: only a pre-training checkpoint starts another task; this one is {source_task}"
+        )
     weights = convert_weights(state_dict)
+    if task == "irtr" and source_task == "pretrain":  # METER starts rank_output as the ITM head's "match" row
+        weights.head.update(
+            {f"rank_output.{kind}": weights.head[f"itm_head.{kind}"][1:] for kind in ("weight", "bias")}
+        )
+    elif task != source_task:  # a classifier starts anew; the ITM head has no place in it
+        weights.head = {}
     if weights.extra:
         logger.warning("vkood has no place for these weights of %s; dropped: %s", checkpoint.name, weights.extra)
     text_name = text_encoder or hyper.get("tokenizer")
@@ -169,13 +188,14 @@ def convert_meter(
     model = TASK_MODELS[task](config)
     token_types = weights.token_types
     rows = {"text": token_types[0], "image": token_types[1], "knowledge": token_types[0]}
-    if "second_image" in config.token_types:
-        rows["second_image"] = token_types[2]
+    if "second_image" in config.token_types:  # METER's NLVR2 row; from pre-training, a copy of the image row
+        rows["second_image"] = token_types[2] if len(token_types) > 2 else token_types[1]
     converted = {f"vkood.{key}": value for key, value in weights.base.items()}
     converted["vkood.token_type_embeddings.weight"] = torch.stack([rows[name] for name in config.token_types])
     converted.update(weights.head)
     missing, unexpected = model.load_state_dict(converted, strict=False)
-    missing = [key for key in missing if not key.startswith(NEW_WEIGHTS)]
+    new = NEW_WEIGHTS + (("classifier.",) if task != source_task else ())  # a new head
+    missing = [key for key in missing if not key.startswith(new)]
     if missing or unexpected:
         raise ValueError(
             f"{checkpoint.name} does not fill a vkood {task} model: missing {missing}, unexpected {unexpected}"
@@ -221,6 +241,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "answer list (default: answer_{i})",
     )
     parser.add_argument("--image_size", type=int, help="resolution to work at (default: the checkpoint's)")
+    parser.add_argument(
+        "--task", choices=TASKS, help="build this task's model from a pre-training checkpoint (default: its own)"
+    )
     parser.add_argument("--text_encoder", help="the text encoder's config (default: the checkpoint's `tokenizer`)")
     parser.add_argument("--tokenizer", help="the tokenizer (default: the text encoder's)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="upload the folder to this Hub repository")
@@ -237,6 +260,7 @@ def main(argv=None) -> int:
         args.output_dir,
         args.vqa_annotations,
         args.image_size,
+        args.task,
         args.text_encoder,
         args.tokenizer,
         command,

@@ -210,3 +210,27 @@ def test_image_size_option_resizes_as_meter_does(converted, tmp_path):
             pixel_values=inputs["image_S2"], input_ids=inputs["text_ids"], attention_mask=inputs["text_masks"]
         ).logits
     torch.testing.assert_close(logits, reference["vqa_logits"], rtol=0, atol=1e-5)
+
+
+def test_a_pretraining_checkpoint_starts_other_tasks_as_meter_does(converted, tmp_path):
+    """`--task`: NLVR2's second-image row starts as the image row, and retrieval's rank_output as ITM's match row."""
+    oracle, _ = converted["pretrain"]
+    tokenizer = tiny_roberta_tokenizer(tmp_path / "tokenizer")
+    inputs = load_file(oracle / "inputs.safetensors")
+    reference = load_file(oracle / f"outputs_{SIZE}.safetensors")
+    text = dict(input_ids=inputs["text_ids"], attention_mask=inputs["text_masks"])
+    nlvr2 = convert_meter(oracle / "meter_pretrain.ckpt", tmp_path / "nlvr2", task="nlvr2", tokenizer=tokenizer)
+    table = nlvr2.vkood.token_type_embeddings.weight
+    assert nlvr2.config.token_types == ["text", "image", "second_image", "knowledge"]
+    torch.testing.assert_close(table[2], table[1], rtol=0, atol=0)
+    with torch.no_grad():
+        pooled = nlvr2(pixel_values=torch.stack([inputs["image"]] * 2, 1), **text).pooler_output
+    # both images are METER's pre-trained pass (the second row is a copy of the image row)
+    torch.testing.assert_close(pooled, reference["cls_feats"].repeat(1, 2), rtol=0, atol=1e-5)
+    irtr = convert_meter(oracle / "meter_pretrain.ckpt", tmp_path / "irtr", task="irtr", tokenizer=tokenizer)
+    with torch.no_grad():
+        output = irtr(pixel_values=inputs["image"], **text, return_loss=False)
+    torch.testing.assert_close(output.rank_scores, reference["itm_logits"][:, 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(output.itm_logits, reference["itm_logits"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="only a pre-training checkpoint"):
+        convert_meter(converted["vqa"][0] / "meter_vqa.ckpt", tmp_path / "x", task="nlvr2", tokenizer=tokenizer)
