@@ -39,12 +39,12 @@ from modeling_vkood.training import (  # noqa: E402
     save_output_folder,
 )
 from modeling_vkood.training.arguments import VQA_TASKS  # noqa: E402
-from modeling_vkood.training.data import knowledge_is_retrieved  # noqa: E402
+from modeling_vkood.training.data import FIXED_VOCABULARY, knowledge_is_retrieved  # noqa: E402
 from modeling_vkood.training.distillation import MultimodalAdaptiveDistillation, UnimodalTeacher  # noqa: E402
 from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
 from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
 from modeling_vkood.training.metrics import knowledge_fit_labels, ood_fit_metrics  # noqa: E402
-from modeling_vkood.training.model_factory import max_knowledge_items  # noqa: E402
+from modeling_vkood.training.model_factory import checkpoint_answers, max_knowledge_items  # noqa: E402
 from modeling_vkood.training.ood_objectives import RELEVANCE_ALIGNMENTS, OODAlignmentLoss  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 from modeling_vkood.training.self_distillation import ModalityAugmentedSelfDistillation  # noqa: E402
@@ -217,8 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not splits:
         raise ValueError("nothing to do: set do_train, do_eval and/or predict_split")
     items = max_knowledge_items(model_args)  # the one cap on the knowledge items: the model config's
+    # A VQA run from a checkpoint with a VQA head keeps its answers (and so its trained classifier) where the builder
+    # takes a given list.
+    answers = checkpoint_answers(model_args) if task == "vqa" and data_args.dataset in FIXED_VOCABULARY else None
     with training_args.main_process_first(desc="dataset"):
-        dataset = load_splits(data_args, list(dict.fromkeys(splits)), max_knowledge_items=items)
+        dataset = load_splits(data_args, list(dict.fromkeys(splits)), items, answer_vocabulary=answers)
     id2label = dict(enumerate(answer_vocabulary(dataset))) if task == "vqa" else None
     if task == "nlvr2":
         id2label = dict(enumerate(dataset[splits[0]].features["label"].names))

@@ -681,3 +681,37 @@ def test_a_partial_ood_config_updates_the_checkpoints_rather_than_replacing_it(t
     arguments = ModelArguments(init_from=str(tmp_path), vkood_config={"ood_config": {"hard_gate": True}})
     ood = build_model(arguments, "vqa", {0: "no", 1: "yes"}).model.config.ood_config
     assert (ood.hard_gate, ood.max_iter, ood.threshold, ood.score, ood.projection_dim) == (True, 7, -1.5, "gem", 8)
+
+
+def test_init_from_keeps_a_classifier_only_for_the_same_answers(tmp_path, minilm_path):
+    """`--init_from`: the saved classifier is kept when the run's labels are the checkpoint's; for other labels of
+    the same size (another answer order) it starts anew, as it does for another size; the VQA builders get the
+    checkpoint's answers, and numbered answers (a METER conversion without annotations) are refused."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+    from modeling_vkood import VKOODForQuestionAnswering, VKOODProcessor
+    from modeling_vkood.training import ModelArguments
+    from modeling_vkood.training.model_factory import checkpoint_answers
+    from tests.utils.tiny import tiny_vkood_config
+
+    labels = {0: "no", 1: "yes", 2: "red"}
+    config = tiny_vkood_config(num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+    saved = VKOODForQuestionAnswering(config)
+    saved.save_pretrained(tmp_path)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    VKOODProcessor.from_model_config(image_processor, tokenizer, config).save_pretrained(tmp_path)
+    arguments = ModelArguments(init_from=str(tmp_path))
+    assert checkpoint_answers(arguments) == ["no", "yes", "red"]
+    weight = saved.classifier[0].weight
+    same = build_model(arguments, "vqa", labels).model.classifier
+    torch.testing.assert_close(same[0].weight, weight, rtol=0, atol=0)
+    reordered = build_model(arguments, "vqa", {0: "yes", 1: "no", 2: "red"}).model.classifier
+    assert not torch.equal(reordered[0].weight, weight) and reordered[0].weight.std() < 0.05  # config's init
+    larger = build_model(arguments, "vqa", {0: "no", 1: "yes", 2: "red", 3: "blue"}).model.classifier
+    assert larger[-1].weight.shape[0] == 4
+    numbered = {index: f"answer_{index}" for index in range(3)}
+    config.id2label, config.label2id = numbered, {v: k for k, v in numbered.items()}
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="--vqa_annotations"):
+        checkpoint_answers(arguments)

@@ -95,21 +95,53 @@ def max_knowledge_items(model_args) -> int:
     return VKOODConfig.max_knowledge_items  # the field's default, without building a config
 
 
+def checkpoint_answers(model_args) -> list[str] | None:
+    """The answers of the `--init_from` checkpoint's VQA classifier in label order, or None when it has no VQA head.
+
+    A VQA run from such a checkpoint builds its labels over this list (the VQA builders take it), so that the trained
+    classifier keeps answering with the same outputs. A converted METER checkpoint whose labels are only numbered
+    (`answer_{i}`: converted without the annotation files) cannot say which answer an output stands for."""
+    if model_args.init_from is None:
+        return None
+    config = VKOODConfig.from_pretrained(model_args.init_from)
+    if "VKOODForQuestionAnswering" not in (config.architectures or []):
+        return None
+    answers = [config.id2label[index] for index in range(len(config.id2label))]
+    if all(answer == f"answer_{index}" for index, answer in enumerate(answers)):
+        raise ValueError(
+            f"{model_args.init_from}: its VQA labels are numbered, not named; convert the METER checkpoint with "
+            "--vqa_annotations DIR (the official annotation files) to name them by METER's answer list"
+        )
+    return answers
+
+
 def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -> BuiltModel:
     """The task model from a vkood checkpoint or from two backbones (each pretrained or built from a config)."""
     model_class = TASK_MODELS[task]
     labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if model_args.init_from is not None:
         saved_labels = VKOODConfig.from_pretrained(model_args.init_from).id2label
-        model = model_class.from_pretrained(
-            model_args.init_from, **labels, **model_args.vkood_config, ignore_mismatched_sizes=True
+        model, loading = model_class.from_pretrained(
+            model_args.init_from,
+            **labels,
+            **model_args.vkood_config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
         )
-        if id2label is not None and saved_labels != id2label and hasattr(model, "classifier"):
+        not_loaded = set(loading["missing_keys"]) | {key for key, *_ in loading["mismatched_keys"]}
+        loaded_classifier = hasattr(model, "classifier") and not any(
+            key.startswith("classifier.") for key in not_loaded
+        )
+        if id2label is not None and saved_labels != id2label and loaded_classifier:
             # Same size, other labels (another vocabulary, or the same answers in another order): the saved
             # classifier's outputs would stand for the wrong answers. It starts anew (a size change already did).
             logger.warning(
                 "%s: its classifier's labels are not this run's; the classifier starts anew", model_args.init_from
             )
+            for module in model.classifier.modules():  # loaded tensors are marked initialised: unmark them
+                module._is_hf_initialized = False
+                for tensor in module.parameters(recurse=False):
+                    tensor._is_hf_initialized = False
             model.classifier.apply(model._init_weights)
         processor = AutoProcessor.from_pretrained(model_args.init_from)
         return BuiltModel(model, processor)  # the checkpoint's config says which backbones were pretrained
