@@ -12,10 +12,26 @@ TEXT_BACKBONES = {
     "bert": {},
     "roberta": {"pad_token_id": 1, "max_position_embeddings": 130, "type_vocab_size": 1},
 }
-HEADS = {
-    "vqa": (VKOODForQuestionAnswering, lambda batch: {"labels": torch.rand(3, 3)}),
-    "nlvr2": (VKOODForImagesAndTextClassification, lambda batch: {"labels": torch.tensor([0, 1, 1])}),
-    "retrieval": (VKOODForImageTextRetrieval, lambda batch: {"image_ids": torch.tensor([0, 1, 2])}),
+METER_LAYOUT = {"classifier_head": "meter", "token_types": ["text", "image", "second_image", "knowledge"]}
+HEADS = {  # (model class, its labels, config fields)
+    "vqa": (VKOODForQuestionAnswering, lambda batch: {"labels": torch.rand(3, 3)}, {}),
+    "nlvr2": (VKOODForImagesAndTextClassification, lambda batch: {"labels": torch.tensor([0, 1, 1])}, {}),
+    "nlvr2_meter": (
+        VKOODForImagesAndTextClassification,
+        lambda batch: {"labels": torch.tensor([0, 1, 1])},
+        METER_LAYOUT,
+    ),
+    "snli_ve": (
+        VKOODForImagesAndTextClassification,
+        lambda batch: {"labels": torch.tensor([0, 2, 1])},
+        {"num_images": 1},
+    ),
+    "retrieval": (VKOODForImageTextRetrieval, lambda batch: {"image_ids": torch.tensor([0, 1, 2])}, {}),
+    "retrieval_rank_output": (
+        VKOODForImageTextRetrieval,
+        lambda batch: {"image_ids": torch.tensor([0, 1, 2])},
+        {"retrieval_score": "rank_output"},
+    ),
 }
 
 
@@ -31,7 +47,11 @@ def tiny_model(head, text_type, finetuning):
     )
     text.update(TEXT_BACKBONES[text_type])
     config = tiny_vkood_config(
-        text_config=text, num_labels=3, pretrained_backbones=["vision_model", "text_model"], ood_config=dict(max_iter=3)
+        text_config=text,
+        num_labels=3,
+        pretrained_backbones=["vision_model", "text_model"],
+        ood_config=dict(max_iter=3),
+        **HEADS[head][2],
     )
     model = HEADS[head][0](config)
     model.activation_checkpointing_enable()
@@ -47,7 +67,7 @@ def tiny_model(head, text_type, finetuning):
 def test_one_backward_reaches_every_trainable_parameter(head, text_type, finetuning):
     torch.manual_seed(0)
     model = tiny_model(head, text_type, finetuning).train()
-    batch = tiny_batch(pairs=head == "nlvr2")
+    batch = tiny_batch(pairs=head.startswith("nlvr2"))
     batch.update(HEADS[head][1](batch))
     model(**batch).loss.backward()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
