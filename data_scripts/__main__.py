@@ -2,7 +2,7 @@
 
     python -m data_scripts NAME --root DIR --image-root DIR --knowledge INDEX|starter --out DIR
         [--splits ...] [--image-mode path|bytes] [--check-images decode|header|none] [--max-knowledge-items 16]
-        [--num-proc N] [--strict] [--push-to-hub REPO]
+        [--num-proc N] [--strict] [--push-to-hub REPO] [--answer-vocabulary JSON|MODEL_DIR]
 
 Writes `OUT/data/{split}-{i:05d}-of-{n:05d}.parquet` (the layout `push_to_hub` uses), `OUT/README.md` (dataset card)
 and `OUT/skip_report.json`. Load the result with `datasets.load_dataset("OUT")` (the card's YAML names the files)
@@ -15,6 +15,7 @@ build deletes the one a killed build left behind (`modeling_vkood.knowledge.scra
 """
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
@@ -28,12 +29,13 @@ from datasets import DatasetDict
 from hub_cards.dataset_card import DATA_DIR, dataset_card
 from modeling_vkood.knowledge.scratch import scratch_folder
 
-from .common import IMAGE_MODES, BuildResult, open_knowledge
+from .common import IMAGE_MODES, BuildResult, open_knowledge, read_answer_vocabulary
 from .image_check import IMAGE_CHECKS
 
 BUILDERS = ("vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k", "easy_vqa", "knowledge_vqa")
 GENERATED_KNOWLEDGE = ("knowledge_vqa",)  # builders that write their own knowledge items: --knowledge not read
 NO_ROOT_NEEDED = ("easy_vqa", "knowledge_vqa")  # default to the easy-vqa package's data
+FIXED_VOCABULARY = ("vqav2", "okvqa")  # builders whose `build` takes `vocabulary=` (--answer-vocabulary)
 # Upper bound of one Parquet file; the Hub serves files of a few hundred MB best.
 MAX_SHARD_BYTES = 500 * 1024 * 1024
 
@@ -60,11 +62,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--strict", action="store_true", help="fail on a missing or unreadable image instead of skipping it"
     )
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub dataset repository")
+    parser.add_argument(
+        "--answer-vocabulary",
+        "--answer_vocabulary",
+        type=Path,
+        metavar="PATH",
+        help=f"{'/'.join(FIXED_VOCABULARY)}: use these answers, in this label order, instead of the selected ones "
+        "(e.g. a converted checkpoint's): a JSON list of answers, or a model folder whose config.json has id2label",
+    )
     args = parser.parse_args(argv)
     if args.root is None and args.name not in NO_ROOT_NEEDED:
         parser.error(f"--root is required for {args.name}")
     if args.knowledge is None and args.name not in GENERATED_KNOWLEDGE:
         parser.error(f"--knowledge is required for {args.name}")
+    if args.answer_vocabulary is not None and args.name not in FIXED_VOCABULARY:
+        parser.error(f"--answer-vocabulary is for {', '.join(FIXED_VOCABULARY)}, not {args.name}")
     return args
 
 
@@ -139,9 +151,23 @@ def push(result: BuildResult, out: Path, repo_id: str) -> None:
         api.upload_file(path_or_fileobj=str(out / name), path_in_repo=name, repo_id=repo_id, repo_type="dataset")
 
 
+def given_vocabulary_note(path: Path, size: int) -> str:
+    """The card's note on a vocabulary given with --answer-vocabulary (it replaces the rule the notes describe)."""
+    return (
+        f"The answer vocabulary (the ClassLabel of `label_ids`) was given, not selected: the {size} answers of "
+        f"`{path.resolve().name}` (`--answer-vocabulary`) in their label order; the selection rule above does not "
+        "apply."
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(f"data_scripts.{args.name}")
+    description, fixed = module.DESCRIPTION, {}
+    if args.answer_vocabulary is not None:
+        fixed["vocabulary"] = read_answer_vocabulary(args.answer_vocabulary)
+        note = given_vocabulary_note(args.answer_vocabulary, len(fixed["vocabulary"]))
+        description = dataclasses.replace(description, notes=[*description.notes, note])
     out = args.out.resolve()
     with scratch_folder(out.parent, f".{out.name}.tmp-") as scratch:
         work = scratch / "output"
@@ -157,8 +183,9 @@ def main(argv=None) -> int:
             image_mode=args.image_mode,
             check_images=args.check_images,
             work_dir=scratch / "arrow",
+            **fixed,
         )
-        write_output(result, args, module.DESCRIPTION, work)
+        write_output(result, args, description, work)
         replace_folder(work, out, scratch)
         print(
             f"{args.name}: wrote {out}: rows {result.dataset.num_rows}, "

@@ -294,6 +294,45 @@ def select_vocabulary(answer_questions: Counter, min_questions: int, dataset: st
     return [answer for _, answer in sorted(kept, key=lambda pair: (-pair[0], pair[1]))]
 
 
+def checked_vocabulary(vocabulary: Sequence[str], source: str) -> list[str]:
+    """A given answer vocabulary (label id -> answer) as a list, after checking that it is a non-empty sequence of
+    strings, each once: a label id must name one answer and an answer one label id."""
+    if isinstance(vocabulary, str | bytes) or not isinstance(vocabulary, Sequence):
+        raise ValueError(f"{source}: expected a list of answers, got {type(vocabulary).__name__}")
+    answers = list(vocabulary)
+    if not answers:
+        raise ValueError(f"{source}: the answer vocabulary is empty")
+    wrong = next((answer for answer in answers if not isinstance(answer, str)), None)
+    if wrong is not None:
+        raise ValueError(f"{source}: every answer must be a string, got {wrong!r}")
+    repeated = sorted(answer for answer, count in Counter(answers).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{source}: answers given more than once: {repeated[:10]}")
+    return answers
+
+
+def read_answer_vocabulary(path: str | os.PathLike) -> list[str]:
+    """The answer vocabulary in label order stored at `path` (`--answer-vocabulary`): a JSON list of answers, or a
+    model folder whose config.json (or that config.json itself) has `id2label` naming every label id 0..n-1."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"answer vocabulary: {path} does not exist")
+    document = load_json(path)
+    if isinstance(document, list):
+        return checked_vocabulary(document, str(path))
+    if not isinstance(document, dict) or not isinstance(document.get("id2label"), dict):
+        raise ValueError(f"{path}: expected a JSON list of answers or a model config with an 'id2label' object")
+    try:
+        labels = {int(label_id): answer for label_id, answer in document["id2label"].items()}
+    except ValueError as error:
+        raise ValueError(f"{path}: 'id2label' keys must be label ids (integers)") from error
+    if sorted(labels) != list(range(len(labels))):
+        raise ValueError(f"{path}: 'id2label' must name every label id 0..{len(labels) - 1} once")
+    return checked_vocabulary([labels[label_id] for label_id in range(len(labels))], f"{path} id2label")
+
+
 def vqa_targets(answers: Sequence[str], vocabulary_index: dict[str, int]) -> tuple[list[int], list[float]]:
     """(label_ids, label_scores): each vocabulary answer the official metric credits on these human answers.
 

@@ -12,7 +12,8 @@ that name is derived as the most common `answer` (ties to the one given first). 
 Vocabulary: OK-VQA's own, from all 10 human answers (officially normalised) rather than the consensus answer only,
 because OK-VQA answers are open-ended knowledge answers with weak consensus; an answer enters when it was given
 for at least 3 questions of train+val. That keeps answers the metric can credit (3 matches score 0.9) while
-dropping one-off spellings.
+dropping one-off spellings. `vocabulary=` (CLI `--answer-vocabulary`) gives the answers and their label order
+instead, as for VQAv2 (see `vqav2`).
 """
 
 from collections.abc import Sequence
@@ -71,8 +72,10 @@ def build(
     image_mode: str = "path",
     check_images: str = "decode",
     work_dir: Path | None = None,
+    vocabulary: Sequence[str] | None = None,
 ) -> BuildResult:
-    """OK-VQA from the official files in `root` and the COCO images in `image_root` (see the module docstring)."""
+    """OK-VQA from the official files in `root` and the COCO images in `image_root` (see the module docstring);
+    `vocabulary`: fixed answers in label order instead of the selected ones."""
     return build_vqa_format(
         "okvqa",
         SPLITS,
@@ -82,6 +85,7 @@ def build(
         knowledge,
         splits,
         consensus_in_file=False,
+        vocabulary=vocabulary,
         strict=strict,
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,

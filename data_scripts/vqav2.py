@@ -8,6 +8,10 @@ Splits: train, validation, test_dev, test (the test splits have no answers: empt
 Vocabulary: the answers that are the consensus answer (`multiple_choice_answer`, officially normalised) of at
 least 9 questions of train+val, the setting that gives the standard 3,129 answers. It is always counted on every
 annotation file present in `root`, whichever splits are built, so that every build shares one label space.
+`vocabulary=` (CLI `--answer-vocabulary`) gives the answers and their label order instead, e.g. a converted
+checkpoint's `id2label` (`modeling_vkood.conversion.meter_answers` for METER's): then no counting happens, and the
+targets are computed against it as against a selected one (answers outside it get no label; a question none of
+whose human answers is in it keeps its row, with empty `label_ids` / `label_scores`).
 """
 
 from collections import Counter
@@ -24,6 +28,7 @@ from .common import (
     SkipReport,
     build_splits,
     check_record,
+    checked_vocabulary,
     load_json,
     progress,
     question_record,
@@ -210,21 +215,27 @@ def build_vqa_format(
     knowledge,
     splits: Sequence[str] | None,
     consensus_in_file: bool = True,
+    vocabulary: Sequence[str] | None = None,
     **options,
 ) -> BuildResult:
     """Build a dataset shipped in the official VQA format (VQAv2, OK-VQA); see `load_annotations` for
-    `consensus_in_file`."""
+    `consensus_in_file`. `vocabulary`: the answers in label order, replacing the one `vocabulary_rule` selects
+    (only the annotation files of the chosen splits are read then)."""
     root, image_root = Path(root), Path(image_root)
     chosen = select_splits(splits, {split: root / spec.questions for split, spec in split_files.items()}, name)
     annotations = {
         split: load_annotations(root / spec.annotations, consensus_in_file)
         for split, spec in split_files.items()
-        if spec.annotations is not None and (split in chosen or (root / spec.annotations).is_file())
+        if spec.annotations is not None
+        and (split in chosen or (vocabulary is None and (root / spec.annotations).is_file()))
     }
-    if not annotations:
+    if vocabulary is not None:
+        vocabulary = checked_vocabulary(vocabulary, f"{name}: the given answer vocabulary")
+    elif not annotations:
         raise FileNotFoundError(f"{name}: no annotation file in {root}; the answer vocabulary needs one")
-    counts = count_answer_questions(list(annotations.values()), vocabulary_rule)
-    vocabulary = select_vocabulary(counts, vocabulary_rule.min_questions, name)
+    else:
+        counts = count_answer_questions(list(annotations.values()), vocabulary_rule)
+        vocabulary = select_vocabulary(counts, vocabulary_rule.min_questions, name)
     vocabulary_index = {answer: label for label, answer in enumerate(vocabulary)}
     finder = ImageFinder()
 
@@ -248,8 +259,10 @@ def build(
     image_mode: str = "path",
     check_images: str = "decode",
     work_dir: Path | None = None,
+    vocabulary: Sequence[str] | None = None,
 ) -> BuildResult:
-    """VQAv2 from the official files in `root` and the COCO images in `image_root` (see the module docstring)."""
+    """VQAv2 from the official files in `root` and the COCO images in `image_root` (see the module docstring);
+    `vocabulary`: fixed answers in label order instead of the selected ones."""
     return build_vqa_format(
         "vqav2",
         SPLITS,
@@ -258,6 +271,7 @@ def build(
         image_root,
         knowledge,
         splits,
+        vocabulary=vocabulary,
         strict=strict,
         max_knowledge_items=max_knowledge_items,
         num_proc=num_proc,

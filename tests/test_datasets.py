@@ -11,7 +11,7 @@ from PIL import Image
 
 from data_scripts import answer_vocabulary, coco_karpathy, easy_vqa, flickr30k, image_check, nlvr2, okvqa, vqav2
 from data_scripts.__main__ import content_bytes, main
-from data_scripts.common import merge_knowledge
+from data_scripts.common import merge_knowledge, read_answer_vocabulary
 from hub_cards.dataset_card import knowledge_statistics, size_category
 from modeling_vkood.knowledge import KnowledgeBase, KnowledgeItem
 
@@ -138,6 +138,56 @@ def test_each_distinct_image_is_decoded_once_per_build(vqa_files, knowledge_base
     assert len(checked) == len(set(checked)) == 6 + 2 + 1 + 2  # every image once, across all splits
 
 
+def test_vqav2_given_vocabulary_sets_the_labels_and_their_order(vqa_files, knowledge_base):
+    root, images = vqa_files
+    given = ["no", "3", "yes", "maybe", "2"]  # not the selected order, with answers no row has or no question selects
+    dataset, _ = vqav2.build(root, images, knowledge_base, vocabulary=given)
+    assert dataset.num_rows == {"train": 12, "validation": 4, "test_dev": 2, "test": 3}
+    assert answer_vocabulary(dataset) == dataset["train"].features["label_ids"].feature.names == given
+    yes_row, two_row = dataset["train"][0], dataset["train"][7]  # answers: yes x8 no x2 / 2 x3 3 x7
+    assert [given[i] for i in yes_row["label_ids"]] == ["no", "yes"]
+    assert yes_row["label_scores"] == pytest.approx([0.6, 1])
+    assert [given[i] for i in two_row["label_ids"]] == ["3", "2"]  # label order: "3" (7 of 10) before "2" (3 of 10)
+    assert two_row["label_scores"] == pytest.approx([1, 0.9])
+
+    # Questions none of whose answers is in the vocabulary keep their rows, without labels.
+    train = vqav2.build(root, images, knowledge_base, splits=["train"], vocabulary=["maybe", "2"]).dataset["train"]
+    assert len(train) == 12 and train[0]["label_ids"] == [] and train[7]["label_ids"] == [1]
+    # A given vocabulary needs no annotation file (the test splits have none); a selected one does.
+    for subset in ("train2014", "val2014"):
+        (root / f"v2_mscoco_{subset}_annotations.json").unlink()
+    test = vqav2.build(root, images, knowledge_base, splits=["test"], vocabulary=given).dataset
+    assert answer_vocabulary(test) == given and len(test["test"]) == 3
+    with pytest.raises(FileNotFoundError, match="the answer vocabulary needs one"):
+        vqav2.build(root, images, knowledge_base, splits=["test"])
+    for wrong, message in ((["yes", "no", "yes"], r"more than once: \['yes'\]"), ([], "empty"), (["2", 2], "string")):
+        with pytest.raises(ValueError, match=message):
+            vqav2.build(root, images, knowledge_base, splits=["test"], vocabulary=wrong)
+
+
+def test_read_answer_vocabulary_from_a_json_list_or_a_model_config(tmp_path):
+    write_json(tmp_path / "answers.json", ["yes", "no", "2"])
+    assert read_answer_vocabulary(tmp_path / "answers.json") == ["yes", "no", "2"]
+    write_json(
+        tmp_path / "model" / "config.json", {"model_type": "vkood", "id2label": {"1": "no", "0": "yes", "2": "2"}}
+    )
+    assert read_answer_vocabulary(tmp_path / "model") == ["yes", "no", "2"]  # in label id order
+    assert read_answer_vocabulary(tmp_path / "model" / "config.json") == ["yes", "no", "2"]
+    write_json(tmp_path / "gap" / "config.json", {"id2label": {"0": "yes", "2": "no"}})
+    write_json(tmp_path / "same.json", {"id2label": {"0": "yes", "1": "yes"}})
+    write_json(tmp_path / "bare" / "config.json", {"model_type": "vkood"})
+    (tmp_path / "empty").mkdir()
+    for path, error, message in (
+        (tmp_path / "gap", ValueError, r"must name every label id 0\.\.1 once"),
+        (tmp_path / "same.json", ValueError, "more than once"),
+        (tmp_path / "bare", ValueError, "'id2label'"),
+        (tmp_path / "absent", FileNotFoundError, "absent does not exist"),
+        (tmp_path / "empty", FileNotFoundError, "empty/config.json does not exist"),
+    ):
+        with pytest.raises(error, match=message):
+            read_answer_vocabulary(path)
+
+
 def _rewrite(path: Path, key: str, index: int, change) -> None:
     document = json.loads(path.read_text())
     change(document[key][index])
@@ -197,6 +247,19 @@ def test_okvqa_uses_its_own_files_and_vocabulary_rule(tmp_path, knowledge_base):
     first = dataset["train"][0]
     assert first["label_ids"] == [2, 3] and first["label_scores"] == pytest.approx([0.6, 1.0])
     assert skips.skipped == []
+
+
+def test_okvqa_given_vocabulary_sets_the_labels_and_their_order(tmp_path, knowledge_base):
+    root, images = tmp_path / "annotations", tmp_path / "images"
+    questions, annotations = _vqa_records("train2014", ["yes", "2"], 1)
+    for annotation in annotations:
+        del annotation["multiple_choice_answer"]
+    write_json(root / "OpenEnded_mscoco_train2014_questions.json", {**HEADER, "questions": questions})
+    write_json(root / "mscoco_train2014_annotations.json", {**HEADER, "annotations": annotations})
+    write_image(images / "train2014" / "COCO_train2014_000000000001.jpg")
+    dataset, _ = okvqa.build(root, images, knowledge_base, vocabulary=["3", "yes", "dog"])
+    assert answer_vocabulary(dataset) == ["3", "yes", "dog"]
+    assert [row["label_ids"] for row in dataset["train"]] == [[1], [0]]  # "yes" (8 of 10), "3" (7 of 10)
 
 
 # ------------------------------------------------------------------------------------------------------ NLVR2
@@ -525,6 +588,44 @@ def test_cli_failure_leaves_the_previous_output_untouched(vqa_files, tmp_path, m
     with pytest.raises(FileNotFoundError, match="COCO_val2014_000000000101.jpg"):
         main(_cli(root, images, out, "--strict"))
     assert _files(out) == before and [p.name for p in out.parent.iterdir()] == ["vqav2"]
+
+
+def test_cli_answer_vocabulary_from_a_model_folder(vqa_files, tmp_path, monkeypatch):
+    root, images = vqa_files
+    monkeypatch.setenv("VKOOD_CACHE", str(tmp_path / "cache"))
+    write_json(tmp_path / "converted" / "config.json", {"id2label": {"0": "no", "1": "2", "2": "yes"}})
+    out = tmp_path / "out" / "vqav2"
+    assert main(_cli(root, images, out, "--splits", "train", "--answer_vocabulary", str(tmp_path / "converted"))) == 0
+    loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf"))
+    assert answer_vocabulary(loaded) == ["no", "2", "yes"]
+    assert loaded["train"][0]["label_ids"] == [0, 2]  # "no" 2 of 10, "yes" 8 of 10
+    assert "the 3 answers of `converted` (`--answer-vocabulary`)" in (out / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["nlvr2", "--root", str(root), "--knowledge", "starter", "--out", str(out), "--answer-vocabulary", "x"])
+
+
+def test_load_splits_builds_with_the_given_vocabulary(vqa_files, tmp_path):
+    from modeling_vkood.training import load_splits
+    from modeling_vkood.training.arguments import DataArguments
+
+    root, images = vqa_files
+    args = DataArguments(
+        dataset="vqav2",
+        dataset_root=str(root),
+        image_root=str(images),
+        eval_split="validation",
+        check_images="none",
+        dataset_cache_dir=str(tmp_path / "cache"),
+    )
+    assert answer_vocabulary(load_splits(args, ["train"], 2)) == ["2", "yes"]
+    given = load_splits(args, ["train"], 2, answer_vocabulary=["yes", "no", "2"])
+    assert answer_vocabulary(given) == ["yes", "no", "2"]  # a build of its own, not the cached one
+    assert given["train"][0]["label_ids"] == [0, 1] and given["train"][7]["label_ids"] == [2]
+    assert answer_vocabulary(load_splits(args, ["train"], 2, answer_vocabulary=["2"])) == ["2"]
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+    args.dataset = "nlvr2"
+    with pytest.raises(ValueError, match="answer_vocabulary is for the builders"):
+        load_splits(args, ["train"], 2, answer_vocabulary=["2"])
 
 
 def test_cli_push_to_hub_uploads_dataset_card_and_report(vqa_files, tmp_path, monkeypatch):

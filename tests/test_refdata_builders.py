@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from data_scripts import answer_vocabulary, coco_karpathy, flickr30k, nlvr2, okvqa, vqav2
-from modeling_vkood.evaluation import nlvr2_accuracy, normalize_answer, vqa_accuracy
+from modeling_vkood.conversion.meter_answers import answer_list_from_records
+from modeling_vkood.evaluation import answer_scores, nlvr2_accuracy, normalize_answer, vqa_accuracy
 from modeling_vkood.knowledge import KnowledgeBase
 from tests.utils.paths import REFDATA
 
@@ -85,6 +86,33 @@ def test_vqav2_from_the_real_records(tmp_path, knowledge_base, placeholder):
     best = [max(zip(columns["label_scores"][i], columns["label_ids"][i])) for i in labelled]
     result = vqa_accuracy([vocabulary[label] for _, label in best], [columns["answers"][i] for i in labelled])
     assert result["overall"] == pytest.approx(100 * sum(score for score, _ in best) / len(best), abs=1e-4)
+
+
+def test_vqav2_with_meters_answer_list_as_the_vocabulary(tmp_path, knowledge_base, placeholder):
+    """A build for fine-tuning a converted METER checkpoint: the labels are METER's answers, in METER's order."""
+    questions = json.loads(gzip.open(REFDATA / "vqav2" / "vqa_questions_valid.gzip").read())["questions"]
+    annotations = json.loads(gzip.open(REFDATA / "vqav2" / "vqa_annotatons_valid.gzip").read())["annotations"]
+    root, images = tmp_path / "annotations", tmp_path / "images"
+    root.mkdir()
+    (root / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps({"questions": questions}))
+    (root / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    image_ids = {q["image_id"] for q in questions}
+    link_images(placeholder, (images / "train2014" / f"COCO_train2014_{i:012d}.jpg" for i in image_ids))
+    meter = answer_list_from_records(annotations, [])
+    assert len(meter) == 71
+
+    train = vqav2.build(root, images, knowledge_base, check_images="none", vocabulary=meter).dataset["train"]
+    assert answer_vocabulary(train) == train.features["label_ids"].feature.names == meter
+    assert answer_vocabulary(vqav2.build(root, images, knowledge_base, check_images="none").dataset) != meter
+    # Each label names an answer the metric credits on the row's human answers, with the score it would earn.
+    columns = train.select_columns(["answers", "label_ids", "label_scores"]).to_dict()
+    unlabelled = 0
+    for answers, label_ids, label_scores in zip(columns["answers"], columns["label_ids"], columns["label_scores"]):
+        unlabelled += not label_ids
+        scores = answer_scores(meter, answers)
+        assert label_ids == [label for label, score in enumerate(scores) if score > 0]
+        assert label_scores == pytest.approx([scores[label] for label in label_ids])
+    assert len(train) == len(questions) and 0 < unlabelled < len(train) // 2  # rows without a label are kept
 
 
 def okvqa_annotation(question: dict, index: int) -> dict:

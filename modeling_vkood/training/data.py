@@ -24,6 +24,7 @@ import data_scripts
 import modeling_vkood
 
 BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k", "knowledge_vqa")
+FIXED_VOCABULARY = ("vqav2", "okvqa")  # builders that take a given answer vocabulary (`vocabulary=`)
 STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "starter.csv"
 # The code whose behaviour a built dataset depends on: the builders and the knowledge extraction.
 BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
@@ -56,7 +57,9 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def build_key(data_args, splits: list[str], max_knowledge_items: int) -> str:
+def build_key(
+    data_args, splits: list[str], max_knowledge_items: int, answer_vocabulary: list[str] | None = None
+) -> str:
     """Hex digest of everything a build of `splits` reads; any change to an input or option gives a new key."""
     roots = {data_args.dataset_root, data_args.image_root} - {None}
     knowledge = STARTER_GRAPH if data_args.knowledge == "starter" else Path(data_args.knowledge)
@@ -70,19 +73,22 @@ def build_key(data_args, splits: list[str], max_knowledge_items: int) -> str:
         "knowledge": [str(knowledge.resolve()), knowledge.stat().st_size, knowledge.stat().st_mtime_ns],
         "code": _source_digest(),
     }
+    if answer_vocabulary is not None:  # absent otherwise: a build without one is keyed as before
+        inputs["answer_vocabulary"] = list(answer_vocabulary)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def build_dataset(data_args, splits: list[str], max_knowledge_items: int) -> DatasetDict:
+def build_dataset(
+    data_args, splits: list[str], max_knowledge_items: int, answer_vocabulary: list[str] | None = None
+) -> DatasetDict:
     """The splits built by the `data_args.dataset` builder with at most `max_knowledge_items` items per row (the model
-    config's cap), from the cache when the same build was saved before."""
-    cache = (
-        Path(data_args.dataset_cache_dir or default_cache_dir())
-        / f"{data_args.dataset}-{build_key(data_args, splits, max_knowledge_items)}"
-    )
+    config's cap), from the cache when the same build was saved before. `answer_vocabulary`: see `load_splits`."""
+    key = build_key(data_args, splits, max_knowledge_items, answer_vocabulary)
+    cache = Path(data_args.dataset_cache_dir or default_cache_dir()) / f"{data_args.dataset}-{key}"
     if cache.is_dir():
         return _load_cached(cache)
     builder = importlib.import_module(f"data_scripts.{data_args.dataset}")
+    fixed = {} if answer_vocabulary is None else {"vocabulary": answer_vocabulary}
     dataset = builder.build(
         root=data_args.dataset_root,
         image_root=data_args.image_root or data_args.dataset_root,
@@ -91,6 +97,7 @@ def build_dataset(data_args, splits: list[str], max_knowledge_items: int) -> Dat
         max_knowledge_items=max_knowledge_items,
         num_proc=data_args.preprocessing_num_workers,
         check_images=data_args.check_images,
+        **fixed,
     ).dataset
     partial = cache.with_name(f"{cache.name}.partial-{os.getpid()}")
     _save_cached(dataset, partial)
@@ -143,18 +150,31 @@ def knowledge_is_retrieved(data_args) -> bool:
 
 
 def load_splits(
-    data_args, splits: list[str], max_knowledge_items: int = modeling_vkood.VKOODConfig.max_knowledge_items
+    data_args,
+    splits: list[str],
+    max_knowledge_items: int = modeling_vkood.VKOODConfig.max_knowledge_items,
+    answer_vocabulary: list[str] | None = None,
 ) -> DatasetDict:
     """The requested splits, capped by max_*_samples, with image columns left undecoded for the PixelCache. A builder
-    keeps at most `max_knowledge_items` items per row (the model config's cap; a built dataset brings its own)."""
+    keeps at most `max_knowledge_items` items per row (the model config's cap; a built dataset brings its own).
+
+    `answer_vocabulary`: the answers in label order (e.g. a converted checkpoint's `id2label`), which the VQA
+    builders (FIXED_VOCABULARY) use instead of selecting their own; a ready-built dataset must already carry it.
+    """
+    if answer_vocabulary is not None and data_args.dataset in BUILDERS and data_args.dataset not in FIXED_VOCABULARY:
+        raise ValueError(f"answer_vocabulary is for the builders {FIXED_VOCABULARY}, not {data_args.dataset!r}")
     if data_args.dataset in BUILDERS:
-        dataset = build_dataset(data_args, splits, max_knowledge_items)
+        dataset = build_dataset(data_args, splits, max_knowledge_items, answer_vocabulary)
     else:
         loaded = load_dataset(data_args.dataset)
         missing = sorted(set(splits) - set(loaded))
         if missing:
             raise ValueError(f"{data_args.dataset}: no split(s) {missing}; it has {sorted(loaded)}")
         dataset = DatasetDict({split: loaded[split] for split in splits})
+        if answer_vocabulary is not None:
+            vqa = "label_ids" in dataset[splits[0]].features
+            if not vqa or data_scripts.answer_vocabulary(dataset) != list(answer_vocabulary):
+                raise ValueError(f"{data_args.dataset}: its answer vocabulary is not the given answer_vocabulary")
     for name, feature in dataset[splits[0]].features.items():
         if isinstance(feature, datasets.Image):
             dataset = dataset.cast_column(name, datasets.Image(decode=False))
