@@ -7,6 +7,7 @@ the converted model's closed gate keeps out)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from modeling_vkood.conversion.lightning_checkpoint import load_lightning_checkpoint
 from modeling_vkood.convert_meter import convert_meter
 from tests.utils.paths import REFDATA, REPO_ROOT
+from tests.utils.rehearsal_fixtures import save_char_roberta_tokenizer
 from tests.utils.without_package import run_without_package
 
 pytestmark = [
@@ -30,21 +32,6 @@ TASKS = ("pretrain", "vqa", "nlvr2", "snli", "irtr")
 SIZE, SECOND_SIZE = 32, 48
 
 
-def tiny_roberta_tokenizer(folder) -> str:
-    """A character-level byte-BPE tokenizer in RoBERTa's layout (<s>=0, <pad>=1, </s>=2) within the tiny vocab."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocabulary = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for char in ["Ġ", *map(chr, range(ord("a"), ord("z") + 1)), *"?.,'"]:
-        vocabulary[char] = len(vocabulary)
-    vocabulary["<mask>"] = len(vocabulary)
-    (folder / "vocab.json").write_text(json.dumps(vocabulary))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    from transformers import RobertaTokenizerFast
-
-    RobertaTokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    return str(folder)
-
-
 def run(*command, cwd=REPO_ROOT):
     proc = subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{command} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -55,7 +42,7 @@ def run(*command, cwd=REPO_ROOT):
 def converted(tmp_path_factory):
     """Per task: (oracle folder, converted folder), the converter run as a user runs it (the CLI)."""
     root = tmp_path_factory.mktemp("meter")
-    tokenizer = tiny_roberta_tokenizer(root / "tokenizer")
+    tokenizer = save_char_roberta_tokenizer(root / "tokenizer")
     folders = {}
     for task in TASKS:
         oracle, output = root / f"oracle_{task}", root / f"vkood_{task}"
@@ -181,7 +168,7 @@ def test_a_checkpoint_that_does_not_map_is_refused_and_extra_modules_are_dropped
     state["concept_encoder.weight"] = torch.ones(3)  # a module another project added: named, dropped
     extra = tmp_path / "extra.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": checkpoint["hyper_parameters"]}, extra)
-    tokenizer = tiny_roberta_tokenizer(tmp_path / "tokenizer")
+    tokenizer = save_char_roberta_tokenizer(tmp_path / "tokenizer")
     with caplog.at_level("WARNING"):
         convert_meter(extra, tmp_path / "out", tokenizer=tokenizer)
     assert "concept_encoder.weight" in caplog.text
@@ -199,7 +186,7 @@ def test_a_checkpoint_that_does_not_map_is_refused_and_extra_modules_are_dropped
 def test_image_size_option_resizes_as_meter_does(converted, tmp_path):
     """`--image_size 48` resizes the position table at conversion: METER's outputs at 48 without interpolating."""
     oracle, _ = converted["vqa"]
-    tokenizer = tiny_roberta_tokenizer(tmp_path / "tokenizer")
+    tokenizer = save_char_roberta_tokenizer(tmp_path / "tokenizer")
     model = convert_meter(oracle / "meter_vqa.ckpt", tmp_path / "out", image_size=SECOND_SIZE, tokenizer=tokenizer)
     assert model.config.vision_config.image_size == SECOND_SIZE
     model.config.interpolate_pos_encoding = False  # the table itself is at 48 px now
@@ -215,7 +202,7 @@ def test_image_size_option_resizes_as_meter_does(converted, tmp_path):
 def test_a_pretraining_checkpoint_starts_other_tasks_as_meter_does(converted, tmp_path):
     """`--task`: NLVR2's second-image row starts as the image row, and retrieval's rank_output as ITM's match row."""
     oracle, _ = converted["pretrain"]
-    tokenizer = tiny_roberta_tokenizer(tmp_path / "tokenizer")
+    tokenizer = save_char_roberta_tokenizer(tmp_path / "tokenizer")
     inputs = load_file(oracle / "inputs.safetensors")
     reference = load_file(oracle / f"outputs_{SIZE}.safetensors")
     text = dict(input_ids=inputs["text_ids"], attention_mask=inputs["text_masks"])
@@ -234,3 +221,13 @@ def test_a_pretraining_checkpoint_starts_other_tasks_as_meter_does(converted, tm
     torch.testing.assert_close(output.itm_logits, reference["itm_logits"], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="only a pre-training checkpoint"):
         convert_meter(converted["vqa"][0] / "meter_vqa.ckpt", tmp_path / "x", task="nlvr2", tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_cards_usage_snippet_runs_without_the_package(converted, task, tmp_path):
+    folder = converted[task][1]
+    text = (folder / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the card has no usage snippet"
+    code = "\n".join(block.replace("PATH_TO_THIS_FOLDER", str(folder)) for block in blocks)
+    run_without_package(code + "\nprint('snippet ran')", tmp_path)

@@ -2,18 +2,21 @@
 
 Each case runs `accelerate launch --config_file configuration/accelerate/ddp.yaml --num_processes 2
 --mixed_precision no train.py configuration/<task>.yaml ...` with the YAML as shipped except for:
-- the backbones: `--vision_model` / `--text_model` point at tiny local checkpoints saved in the formats of
-  openai/clip-vit-base-patch16 (CLIPModel composite folder + processor files) and FacebookAI/roberta-base
-  (tests/utils/rehearsal_fixtures.py);
+- the starting weights: the recipes start from a converted METER checkpoint (`init_from`); here a tiny METER model
+  built and run by METER's own code (tests/utils/meter_oracle.py, CLIP + RoBERTa in the released files' layout) is
+  converted by `python -m modeling_vkood.convert_meter` inside the rehearsal and given as `--init_from`. Runs from
+  backbones (`--vision_model` / `--text_model`) use tiny local checkpoints saved in the formats of
+  openai/clip-vit-base-patch16 and FacebookAI/roberta-base (tests/utils/rehearsal_fixtures.py);
 - the data: `--dataset_root` / `--image_root` at official annotation files made of real records of
   ../shared/refdata with generated images at the official file names, built by the real builder that train.py
   runs from the YAML's `dataset`; `--knowledge starter` (the bundled graph) instead of the full ConceptNet index;
 - the size of the run: `--max_steps`, batch sizes, `--max_eval_samples`, `--dataloader_num_workers 0` and
   `--preprocessing_num_workers 1` (the YAMLs' 8 workers would spawn 8 processes per rank for a few rows on a 2-core
   machine), `--bf16 false` (CPU), `--output_dir`;
-- `--vkood_config`: the YAML's dict with the fusion widths made tiny (hidden_size 32, 2 heads, intermediate 64,
-  OOD projection 8): the shipped 768-wide fusion has ~110M parameters, minutes per step on this CPU. Depth (6
-  fusion layers), knowledge sizes, projection_dim and k_test stay as shipped.
+- `--vkood_config`: the YAML's dict (for a run from backbones, with the fusion widths made tiny: hidden_size 32,
+  2 heads, intermediate 64, OOD projection 8; the shipped 768-wide fusion has ~110M parameters, minutes per step on
+  this CPU). A converted checkpoint brings its own widths (the tiny METER's: 64).
+The converted METER checkpoints are also evaluated without training, as the README's evaluation commands run them.
 Then the output folder is reloaded with `trust_remote_code=True` in a process that cannot import the project, its
 logits compared with the package's model on a fixed batch, and the usage snippet of its model card run there.
 The world size is asserted from the run's all_results.json and, where the training rows are known, from the trainer
@@ -36,8 +39,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from modeling_vkood.conversion.meter_answers import meter_answer_list
 from tests.utils.paths import REFDATA, REPO_ROOT
 from tests.utils.rehearsal_fixtures import (
+    save_char_roberta_tokenizer,
     save_tiny_clip,
     save_tiny_roberta,
     write_coco_karpathy,
@@ -88,6 +93,8 @@ CASES = {
     "coco_retrieval": Case("coco_retrieval", write_coco_karpathy, 16, "coco_karpathy", "coco", 2),
     "flickr30k_zeroshot": Case("flickr30k_zeroshot", write_flickr30k, 16, "flickr30k", "flickr30k/images", 0),
 }
+# The converted METER checkpoint each recipe starts from (its YAML's `init_from`).
+START = {"vqav2": "pretrain", "okvqa": "pretrain", "nlvr2": "pretrain_nlvr2", "coco_retrieval": "pretrain"}
 AUTO_CLASS = {
     "vqa": "AutoModelForVisualQuestionAnswering",
     "nlvr2": "AutoModelForSequenceClassification",
@@ -104,6 +111,40 @@ def backbones(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def rehearsal_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("rehearsal")
+
+
+def run_module(*command: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{command}:\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def meter(rehearsal_root):
+    """Converted tiny METER checkpoints, each made on first use: "pretrain" (the recipes' start), "pretrain_nlvr2"
+    (converted with `--task nlvr2`), and the fine-tuned "vqa" (labels by METER's answer list rebuilt from the
+    rehearsal's VQAv2 annotation files), "nlvr2" and "irtr" for the evaluations without training."""
+    root, done = rehearsal_root / "meter", {}
+    tokenizer = save_char_roberta_tokenizer(root / "tokenizer")
+
+    def get(name: str) -> Path:
+        if name not in done:
+            task = name.removesuffix("_nlvr2")
+            oracle, extra = root / f"oracle_{task}", []
+            if name == "vqa":
+                annotations = write_data(CASES["vqav2"], rehearsal_root)[0]
+                labels = len(meter_answer_list(annotations))
+                extra = ["--vqa_annotations", str(annotations)]
+            if not oracle.exists():
+                options = ["--vqa_labels", str(labels)] if name == "vqa" else []
+                run_module("tests.utils.meter_oracle", "--task", task, "--out", str(oracle), *options)
+            if name == "pretrain_nlvr2":
+                extra = ["--task", "nlvr2"]
+            done[name] = root / name
+            run_module("modeling_vkood.convert_meter", "--checkpoint", str(oracle / f"meter_{task}.ckpt"),
+                       "--output_dir", str(done[name]), "--tokenizer", tokenizer, *extra)  # fmt: skip
+        return done[name]
+
+    return get
 
 
 def shipped(config: str) -> dict:
@@ -127,11 +168,14 @@ def write_data(case: Case, root: Path) -> tuple[Path, Path, dict[str, int]]:
     return data_root, image_root, counts
 
 
-def launch(case: Case, root: Path, backbones: dict, name: str, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
-    """Run the shipped config through `accelerate launch` on two CPU processes; (output folder, process)."""
+def launch(
+    case: Case, root: Path, backbones: dict, start: Path | None, name: str, *extra: str
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run the shipped config through `accelerate launch` on two CPU processes, from the converted checkpoint
+    `start` (None: as `extra` says); (output folder, process)."""
     data_root, image_root, _ = write_data(case, root)
     output = root / name
-    from_checkpoint = "--init_from" in extra  # the checkpoint's own widths: only the YAML's keys apply
+    from_checkpoint = start is not None or "--init_from" in extra  # its own widths: only the YAML's keys apply
     vkood_config = dict(shipped(case.config).get("vkood_config") or {})
     if not from_checkpoint:
         vkood_config.update(TINY_FUSION, ood_config={**vkood_config.get("ood_config", {}), **TINY_OOD})
@@ -173,7 +217,9 @@ def launch(case: Case, root: Path, backbones: dict, name: str, *extra: str) -> t
         json.dumps(vkood_config),
         *extra,
     ]
-    if not from_checkpoint:
+    if start is not None:
+        command += ["--init_from", str(start)]
+    elif not from_checkpoint:
         command += ["--vision_model", str(backbones["vision"]), "--text_model", str(backbones["text"])]
     if case.max_steps:
         command += ["--max_steps", str(case.max_steps)]
@@ -325,13 +371,15 @@ def read_results(output: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(rehearsal_root, backbones):
-    """Launches shared by the tests of this module, each started the first time a test asks for it."""
+def runs(rehearsal_root, backbones, meter):
+    """Launches shared by the tests of this module, each started the first time a test asks for it; a recipe that
+    starts from a converted METER checkpoint gets it unless `extra` names another `--init_from`."""
     done = {}
 
     def get(name: str, case: str, *extra: str):
         if name not in done:
-            done[name] = launch(CASES[case], rehearsal_root, backbones, name, *extra)
+            start = meter(START[case]) if case in START and "--init_from" not in extra else None
+            done[name] = launch(CASES[case], rehearsal_root, backbones, start, name, *extra)
         return done[name]
 
     yield get
@@ -346,37 +394,57 @@ def rows(rehearsal_root: Path, case: str, split: str) -> int:
 # --------------------------------------------------------------------------------------------------- VQAv2
 
 
-def test_vqav2_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
-    output, proc = runs("vqav2_lora", "vqav2")
+def test_vqav2_from_converted_meter_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    recipe = shipped("vqav2")
+    assert recipe["finetuning"] == "full" and recipe["activation_checkpointing"] is True and recipe["init_from"]
+    output, proc = runs("vqav2", "vqav2")
     assert_succeeded(proc)
     assert_trained_on_two_processes(output, CASES["vqav2"], rows(rehearsal_root, "vqav2", "train"))
     results = read_results(output)
     assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0 and {"eval_vqa_accuracy_yes_no", "train_loss"} <= set(results)
     config = json.loads((output / "config.json").read_text())
-    assert set(config["id2label"].values()) >= {"yes", "no"}
+    assert set(config["id2label"].values()) >= {"yes", "no"} and config["classifier_head"] == "meter"
+    assert config["ood_config"]["score"] == "log_likelihood"  # the layer measured to filter, aligned on relevance
     assert_reloads_without_the_package(output, "vqa", as_a_user)
 
 
 def test_vqav2_card_snippets_run_without_the_package(runs, as_a_user):
-    output, proc = runs("vqav2_lora", "vqav2")
+    output, proc = runs("vqav2", "vqav2")
     assert_succeeded(proc)
     assert_card_snippets_run(output, "vqa", as_a_user)
 
 
-def test_vqav2_full_finetuning_with_activation_checkpointing(runs, rehearsal_root, as_a_user):
-    assert shipped("vqav2")["activation_checkpointing"] is True
-    output, proc = runs("vqav2_full", "vqav2", "--finetuning", "full")
+def test_vqav2_lora_on_the_converted_backbones(runs, rehearsal_root, as_a_user):
+    output, proc = runs("vqav2_lora", "vqav2", "--finetuning", "lora")
     assert_succeeded(proc)
     assert_trained_on_two_processes(output, CASES["vqav2"], rows(rehearsal_root, "vqav2", "train"))
     assert 0.0 <= read_results(output)["eval_vqa_accuracy"] <= 100.0
     assert_reloads_without_the_package(output, "vqa", as_a_user)
 
 
+def test_a_converted_meter_vqa_checkpoint_writes_the_server_file_without_training(runs, rehearsal_root, meter):
+    """README: `train.py configuration/vqav2.yaml --init_from DIR --do_train false --predict_split test_dev`; the
+    labels are METER's answer list (converted with --vqa_annotations), which the run's data is built over."""
+    converted = meter("vqa")
+    output, proc = runs(
+        "vqav2_meter_eval", "vqav2", "--init_from", str(converted), "--do_train", "false", "--predict_split", "test_dev"
+    )
+    assert_succeeded(proc)
+    results = read_results(output)
+    assert results["world_size"] == PROCESSES and "train_loss" not in results and 0 <= results["eval_vqa_accuracy"]
+    labels = json.loads((converted / "config.json").read_text())["id2label"]
+    assert json.loads((output / "config.json").read_text())["id2label"] == labels
+    predictions = json.loads((output / "predictions_test_dev.json").read_text())
+    assert len(predictions) == rows(rehearsal_root, "vqav2", "test_dev")
+    assert all(set(entry) == {"question_id", "answer"} for entry in predictions)
+    assert {entry["answer"] for entry in predictions} <= set(labels.values())
+
+
 # --------------------------------------------------------------------------------------------------- OK-VQA
 
 
-def test_okvqa_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
-    output, proc = runs("okvqa_lora", "okvqa")
+def test_okvqa_from_converted_meter_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    output, proc = runs("okvqa", "okvqa")
     assert_succeeded(proc)
     assert_trained_on_two_processes(output, CASES["okvqa"], rows(rehearsal_root, "okvqa", "train"))
     assert 0.0 <= read_results(output)["eval_vqa_accuracy"] <= 100.0
@@ -387,19 +455,41 @@ def test_okvqa_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_
 # --------------------------------------------------------------------------------------------------- NLVR2
 
 
-def test_nlvr2_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
-    output, proc = runs("nlvr2_lora", "nlvr2")
+def test_nlvr2_from_converted_meter_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    output, proc = runs("nlvr2", "nlvr2")
     assert_succeeded(proc)
     assert_trained_on_two_processes(output, CASES["nlvr2"], rows(rehearsal_root, "nlvr2", "train"))
     results = read_results(output)
     assert 0.0 <= results["eval_nlvr2_accuracy"] <= 100.0 and 0.0 <= results["eval_nlvr2_consistency"] <= 100.0
+    config = json.loads((output / "config.json").read_text())
+    assert config["token_types"] == ["text", "image", "second_image", "knowledge"]  # METER's pair method
     assert_reloads_without_the_package(output, "nlvr2", as_a_user)
 
 
 def test_nlvr2_card_snippets_run_without_the_package(runs, as_a_user):
-    output, proc = runs("nlvr2_lora", "nlvr2")
+    output, proc = runs("nlvr2", "nlvr2")
     assert_succeeded(proc)
     assert_card_snippets_run(output, "nlvr2", as_a_user)
+
+
+def test_a_converted_meter_nlvr2_checkpoint_evaluates_without_training(runs, rehearsal_root, meter):
+    output, proc = runs(
+        "nlvr2_meter_eval",
+        "nlvr2",
+        "--init_from",
+        str(meter("nlvr2")),
+        "--do_train",
+        "false",
+        "--predict_split",
+        "validation",
+        "--max_eval_samples",
+        str(rows(rehearsal_root, "nlvr2", "validation")),
+    )  # fmt: skip  (a submission file covers the whole split)
+    assert_succeeded(proc)
+    results = read_results(output)
+    assert results["world_size"] == PROCESSES and 0.0 <= results["eval_nlvr2_accuracy"] <= 100.0
+    lines = (output / "predictions_validation.csv").read_text().splitlines()
+    assert len(lines) == rows(rehearsal_root, "nlvr2", "validation")
 
 
 # --------------------------------------------------------------------------------------- COCO and Flickr30k
@@ -407,8 +497,9 @@ def test_nlvr2_card_snippets_run_without_the_package(runs, as_a_user):
 RECALLS = [f"eval_{direction}_r{k}" for direction in ("i2t", "t2i") for k in (1, 5, 10)]
 
 
-def test_coco_retrieval_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
-    output, proc = runs("coco_retrieval_lora", "coco_retrieval")
+def test_coco_retrieval_from_converted_meter_trains_evaluates_saves_and_reloads(runs, rehearsal_root, as_a_user):
+    assert shipped("coco_retrieval")["activation_checkpointing"] is True
+    output, proc = runs("coco_retrieval", "coco_retrieval")
     assert_succeeded(proc)
     assert_trained_on_two_processes(output, CASES["coco_retrieval"], None)
     results = read_results(output)
@@ -418,22 +509,29 @@ def test_coco_retrieval_lora_trains_evaluates_saves_and_reloads(runs, rehearsal_
 
 
 def test_coco_retrieval_card_snippets_run_without_the_package(runs, as_a_user):
-    output, proc = runs("coco_retrieval_lora", "coco_retrieval")
+    output, proc = runs("coco_retrieval", "coco_retrieval")
     assert_succeeded(proc)
     assert_card_snippets_run(output, "retrieval", as_a_user)
 
 
-def test_coco_retrieval_full_finetuning_with_activation_checkpointing(runs, rehearsal_root, as_a_user):
-    assert shipped("coco_retrieval")["activation_checkpointing"] is True
-    output, proc = runs("coco_retrieval_full", "coco_retrieval", "--finetuning", "full")
+def test_coco_retrieval_lora_on_the_converted_backbones(runs, rehearsal_root, as_a_user):
+    output, proc = runs("coco_retrieval_lora", "coco_retrieval", "--finetuning", "lora")
     assert_succeeded(proc)
     assert_trained_on_two_processes(output, CASES["coco_retrieval"], None)
     assert 0.0 <= read_results(output)["eval_r_mean"] <= 100.0
     assert_reloads_without_the_package(output, "retrieval", as_a_user)
 
 
+def test_a_converted_meter_retrieval_checkpoint_evaluates_without_training(runs, meter):
+    output, proc = runs("coco_meter_eval", "coco_retrieval", "--init_from", str(meter("irtr")), "--do_train", "false")
+    assert_succeeded(proc)
+    results = read_results(output)
+    assert results["world_size"] == PROCESSES and all(0.0 <= results[key] <= 100.0 for key in RECALLS)
+    assert json.loads((output / "config.json").read_text())["retrieval_score"] == "rank_output"
+
+
 def test_flickr30k_zeroshot_evaluates_the_coco_checkpoint_on_two_processes(runs, rehearsal_root, as_a_user):
-    coco, coco_proc = runs("coco_retrieval_lora", "coco_retrieval")
+    coco, coco_proc = runs("coco_retrieval", "coco_retrieval")
     assert_succeeded(coco_proc)
     assert shipped("flickr30k_zeroshot")["init_from"] == "outputs/coco_retrieval"  # chained as shipped
     output, proc = runs("flickr30k_zeroshot", "flickr30k_zeroshot", "--init_from", str(coco))

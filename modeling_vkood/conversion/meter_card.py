@@ -45,6 +45,19 @@ CITATION = """@inproceedings{dou2022meter,
   author={Dou, Zi-Yi and Xu, Yichong and Gan, Zhe and Wang, Jianfeng and Wang, Shuohang and Wang, Lijuan and
           Zhu, Chenguang and Zhang, Pengchuan and Yuan, Lu and Peng, Nanyun and Liu, Zicheng and Zeng, Michael},
   booktitle={CVPR}, year={2022}}"""
+# A first call of each task's model on an image (the snippet makes one) and a text.
+USAGE = {
+    "pretrain": 'inputs = processor(images=image, text="a dog runs on the grass.")\n'
+    "match = model(**inputs, return_loss=False).rank_scores  # ITM: how well the caption fits the image",
+    "irtr": 'inputs = processor(images=image, text="a dog runs on the grass.")\n'
+    "score = model(**inputs, return_loss=False).rank_scores  # METER's retrieval score of the pair",
+    "vqa": 'inputs = processor(images=image, text="what is in the picture?")\n'
+    "answer = model.config.id2label[model(**inputs).logits.argmax(-1).item()]",
+    "nlvr2": 'inputs = processor(images=[[image, image]], text="both images show the same scene.")\n'
+    "answer = model.config.id2label[model(**inputs).logits.argmax(-1).item()]  # True / False",
+    "snli": 'inputs = processor(images=image, text="a dog runs on the grass.")\n'
+    "answer = model.config.id2label[model(**inputs).logits.argmax(-1).item()]  # entailment / neutral / contradiction",
+}
 AUTO_CLASSES = {
     "pretrain": "AutoModelForZeroShotImageClassification",
     "vqa": "AutoModelForVisualQuestionAnswering",
@@ -86,11 +99,17 @@ size: the position table is resized bicubically, as METER resizes it when it loa
 ## Use
 
 ```python
+from PIL import Image
 from transformers import {AUTO_CLASSES[task]}, AutoProcessor
 
-model = {AUTO_CLASSES[task]}.from_pretrained("{name}", trust_remote_code=True)
+model = {AUTO_CLASSES[task]}.from_pretrained("{name}", trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
+image = Image.new("RGB", (640, 480), "white")  # or Image.open("photo.jpg")
+{USAGE[task]}
 ```
+
+Without `knowledge=`, the processor passes no knowledge items (METER's inputs); with `knowledge=[["a fact", ...]]`
+the items go through the OOD layer.
 
 Fine-tune it with knowledge: `python train.py configuration/<task>.yaml --init_from {name}`.
 

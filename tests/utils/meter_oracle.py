@@ -289,7 +289,7 @@ def meter_config_keys() -> list[str]:
     return [target.id for node in function.body if isinstance(node, ast.Assign) for target in node.targets]
 
 
-def tiny_config(task: str, image_size: int, clip_path: Path, roberta_path: Path) -> dict:
+def tiny_config(task: str, image_size: int, clip_path: Path, roberta_path: Path, vqa_labels: int = VQA_LABELS) -> dict:
     """METER's `config()` dict (every key it defines, same order) with tiny sizes; CLIP-16 + RoBERTa as released."""
     loss_names = dict.fromkeys(["itm", "mlm", "mpp", "vqa", "vcr", "vcr_qar", "nlvr2", "irtr", "contras", "snli"], 0)
     loss_names.update(TASK_LOSSES[task])
@@ -306,7 +306,7 @@ def tiny_config(task: str, image_size: int, clip_path: Path, roberta_path: Path)
         "draw_false_image": 0,
         "image_only": False,
         "resolution_before": 224,  # Swin only; the CLIP configs keep the default
-        "vqav2_label_size": VQA_LABELS,
+        "vqav2_label_size": vqa_labels,
         "max_text_len": MAX_TEXT_LEN,
         "tokenizer": str(roberta_path),
         "vocab_size": ROBERTA["vocab_size"],
@@ -469,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--second_image_size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vqa_labels", type=int, default=VQA_LABELS, help="outputs of the VQA classifier")
     args = parser.parse_args(argv)
     if METER_ROOT is None or not (METER_ROOT / "meter" / "modules" / "meter_module.py").is_file():
         raise SystemExit("METER's code is absent: expected ../shared/refdata/meter (see tests/utils/paths.py)")
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     roberta_path = save_tiny_roberta(out / "tiny_roberta", generator)
     assert "swin" not in str(clip_path) and "roberta" in str(roberta_path)  # METER picks its towers by these names
 
-    config = tiny_config(args.task, args.image_size, clip_path, roberta_path)
+    config = tiny_config(args.task, args.image_size, clip_path, roberta_path, args.vqa_labels)
     model = build_meter(config)
     perturb(model, generator)
     checkpoint_path = out / f"meter_{args.task}.ckpt"

@@ -110,6 +110,22 @@ def save_tiny_roberta(folder: Path) -> Path:
     return folder
 
 
+def save_char_roberta_tokenizer(folder: Path) -> str:
+    """A character-level byte-BPE tokenizer in RoBERTa's layout (<s>=0, <pad>=1, </s>=2; 36 tokens), for the tiny
+    METER models of tests/utils/meter_oracle.py, whose text encoder has a vocabulary of 100."""
+    from transformers import RobertaTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for char in ["Ġ", *map(chr, range(ord("a"), ord("z") + 1)), *"?.,'"]:
+        vocab[char] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")  # no merges: one token per character
+    RobertaTokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    return str(folder)
+
+
 # ------------------------------------------------------------------------------------------- images and annotations
 
 
@@ -136,8 +152,9 @@ def _vqa_header(refdata: Path, kind: str, subtype: str) -> dict:
 
 
 def write_vqav2(refdata: Path, root: Path, image_root: Path, per_split: int) -> dict[str, int]:
-    """VQAv2 in its official files: the first questions of the real records (train2014) for train and the next
-    ones, filed as val2014, for validation; one image per image id at `COCO_{folder}_{id:012d}.jpg`."""
+    """VQAv2 in its official files: the first questions of the real records (train2014) for train, the next ones,
+    filed as val2014, for validation, and the next ones as test-dev questions; one image per image id at
+    `COCO_{folder}_{id:012d}.jpg`."""
     questions = json.loads(gzip.open(refdata / "vqav2" / "vqa_questions_valid.gzip").read())["questions"]
     annotations = json.loads(gzip.open(refdata / "vqav2" / "vqa_annotatons_valid.gzip").read())["annotations"]
     by_id = {record["question_id"]: record for record in annotations}
@@ -159,6 +176,14 @@ def write_vqav2(refdata: Path, root: Path, image_root: Path, per_split: int) -> 
         for image_id in sorted({q["image_id"] for q in chosen}):
             write_image(image_root / subtype / f"COCO_{subtype}_{image_id:012d}.jpg")
         counts[split] = len(chosen)
+    # test-dev: the next questions, without answers, on test2015 images (the split a VQAv2 server file answers)
+    chosen = questions[2 * per_split : 3 * per_split]
+    (root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(
+        json.dumps({**_vqa_header(refdata, "questions", "test-dev2015"), "questions": chosen})
+    )
+    for image_id in sorted({q["image_id"] for q in chosen}):
+        write_image(image_root / "test2015" / f"COCO_test2015_{image_id:012d}.jpg")
+    counts["test_dev"] = len(chosen)
     return counts
 
 
