@@ -3,7 +3,8 @@
 Inputs (names unchanged) in `root`: `train.json`, `dev.json`, `test1.json` (JSON lines; `label` is "True"/"False";
 train records also have `directory`, the numbered image sub-folder). Images: `{split}-{set}-{pair}-img0.png` and
 `-img1.png` in `image_root/{train/DIRECTORY,dev,test1}/` (as the official image archives unpack) or directly in
-`image_root` (train: `image_root/DIRECTORY/`). Splits: train, validation (dev), test (test1).
+`image_root` (train: `image_root/DIRECTORY/`). Splits: train, validation (dev), test (test1), named as every builder
+names them (`--predict_split test` writes the test file); `splits` also takes NLVR2's own names, `dev` and `test1`.
 
 Consistency (see `modeling_vkood.evaluation.nlvr2_accuracy`) groups rows by `identifier` without its pair field,
 as the official evaluation script does: the identifier is `{split}-{set}-{pair}-{sentence}`, and every image
@@ -31,6 +32,7 @@ from .common import (
 )
 
 FILES = {"train": "train.json", "validation": "dev.json", "test": "test1.json"}
+OFFICIAL_NAMES = {"dev": "validation", "test1": "test"}  # NLVR2's split names (its files') -> the built dataset's
 RECORD_FIELDS = {"identifier": str, "sentence": str, "label": str}
 LABELS = ("False", "True")
 FEATURES = Features(
@@ -122,6 +124,8 @@ def build(
 ) -> BuildResult:
     """NLVR2 from the official files in `root` and the images in `image_root` (see the module docstring)."""
     root, image_root = Path(root), Path(image_root)
+    if splits is not None:
+        splits = [OFFICIAL_NAMES.get(split, split) for split in splits]
     chosen = select_splits(splits, {split: root / name for split, name in FILES.items()}, "nlvr2")
     finder = ImageFinder()
 

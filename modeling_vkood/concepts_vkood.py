@@ -8,6 +8,10 @@ Matching is greedy, left to right, longest n-gram (up to 3 words) first, so "hot
 word of an n-gram is lemmatised ("wine glasses" -> "wine glass"): in English noun phrases the head noun carries the
 plural. Lemmatisation is deliberately light and rule based; each rule proposes candidates and the index vocabulary
 decides, so a wrong rule output ("cookies" -> "cooky") costs nothing when the right one ("cookie") is in the graph.
+
+Question scaffolding (`SCAFFOLDING`: "what color is the car", "is the man holding a bat") is matched like any
+concept, so it still ends the n-gram it covers, but it is not kept: with a vocabulary as large as ConceptNet's these
+words would otherwise take knowledge slots from the objects the question names.
 """
 
 from __future__ import annotations
@@ -46,6 +50,28 @@ STOP_WORDS = frozenset(
     contains containing present image images picture pictures photo photos photograph photographs pic
     """.split()
 )
+
+# Question scaffolding: how a VQA question asks, not what it asks about. Matched like a concept (so "front door" and
+# "tank top" still win as longer n-grams) but never kept, in any of the forms a vocabulary may hold them:
+# - the attribute whose value is asked ("what color is the car", "what is the name of the street"). "kind", "type"
+#   and "sort" are stop words already. "shape" is not here: in easy-VQA "the shape" is the object itself;
+# - generic verbs of the question frame, which name no thing ("what is the man wearing / holding / carrying", "where
+#   was this taken", "what does the sign say", "what is it made of / used for", "what is he looking at");
+# - words that point into the picture or frame a count, not a thing in it ("in the background", "on top of", "the
+#   scene", "which way", "how many different", "pieces of").
+# Nouns for people ("man", "person") and categories ("animal", "food") stay concepts: they name what is in the image.
+SCAFFOLDING = frozenset(
+    """
+    color colors colour colours colored coloured number numbers time name names brand brands size material
+    pattern style direction weather season
+    wear wears wearing wore worn hold holds holding held carry carries carrying carried take takes taking took
+    taken say says saying said make makes making made picture pictured use uses using used call calls called
+    write writes written wrote look looks looking looked mean means meant happen happens happening happened
+    think thinks different
+    scene object objects item items piece pieces display way background foreground front top bottom middle center
+    centre side
+    """.split()
+) | frozenset({"look like", "look at", "looking at", "looks like", "made of", "made from", "used for"})
 
 # Plurals that no suffix rule recovers.
 IRREGULAR_PLURALS = {
@@ -145,11 +171,12 @@ def lemma_candidates(word: str) -> tuple[str, ...]:
     return (*dict.fromkeys(_plural_candidates(word)), word)
 
 
-def extract_concepts(text: str, vocabulary: Container[str]) -> list[str]:
+def extract_concepts(text: str, vocabulary: Container[str], scaffolding: Container[str] = SCAFFOLDING) -> list[str]:
     """Concepts of `vocabulary` mentioned in `text`, in order of appearance, each once.
 
     At each position not holding a stop word, the longest n-gram (<= 3 words) whose form (last word lemmatised)
-    is in `vocabulary` is taken, and matching resumes after it; a single stop word is never a concept.
+    is in `vocabulary` is taken, and matching resumes after it; a single stop word is never a concept, and a match
+    in `scaffolding` is passed over (`scaffolding=()` keeps everything, as extraction did before it existed).
     """
     tokens = tokenize(text)
     found: dict[str, None] = {}
@@ -162,7 +189,8 @@ def extract_concepts(text: str, vocabulary: Container[str]) -> list[str]:
                 forms = (f"{prefix} {w}" if prefix else w for w in lemma_candidates(tokens[i + n - 1]))
                 match = next((form for form in forms if form in vocabulary), None)
                 if match is not None:
-                    found.setdefault(match)
+                    if match not in scaffolding:
+                        found.setdefault(match)
                     step = n
                     break
         i += step
@@ -173,6 +201,7 @@ __all__ = [
     "IRREGULAR_PLURALS",
     "MAX_NGRAM",
     "PLURAL_FORM_NOUNS",
+    "SCAFFOLDING",
     "STOP_WORDS",
     "extract_concepts",
     "lemma_candidates",

@@ -342,6 +342,18 @@ def test_nlvr2_malformed_record_names_file_and_index(nlvr2_files, knowledge_base
         nlvr2.build(root, images, knowledge_base, splits=["validation"])
 
 
+def test_nlvr2_takes_the_official_split_names(nlvr2_files, knowledge_base):
+    """`test1` (test1.json, NLVR2's public test file) and `dev` build the dataset's `test` and `validation`."""
+    root, images = nlvr2_files
+    dataset, _ = nlvr2.build(root, images, knowledge_base, splits=["test1", "dev"])
+    assert {split: len(data) for split, data in dataset.items()} == {"validation": 2, "test": 1}
+    assert dataset["test"]["identifier"] == ["test1-2-0-0"]
+    same, _ = nlvr2.build(root, images, knowledge_base, splits=["test", "test1"])
+    assert list(same) == ["test"] and same["test"]["identifier"] == ["test1-2-0-0"]
+    with pytest.raises(ValueError, match="unknown split"):
+        nlvr2.build(root, images, knowledge_base, splits=["test2"])
+
+
 def test_nlvr2_bytes_mode_embeds_the_images(nlvr2_files, knowledge_base):
     root, images = nlvr2_files
     dataset, _ = nlvr2.build(root, images, knowledge_base, splits=["test"], image_mode="bytes")

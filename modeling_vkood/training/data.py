@@ -25,9 +25,15 @@ import modeling_vkood
 
 BUILDERS = ("easy_vqa", "vqav2", "okvqa", "nlvr2", "coco_karpathy", "flickr30k", "knowledge_vqa")
 FIXED_VOCABULARY = ("vqav2", "okvqa")  # builders that take a given answer vocabulary (`vocabulary=`)
-STARTER_GRAPH = Path(modeling_vkood.__file__).parent / "knowledge" / "data" / "starter.csv"
-# The code whose behaviour a built dataset depends on: the builders and the knowledge extraction.
-BUILD_CODE = (Path(data_scripts.__file__).parent, Path(modeling_vkood.__file__).parent / "knowledge")
+PACKAGE = Path(modeling_vkood.__file__).parent
+STARTER_GRAPH = PACKAGE / "knowledge" / "data" / "starter.csv"
+# Folders and files of the code whose behaviour a built dataset depends on (the knowledge extraction lives in the
+# remote-code files the processor shares).
+BUILD_CODE = (
+    Path(data_scripts.__file__).parent,
+    PACKAGE / "knowledge",
+    *(PACKAGE / f"{name}_vkood.py" for name in ("concepts", "knowledge", "verbalize")),
+)
 
 
 TRAIN_FRACTION_SEED = 0  # `train_fraction` keeps the same rows whatever the run's seed
@@ -51,9 +57,9 @@ def _files_state(folder: Path) -> list:
 
 def _source_digest() -> str:
     digest = hashlib.sha256()
-    for folder in BUILD_CODE:
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    for location in BUILD_CODE:
+        for path in sorted(location.rglob("*.py")) if location.is_dir() else [location]:
+            digest.update(str(path.relative_to(location.parent)).encode() + path.read_bytes())
     return digest.hexdigest()
 
 
