@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     if knowledge_base is not None and knowledge_is_retrieved(data_args):
         # The processor (saved with every checkpoint, its index with it) retrieves at inference as the data did.
         built.processor.set_knowledge_source(data_args.knowledge, knowledge_base.path)
+    else:  # this run's knowledge is not retrieved here: nor by a processor that came with an --init_from checkpoint
+        built.processor.set_knowledge_source(None)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
     forcing = training_args.ood_gate_forcing_steps + training_args.ood_gate_handover_steps > 0
     if forcing and task != "vqa":

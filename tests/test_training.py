@@ -683,10 +683,11 @@ def test_a_partial_ood_config_updates_the_checkpoints_rather_than_replacing_it(t
     assert (ood.hard_gate, ood.max_iter, ood.threshold, ood.score, ood.projection_dim) == (True, 7, -1.5, "gem", 8)
 
 
-def test_init_from_keeps_a_classifier_only_for_the_same_answers(tmp_path, minilm_path):
-    """`--init_from`: the saved classifier is kept when the run's labels are the checkpoint's; for other labels of
-    the same size (another answer order) it starts anew, as it does for another size; the VQA builders get the
-    checkpoint's answers, and numbered answers (a METER conversion without annotations) are refused."""
+def test_init_from_keeps_the_answer_projection_only_for_the_same_answers(tmp_path, minilm_path):
+    """`--init_from`: the saved classifier is kept when the run's labels are the checkpoint's; for other labels (of
+    the same size: another answer order; or another size) its answer projection starts anew and its hidden layers
+    are kept; the VQA builders get the checkpoint's answers, and numbered answers (a METER conversion without
+    annotations) are refused."""
     from transformers import AutoTokenizer, CLIPImageProcessorPil
 
     from modeling_vkood import VKOODForQuestionAnswering, VKOODProcessor
@@ -706,10 +707,13 @@ def test_init_from_keeps_a_classifier_only_for_the_same_answers(tmp_path, minilm
     weight = saved.classifier[0].weight
     same = build_model(arguments, "vqa", labels).model.classifier
     torch.testing.assert_close(same[0].weight, weight, rtol=0, atol=0)
+    answers = saved.classifier[-1].weight
     reordered = build_model(arguments, "vqa", {0: "yes", 1: "no", 2: "red"}).model.classifier
-    assert not torch.equal(reordered[0].weight, weight) and reordered[0].weight.std() < 0.05  # config's init
+    torch.testing.assert_close(reordered[0].weight, weight, rtol=0, atol=0)  # the hidden layers are kept
+    assert not torch.equal(reordered[-1].weight, answers) and reordered[-1].weight.std() < 0.05  # config's init
     larger = build_model(arguments, "vqa", {0: "no", 1: "yes", 2: "red", 3: "blue"}).model.classifier
     assert larger[-1].weight.shape[0] == 4
+    torch.testing.assert_close(larger[0].weight, weight, rtol=0, atol=0)
     numbered = {index: f"answer_{index}" for index in range(3)}
     config.id2label, config.label2id = numbered, {v: k for k, v in numbered.items()}
     config.save_pretrained(tmp_path)

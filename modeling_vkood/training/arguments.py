@@ -79,8 +79,9 @@ class ModelArguments:
         metadata={
             "aliases": ["--model_name_or_path"],
             "help": "a vkood checkpoint (Hub id or folder, e.g. a converted METER checkpoint) whose weights the run "
-            "starts from; replaces the backbone options. A head whose size differs from the task's (another answer "
-            "vocabulary) starts anew; a VQA run keeps the checkpoint's answer order when it has answer names",
+            "starts from; replaces the backbone options. With other labels than the checkpoint's (another answer "
+            "vocabulary) the classifier's answer projection starts anew and its hidden layers are kept; a VQA run "
+            "from a checkpoint with a VQA head builds its data over that head's answers",
         },
     )
     vision_model: str | None = field(default=None, metadata={"help": "pretrained vision backbone (Hub id or folder)"})

@@ -128,21 +128,20 @@ def build_model(model_args, task: str, id2label: dict[int, str] | None = None) -
             ignore_mismatched_sizes=True,
             output_loading_info=True,
         )
-        not_loaded = set(loading["missing_keys"]) | {key for key, *_ in loading["mismatched_keys"]}
-        loaded_classifier = hasattr(model, "classifier") and not any(
-            key.startswith("classifier.") for key in not_loaded
-        )
-        if id2label is not None and saved_labels != id2label and loaded_classifier:
-            # Same size, other labels (another vocabulary, or the same answers in another order): the saved
-            # classifier's outputs would stand for the wrong answers. It starts anew (a size change already did).
-            logger.warning(
-                "%s: its classifier's labels are not this run's; the classifier starts anew", model_args.init_from
-            )
-            for module in model.classifier.modules():  # loaded tensors are marked initialised: unmark them
-                module._is_hf_initialized = False
-                for tensor in module.parameters(recurse=False):
+        if id2label is not None and saved_labels != id2label and hasattr(model, "classifier"):
+            # Other labels (another vocabulary, or the same answers in another order): the answer projection, whose
+            # rows are the labels, starts anew (transformers already re-drew it if its size changed); the
+            # classifier's hidden layers are kept: in the warm-start study (benchmarks/README.md) a warm start kept
+            # them and learnt, a whole new classifier stayed at chance.
+            answers = [module for module in model.classifier.modules() if isinstance(module, nn.Linear)][-1]
+            if not any(key.startswith("classifier.") for key, *_ in loading["mismatched_keys"]):
+                logger.warning(
+                    "%s: other labels than this run's; its answer projection starts anew", model_args.init_from
+                )
+                for tensor in answers.parameters():  # loaded tensors are marked initialised: unmark them
                     tensor._is_hf_initialized = False
-            model.classifier.apply(model._init_weights)
+                answers._is_hf_initialized = False
+                model._init_weights(answers)
         processor = AutoProcessor.from_pretrained(model_args.init_from)
         return BuiltModel(model, processor)  # the checkpoint's config says which backbones were pretrained
 
