@@ -20,10 +20,14 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_vkood import VKOODConfig
 from .modeling_vkood import VKOODModel, VKOODPreTrainedModel
-from .outputs_vkood import OOD_OUTPUTS
+from .outputs_vkood import FUSION_ATTENTIONS, OOD_OUTPUTS
+
+# The fused pass's per-stream states and attentions, which the generative head returns next to the decoder's.
+FUSED_STREAM_OUTPUTS = ("text_hidden_states", "image_hidden_states") + FUSION_ATTENTIONS
 
 IGNORE_INDEX = -100
 
@@ -31,8 +35,9 @@ IGNORE_INDEX = -100
 @dataclass
 class VKOODGenerationMemory(ModelOutput):
     """What the decoder cross-attends to: `states` (B, L + M + N, D) = projected [text ; knowledge ; image] fused
-    states, `mask` (B, L + M + N) 1 for real positions (padding and hard-gated-out knowledge items are 0), and the OOD
-    diagnostics of the fused pass (B, M) / (B,)."""
+    states, `mask` (B, L + M + N) 1 for real positions (padding and hard-gated-out knowledge items are 0), the OOD
+    diagnostics of the fused pass (B, M) / (B,), and its per-stream hidden states and attentions when asked for (as
+    in `VKOODModelOutput`)."""
 
     states: torch.FloatTensor | None = None
     mask: torch.LongTensor | None = None
@@ -40,12 +45,23 @@ class VKOODGenerationMemory(ModelOutput):
     ood_gate: torch.FloatTensor | None = None
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class VKOODGenerationOutput(ModelOutput):
     """`loss`: token cross-entropy over the answer tokens of the batch (labels != -100), averaged over those tokens;
-    `logits` (B, T, vocabulary) of the decoder; `cache` its key/value cache when `use_cache`; the OOD diagnostics."""
+    `logits` (B, T, vocabulary) of the decoder; `cache` its key/value cache when `use_cache`; the OOD diagnostics.
+
+    transformers' standard fields are the decoder's, as in its causal LMs with cross-attention (the stream the logits
+    come from): `hidden_states` (embeddings + one per decoder layer, (B, T, D) each), `attentions` (its
+    self-attention, (B, heads, T, T) per layer) and `cross_attentions` (over the memory, (B, heads, T, L + M + N)).
+    The fused pass's own hidden states and attentions follow under their per-stream names (`VKOODModelOutput`)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -54,15 +70,29 @@ class VKOODGenerationOutput(ModelOutput):
     ood_gate: torch.FloatTensor | None = None
     ood_iterations: torch.LongTensor | None = None
     ood_residual: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_self_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def answer_token_loss(logits, labels):
+def answer_token_loss(logits, labels, shift_labels=None):
     """Cross-entropy of next-token `logits` (B, T, V) against `labels` (B, T), the tokens of the decoder input
     (position t of the logits predicts label t + 1), -100 wherever no answer token is to be predicted: the mean over
-    the batch's answer tokens (0 for a batch without any, rather than NaN)."""
-    targets = labels[:, 1:]
+    the batch's answer tokens (0 for a batch without any, rather than NaN). `shift_labels` (B, T): the targets already
+    aligned with the logits (position t predicts shift_labels t), as transformers' Trainer passes them under sequence
+    or context parallelism, used instead of shifting `labels`."""
+    if shift_labels is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
     summed = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return summed / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
@@ -78,6 +108,8 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
 
     # The VQA pipeline answers by generation with this head (and by the classifier's top-k otherwise).
     generates_answers = True
+    # No poolers (the decoder reads the fused states): a checkpoint saved with them loads without a warning.
+    _keys_to_ignore_on_load_unexpected = [r"vkood\.(text|image)_pooler\."]
 
     def __init__(self, config: VKOODConfig):
         super().__init__(config)
@@ -86,16 +118,25 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
                 "VKOODForConditionalGeneration needs config.decoder_config (a causal LM config that "
                 "supports cross-attention, e.g. {'model_type': 'bert', ...})"
             )
-        self.vkood = VKOODModel(config)
+        self.vkood = VKOODModel(config, add_pooling_layer=False)
         self.text_decoder = AutoModelForCausalLM.from_config(config.decoder_config)
         self.memory_projection = nn.Linear(config.hidden_size, config.decoder_config.hidden_size)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.text_decoder.get_input_embeddings()
-
     def get_output_embeddings(self):
+        """The decoder's output layer (tied to its word embeddings when `decoder_config.tie_word_embeddings`); the
+        input embeddings are the text backbone's, as for every head (`VKOODModel.get_input_embeddings`)."""
         return self.text_decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.text_decoder.set_output_embeddings(new_embeddings)
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """Questions, knowledge items and answers share the processor's one tokenizer: `resize_token_embeddings`
+        resizes the decoder (its word embeddings, its output layer, their tie and `decoder_config.vocab_size`) with the
+        text backbone."""
+        self.text_decoder.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        return self.vkood._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     def encode(
         self,
@@ -107,9 +148,12 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         knowledge_mask=None,
         knowledge_relevance=None,
         gate_forcing=None,
+        output_attentions=False,
+        output_hidden_states=False,
     ) -> VKOODGenerationMemory:
         """The decoder's memory from one fused pass (image, question or prompt, knowledge). `knowledge_relevance`
-        and `gate_forcing` (training only) as in `VKOODModel.fuse`."""
+        and `gate_forcing` (training only) as in `VKOODModel.fuse`; `output_attentions` / `output_hidden_states` add
+        the fused pass's per-stream ones."""
         if pixel_values is None or input_ids is None:
             raise ValueError(
                 "VK-OOD needs both `pixel_values` and `input_ids` (an empty prompt for the question "
@@ -126,8 +170,8 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
             knowledge_mask,
             knowledge_relevance,
             gate_forcing,
-            output_attentions=False,
-            output_hidden_states=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
         )
         # Padded items have gate 0 exactly (log-gate -inf), like hard-gated-out ones: neither is memory.
@@ -137,9 +181,11 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         return VKOODGenerationMemory(
             states=self.memory_projection(states),
             mask=torch.cat([attention_mask, item_mask, image_mask], dim=1),
-            **{name: getattr(fused, name) for name in OOD_OUTPUTS},
+            **{name: getattr(fused, name) for name in OOD_OUTPUTS + FUSED_STREAM_OUTPUTS},
         )
 
+    # `past_key_values` is the cache's old name: taken with a warning, as transformers' BERT LM head takes it.
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache")
     def forward(
         self,
         pixel_values=None,
@@ -151,16 +197,26 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
         decoder_input_ids=None,
         decoder_attention_mask=None,
         labels=None,
+        shift_labels=None,
         knowledge_relevance=None,
         gate_forcing=None,
         memory=None,
         cache=None,
         use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
         return_dict=None,
     ):
         """Teacher-forced decoding of `decoder_input_ids` (default: `labels` with -100 as padding) over the fused
-        states; the loss when `labels` are given. `memory`: a `VKOODGenerationMemory` from `encode`, to decode
-        several sequences against one fused pass."""
+        states; the loss when `labels` are given (`shift_labels` as in `answer_token_loss`). `memory`: a
+        `VKOODGenerationMemory` from `encode`, to decode several sequences against one fused pass. `cache` /
+        `use_cache` are the decoder's key/value cache, as in transformers' decoders (no cache while training on
+        `labels`); `output_attentions`, `output_hidden_states` and `return_dict` default to the config's values and
+        fill the fields of `VKOODGenerationOutput`."""
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if memory is None:
             memory = self.encode(
                 pixel_values,
@@ -171,6 +227,8 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
                 knowledge_mask,
                 knowledge_relevance,
                 gate_forcing,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
             )
         if decoder_input_ids is None:
             if labels is None:
@@ -183,16 +241,21 @@ class VKOODForConditionalGeneration(VKOODPreTrainedModel):
             encoder_attention_mask=memory.mask,
             cache=cache,
             use_cache=use_cache if labels is None else False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
         )
         loss = None
         if labels is not None:
-            loss = answer_token_loss(decoded.logits, labels)
+            loss = answer_token_loss(decoded.logits, labels, shift_labels)
         output = VKOODGenerationOutput(
             loss=loss,
             logits=decoded.logits,
             cache=decoded.cache,
-            **{name: getattr(memory, name) for name in OOD_OUTPUTS},
+            hidden_states=decoded.hidden_states,
+            attentions=decoded.attentions,
+            cross_attentions=decoded.cross_attentions,
+            **{name: getattr(memory, name) for name in OOD_OUTPUTS + FUSED_STREAM_OUTPUTS},
         )
         return self._returned(output, return_dict)
 

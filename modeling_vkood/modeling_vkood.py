@@ -15,15 +15,25 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.utils import logging
 
 from .classifier_vkood import build_classifier
 from .configuration_vkood import VKOODConfig
 from .contrastive_vkood import VKOODLogitScale
 from .fusion_vkood import VKOODFusionLayer, VKOODPooler, key_bias
 from .ood_vkood import ImplicitOODLayer
-from .outputs_vkood import FUSION_ATTENTIONS, VKOODClassificationOutput, VKOODModelOutput, fused_fields
+from .outputs_vkood import (
+    FUSION_ATTENTIONS,
+    STANDARD_FIELDS,
+    VKOODClassificationOutput,
+    VKOODModelOutput,
+    fused_fields,
+)
+
+logger = logging.get_logger(__name__)
 
 NON_FINITE_PIXELS = "pixel_values contains NaN or Inf; check the image files and the image processor"
 
@@ -76,7 +86,9 @@ def check_inputs(
         )
         if tensor is not None
     }
-    if len({tensor.shape[0] for tensor in given.values()}) > 1:
+    # compared with the first one, not collected in a set: under torch.export a dynamic batch size is not hashable
+    batch = next(iter(given.values())).shape[0] if given else None
+    if any(tensor.shape[0] != batch for tensor in given.values()):
         sizes = ", ".join(f"{name} {tensor.shape[0]}" for name, tensor in given.items())
         raise ValueError(f"batch sizes differ: {sizes}")
     if attention_mask is not None and input_ids is not None and attention_mask.shape != input_ids.shape:
@@ -110,6 +122,15 @@ def knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask=None, know
     return torch.ones(knowledge_input_ids.shape[:2], dtype=torch.long, device=knowledge_input_ids.device)
 
 
+def selected_states(output_hidden_states, count):
+    """The indices of the `count` hidden states that `output_hidden_states` keeps: all for True, else the given index
+    or indices (negative ones from the end; out of range ones select nothing), as transformers reads them."""
+    if isinstance(output_hidden_states, bool):
+        return set(range(count))
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    return {i % count for i in indices if -count <= i < count}
+
+
 def _builds_transformers_masks(model):
     """Whether `model`'s module builds its attention masks with transformers' `create_bidirectional_mask`, which
     takes an already prepared 4D mask as it is."""
@@ -129,7 +150,9 @@ class VKOODPreTrainedModel(PreTrainedModel):
     # kwargs (`num_items_in_batch`), so the Trainer divides it by the gradient accumulation steps and never multiplies
     # it by the number of processes (`average_tokens_across_devices`). The Trainer reads this flag through PEFT.
     accepts_loss_kwargs = False
-    _no_split_modules = ["VKOODFusionLayer"]
+    # Units that `device_map` never splits: a co-attention layer, and the OOD layer (its forward reads tau itself, a
+    # direct parameter that accelerate's hooks load only with the whole layer).
+    _no_split_modules = ["VKOODFusionLayer", "ImplicitOODLayer"]
     # The fusion attention (VKOODAttention) runs through transformers' attention interface: `attn_implementation=`
     # in from_pretrained / from_config / the config, or `set_attn_implementation`, picks "eager", "sdpa" (the default)
     # or "flex_attention"; a string also applies to the backbones, a dict sets each of them ({"": fusion,
@@ -242,7 +265,9 @@ class VKOODModel(VKOODPreTrainedModel):
     # (tests and benchmarks set it on the CPU). Not saved: it changes no result, only how it is computed.
     force_fixed_shapes = False
 
-    def __init__(self, config: VKOODConfig):
+    def __init__(self, config: VKOODConfig, add_pooling_layer: bool = True):
+        """`add_pooling_layer=False` (as in BERT) leaves the poolers out, and `pooler_output` None: for a head that
+        reads the fused states only (the generative one), where unused pooler weights would break DDP."""
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config, **backbone_kwargs(config.vision_config))
         self.text_model = AutoModel.from_config(config.text_config, **backbone_kwargs(config.text_config))
@@ -253,9 +278,17 @@ class VKOODModel(VKOODPreTrainedModel):
         self.token_type_embeddings = nn.Embedding(len(config.token_types), config.hidden_size)
         self.ood = ImplicitOODLayer(config.ood_config, config.hidden_size)
         self.fusion_layers = nn.ModuleList([VKOODFusionLayer(config) for _ in range(config.num_fusion_layers)])
-        self.text_pooler = VKOODPooler(config)
-        self.image_pooler = VKOODPooler(config)
+        self.text_pooler = VKOODPooler(config) if add_pooling_layer else None
+        self.image_pooler = VKOODPooler(config) if add_pooling_layer else None
         self.post_init()
+
+    def get_input_embeddings(self):
+        """The text backbone's word embeddings: questions and knowledge items are both its tokens, so resizing them
+        (`resize_token_embeddings`, which every head inherits) resizes the vocabulary of both."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.text_model.set_input_embeddings(value)
 
     def _fixed_shapes(self, tensor):
         """Whether to avoid data-dependent shapes and host reads: on an accelerator each one drains the launch queue,
@@ -365,11 +398,19 @@ class VKOODModel(VKOODPreTrainedModel):
         )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        knowledge = None
-        if knowledge_input_ids is not None:
-            knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
-            knowledge = self.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+        if knowledge_input_ids is None:
+            # A batch without knowledge is a batch of zero items: the knowledge projection still runs (on nothing,
+            # an exact zero gradient), so that DDP sees the same parameters used whatever a batch holds.
+            knowledge_input_ids = input_ids.new_zeros(input_ids.shape[0], 0, 0)
+            knowledge_attention_mask = knowledge_mask = None
+        knowledge_mask = knowledge_item_mask(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
+        knowledge = self.encode_knowledge(knowledge_input_ids, knowledge_attention_mask, knowledge_mask)
         return self.encode_text(input_ids, attention_mask), attention_mask, knowledge, knowledge_mask
+
+    def token_type_table(self, device):
+        """Every row of the token-type embeddings, (T, H): the module called (not its weight read), so that
+        accelerate's hooks load it when it is offloaded (`device_map`); `torch.arange` needs no host copy."""
+        return self.token_type_embeddings(torch.arange(len(self.config.token_types), device=device))
 
     def fuse(
         self,
@@ -397,12 +438,16 @@ class VKOODModel(VKOODPreTrainedModel):
             output_attentions = self.config.output_attentions
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if output_attentions and self.config._attn_implementation != "eager":
-            raise ValueError(
-                f"output_attentions needs the eager attention, not {self.config._attn_implementation!r} (which does "
-                'not compute the probabilities): load with attn_implementation="eager" or call '
-                'model.set_attn_implementation("eager")'
+        implementation = self.config._attn_implementation
+        if output_attentions and implementation != "eager":
+            # transformers' sdpa attention warns and returns no probabilities; this model warns and computes this
+            # call's attention in eager, so that what was asked for is returned.
+            logger.warning_once(
+                f"output_attentions=True: {implementation!r} attention does not compute the attention probabilities, "
+                "so this call runs the fusion attention in eager (same result, slower); load with "
+                'attn_implementation="eager" or call model.set_attn_implementation("eager") to make it the default'
             )
+            implementation = "eager"
         batch = image_tokens.shape[0]
         if text_tokens.shape[0] != batch or (knowledge_tokens is not None and knowledge_tokens.shape[0] != batch):
             raise ValueError(
@@ -424,7 +469,7 @@ class VKOODModel(VKOODPreTrainedModel):
         )
         dtype = text_tokens.dtype
         knowledge_tokens = knowledge_tokens * ood.gate.to(dtype).unsqueeze(-1)
-        types = self.token_type_embeddings.weight
+        types = self.token_type_table(image_tokens.device)
         row = self.config.token_types.index
         text_states = torch.cat([text_tokens + types[row("text")], knowledge_tokens + types[row("knowledge")]], dim=1)
         image_type = types[row("image")] if image_types is None else image_types[:, None]
@@ -435,7 +480,6 @@ class VKOODModel(VKOODPreTrainedModel):
         text_bias = torch.cat([key_bias(text_mask, dtype), log_gate.to(dtype)[:, None, None, :]], dim=-1)
         image_bias = None
         text_history, image_history, attentions = [text_states], [image_states], []
-        implementation = self.config._attn_implementation
         for layer in self.fusion_layers:
             # the implementation as a keyword: gradient checkpointing replays the positional (tensor) arguments
             text_states, image_states, *layer_attentions = layer(
@@ -448,8 +492,17 @@ class VKOODModel(VKOODPreTrainedModel):
                 attentions.append(layer_attentions)
         requested = dict(zip(FUSION_ATTENTIONS, zip(*attentions))) if output_attentions else {}
         if output_hidden_states:
-            requested.update(text_hidden_states=tuple(text_history), image_hidden_states=tuple(image_history))
-        pooled = torch.cat([self.text_pooler(text_states), self.image_pooler(image_states)], dim=-1)
+            kept = selected_states(output_hidden_states, len(text_history))
+            requested.update(
+                text_hidden_states=tuple(state if i in kept else None for i, state in enumerate(text_history)),
+                image_hidden_states=tuple(state if i in kept else None for i, state in enumerate(image_history)),
+            )
+        requested.update(
+            {standard: requested[stream] for standard, stream in STANDARD_FIELDS.items() if stream in requested}
+        )
+        pooled = None
+        if self.text_pooler is not None:
+            pooled = torch.cat([self.text_pooler(text_states), self.image_pooler(image_states)], dim=-1)
         return VKOODModelOutput(
             last_hidden_state=text_states,
             image_last_hidden_state=image_states,
@@ -552,7 +605,8 @@ class VKOODForQuestionAnswering(VKOODPreTrainedModel):
 
 class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
     """One sentence, `config.num_images` images (`pixel_values` (B, num_images, C, H, W)); each image is fused with the
-    sentence and its knowledge, the pooled outputs are concatenated and classified, cross-entropy on `labels`.
+    sentence and its knowledge, the pooled outputs are concatenated and classified; the loss on `labels` follows
+    `config.problem_type` as in transformers' sequence classifiers (cross-entropy on class indices by default).
     NLVR2: 2 images, 2 classes (False, True), METER's pair method (with a "second_image" token type, the second image
     gets that row); SNLI-VE: 1 image, 3 classes."""
 
@@ -592,6 +646,7 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
             input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask, knowledge_mask, pixel_values
         )
         per_image = lambda tensor: None if tensor is None else tensor.repeat_interleave(self.num_images, 0)
+        types = base.token_type_table(pixel_values.device)
         outputs = base.fuse(
             base.encode_image(pixel_values.flatten(0, 1)),
             per_image(text),
@@ -600,14 +655,14 @@ class VKOODForImagesAndTextClassification(VKOODPreTrainedModel):
             per_image(knowledge_mask),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            image_types=torch.stack([base.token_type_embeddings.weight[row] for row in self.image_rows]).repeat(
-                pixel_values.shape[0], 1
-            ),
+            image_types=torch.stack([types[row] for row in self.image_rows]).repeat(pixel_values.shape[0], 1),
         )
         batch = pixel_values.shape[0]
         pooled = outputs.pooler_output.reshape(batch, -1)
         logits = self.classifier(pooled)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels.long())
+        # `config.problem_type` as transformers' sequence classifiers read it: set, or inferred (and then stored) from
+        # num_labels and the labels' dtype: one label regresses, integer labels are classes, others multi-label
+        loss = None if labels is None else ForSequenceClassificationLoss(labels, logits.float(), self.config)
         per_pair = lambda tensor: tensor.reshape(batch, self.num_images, *tensor.shape[1:])
         output = VKOODClassificationOutput(
             loss=loss, logits=logits, pooler_output=pooled, **fused_fields(outputs, per_pair)

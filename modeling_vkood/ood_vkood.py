@@ -260,6 +260,14 @@ class ImageFit(NamedTuple):
         return ImageFit(mixture, joined(lambda fit: fit.reference), joined(lambda fit: fit.direction))
 
 
+class InputDtypeLinear(nn.Linear):
+    """A linear layer computed in its input's dtype (the OOD layer runs in float32 under a bf16 model). A module
+    call, not a read of its weight: accelerate's hooks then load an offloaded weight (`device_map`)."""
+
+    def forward(self, hidden):
+        return F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
+
+
 class ImplicitOODLayer(nn.Module):
     """Scores and gates knowledge items by how well they fit a Gaussian mixture of the image tokens.
 
@@ -289,7 +297,7 @@ class ImplicitOODLayer(nn.Module):
         self.hard_gate = config.hard_gate
         self.use_gate = config.use_gate
         self.score_kind = config.score
-        self.projection = nn.Linear(hidden_size, config.projection_dim)
+        self.projection = InputDtypeLinear(hidden_size, config.projection_dim)
         # Shape (1,), not 0-dim: DeepSpeed ZeRO broadcasts parameters through `view(torch.uint8)`, which 0-dim
         # tensors refuse.
         self.threshold = nn.Parameter(torch.full((1,), float(config.threshold)))
@@ -300,8 +308,10 @@ class ImplicitOODLayer(nn.Module):
 
     def _may_stop(self, step, active):
         """Whether the host stops the loop after `step`: only every `check_every` steps does it read `active` (a
-        host synchronisation), and never after the last step, which ends the loop anyway."""
-        if not self.check_every or step % self.check_every or step >= self.max_iter:
+        host synchronisation), and never after the last step, which ends the loop anyway. Never under torch.compile
+        or torch.export either (a read would break the graph): the full budget gives the same fit, as converged
+        examples stay frozen."""
+        if not self.check_every or step % self.check_every or step >= self.max_iter or torch.compiler.is_compiling():
             return False
         return not bool(active.any())
 
@@ -378,8 +388,7 @@ class ImplicitOODLayer(nn.Module):
 
     def project(self, hidden):
         """Shared projection to d', then per-vector standardisation: bounded scale whatever the input magnitude."""
-        dtype = hidden.dtype
-        projected = F.linear(hidden, self.projection.weight.to(dtype), self.projection.bias.to(dtype))
+        projected = self.projection(hidden)
         return F.layer_norm(projected, projected.shape[-1:])
 
     def score(self, knowledge_points, fit):
@@ -443,7 +452,9 @@ class ImplicitOODLayer(nn.Module):
                 mixture = fit.mixture
                 scores = self.score(knowledge_points, fit) * knowledge_mask
             if not self.use_gate:
-                log_gate = torch.zeros_like(scores)
+                # gate 1 exactly, but tau and the projection stay in the graph with a zero gradient: under DDP
+                # (find_unused_parameters=False) the ablation then trains like the layer it ablates
+                log_gate = 0.0 * self.gate_logits(scores)
             elif self.hard_gate and not self.training:
                 log_gate = torch.where(scores > self.threshold, 0.0, float("-inf")).to(dtype)
             else:

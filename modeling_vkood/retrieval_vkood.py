@@ -69,13 +69,16 @@ class VKOODForImageTextRetrieval(VKOODPreTrainedModel):
         knowledge_attention_mask=None,
         knowledge_mask=None,
         image_ids=None,
-        return_loss=True,
+        return_loss=None,
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
     ):
-        """`image_ids` (B,) marks pairs that share an image as positives (several captions of one image).
-        `output_attentions`, `output_hidden_states` and `return_dict` as in `VKOODModel.forward`."""
+        """Without `return_loss` (the default, as in CLIP): the fused (ITM) pass of the given pairs, deterministic.
+        `return_loss=True` (training; the retrieval collator sets it): ITC + ITM on hard negatives drawn at random,
+        with the outputs of the positive pairs. `image_ids` (B,) marks pairs that share an image as positives (several
+        captions of one image). `output_attentions`, `output_hidden_states` and `return_dict` as in
+        `VKOODModel.forward`."""
         requested = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         base = self.vkood
         text_tokens, attention_mask, knowledge, knowledge_mask = base.encode_inputs(

@@ -5,6 +5,7 @@ transformers' own models."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from modeling_vkood import (
     VKOODForQuestionAnswering,
     VKOODModel,
 )
+from modeling_vkood import modeling_vkood as modeling
 from modeling_vkood.fusion_vkood import VKOODAttention
 from modeling_vkood.outputs_vkood import FUSION_ATTENTIONS, FUSION_OUTPUTS
 from tests.utils.tiny import tiny_batch, tiny_vkood_config
@@ -208,6 +210,11 @@ def test_output_hidden_states_hold_the_fusion_input_and_every_layer():
         assert not torch.allclose(states[0], states[1])
         assert_identical(getattr(from_config, f"{stream}_hidden_states"), states)
     torch.testing.assert_close(output.pooler_output, plain.pooler_output, rtol=0, atol=0)
+    assert output.hidden_states is output.text_hidden_states  # transformers' standard field: the text stream's
+    with torch.no_grad():
+        selected = model(**batch, output_hidden_states=[0, -1])  # indices keep those states only, as in transformers
+    assert [state is None for state in selected.image_hidden_states] == [False, True, True, False]
+    assert_identical(selected.hidden_states[-1], output.hidden_states[-1])
 
 
 @pytest.mark.parametrize(
@@ -251,11 +258,24 @@ def test_unknown_keyword_arguments_raise_type_error(task):
         model(**batch, output_attention=True)  # a typo of output_attentions is not swallowed
 
 
-def test_output_attentions_without_eager_raises_and_names_the_fix():
-    model = VKOODForQuestionAnswering(tiny_vkood_config(num_labels=5))
+def test_output_attentions_under_sdpa_warns_and_computes_that_call_in_eager(caplog):
+    """sdpa computes no attention probabilities: asked for them, the model warns (naming the fix) and runs that call's
+    fusion attention in eager, so the attentions come back, the eager model's, and the next call is sdpa again."""
+    torch.manual_seed(0)
+    model = VKOODForQuestionAnswering(deterministic_config(num_labels=5)).eval()
     assert model.config._attn_implementation == "sdpa"  # the default
-    with pytest.raises(ValueError, match=r"eager.*set_attn_implementation"):
-        model(**inputs(padded_batch()), output_attentions=True)
+    batch = inputs(padded_batch())
+    modeling.logger.warning_once.cache_clear()
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        output = model(**batch, output_attentions=True)
+    assert re.search(r"runs the fusion attention in eager.*set_attn_implementation", caplog.text)
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(**batch, output_attentions=True)
+    for name in FUSION_ATTENTIONS + ("attentions", "cross_attentions"):  # the backbones are eager too now
+        torch.testing.assert_close(getattr(output, name), getattr(eager, name), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(output.logits, eager.logits, rtol=1e-4, atol=1e-5)
 
 
 def test_flash_attention_is_refused_with_the_reason_and_the_alternatives(tmp_path):

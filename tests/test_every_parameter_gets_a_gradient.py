@@ -26,10 +26,14 @@ HEADS = {  # (model class, its labels, config fields)
         lambda batch: {"labels": torch.tensor([0, 2, 1])},
         {"num_images": 1},
     ),
-    "retrieval": (VKOODForImageTextRetrieval, lambda batch: {"image_ids": torch.tensor([0, 1, 2])}, {}),
+    "retrieval": (
+        VKOODForImageTextRetrieval,
+        lambda batch: {"image_ids": torch.tensor([0, 1, 2]), "return_loss": True},
+        {},
+    ),
     "retrieval_rank_output": (
         VKOODForImageTextRetrieval,
-        lambda batch: {"image_ids": torch.tensor([0, 1, 2])},
+        lambda batch: {"image_ids": torch.tensor([0, 1, 2]), "return_loss": True},
         {"retrieval_score": "rank_output"},
     ),
 }

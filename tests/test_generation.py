@@ -17,7 +17,7 @@ from modeling_vkood.generation_vkood import answer_token_loss
 from modeling_vkood.training import VKOODTrainer
 from modeling_vkood.training.collators import parse_question_answer, question_answer_text
 from modeling_vkood.training.generation_eval import generated_vqa_metrics
-from tests.utils.tiny import tiny_decoder_config, tiny_vkood_config
+from tests.utils.tiny import tiny_batch, tiny_decoder_config, tiny_vkood_config
 from tests.utils.without_package import run_without_package
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "white": (250, 250, 250)}
@@ -135,6 +135,39 @@ def test_loss_counts_the_answer_tokens_only_averaged_over_the_batch(minilm_path)
         losses = [model(**half).loss for half in halves]
         counts = [(half["labels"][:, 1:] != -100).sum() for half in halves]
         torch.testing.assert_close(output.loss, (losses[0] * counts[0] + losses[1] * counts[1]) / sum(counts))
+
+
+def test_forward_takes_transformers_decoder_arguments():
+    """As transformers' decoders take them: `past_key_values` (the cache's old name, with a warning), `use_cache`,
+    `output_attentions` / `output_hidden_states` (the decoder's in the standard fields, the fused pass's per stream)
+    and `shift_labels` (targets already aligned with the logits, as the Trainer passes them under sequence
+    parallelism)."""
+    torch.manual_seed(0)
+    config = deterministic_config()
+    config._attn_implementation = "eager"
+    model = VKOODForConditionalGeneration(config).eval()
+    batch = tiny_batch()
+    prefix, step = torch.tensor([[101, 1037]] * 3), torch.tensor([[2003]] * 3)
+    with torch.no_grad():
+        full = model(
+            **batch, decoder_input_ids=torch.cat([prefix, step], 1), output_attentions=True, output_hidden_states=True
+        )
+        first = model(**batch, decoder_input_ids=prefix, use_cache=True)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            cached = model(**batch, decoder_input_ids=step, past_key_values=first.cache, use_cache=True)
+        labels = torch.cat([prefix, step], 1)
+        shifted = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], 1)
+        assert model(**batch, labels=labels, shift_labels=shifted).loss == model(**batch, labels=labels).loss
+        other = model(**batch, labels=labels, shift_labels=shifted.roll(1, dims=1)).loss
+    torch.testing.assert_close(cached.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)
+    layers = config.decoder_config.num_hidden_layers
+    assert len(full.hidden_states) == layers + 1 and full.hidden_states[0].shape == (3, 3, 32)
+    assert len(full.attentions) == layers and full.attentions[0].shape == (3, 2, 3, 3)
+    assert (
+        full.cross_attentions[0].shape[-1] == full.text_hidden_states[0].shape[1] + full.image_hidden_states[0].shape[1]
+    )
+    assert len(full.text_self_attentions) == config.num_fusion_layers
+    assert other != model(**batch, labels=labels).loss
 
 
 def test_the_head_honours_the_trainer_loss_contract_also_under_peft(tmp_path):

@@ -91,5 +91,5 @@ def test_rank_output_scores_pairs_and_ranks_the_gallery_by_it_alone():
     torch.testing.assert_close(i2t.diagonal(), output.rank_scores, rtol=1e-5, atol=1e-5)  # k_test covers all pairs
     torch.testing.assert_close(t2i, i2t.t(), rtol=1e-5, atol=1e-5)
     model.train()
-    trained = model(**batch, image_ids=torch.tensor([0, 1, 2]))
+    trained = model(**batch, image_ids=torch.tensor([0, 1, 2]), return_loss=True)
     assert torch.isfinite(trained.loss) and trained.loss > trained.itc_loss + trained.itm_loss  # + the rank term

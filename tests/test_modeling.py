@@ -34,8 +34,8 @@ def head_inputs(task, seed=0):
 
 
 def head_logits(model, task, batch):
-    if task == "retrieval":
-        return model(**batch, return_loss=False).itm_logits
+    if task == "retrieval":  # by default the fused pass of the given pairs, deterministic (no hard negatives)
+        return model(**batch).itm_logits
     return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
@@ -81,7 +81,7 @@ def test_head_forward_loss_backward_reaches_the_ood_layer(task, classifier_head)
     model_class, _, kwargs = HEADS[task]
     torch.manual_seed(0)
     model = model_class(tiny_vkood_config(**kwargs, classifier_head=classifier_head))
-    output = model(**head_inputs(task))
+    output = model(**head_inputs(task), **({"return_loss": True} if task == "retrieval" else {}))
     assert torch.isfinite(output.loss)
     output.loss.backward()
     ood = model.vkood.ood
@@ -123,7 +123,7 @@ def test_save_load_same_logits_also_as_remote_code(task, classifier_head, tmp_pa
         batch = data["batch"]
         with torch.no_grad():
             if "{task}" == "retrieval":
-                logits = model(**batch, return_loss=False).itm_logits
+                logits = model(**batch).itm_logits
             else:
                 logits = model(**{{k: v for k, v in batch.items() if k != "labels"}}).logits
         torch.testing.assert_close(logits, data["expected"], rtol=0, atol=0)

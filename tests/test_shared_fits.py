@@ -66,12 +66,12 @@ def test_itm_training_fits_each_image_once_for_its_positive_and_negative_pairs(m
     model = VKOODForImageTextRetrieval(tiny_vkood_config()).train()
     batch = tiny_batch(batch_size=4)
     calls = fitted_rows(monkeypatch)
-    output = model(**batch)
+    output = model(**batch, return_loss=True)
     output.loss.backward()
     assert calls == [4]  # the 3 x 4 ITM pairs share the 4 images' fits (before: one fit of 12)
     assert model.vkood.ood.threshold.grad is not None and torch.isfinite(model.vkood.ood.threshold.grad).all()
     calls.clear()
-    model(**{k: v for k, v in batch.items() if not k.startswith("knowledge")}).loss.backward()
+    model(**{k: v for k, v in batch.items() if not k.startswith("knowledge")}, return_loss=True).loss.backward()
     assert calls == []  # no knowledge item: no EM
 
 

@@ -218,4 +218,5 @@ class RetrievalCollator:
         batch = dict(self.processor(text=texts, knowledge=knowledge))
         batch["pixel_values"] = self.pixels([r["image"] for r in rows])
         batch["image_ids"] = torch.tensor([r["image_id"] for r in rows], dtype=torch.long)
+        batch["return_loss"] = True  # the training loss, as transformers' CLIP training batches ask for it
         return batch

@@ -244,11 +244,13 @@ def ood_scores(model, batches, device) -> dict[str, torch.Tensor]:
     model.eval()
     scores, gates = [], []
     for batch in batches:
-        extra = {"return_loss": False} if "image_ids" in batch else {}  # retrieval: fused pass, no loss
-        batch = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "image_ids")}
+        # without labels or return_loss, every head gives its deterministic pass (retrieval: fused, no loss)
+        batch = {
+            key: value.to(device) for key, value in batch.items() if key not in ("labels", "image_ids", "return_loss")
+        }
         if "knowledge_mask" not in batch:
             break
-        outputs = model(**batch, **extra)
+        outputs = model(**batch)
         mask = batch["knowledge_mask"].bool()
         if outputs.ood_scores.dim() == 3:  # NLVR2: (B, 2, M), one score per image of the pair
             mask = mask.unsqueeze(1).expand_as(outputs.ood_scores)

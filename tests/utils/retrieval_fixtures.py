@@ -48,7 +48,7 @@ def itc_batch():
 def itc_gradients(model, batch):
     """(ITC loss, {name: gradient}) of one forward/backward of the ITC loss alone."""
     model.zero_grad()
-    loss = model(**batch).itc_loss
+    loss = model(**batch, return_loss=True).itc_loss
     loss.backward()
     parameters = dict(model.named_parameters())
     return loss, {name: parameters[name].grad.detach().clone() for name in GRADIENT_PARAMETERS}
