@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
             training_args.per_device_eval_batch_size,
             training_args.ood_plot_examples,
             training_args.device,
+            accelerator=trainer.accelerator,
         )
         if len(ood["gates"]):
             metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())

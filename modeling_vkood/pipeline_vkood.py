@@ -1,4 +1,4 @@
-"""Visual question answering pipeline for VK-OOD (Hub remote code: transformers and the standard library only).
+"""Visual question answering pipeline for VK-OOD (Hub remote code: transformers, torch and the standard library only).
 
 transformers 5 removed its "visual-question-answering" pipeline; a VK-OOD VQA checkpoint names this class under
 `config.custom_pipelines`, so `pipeline("visual-question-answering", model=folder, trust_remote_code=True)` works.
@@ -18,10 +18,18 @@ its tokens' probabilities, end token included); `max_new_tokens` (default 16) bo
 
 In the knowledge list, `score` is the OOD layer's GEM score of the item against the image, `gate` its gate (the hard
 0/1 gate when the model is configured with `ood_hard_gate`) and `kept` whether the gate lets it through (> 0.5).
+
+`vqa(examples, batch_size=n)` runs n examples per model call, padded as the processor pads a batch (question tokens,
+item count and item length, each with its mask): every example gets the answers and scores of a call on its own.
 """
 
+import os
+
+import torch
+from torch.utils.data import DataLoader
 from transformers import Pipeline
 from transformers.image_utils import load_image
+from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 VQA_PIPELINE = {
     "visual-question-answering": {
@@ -35,6 +43,7 @@ GENERATIVE_VQA_PIPELINE = {
     "visual-question-answering": {**VQA_PIPELINE["visual-question-answering"], "pt": ["AutoModelForImageTextToText"]}
 }
 KEPT_ABOVE = 0.5
+KNOWLEDGE_KEYS = ("knowledge_input_ids", "knowledge_attention_mask", "knowledge_mask")
 
 
 class VKOODVisualQuestionAnsweringPipeline(Pipeline):
@@ -77,6 +86,57 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
         model_inputs = self.processor(images=image, text=question, knowledge=[sentences])
         return {**model_inputs, "knowledge_texts": sentences}
 
+    def get_iterator(
+        self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params, postprocess_params
+    ):
+        """As `Pipeline.get_iterator`, with `collate` batching the examples (transformers' generic padding knows
+        neither the (B, M, Lk) knowledge tensors nor the per-example item sentences)."""
+        if not hasattr(inputs, "__len__"):
+            raise TypeError("the VK-OOD pipeline takes a list (or dataset) of examples, not a generator")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        collate = (lambda rows: rows[0]) if batch_size == 1 else self.collate
+        loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=collate)
+        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
+
+    def collate(self, rows: list[dict]) -> dict:
+        """One batch of `preprocess` outputs, padded as `VKOODProcessor` pads a batch: the question on the
+        tokenizer's padding side, the knowledge to the most items and the longest item of the batch, the padding
+        masked (attention_mask, knowledge_attention_mask, knowledge_mask = 0) so that no example's result changes.
+        An example without knowledge keys (no items, no knowledge source) gets no item slots."""
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+        left = self.processor.tokenizer.padding_side == "left"
+        length = max(row["input_ids"].shape[1] for row in rows)
+
+        def pad_text(tensor, value):
+            padding = tensor.new_full((1, length - tensor.shape[1]), value)
+            return torch.cat([padding, tensor] if left else [tensor, padding], dim=1)
+
+        if len({tuple(row["pixel_values"].shape) for row in rows}) > 1:
+            raise ValueError("images of different sizes after the image processor cannot be batched: use batch_size=1")
+        batch = {
+            "pixel_values": torch.cat([row["pixel_values"] for row in rows]),
+            "input_ids": torch.cat([pad_text(row["input_ids"], pad_id) for row in rows]),
+            "attention_mask": torch.cat([pad_text(row["attention_mask"], 0) for row in rows]),
+            "knowledge_texts": [row["knowledge_texts"] for row in rows],
+        }
+        if any("knowledge_mask" in row for row in rows):
+            with_items = [row for row in rows if "knowledge_mask" in row]
+            items = max(row["knowledge_mask"].shape[1] for row in with_items)
+            item_length = max(row["knowledge_input_ids"].shape[2] for row in with_items)
+            ids = torch.full((len(rows), items, item_length), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), items, item_length), dtype=torch.long)
+            mask = torch.zeros((len(rows), items), dtype=torch.long)
+            for b, row in enumerate(rows):
+                if "knowledge_mask" in row:
+                    m, k = row["knowledge_input_ids"].shape[1:]
+                    ids[b, :m, :k] = row["knowledge_input_ids"][0]
+                    attention[b, :m, :k] = row["knowledge_attention_mask"][0]
+                    mask[b, :m] = row["knowledge_mask"][0]
+            batch.update(zip(KNOWLEDGE_KEYS, (ids, attention, mask)))
+        return batch
+
     def _forward(self, model_inputs, top_k=5, max_new_tokens=16):
         sentences = model_inputs.pop("knowledge_texts")
         if getattr(self.model, "generates_answers", False):
@@ -90,7 +150,8 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
         }
 
     def _generate(self, model_inputs, top_k, max_new_tokens):
-        """The top_k generated answers of one example, their log-probabilities and the fused pass's OOD outputs."""
+        """The top_k generated answers of each example (B, top_k, T), their log-probabilities (B, top_k) and the
+        fused pass's OOD outputs."""
         memory = self.model.encode(**model_inputs)
         beams = {"num_beams": top_k, "num_return_sequences": top_k, "length_penalty": 0.0} if top_k > 1 else {}
         generated = self.model.generate(
@@ -103,17 +164,18 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
         ends = generated.sequences[:, -token_scores.shape[1] :] == self.model.config.decoder_config.eos_token_id
         counted = (ends.long().cumsum(-1) - ends.long()) == 0
         log_probabilities = token_scores.float().masked_fill(~counted, 0.0).sum(-1)
+        examples = memory.states.shape[0]
         return {
-            "sequences": generated.sequences,
-            "log_probabilities": log_probabilities,
+            "sequences": generated.sequences.view(examples, -1, generated.sequences.shape[-1]),
+            "log_probabilities": log_probabilities.view(examples, -1),
             "ood_scores": memory.ood_scores,
             "ood_gate": memory.ood_gate,
         }
 
     def postprocess(self, model_outputs, top_k=5, return_knowledge=False):
         if "sequences" in model_outputs:
-            texts = self.processor.decode_answers(model_outputs["sequences"])
-            probabilities = model_outputs["log_probabilities"].exp().tolist()
+            texts = self.processor.decode_answers(model_outputs["sequences"][0])
+            probabilities = model_outputs["log_probabilities"][0].exp().tolist()
             answers = [{"score": score, "answer": text} for score, text in zip(probabilities, texts)]
             answers = sorted(answers, key=lambda answer: -answer["score"])
         else:

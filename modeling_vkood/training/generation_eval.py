@@ -1,6 +1,8 @@
 """Evaluation of the generative head: answers generated for every question, scored with the official VQA accuracy
 (`modeling_vkood.evaluation.vqa_accuracy`: the answers normalised as the official toolkit does)."""
 
+import contextlib
+
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Subset
@@ -23,7 +25,9 @@ def generate_texts(
 ) -> list[str]:
     """The text the model generates for every row of `dataset` (in order), `collator` giving the inputs (a
     `GenerativeVQACollator(..., with_targets=False)`). Under `accelerator` with several processes each process
-    generates for every world_size-th row and all of them receive the whole list."""
+    generates for every world_size-th row and all of them receive the whole list. The model runs under the
+    accelerator's autocast (that of a `--bf16`/`--fp16` run, as the Trainer's own evaluation): generating in fp32
+    would evaluate another model than the one trained and served, and slower."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     mine = list(range(rank, len(dataset), world))
     was_training = model.training
@@ -32,7 +36,8 @@ def generate_texts(
     batches = DataLoader(Subset(dataset, mine), batch_size=batch_size, collate_fn=collator)
     for batch in tqdm(batches, desc=description, disable=rank != 0):
         batch = {key: value.to(device) for key, value in batch.items()}
-        sequences = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            sequences = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
         texts.extend(collator.processor.decode_answers(sequences))
     model.train(was_training)
     if world == 1:

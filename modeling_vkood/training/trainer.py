@@ -6,6 +6,8 @@ Newly initialised modules (fusion, OOD layer, heads, a backbone trained from scr
 pretrained encoder want a small step, random weights a large one.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
@@ -228,10 +230,16 @@ class VKOODTrainer(Trainer):
         )
 
 
-def collect_ood_scores(model, dataset, collator, batch_size: int, max_examples: int, device) -> dict[str, torch.Tensor]:
-    """OOD scores and gates of the real knowledge items of the first `max_examples` examples (for the plots)."""
+def collect_ood_scores(
+    model, dataset, collator, batch_size: int, max_examples: int, device, accelerator=None
+) -> dict[str, torch.Tensor]:
+    """OOD scores and gates of the real knowledge items of the first `max_examples` examples (for the plots).
+
+    Under `accelerator`'s autocast (the run's `--bf16`/`--fp16`, as the Trainer evaluates): the plotted scores and
+    the kept fraction are those of the evaluated model, not of an fp32 pass."""
     subset = dataset.select(range(min(max_examples, len(dataset))))
-    return ood_scores(model, DataLoader(subset, batch_size=batch_size, collate_fn=collator), device)
+    with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        return ood_scores(model, DataLoader(subset, batch_size=batch_size, collate_fn=collator), device)
 
 
 @torch.no_grad()
