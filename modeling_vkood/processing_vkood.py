@@ -257,6 +257,7 @@ class VKOODProcessor(ProcessorMixin):
         max_length: int | None = None,
         answers: str | list[str] | None = None,
         max_answer_length: int = 32,
+        knowledge_padding: str = "longest",
         **kwargs,
     ) -> BatchFeature:
         """Encode a batch (or one example) of any of images, text and knowledge.
@@ -281,9 +282,14 @@ class VKOODProcessor(ProcessorMixin):
             answers: a string or a list of strings, the target texts of `VKOODForConditionalGeneration` (one per
                 example) -> `decoder_input_ids`, `decoder_attention_mask` and `labels` (`decoder_targets`), each text
                 cut to `max_answer_length` tokens, start and end tokens included.
+            knowledge_padding: "longest" (default: M and Lk of the batch, as above) or "max_length" (always
+                `max_knowledge_items` x `knowledge_max_length`: one shape for every batch, so that a compiled model or
+                a CUDA graph is not rebuilt for each new item count and length; the padded slots change no output).
             return_tensors: "pt" (default) or "np".
             **kwargs: passed to the image processor (e.g. `do_center_crop=False`).
         """
+        if knowledge_padding not in ("longest", "max_length"):
+            raise ValueError(f"knowledge_padding must be 'longest' or 'max_length', got {knowledge_padding!r}")
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if images is None and text is None and knowledge is None and answers is None:
@@ -324,7 +330,7 @@ class VKOODProcessor(ProcessorMixin):
             knowledge = [[]] * next(iter(sizes.values()), 1)
         if knowledge is not None:
             examples = self._knowledge_texts(knowledge, other_inputs_batched=batched)
-            data.update(self._encode_knowledge(examples))
+            data.update(self._encode_knowledge(examples, fixed=knowledge_padding == "max_length"))
             sizes["knowledge"] = len(examples)
 
         if answers is not None:
@@ -412,14 +418,15 @@ class VKOODProcessor(ProcessorMixin):
             for b, example in enumerate(examples)
         ]
 
-    def _encode_knowledge(self, examples: list[list[str]]) -> dict[str, torch.Tensor]:
-        """Tokenise every item of the batch in one call, then scatter the rows into (B, M, Lk) slots."""
+    def _encode_knowledge(self, examples: list[list[str]], fixed: bool = False) -> dict[str, torch.Tensor]:
+        """Tokenise every item of the batch in one call, then scatter the rows into (B, M, Lk) slots (`fixed`: M and
+        Lk are the caps, not the batch's)."""
         counts = torch.tensor([len(items) for items in examples], dtype=torch.long)
         flat = [sentence for items in examples for sentence in items]
         if flat:
             encoded = self.tokenizer(
                 flat,
-                padding="longest",
+                padding="max_length" if fixed else "longest",
                 truncation=True,
                 max_length=self.knowledge_max_length,
                 return_token_type_ids=False,
@@ -427,9 +434,10 @@ class VKOODProcessor(ProcessorMixin):
             )
             item_ids, item_attention = encoded["input_ids"], encoded["attention_mask"]
         else:
-            item_ids = item_attention = torch.zeros(0, 1, dtype=torch.long)
+            item_ids = item_attention = torch.zeros(0, self.knowledge_max_length if fixed else 1, dtype=torch.long)
 
-        batch_size, num_slots, length = len(examples), int(counts.max()), item_ids.shape[1]
+        batch_size, length = len(examples), item_ids.shape[1]
+        num_slots = self.max_knowledge_items if fixed else int(counts.max())
         example_index = torch.repeat_interleave(torch.arange(batch_size), counts)
         slot_index = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
 

@@ -349,3 +349,31 @@ def test_save_and_reload_including_remote_code_without_the_package(tokenizer, tm
 def test_image_processor_options_pass_through(processor):
     uncropped = processor(images=solid((0, 0, 0), size=(40, 30)), do_center_crop=False)["pixel_values"]
     assert uncropped.shape[:3] == (1, 3, SIZE) and uncropped.shape[3] > SIZE
+
+
+def test_fixed_knowledge_padding_gives_one_shape_and_the_same_outputs(tokenizer):
+    """`knowledge_padding="max_length"`: every batch is (B, max_knowledge_items, knowledge_max_length), whatever its
+    items; the model's outputs equal those of the batch padded to its longest."""
+    from modeling_vkood import VKOODForQuestionAnswering
+    from tests.utils.tiny import tiny_vkood_config
+
+    processor = make_processor(tokenizer, max_knowledge_items=4, knowledge_max_length=8)
+    batches = [
+        (["what is it?", "is the dog big?"], [["a cup is used for drinking"], []]),
+        (["how many wheels?"], [["a wheel is part of a car", "x", "a circle is a shape"]]),
+        (["what?"], [[]]),
+    ]
+    torch.manual_seed(0)
+    config = tiny_vkood_config(num_labels=3, max_knowledge_items=4, knowledge_max_length=8)
+    model = VKOODForQuestionAnswering(config).eval()
+    for texts, knowledge in batches:
+        images = [solid((30 * i, 90, 160)) for i in range(len(texts))]
+        fixed = processor(images=images, text=texts, knowledge=knowledge, knowledge_padding="max_length")
+        longest = processor(images=images, text=texts, knowledge=knowledge)
+        assert fixed["knowledge_input_ids"].shape == (len(texts), 4, 8)
+        assert fixed["knowledge_mask"].shape == (len(texts), 4)
+        torch.testing.assert_close(fixed["knowledge_mask"].sum(), longest["knowledge_mask"].sum())
+        with torch.no_grad():
+            torch.testing.assert_close(model(**fixed).logits, model(**longest).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="knowledge_padding"):
+        processor(text=["a"], knowledge=[["b"]], knowledge_padding="max")
