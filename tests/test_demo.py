@@ -8,7 +8,6 @@ the demo itself goes through the checkpoints' shipped code (`trust_remote_code=T
 import importlib.util
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from modeling_vkood import (
 )
 from modeling_vkood.knowledge import KnowledgeBase
 from tests.utils.paths import REPO_ROOT
+from tests.utils.processes import free_port
 from tests.utils.tiny import tiny_vkood_config
 
 try:  # the browser test's driver (the `demo` extra); without it that test skips or, in CI, fails
@@ -432,12 +432,6 @@ def browser_or_skip():
 
 
 WAIT_SECONDS = 120  # generous: a loaded 2-core CI machine answers slowly; a healthy page answers in seconds
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Page:

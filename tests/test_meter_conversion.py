@@ -8,8 +8,6 @@ the converted model's closed gate keeps out)."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,8 @@ from safetensors.torch import load_file
 
 from modeling_vkood.conversion.lightning_checkpoint import load_lightning_checkpoint
 from modeling_vkood.convert_meter import convert_meter
-from tests.utils.paths import REFDATA, REPO_ROOT
+from tests.utils.paths import REFDATA
+from tests.utils.processes import run_module
 from tests.utils.rehearsal_fixtures import save_char_roberta_tokenizer
 from tests.utils.without_package import run_without_package
 
@@ -32,12 +31,6 @@ TASKS = ("pretrain", "vqa", "nlvr2", "snli", "irtr")
 SIZE, SECOND_SIZE = 32, 48
 
 
-def run(*command, cwd=REPO_ROOT):
-    proc = subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{command} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Per task: (oracle folder, converted folder), the converter run as a user runs it (the CLI)."""
@@ -46,9 +39,9 @@ def converted(tmp_path_factory):
     folders = {}
     for task in TASKS:
         oracle, output = root / f"oracle_{task}", root / f"vkood_{task}"
-        run("-m", "tests.utils.meter_oracle", "--task", task, "--out", str(oracle), "--image_size", str(SIZE),
+        run_module("tests.utils.meter_oracle", "--task", task, "--out", str(oracle), "--image_size", str(SIZE),
             "--second_image_size", str(SECOND_SIZE))  # fmt: skip
-        run("-m", "modeling_vkood.convert_meter", "--checkpoint", str(oracle / f"meter_{task}.ckpt"),
+        run_module("modeling_vkood.convert_meter", "--checkpoint", str(oracle / f"meter_{task}.ckpt"),
             "--output_dir", str(output), "--tokenizer", tokenizer)  # fmt: skip
         folders[task] = (oracle, output)
     return folders

@@ -27,7 +27,6 @@ over two processes.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -41,6 +40,7 @@ from PIL import Image
 
 from modeling_vkood.conversion.meter_answers import meter_answer_list
 from tests.utils.paths import REFDATA, REPO_ROOT
+from tests.utils.processes import free_port, run_module
 from tests.utils.rehearsal_fixtures import (
     save_char_roberta_tokenizer,
     save_tiny_clip,
@@ -113,11 +113,6 @@ def rehearsal_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("rehearsal")
 
 
-def run_module(*command: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{command}:\n{proc.stderr[-4000:]}"
-
-
 @pytest.fixture(scope="session")
 def meter(rehearsal_root):
     """Converted tiny METER checkpoints, each made on first use: "pretrain" (the recipes' start), "pretrain_nlvr2"
@@ -149,13 +144,6 @@ def meter(rehearsal_root):
 
 def shipped(config: str) -> dict:
     return yaml.safe_load((REPO_ROOT / "configuration" / f"{config}.yaml").read_text())
-
-
-def free_port() -> int:
-    """A free TCP port for the rendezvous: other test runs on this machine may hold ddp.yaml's 29500."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_data(case: Case, root: Path) -> tuple[Path, Path, dict[str, int]]:

@@ -3,10 +3,6 @@ averaged gradients equal one process on the concatenated batch), and the sharded
 one-process evaluation. Also: a retrieval training split has one row per caption; the logit scale is clamped."""
 
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import datasets
 import pytest
@@ -17,41 +13,15 @@ from modeling_vkood.contrastive_vkood import VKOODLogitScale
 from modeling_vkood.training import retrieval_eval
 from modeling_vkood.training.data import one_row_per_caption
 from tests.utils.paths import REPO_ROOT
+from tests.utils.processes import run_two_ranks
 from tests.utils.retrieval_fixtures import gallery_inputs, itc_batch, itc_gradients, tiny_retrieval_model
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path, minilm_path):
     out = tmp_path / "two_processes.pt"
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(REPO_ROOT / "tests" / "utils" / "distributed_retrieval_worker.py"),
-        str(out),
-        minilm_path,
-    ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_ranks(REPO_ROOT / "tests" / "utils" / "distributed_retrieval_worker.py", str(out), minilm_path, timeout=300)
     distributed = torch.load(out, weights_only=False)  # written by the worker above: numpy score matrices
 
     model = tiny_retrieval_model().train()
