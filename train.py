@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     wise_full = training_args.wise_ft_alpha is not None and model_args.finetuning == "full"
     initial_weights = pretrained_state(model) if wise_full else None
     text_cache = (
-        FrozenTextPrefixCache(built.model.base_model.text_model) if training_args.cache_frozen_text_blocks else None
+        FrozenTextPrefixCache.for_model(built.model.base_model) if training_args.cache_frozen_text_blocks else None
     )
 
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)

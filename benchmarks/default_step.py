@@ -57,7 +57,7 @@ def main():
     size = training_args.per_device_train_batch_size
     batches = [collator([dataset[i] for i in range(b * size, (b + 1) * size)]) for b in range(args.batches)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    cache = FrozenTextPrefixCache(built.model.base_model.text_model)
+    cache = FrozenTextPrefixCache.for_model(built.model.base_model)
 
     def step(batch):
         start = time.perf_counter()

@@ -147,6 +147,10 @@ class VKOODConfig(PreTrainedConfig):
         max_knowledge_items: knowledge items kept per example (M), the one cap on the item count: the processor,
             the training collators and the dataset builders of `train.py` read it; knowledge_max_length: tokens per
             item (Lk).
+        knowledge_encoder_layers: how many of the text encoder's blocks a knowledge item goes through before it is
+            mean-pooled (None: all). Items are short sentences ("cat is a type of animal") and there are 16 per
+            question: through a few blocks they cost a fraction of the step (benchmarks/knowledge_cost.py) while
+            the question still goes through all of them. BERT-family encoders (embeddings + a block list).
         ood_config: the implicit OOD layer (`ImplicitOODConfig`, dict or instance; default: its defaults).
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
@@ -203,6 +207,7 @@ class VKOODConfig(PreTrainedConfig):
     retrieval_score: str = "itm"
     max_knowledge_items: int = 16
     knowledge_max_length: int = 32
+    knowledge_encoder_layers: int | None = None
     projection_dim: int = 256
     k_test: int = 128
     pretrained_backbones: list[str] = field(default_factory=list)
@@ -240,6 +245,13 @@ class VKOODConfig(PreTrainedConfig):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"VKOODConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.knowledge_encoder_layers is not None and not (
+            0 < self.knowledge_encoder_layers <= self.text_config.num_hidden_layers
+        ):
+            raise ValueError(
+                f"VKOODConfig.knowledge_encoder_layers must be None or in 1..{self.text_config.num_hidden_layers} "
+                f"(the text encoder's blocks), got {self.knowledge_encoder_layers}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"VKOODConfig.hidden_size ({self.hidden_size}) must be divisible by "

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import logging
 
@@ -137,6 +138,33 @@ def _builds_transformers_masks(model):
     return (
         getattr(sys.modules.get(type(model).__module__), "create_bidirectional_mask", None) is create_bidirectional_mask
     )
+
+
+def transformer_blocks(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's list of transformer blocks (BERT's `encoder.layer`, CLIP's `encoder.layers`, ...)."""
+    for module in encoder.modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(isinstance(block, GradientCheckpointingLayer) for block in module)
+        ):
+            return module
+    raise ValueError(f"{type(encoder).__name__} has no list of transformer blocks")
+
+
+def check_knowledge_encoder(encoder: nn.Module, layers: int | None):
+    """Refuse `knowledge_encoder_layers` for a text encoder whose first blocks cannot be run alone: the knowledge path
+    calls its `embeddings`, builds the mask as transformers' bidirectional encoders do and calls the blocks."""
+    if layers is None:
+        return
+    if getattr(encoder.config, "is_decoder", False) or not hasattr(encoder, "embeddings"):
+        raise ValueError(
+            f"knowledge_encoder_layers needs a bidirectional encoder with `embeddings` and a block list (BERT "
+            f"family); {type(encoder).__name__} is not one: set it to None"
+        )
+    if not _builds_transformers_masks(encoder):
+        raise ValueError(f"knowledge_encoder_layers: {type(encoder).__name__} does not build transformers' masks")
+    transformer_blocks(encoder)
 
 
 class VKOODPreTrainedModel(PreTrainedModel):
@@ -271,6 +299,7 @@ class VKOODModel(VKOODPreTrainedModel):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config, **backbone_kwargs(config.vision_config))
         self.text_model = AutoModel.from_config(config.text_config, **backbone_kwargs(config.text_config))
+        check_knowledge_encoder(self.text_model, config.knowledge_encoder_layers)
         vision_width = getattr(config.vision_config, "hidden_size", None) or config.vision_config.hidden_sizes[-1]
         self.image_projection = nn.Linear(vision_width, config.hidden_size)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.hidden_size)
@@ -329,14 +358,32 @@ class VKOODModel(VKOODPreTrainedModel):
             mask = create_bidirectional_mask(encoder.config, shape_only, mask, allow_is_bidirectional_skip=False)
         return encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
-    def _encode_distinct(self, input_ids, attention_mask):
+    def _knowledge_states(self, input_ids, attention_mask):
+        """Text-encoder states of knowledge item rows (R, Lk, W): through every block, or with
+        `config.knowledge_encoder_layers` N through the embeddings and the first N blocks only, each block called as
+        the encoder calls it (so gradient checkpointing, FSDP units and PEFT adapters apply as they do there)."""
+        layers = self.config.knowledge_encoder_layers
+        if layers is None:
+            return self._text_states(input_ids, attention_mask)
+        encoder = self.text_model
+        input_ids = input_ids.masked_fill(attention_mask == 0, self.config.text_config.pad_token_id or 0)
+        hidden = encoder.embeddings(input_ids=input_ids)
+        mask = create_bidirectional_mask(
+            encoder.config, hidden, attention_mask, allow_is_bidirectional_skip=not self._fixed_shapes(input_ids)
+        )
+        for block in transformer_blocks(encoder)[:layers]:
+            hidden = block(hidden, mask)
+        return hidden
+
+    def _encode_distinct(self, input_ids, attention_mask, states=None):
         """Text-encoder states of each distinct (tokens, mask) row, encoded once: questions and knowledge items
         repeat a lot within a batch (easy-VQA has 107 distinct questions). Returns (states, mask, inverse) with
-        `states[inverse]` the states of every input row. Data-dependent shapes: the CPU path only."""
+        `states[inverse]` the states of every input row; `states` computes them (default: `_text_states`).
+        Data-dependent shapes: the CPU path only."""
         keyed = input_ids.masked_fill(attention_mask == 0, -1)
         unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
         unique_mask = (unique != -1).long()
-        return self._text_states(unique, unique_mask), unique_mask, inverse
+        return (states or self._text_states)(unique, unique_mask), unique_mask, inverse
 
     def encode_text(self, input_ids, attention_mask=None):
         """Text tokens projected to the fusion width, (B, L, H)."""
@@ -348,7 +395,8 @@ class VKOODModel(VKOODPreTrainedModel):
         return self.text_projection(states[inverse])
 
     def encode_knowledge(self, knowledge_input_ids, knowledge_attention_mask=None, knowledge_mask=None):
-        """One vector per knowledge item, (B, M, H): mean-pooled text-encoder states of each item.
+        """One vector per knowledge item, (B, M, H): mean-pooled text-encoder states of each item (`_knowledge_states`:
+        all blocks, or the first `config.knowledge_encoder_layers`).
 
         Items repeat a lot within a batch (the same triple for many questions), so on the CPU each distinct item is
         encoded once and scattered back; the fixed-shape path encodes every item slot, padded ones zero-masked.
@@ -368,14 +416,14 @@ class VKOODModel(VKOODPreTrainedModel):
             # would not remove it); its vector is zeroed like every padded slot's.
             first_token = (torch.arange(length, device=flat_mask.device) == 0).to(flat_mask.dtype)
             encoder_mask = torch.where(flat_mask.sum(-1, keepdim=True) == 0, first_token, flat_mask)
-            states = self._text_states(knowledge_input_ids.reshape(-1, length), encoder_mask)
+            states = self._knowledge_states(knowledge_input_ids.reshape(-1, length), encoder_mask)
             weights = (flat_mask * valid.unsqueeze(-1)).unsqueeze(-1).to(states.dtype)
             pooled = ((states * weights).sum(1) / weights.sum(1).clamp_min(1.0)).to(dtype)
         elif items and length:
             flat_ids = knowledge_input_ids.reshape(-1, length)[valid]
             flat_mask = knowledge_attention_mask.reshape(-1, length)[valid]
             if flat_ids.shape[0]:
-                states, unique_mask, inverse = self._encode_distinct(flat_ids, flat_mask)
+                states, unique_mask, inverse = self._encode_distinct(flat_ids, flat_mask, self._knowledge_states)
                 weights = unique_mask.unsqueeze(-1).to(states.dtype)
                 item_vectors = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
                 pooled = pooled.index_put((valid.nonzero().squeeze(-1),), item_vectors[inverse].to(dtype))

@@ -34,6 +34,9 @@ logger = logging.get_logger(__name__)
 # Text models whose position ids start at padding_idx + 1 (fairseq numbering, `create_position_ids_from_input_ids`
 # in transformers), padding_idx being the pad token id (MPNet: always 1): only max_position_embeddings -
 # padding_idx - 1 tokens fit (RoBERTa-base: 514 - 2 = 512).
+KNOWLEDGE_PADDING = ("longest", "max_length", "bucket")
+# Item lengths of `knowledge_padding="bucket"` are multiples of this (tensor-core friendly, few distinct shapes).
+KNOWLEDGE_LENGTH_BUCKET = 8
 _POSITIONS_AFTER_PADDING_IDX = frozenset(
     {
         "roberta",
@@ -282,14 +285,17 @@ class VKOODProcessor(ProcessorMixin):
             answers: a string or a list of strings, the target texts of `VKOODForConditionalGeneration` (one per
                 example) -> `decoder_input_ids`, `decoder_attention_mask` and `labels` (`decoder_targets`), each text
                 cut to `max_answer_length` tokens, start and end tokens included.
-            knowledge_padding: "longest" (default: M and Lk of the batch, as above) or "max_length" (always
+            knowledge_padding: "longest" (default: M and Lk of the batch, as above), "max_length" (always
                 `max_knowledge_items` x `knowledge_max_length`: one shape for every batch, so that a compiled model or
-                a CUDA graph is not rebuilt for each new item count and length; the padded slots change no output).
+                a CUDA graph is not rebuilt for each new item count and length; the padded slots change no output)
+                or "bucket" (M = `max_knowledge_items`, Lk = the longest item rounded up to a multiple of
+                `KNOWLEDGE_LENGTH_BUCKET`, at most `knowledge_max_length`: a few shapes, each padded little more
+                than the batch needs, for the fixed-shape path that encodes every padded slot).
             return_tensors: "pt" (default) or "np".
             **kwargs: passed to the image processor (e.g. `do_center_crop=False`).
         """
-        if knowledge_padding not in ("longest", "max_length"):
-            raise ValueError(f"knowledge_padding must be 'longest' or 'max_length', got {knowledge_padding!r}")
+        if knowledge_padding not in KNOWLEDGE_PADDING:
+            raise ValueError(f"knowledge_padding must be one of {KNOWLEDGE_PADDING}, got {knowledge_padding!r}")
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         if images is None and text is None and knowledge is None and answers is None:
@@ -330,7 +336,7 @@ class VKOODProcessor(ProcessorMixin):
             knowledge = [[]] * next(iter(sizes.values()), 1)
         if knowledge is not None:
             examples = self._knowledge_texts(knowledge, other_inputs_batched=batched)
-            data.update(self._encode_knowledge(examples, fixed=knowledge_padding == "max_length"))
+            data.update(self._encode_knowledge(examples, knowledge_padding))
             sizes["knowledge"] = len(examples)
 
         if answers is not None:
@@ -418,11 +424,13 @@ class VKOODProcessor(ProcessorMixin):
             for b, example in enumerate(examples)
         ]
 
-    def _encode_knowledge(self, examples: list[list[str]], fixed: bool = False) -> dict[str, torch.Tensor]:
-        """Tokenise every item of the batch in one call, then scatter the rows into (B, M, Lk) slots (`fixed`: M and
-        Lk are the caps, not the batch's)."""
+    def _encode_knowledge(self, examples: list[list[str]], padding: str = "longest") -> dict[str, torch.Tensor]:
+        """Tokenise every item of the batch in one call, then scatter the rows into (B, M, Lk) slots, M and Lk as
+        `padding` (`knowledge_padding` of `__call__`) says."""
         counts = torch.tensor([len(items) for items in examples], dtype=torch.long)
         flat = [sentence for items in examples for sentence in items]
+        fixed = padding == "max_length"
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if flat:
             encoded = self.tokenizer(
                 flat,
@@ -435,13 +443,17 @@ class VKOODProcessor(ProcessorMixin):
             item_ids, item_attention = encoded["input_ids"], encoded["attention_mask"]
         else:
             item_ids = item_attention = torch.zeros(0, self.knowledge_max_length if fixed else 1, dtype=torch.long)
+        if padding == "bucket":
+            bucket = -(-max(item_ids.shape[1], 1) // KNOWLEDGE_LENGTH_BUCKET) * KNOWLEDGE_LENGTH_BUCKET
+            extra = min(bucket, self.knowledge_max_length) - item_ids.shape[1]
+            item_ids = torch.nn.functional.pad(item_ids, (0, extra), value=pad_id)
+            item_attention = torch.nn.functional.pad(item_attention, (0, extra))
 
         batch_size, length = len(examples), item_ids.shape[1]
-        num_slots = self.max_knowledge_items if fixed else int(counts.max())
+        num_slots = int(counts.max()) if padding == "longest" else self.max_knowledge_items
         example_index = torch.repeat_interleave(torch.arange(batch_size), counts)
         slot_index = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
 
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((batch_size, num_slots, length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((batch_size, num_slots, length), dtype=torch.long)
         knowledge_mask = torch.zeros((batch_size, num_slots), dtype=torch.long)

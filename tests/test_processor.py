@@ -377,3 +377,38 @@ def test_fixed_knowledge_padding_gives_one_shape_and_the_same_outputs(tokenizer)
             torch.testing.assert_close(model(**fixed).logits, model(**longest).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="knowledge_padding"):
         processor(text=["a"], knowledge=[["b"]], knowledge_padding="max")
+
+
+def test_bucketed_knowledge_padding_rounds_item_lengths_up_to_eights_under_the_cap(tokenizer):
+    """`knowledge_padding="bucket"`: M is `max_knowledge_items`, Lk the batch's longest item rounded up to a multiple
+    of 8, at most `knowledge_max_length`; the model's outputs equal those of the batch padded to its longest, on the
+    CPU path and on the fixed-shape path that encodes every padded slot."""
+    from modeling_vkood import VKOODForQuestionAnswering
+    from modeling_vkood.processing_vkood import KNOWLEDGE_LENGTH_BUCKET
+    from tests.utils.tiny import tiny_vkood_config
+
+    processor = make_processor(tokenizer, max_knowledge_items=4, knowledge_max_length=20)
+    long_item = "a bicycle is a vehicle with two wheels and pedals that people ride on roads and paths in every town"
+    batches = [
+        (["what is it?", "is the dog big?"], [["a cup is used for drinking"], []], 8),
+        (["how many wheels?"], [["a wheel is part of a car and of a bicycle too", "x"]], 16),
+        (["what?", "why?"], [[long_item], ["a dog"]], 20),
+        (["what?"], [[]], 8),
+    ]
+    assert KNOWLEDGE_LENGTH_BUCKET == 8
+    torch.manual_seed(0)
+    config = tiny_vkood_config(num_labels=3, max_knowledge_items=4, knowledge_max_length=20)
+    model = VKOODForQuestionAnswering(config).eval()
+    for texts, knowledge, length in batches:
+        images = [solid((30 * i, 90, 160)) for i in range(len(texts))]
+        bucketed = processor(images=images, text=texts, knowledge=knowledge, knowledge_padding="bucket")
+        longest = processor(images=images, text=texts, knowledge=knowledge)
+        assert bucketed["knowledge_input_ids"].shape == (len(texts), 4, length)
+        assert longest["knowledge_input_ids"].shape[-1] <= length
+        assert torch.equal(
+            bucketed["knowledge_attention_mask"].sum((1, 2)), longest["knowledge_attention_mask"].sum((1, 2))
+        )
+        for fixed_shapes in (False, True):
+            model.vkood.force_fixed_shapes = fixed_shapes
+            with torch.no_grad():
+                torch.testing.assert_close(model(**bucketed).logits, model(**longest).logits, rtol=1e-5, atol=1e-5)

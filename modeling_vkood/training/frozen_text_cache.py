@@ -17,19 +17,8 @@ import contextlib
 
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-
-def transformer_blocks(encoder: nn.Module) -> nn.ModuleList:
-    """The encoder's list of transformer blocks (BERT's `encoder.layer`, CLIP's `encoder.layers`, ...)."""
-    for module in encoder.modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module)
-            and all(isinstance(block, GradientCheckpointingLayer) for block in module)
-        ):
-            return module
-    raise ValueError(f"{type(encoder).__name__} has no list of transformer blocks to cache")
+from modeling_vkood.modeling_vkood import transformer_blocks
 
 
 def leading_frozen_blocks(encoder: nn.Module) -> int:
@@ -48,8 +37,19 @@ class FrozenTextPrefixCache:
     """Outputs of the first `num_blocks` blocks of `encoder` per distinct (token ids, attention mask) row.
 
     At most `capacity` rows are kept; when a new row would exceed it the cache starts again empty. `hits` and
-    `misses` count the rows looked up and the rows computed.
+    `misses` count the rows looked up and the rows computed. Every pass must run at least the cached blocks (the
+    first returns their joint output): `for_model` caches no more blocks than a VK-OOD model's knowledge items take.
     """
+
+    @classmethod
+    def for_model(cls, model: nn.Module, capacity: int = 16384) -> "FrozenTextPrefixCache":
+        """The cache of a `VKOODModel`'s text encoder: its leading frozen blocks, at most the
+        `config.knowledge_encoder_layers` blocks that knowledge items go through."""
+        encoder = model.text_model
+        num_blocks = leading_frozen_blocks(encoder)
+        if model.config.knowledge_encoder_layers is not None:
+            num_blocks = min(num_blocks, model.config.knowledge_encoder_layers)
+        return cls(encoder, num_blocks=num_blocks, capacity=capacity)
 
     def __init__(self, encoder: nn.Module, num_blocks: int | None = None, capacity: int = 16384):
         frozen = leading_frozen_blocks(encoder)
@@ -73,9 +73,13 @@ class FrozenTextPrefixCache:
         self.blocks = list(transformer_blocks(encoder)[:num_blocks])
         self.capacity = capacity
         self.hits = self.misses = 0
-        self._row_keys = None  # (R, L) keys of the encoder call in progress: token ids, -1 where masked
+        self._input_ids = None  # (R, L) token ids of the embeddings call in progress
         self._keys = self._values = None  # (C, Lc) and (C, Lc, W)
-        self._hook = encoder.register_forward_pre_hook(self._remember_keys, with_kwargs=True)
+        if not hasattr(encoder, "embeddings"):
+            raise ValueError(f"{type(encoder).__name__} has no `embeddings` to key the cached rows by")
+        # The token ids are read where every pass starts (the encoder's own forward, or a pass through its first
+        # blocks only, as knowledge items take), and which of them are masked from the mask the first block gets.
+        self._hook = encoder.embeddings.register_forward_pre_hook(self._remember_ids, with_kwargs=True)
         self._patch()
 
     def _patch(self):
@@ -91,7 +95,7 @@ class FrozenTextPrefixCache:
         """Restore the plain encoder."""
         self._hook.remove()
         self._unpatch()
-        self._keys = self._values = self._row_keys = None
+        self._keys = self._values = self._input_ids = None
 
     @contextlib.contextmanager
     def paused(self):
@@ -102,20 +106,24 @@ class FrozenTextPrefixCache:
         finally:
             self._patch()
 
-    def _remember_keys(self, module, args, kwargs):
+    def _remember_ids(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
         if input_ids is None:
             raise ValueError("the frozen-block cache needs input_ids (it keys rows by their tokens)")
-        if mask is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
-        elif mask.dim() == 2:
-            valid = mask.bool()
+        self._input_ids = input_ids
+
+    def _row_keys(self, attention_mask):
+        """(R, L) keys of the rows in progress: token ids, -1 where `attention_mask` (the first block's: None, (R, L)
+        or a prepared (R, 1, L, L)) masks the position as a key."""
+        input_ids = self._input_ids
+        if attention_mask is None:
+            return input_ids
+        if attention_mask.dim() == 2:
+            valid = attention_mask.bool()
         else:  # a prepared (R, 1, L, L) mask: the keys every query may attend to
-            keys = mask[:, 0, 0]
+            keys = attention_mask[:, 0, 0]
             valid = keys if keys.dtype == torch.bool else keys == 0
-            valid = valid.expand_as(input_ids)
-        self._row_keys = input_ids.masked_fill(~valid, -1)
+        return input_ids.masked_fill(~valid.expand_as(input_ids), -1)
 
     @staticmethod
     def _pass_through(hidden_states, *args, **kwargs):
@@ -123,7 +131,7 @@ class FrozenTextPrefixCache:
 
     def _first_block(self, hidden_states, attention_mask=None, *args, **kwargs):
         """The output of all cached blocks: looked up for rows seen before, computed (then kept) for the others."""
-        row_keys, length = self._row_keys, hidden_states.shape[1]
+        row_keys, length = self._row_keys(attention_mask), hidden_states.shape[1]
         if self._keys is None:
             self._keys = row_keys.new_empty(0, length)
             self._values = hidden_states.new_empty(0, length, hidden_states.shape[-1])
