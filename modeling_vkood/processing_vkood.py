@@ -102,6 +102,9 @@ class VKOODProcessor(ProcessorMixin):
             of the checkpoint (`save_pretrained` ships the index as `knowledge_index.sqlite` and `from_pretrained`
             finds it, locally or in a Hub repository). Needed for "starter" and index sources; for edge sources it
             is built on first use (in $VKOOD_CACHE, default ~/.cache/vkood).
+        knowledge_padding (`str`, defaults to "longest"): how a call pads the items when it does not say
+            (`__call__`'s `knowledge_padding`); `train.py` sets "bucket" under FSDP, where every process must encode
+            as many item rows as the others (each shard's weights are gathered collectively).
 
     A processor config saved with the former `knowledge_retrieval_items` (items retrieved per text, of which the first
     `max_knowledge_items` were encoded) still loads: the key is ignored, with a warning when it differs from
@@ -117,8 +120,12 @@ class VKOODProcessor(ProcessorMixin):
         max_text_length: int | None = None,
         knowledge_source: str | None = None,
         knowledge_index: str | None = None,
+        knowledge_padding: str = "longest",
     ):
         super().__init__(image_processor, tokenizer)
+        if knowledge_padding not in KNOWLEDGE_PADDING:
+            raise ValueError(f"knowledge_padding must be one of {KNOWLEDGE_PADDING}, got {knowledge_padding!r}")
+        self.knowledge_padding = knowledge_padding
         limits = {"max_knowledge_items": max_knowledge_items, "knowledge_max_length": knowledge_max_length}
         if max_text_length is not None:
             limits["max_text_length"] = max_text_length
@@ -260,7 +267,7 @@ class VKOODProcessor(ProcessorMixin):
         max_length: int | None = None,
         answers: str | list[str] | None = None,
         max_answer_length: int = 32,
-        knowledge_padding: str = "longest",
+        knowledge_padding: str | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Encode a batch (or one example) of any of images, text and knowledge.
@@ -285,7 +292,8 @@ class VKOODProcessor(ProcessorMixin):
             answers: a string or a list of strings, the target texts of `VKOODForConditionalGeneration` (one per
                 example) -> `decoder_input_ids`, `decoder_attention_mask` and `labels` (`decoder_targets`), each text
                 cut to `max_answer_length` tokens, start and end tokens included.
-            knowledge_padding: "longest" (default: M and Lk of the batch, as above), "max_length" (always
+            knowledge_padding: the processor's `knowledge_padding` (default "longest": M and Lk of the batch, as
+                above) when None, or "longest", "max_length" (always
                 `max_knowledge_items` x `knowledge_max_length`: one shape for every batch, so that a compiled model or
                 a CUDA graph is not rebuilt for each new item count and length; the padded slots change no output)
                 or "bucket" (M = `max_knowledge_items`, Lk = the longest item rounded up to a multiple of
@@ -294,6 +302,7 @@ class VKOODProcessor(ProcessorMixin):
             return_tensors: "pt" (default) or "np".
             **kwargs: passed to the image processor (e.g. `do_center_crop=False`).
         """
+        knowledge_padding = self.knowledge_padding if knowledge_padding is None else knowledge_padding
         if knowledge_padding not in KNOWLEDGE_PADDING:
             raise ValueError(f"knowledge_padding must be one of {KNOWLEDGE_PADDING}, got {knowledge_padding!r}")
         if return_tensors not in ("pt", "np"):

@@ -412,3 +412,11 @@ def test_bucketed_knowledge_padding_rounds_item_lengths_up_to_eights_under_the_c
             model.vkood.force_fixed_shapes = fixed_shapes
             with torch.no_grad():
                 torch.testing.assert_close(model(**bucketed).logits, model(**longest).logits, rtol=1e-5, atol=1e-5)
+    # On the fixed-shape path (accelerators, FSDP) a batch without any item still encodes its padded item slots: every
+    # process calls the text encoder as often as the others, which FSDP's collective weight gathers need.
+    calls = []
+    hook = model.vkood.text_model.embeddings.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(**processor(images=[solid((0, 0, 0))], text=["what?"], knowledge=[[]], knowledge_padding="bucket"))
+    hook.remove()
+    assert len(calls) == 2  # the question, then the items

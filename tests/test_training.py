@@ -446,9 +446,28 @@ def test_cpu_machines_default_to_accelerates_cpu_mode_and_fsdp_there_is_refused(
     assert parse_arguments([])[3].use_cpu == (not torch.accelerator.is_available())
     assert not parse_arguments(["--use_cpu", "false"])[3].use_cpu
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports from fsdp.yaml
-    if not torch.accelerator.is_available():
+    with pytest.raises(ValueError, match="FSDP needs an accelerator device"):
+        parse_arguments(["--use_cpu", "true"])  # accelerate's CPU mode: it would ignore the FSDP config
+    if torch.accelerator.is_available():
+        assert not parse_arguments([])[3].use_cpu  # where FSDP runs, fsdp.yaml is taken
+    else:  # without a device, use_cpu=False is refused too: every process would train alone
         with pytest.raises(ValueError, match="FSDP needs an accelerator device"):
-            parse_arguments([])
+            parse_arguments(["--use_cpu", "false"])
+
+
+def test_fsdp_runs_pad_knowledge_to_bucketed_shapes_so_every_process_encodes_item_rows(monkeypatch):
+    """Under FSDP each shard unit's weights are gathered collectively, so every process must call the text encoder
+    for items as often as the others: FSDP runs default to `knowledge_padding="bucket"` (every batch has
+    max_knowledge_items slots, items or not), other runs to "longest"; a given value wins."""
+    assert parse_arguments([])[3].knowledge_padding == "longest"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert parse_arguments(["--use_cpu", "false"])[3].knowledge_padding == "bucket"
+    assert parse_arguments(["--use_cpu", "false", "--knowledge_padding", "max_length"])[3].knowledge_padding == (
+        "max_length"
+    )
+    with pytest.raises(ValueError, match="--knowledge_padding must be one of"):
+        parse_arguments(["--use_cpu", "false", "--knowledge_padding", "shortest"])
 
 
 def test_backbone_dropout_overrides_every_dropout_of_the_pretrained_backbone(tiny_text_model):

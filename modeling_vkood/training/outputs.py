@@ -10,6 +10,7 @@ from transformers.utils.hub import hf_api
 from hub_cards.model_card import ModelDescription, model_card
 from modeling_vkood import pipeline_vkood
 
+from .fsdp import is_sharded, unsharded_copy
 from .model_factory import merged_model
 from .plots import ood_histogram, training_curves
 
@@ -19,23 +20,31 @@ PLOTS_DIR = "plots"
 # for a Hub id it would load the adapter's base model instead: the published folder must not hold them.
 ADAPTER_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
 # The tasks whose checkpoints ship the VQA pipeline, and how it loads their model.
-PIPELINES = {"vqa": pipeline_vkood.VQA_PIPELINE, "generative_vqa": pipeline_vkood.GENERATIVE_VQA_PIPELINE}
+PIPELINES = {
+    "vqa": pipeline_vkood.VQA_PIPELINE,
+    "generative_vqa": pipeline_vkood.GENERATIVE_VQA_PIPELINE,
+    "blip_vqa": pipeline_vkood.VQA_PIPELINE,  # VK-OOD-BLIP loads with AutoModelForVisualQuestionAnswering
+}
 
 
 def save_output_folder(trainer, task: str, description: ModelDescription, ood: dict | None, metric: str | None):
     """Replace the trained model by its merged form and write everything `from_pretrained` and the Hub need.
 
-    Nothing is uploaded here (`push_output_folder` does that once the card and plots are written).
+    Every rank must call it: under FSDP2 the whole weights are gathered collectively, and only rank 0 then holds
+    (and writes) the merged model; the other ranks keep the sharded one. Nothing is uploaded here
+    (`push_output_folder` does that once the card and plots are written).
     """
-    trainer.model = merged_model(trainer.model)
-    if task in PIPELINES:
-        trainer.model.config.custom_pipelines = PIPELINES[task]
+    model = unsharded_copy(trainer.model) if is_sharded(trainer.model) else trainer.model
+    if model is not None:
+        trainer.model = merged_model(model)
+        if task in PIPELINES:
+            trainer.model.config.custom_pipelines = PIPELINES[task]
     if not trainer.is_world_process_zero():
         return None
     output_dir = Path(trainer.args.output_dir)
-    # config, safetensors, remote-code files, processor. The merged model is a plain module that every rank holds
-    # whole (DDP, ZeRO-2), so it is saved directly: `Trainer.save_model` would save the DeepSpeed engine's unmerged
-    # weights, and it would push a folder without its card.
+    # config, safetensors, remote-code files, processor. The merged model is a plain module that rank 0 holds whole
+    # (every rank under DDP and ZeRO-2), so it is saved directly: `Trainer.save_model` would save the DeepSpeed
+    # engine's unmerged weights (or an FSDP run's adapter alone), and it would push a folder without its card.
     trainer.model.save_pretrained(output_dir)
     trainer.processing_class.save_pretrained(output_dir)
     for name in ADAPTER_FILES:

@@ -3,7 +3,8 @@
 Stage 1 scores every image-text pair by ITC similarity; stage 2 re-scores each query's top `k_test` candidates with
 the fused ITM head (`VKOODForImageTextRetrieval.rank_gallery`). In a distributed run both stages are sharded:
 each process encodes a share of the gallery (gathered, so every process holds all features), then re-ranks a share
-of the queries (gathered again). Everything runs under the accelerator's autocast, in the precision of the run.
+of the queries (gathered again); every process runs as many passes, as FSDP2 needs. Everything runs under the
+accelerator's autocast, in the precision of the run.
 """
 
 import torch
@@ -12,6 +13,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from modeling_vkood.evaluation import retrieval_recall
+
+from .fsdp import register_forward_methods
+
+# What the evaluation calls instead of `forward`: under FSDP2 each gathers the sharded weights as `forward` does.
+GALLERY_METHODS = ("encode_gallery_images", "encode_gallery_texts", "rank_gallery")
 
 
 def _pad_to(tensor: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
@@ -52,15 +58,16 @@ def _encode(accelerator, items: list, encode_chunk, batch_size: int, description
 
 
 def _share(count: int, accelerator) -> torch.Tensor:
-    """This process's contiguous share of `count` queries (ceil(count / processes) each; the last may hold fewer)."""
+    """This process's contiguous share of `count` queries: ceil(count / processes) each, the last shares padded with
+    repeats of the last query (`_gather_rows` drops them). Every process then re-ranks as many pairs, in as many
+    fused passes: under FSDP2 each pass gathers the sharded weights collectively."""
     per_process = -(-count // accelerator.num_processes)
-    start = min(accelerator.process_index * per_process, count)
-    return torch.arange(start, min(start + per_process, count), device=accelerator.device)
+    start = accelerator.process_index * per_process
+    return torch.arange(start, start + per_process, device=accelerator.device).clamp(max=count - 1)
 
 
 def _gather_rows(accelerator, rows: torch.Tensor, count: int) -> torch.Tensor:
     """The (count, n) score matrix from each process's share of rows (see `_share`), in query order."""
-    rows = accelerator.pad_across_processes(rows, dim=0, pad_index=-100.0)  # the last shares may be shorter
     return accelerator.gather(rows)[:count]
 
 
@@ -77,6 +84,7 @@ def evaluate_retrieval(
     k_test: int | None = None,
 ) -> dict[str, float]:
     """R@1/5/10 for image->text (`i2t_r*`) and text->image (`t2i_r*`) and their mean `r_mean`, in percent."""
+    register_forward_methods(model, GALLERY_METHODS)
     was_training = model.training
     model.eval()
     device = accelerator.device

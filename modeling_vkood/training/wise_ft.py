@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def _task_model(model: nn.Module) -> nn.Module:
@@ -39,7 +40,8 @@ def wise_ft(model: nn.Module, alpha: float, initial_state: dict[str, torch.Tenso
 
     A PeftModel: its LoRA deltas are scaled by `alpha` (no `initial_state` needed: the base weights are theta_0).
     A plain model: each weight named in `initial_state` (`pretrained_state` of the model before training) becomes
-    (1 - alpha) * initial + alpha * fine-tuned.
+    (1 - alpha) * initial + alpha * fine-tuned. Under FSDP2 (the weights are DTensor shards) each process mixes its own
+    shard, cut from the whole initial weight it holds, without communication.
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"--wise_ft_alpha must be in [0, 1], got {alpha}")
@@ -57,7 +59,10 @@ def wise_ft(model: nn.Module, alpha: float, initial_state: dict[str, torch.Tenso
         raise ValueError(f"WiSE-FT: the initial weights name tensors the model does not have: {missing[:5]}")
     for name, initial in initial_state.items():
         target = current[name]
+        initial = initial.to(target.device, torch.float32)
+        if isinstance(target, DTensor):
+            initial = distribute_tensor(initial, target.device_mesh, target.placements, src_data_rank=None)
         # (1 - alpha) x0 + alpha x1 rather than a lerp: exact at both ends (0 * x = 0, 1 * x = x)
-        mixed = (1 - alpha) * initial.to(target.device, torch.float32) + alpha * target.float()
+        mixed = (1 - alpha) * initial + alpha * target.float()
         target.copy_(mixed.to(target.dtype))
     return model
