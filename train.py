@@ -20,6 +20,7 @@ from data_scripts.common import answer_vocabulary, open_knowledge  # noqa: E402
 from hub_cards.model_card import ModelDescription  # noqa: E402
 from modeling_vkood.training import (  # noqa: E402
     PACKAGE_SCHEME,
+    BlipVQACollator,
     GenerativeVQACollator,
     NLVR2Collator,
     NLVR2Metrics,
@@ -38,13 +39,17 @@ from modeling_vkood.training import (  # noqa: E402
     push_output_folder,
     save_output_folder,
 )
-from modeling_vkood.training.arguments import VQA_TASKS  # noqa: E402
+from modeling_vkood.training.arguments import TEXT_ANSWER_TASKS, VQA_TASKS  # noqa: E402
 from modeling_vkood.training.data import FIXED_VOCABULARY, knowledge_is_retrieved  # noqa: E402
 from modeling_vkood.training.distillation import MultimodalAdaptiveDistillation, UnimodalTeacher  # noqa: E402
 from modeling_vkood.training.frozen_text_cache import FrozenTextPrefixCache  # noqa: E402
 from modeling_vkood.training.gate_forcing import GateForcingSchedule  # noqa: E402
 from modeling_vkood.training.metrics import knowledge_fit_labels, ood_fit_metrics  # noqa: E402
-from modeling_vkood.training.model_factory import checkpoint_answers, max_knowledge_items  # noqa: E402
+from modeling_vkood.training.model_factory import (  # noqa: E402
+    build_blip_model,
+    checkpoint_answers,
+    max_knowledge_items,
+)
 from modeling_vkood.training.ood_objectives import RELEVANCE_ALIGNMENTS, OODAlignmentLoss  # noqa: E402
 from modeling_vkood.training.predictions import export_predictions  # noqa: E402
 from modeling_vkood.training.self_distillation import ModalityAugmentedSelfDistillation  # noqa: E402
@@ -56,7 +61,11 @@ MAIN_METRIC = {
     "nlvr2": "eval_nlvr2_accuracy",
     "retrieval": "eval_r_mean",
     "generative_vqa": "eval_vqa_accuracy",
+    "blip_vqa": "eval_vqa_accuracy",
 }
+# The tasks whose datasets label each question's answers over an answer vocabulary (the classifier's labels, or the
+# candidates of VK-OOD-BLIP's rank inference) and whose items the OOD diagnostics can score.
+ANSWER_VOCABULARY_TASKS = ("vqa", "blip_vqa")
 
 
 def describe_backbone(name_or_path, config) -> str:
@@ -187,7 +196,7 @@ def extra_losses(model, training_args, task: str) -> list:
             )
         )
     if training_args.masd_weight > 0:
-        if task == "retrieval":
+        if task in ("retrieval", "blip_vqa"):
             raise ValueError("--masd_weight: MASD distils a classifier's answer distribution (VQA, NLVR2)")
         terms.append(
             ModalityAugmentedSelfDistillation(
@@ -219,13 +228,17 @@ def main(argv: list[str] | None = None) -> dict:
     items = max_knowledge_items(model_args)  # the one cap on the knowledge items: the model config's
     # A VQA run from a checkpoint with a VQA head keeps its answers (and so its trained classifier) where the builder
     # takes a given list.
-    answers = checkpoint_answers(model_args) if task == "vqa" and data_args.dataset in FIXED_VOCABULARY else None
+    fixed = task in ANSWER_VOCABULARY_TASKS and data_args.dataset in FIXED_VOCABULARY
+    answers = checkpoint_answers(model_args) if fixed else None
     with training_args.main_process_first(desc="dataset"):
         dataset = load_splits(data_args, list(dict.fromkeys(splits)), items, answer_vocabulary=answers)
     id2label = dict(enumerate(answer_vocabulary(dataset))) if task == "vqa" else None
     if task == "nlvr2":
         id2label = dict(enumerate(dataset[splits[0]].features["label"].names))
-    built = build_model(model_args, task, id2label)
+    if task == "blip_vqa":  # rank inference's candidates: the dataset's answer vocabulary
+        built = build_blip_model(model_args, answer_vocabulary(dataset))
+    else:
+        built = build_model(model_args, task, id2label)
     model = apply_finetuning(built, model_args)
     objectives = extra_losses(model, training_args, task)
     # WiSE-FT's theta_0 for a fully fine-tuned model (under LoRA the frozen base weights are theta_0)
@@ -235,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         FrozenTextPrefixCache.for_model(built.model.base_model) if training_args.cache_frozen_text_blocks else None
     )
 
+    built.processor.knowledge_padding = training_args.knowledge_padding
     pixels = PixelCache(built.processor, data_args.pixel_cache_size)
     try:
         knowledge_base = open_knowledge(data_args.knowledge)
@@ -252,12 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
         built.processor.set_knowledge_source(None)
     eval_dataset = dataset[data_args.eval_split] if training_args.do_eval else None
     forcing = training_args.ood_gate_forcing_steps + training_args.ood_gate_handover_steps > 0
-    if forcing and task != "vqa":
+    if forcing and task not in ANSWER_VOCABULARY_TASKS:
         raise ValueError("--ood_gate_forcing_steps / --ood_gate_handover_steps need the VQA task's relevance labels")
+    relevance = forcing or (
+        training_args.ood_alignment in RELEVANCE_ALIGNMENTS and training_args.ood_alignment_weight > 0
+    )
     if task == "vqa":
-        relevance = forcing or (
-            training_args.ood_alignment in RELEVANCE_ALIGNMENTS and training_args.ood_alignment_weight > 0
-        )
         collator = VQACollator(built.processor, len(id2label), pixels, knowledge_relevance=relevance)
         compute_metrics = VQAMetrics(eval_dataset, id2label) if eval_dataset is not None else None
     elif task == "nlvr2":
@@ -269,16 +283,23 @@ def main(argv: list[str] | None = None) -> dict:
         )
         compute_metrics = None
         training_args.prediction_loss_only = True  # the loss; the accuracy comes from generated answers
+    elif task == "blip_vqa":  # BLIP's VQA objective: every human answer, weighted by its share of the annotators
+        collator = BlipVQACollator(built.processor, pixels, data_args.max_answer_length, knowledge_relevance=relevance)
+        compute_metrics = None
+        training_args.prediction_loss_only = True  # the loss; the accuracy comes from generated or ranked answers
     else:
         collator = RetrievalCollator(built.processor, pixels, knowledge_base, items)
         compute_metrics = None
     generation = None
-    if task == "generative_vqa" and data_args.generation_target == "answer":
+    if task in TEXT_ANSWER_TASKS and data_args.generation_target == "answer":
+        answer_inputs = BlipVQACollator if task == "blip_vqa" else GenerativeVQACollator
         generation = {
-            "collator": GenerativeVQACollator(built.processor, pixels, with_targets=False),
+            "collator": answer_inputs(built.processor, pixels, with_targets=False),
             "max_new_tokens": training_args.generation_max_new_tokens,
             "num_beams": training_args.generation_num_beams,
         }
+        if task == "blip_vqa" and built.model.config.inference == "rank":  # BLIP's rank inference over the list
+            generation["answer_list"] = built.model.config.answer_list
     retrieval = None
     if task == "retrieval":
         retrieval = {
@@ -337,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
         if len(ood["gates"]):
             metrics["ood_kept_fraction"] = float((ood["gates"] > 0.5).float().mean())
         plotted = eval_dataset.select(range(min(training_args.ood_plot_examples, len(eval_dataset))))
-        fits = knowledge_fit_labels(plotted, built.processor.max_knowledge_items) if task == "vqa" else None
+        labelled = task in ANSWER_VOCABULARY_TASKS
+        fits = knowledge_fit_labels(plotted, built.processor.max_knowledge_items) if labelled else None
         if fits is not None:  # a dataset that labels its items (knowledge-VQA): does the layer keep the fitting ones?
             metrics.update(ood_fit_metrics(ood["scores"], ood["gates"], fits))
     if data_args.predict_split is not None:

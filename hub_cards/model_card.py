@@ -29,6 +29,12 @@ TASKS = {
         "AutoModelForImageTextToText",
         "visual-question-answering",
     ),
+    "blip_vqa": (
+        "visual-question-answering",
+        "visual question answering with BLIP (VK-OOD-BLIP: answers generated or ranked over an answer list)",
+        "AutoModelForVisualQuestionAnswering",
+        "visual-question-answering",
+    ),
 }
 
 

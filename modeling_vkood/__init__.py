@@ -14,8 +14,10 @@ from transformers import (
     AutoProcessor,
 )
 
+from .configuration_blip_vkood import VKOODBlipConfig
 from .configuration_vkood import ImplicitOODConfig, VKOODConfig
 from .generation_vkood import VKOODForConditionalGeneration, VKOODGenerationMemory, VKOODGenerationOutput
+from .modeling_blip_vkood import VKOODBlipForQuestionAnswering, VKOODBlipOutput
 from .modeling_vkood import (
     VKOODForImagesAndTextClassification,
     VKOODForQuestionAnswering,
@@ -24,6 +26,7 @@ from .modeling_vkood import (
 )
 from .ood_vkood import GaussianMixtureOutput, ImplicitOODLayer, ImplicitOODOutput, gem_score
 from .outputs_vkood import VKOODClassificationOutput, VKOODModelOutput, VKOODRetrievalOutput
+from .processing_blip_vkood import VKOODBlipProcessor
 from .processing_vkood import VKOODProcessor
 from .retrieval_vkood import VKOODForImageTextRetrieval
 
@@ -41,6 +44,11 @@ for _auto_class, _model_class in _TASK_AUTO_CLASSES:
     _auto_class.register(VKOODConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
 AutoProcessor.register(VKOODConfig, VKOODProcessor, exist_ok=True)
+# VK-OOD-BLIP: its own config type, one Auto class (VQA), its processor.
+AutoConfig.register(VKOODBlipConfig.model_type, VKOODBlipConfig, exist_ok=True)
+VKOODBlipConfig.register_for_auto_class("AutoConfig")
+AutoModelForVisualQuestionAnswering.register(VKOODBlipConfig, VKOODBlipForQuestionAnswering, exist_ok=True)
+AutoProcessor.register(VKOODBlipConfig, VKOODBlipProcessor, exist_ok=True)
 
 __all__ = [
     "VKOODConfig",
@@ -61,4 +69,8 @@ __all__ = [
     "GaussianMixtureOutput",
     "gem_score",
     "VKOODProcessor",
+    "VKOODBlipConfig",
+    "VKOODBlipForQuestionAnswering",
+    "VKOODBlipOutput",
+    "VKOODBlipProcessor",
 ]

@@ -16,6 +16,10 @@ A generative checkpoint (`VKOODForConditionalGeneration`) answers with the texts
 beams of a beam search (greedy decoding for top_k=1), each with its sequence probability as `score` (the product of
 its tokens' probabilities, end token included); `max_new_tokens` (default 16) bounds an answer's length.
 
+A VK-OOD-BLIP checkpoint (`VKOODBlipForQuestionAnswering`) answers either way (`inference=`, default its config's):
+"generate" as above, or "rank", BLIP's rank inference over a candidate list (`answer_list=[...]`, default the list
+shipped in its config): the top_k candidates by the decoder's likelihood, each with that probability as `score`.
+
 In the knowledge list, `score` is the OOD layer's GEM score of the item against the image, `gate` its gate (the hard
 0/1 gate when the model is configured with `ood_hard_gate`) and `kept` whether the gate lets it through (> 0.5).
 
@@ -54,7 +58,16 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, top_k=None, timeout=None, return_knowledge=None, max_new_tokens=None, **kwargs):
+    def _sanitize_parameters(
+        self,
+        top_k=None,
+        timeout=None,
+        return_knowledge=None,
+        max_new_tokens=None,
+        inference=None,
+        answer_list=None,
+        **kwargs,
+    ):
         preprocess = {} if timeout is None else {"timeout": timeout}
         postprocess = {} if top_k is None else {"top_k": top_k}
         forward = {} if top_k is None else {"top_k": top_k}
@@ -62,7 +75,41 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
             forward["max_new_tokens"] = max_new_tokens
         if return_knowledge is not None:
             postprocess["return_knowledge"] = return_knowledge
+        if inference is not None or answer_list is not None:
+            forward.update(inference=self._inference(inference, answer_list), answer_list=answer_list)
+            postprocess["answer_list"] = answer_list
         return preprocess, forward, postprocess
+
+    def _inference(self, inference, answer_list):
+        """How the model answers: "generate", "rank" (a model with `rank_answers`) or "classify" (the vocabulary)."""
+        if not getattr(self.model, "generates_answers", False):
+            if inference is not None or answer_list is not None:
+                raise ValueError("`inference` and `answer_list` are for models that answer with texts")
+            return "classify"
+        if inference is None:
+            inference = "rank" if answer_list is not None else getattr(self.model.config, "inference", "generate")
+        if inference not in ("generate", "rank"):
+            raise ValueError(f"inference must be 'generate' or 'rank', got {inference!r}")
+        if inference == "rank":
+            if not getattr(self.model, "ranks_answers", False):
+                raise ValueError(f"{type(self.model).__name__} has no rank inference (`rank_answers`)")
+            if not self._answer_list(answer_list):
+                raise ValueError("rank inference needs an answer_list: pass one, or ship one in config.answer_list")
+        return inference
+
+    def _answer_list(self, answer_list=None):
+        """The candidates of rank inference: the given list, else the checkpoint's `config.answer_list`."""
+        return answer_list if answer_list is not None else getattr(self.model.config, "answer_list", None)
+
+    def _answer_candidates(self, answer_list):
+        """The tokenised candidates (`VKOODBlipProcessor.answer_candidates`), kept for the next call with the same
+        list (BLIP's VQAv2 list has 3,128 answers)."""
+        key = tuple(answer_list)
+        cached = getattr(self, "_candidates", None)
+        if cached is None or cached[0] != key:
+            candidates = self.processor.answer_candidates(list(answer_list))
+            self._candidates = (key, {name: tensor.to(self.device) for name, tensor in candidates.items()})
+        return self._candidates[1]
 
     def __call__(self, image, question=None, knowledge=None, **kwargs):
         """`image` (PIL image, path or URL) with `question` (and optional `knowledge` items), or a dict / list of
@@ -137,9 +184,12 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
             batch.update(zip(KNOWLEDGE_KEYS, (ids, attention, mask)))
         return batch
 
-    def _forward(self, model_inputs, top_k=5, max_new_tokens=16):
+    def _forward(self, model_inputs, top_k=5, max_new_tokens=16, inference=None, answer_list=None):
         sentences = model_inputs.pop("knowledge_texts")
-        if getattr(self.model, "generates_answers", False):
+        inference = self._inference(None, None) if inference is None else inference
+        if inference == "rank":
+            return {**self._rank(model_inputs, top_k, answer_list), "knowledge_texts": sentences}
+        if inference == "generate":
             return {**self._generate(model_inputs, top_k, max_new_tokens), "knowledge_texts": sentences}
         outputs = self.model(**model_inputs)
         return {
@@ -161,10 +211,12 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
             generated.sequences, generated.scores, getattr(generated, "beam_indices", None), normalize_logits=True
         )
         # A sequence's tokens up to its first end token (the padding of a finished sequence is not part of it).
-        ends = generated.sequences[:, -token_scores.shape[1] :] == self.model.config.decoder_config.eos_token_id
+        end = getattr(self.model, "answer_end_token_id", None)
+        end = self.model.config.decoder_config.eos_token_id if end is None else end
+        ends = generated.sequences[:, -token_scores.shape[1] :] == end
         counted = (ends.long().cumsum(-1) - ends.long()) == 0
         log_probabilities = token_scores.float().masked_fill(~counted, 0.0).sum(-1)
-        examples = memory.states.shape[0]
+        examples = model_inputs["input_ids"].shape[0]
         return {
             "sequences": generated.sequences.view(examples, -1, generated.sequences.shape[-1]),
             "log_probabilities": log_probabilities.view(examples, -1),
@@ -172,8 +224,27 @@ class VKOODVisualQuestionAnsweringPipeline(Pipeline):
             "ood_gate": memory.ood_gate,
         }
 
-    def postprocess(self, model_outputs, top_k=5, return_knowledge=False):
-        if "sequences" in model_outputs:
+    def _rank(self, model_inputs, top_k, answer_list):
+        """BLIP's rank inference (`rank_answers`): the top_k candidates of each example (B, top_k) by the decoder's
+        likelihood, their log-likelihoods, and the OOD outputs of the encoding."""
+        candidates = self._answer_candidates(self._answer_list(answer_list))
+        memory = self.model.encode(**model_inputs)
+        depth = max(top_k, getattr(self.model.config, "k_test", top_k))
+        indices, log_likelihoods = self.model.rank_answers(**candidates, memory=memory, k=depth)
+        return {
+            "answer_indices": indices[:, :top_k],
+            "log_probabilities": log_likelihoods[:, :top_k],
+            "ood_scores": memory.ood_scores,
+            "ood_gate": memory.ood_gate,
+        }
+
+    def postprocess(self, model_outputs, top_k=5, return_knowledge=False, answer_list=None):
+        if "answer_indices" in model_outputs:
+            texts = self._answer_list(answer_list)
+            probabilities = model_outputs["log_probabilities"][0].float().exp().tolist()
+            indices = model_outputs["answer_indices"][0].tolist()
+            answers = [{"score": score, "answer": texts[i]} for score, i in zip(probabilities, indices)]
+        elif "sequences" in model_outputs:
             texts = self.processor.decode_answers(model_outputs["sequences"][0])
             probabilities = model_outputs["log_probabilities"][0].exp().tolist()
             answers = [{"score": score, "answer": text} for score, text in zip(probabilities, texts)]

@@ -11,6 +11,9 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from hub_cards.model_card import TASKS, ModelDescription, model_card
 from modeling_vkood import (
+    VKOODBlipConfig,
+    VKOODBlipForQuestionAnswering,
+    VKOODBlipProcessor,
     VKOODForConditionalGeneration,
     VKOODForImagesAndTextClassification,
     VKOODForImageTextRetrieval,
@@ -20,6 +23,7 @@ from modeling_vkood import (
 )
 from modeling_vkood.knowledge import KnowledgeBase
 from tests.utils.tiny import tiny_decoder_config, tiny_vkood_config
+from tests.utils.tiny_blip import blip_image_processor, blip_tokenizer, tiny_blip_config
 from tests.utils.without_package import run_without_package
 
 CHECKPOINTS = {
@@ -27,6 +31,7 @@ CHECKPOINTS = {
     "nlvr2": (VKOODForImagesAndTextClassification, {0: "False", 1: "True"}),
     "retrieval": (VKOODForImageTextRetrieval, None),
     "generative_vqa": (VKOODForConditionalGeneration, None),
+    "blip_vqa": (VKOODBlipForQuestionAnswering, None),
 }
 # What each task's snippet must leave behind (checked after the snippets ran).
 RESULTS = {
@@ -38,23 +43,44 @@ RESULTS = {
     "generative_vqa": "assert isinstance(answer, str), answer\n"
     "assert found['answers'] and found['knowledge'], found\n"
     "assert all(0.0 <= a['score'] <= 1.0 and isinstance(a['answer'], str) for a in found['answers'])",
+    "blip_vqa": "assert isinstance(answer, str) and ranked_answer in model.config.answer_list, ranked_answer\n"
+    "assert tuple(outputs.ood_gate.shape) == (1, 1) and found['answers'] and found['knowledge'], found\n"
+    "assert all(isinstance(a['answer'], str) for a in found['answers']), found",  # generated (config.inference)
 }
-PIPELINES = {"vqa": pipeline_vkood.VQA_PIPELINE, "generative_vqa": pipeline_vkood.GENERATIVE_VQA_PIPELINE}
+PIPELINES = {
+    "vqa": pipeline_vkood.VQA_PIPELINE,
+    "generative_vqa": pipeline_vkood.GENERATIVE_VQA_PIPELINE,
+    "blip_vqa": pipeline_vkood.VQA_PIPELINE,
+}
 
 
 def save_checkpoint(task, folder, minilm_path, retrieves=True):
     model_class, id2label = CHECKPOINTS[task]
-    labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    decoder = {"decoder_config": tiny_decoder_config()} if task == "generative_vqa" else {}
-    model = model_class(tiny_vkood_config(**labels, **decoder, ood_config=dict(max_iter=3)))
+    if task == "blip_vqa":  # a tiny VK-OOD-BLIP with BLIP's tokenizer and an answer list for rank inference
+        blip = tiny_blip_config()
+        model = model_class(
+            VKOODBlipConfig(
+                vision_config=blip.vision_config.to_dict(),
+                text_config=blip.text_config.to_dict(),
+                answer_list=["yes", "no", "red"],
+                ood_config=dict(max_iter=3),
+            )
+        )
+        processor = VKOODBlipProcessor.from_model_config(
+            blip_image_processor(), blip_tokenizer(minilm_path), model.config
+        )
+    else:
+        labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        decoder = {"decoder_config": tiny_decoder_config()} if task == "generative_vqa" else {}
+        model = model_class(tiny_vkood_config(**labels, **decoder, ood_config=dict(max_iter=3)))
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = VKOODProcessor.from_model_config(
+            image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config
+        )
     if task in PIPELINES:  # as save_output_folder ships a VQA checkpoint: with its pipeline
         model.config.custom_pipelines = PIPELINES[task]
         shutil.copy(pipeline_vkood.__file__, folder / "pipeline_vkood.py")
     model.save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = VKOODProcessor.from_model_config(
-        image_processor, AutoTokenizer.from_pretrained(minilm_path), model.config
-    )
     if retrieves:  # as train.py does where the data was retrieved: the card's pipeline retrieves
         processor.set_knowledge_source("starter", KnowledgeBase.starter().path)
     processor.save_pretrained(folder)

@@ -4,7 +4,9 @@ Each case runs `accelerate launch --config_file configuration/accelerate/ddp.yam
 --mixed_precision no train.py configuration/<task>.yaml ...` with the YAML as shipped except for:
 - the starting weights: the recipes start from a converted METER checkpoint (`init_from`); here a tiny METER model
   built and run by METER's own code (tests/utils/meter_oracle.py, CLIP + RoBERTa in the released files' layout) is
-  converted by `python -m modeling_vkood.convert_meter` inside the rehearsal and given as `--init_from`. Runs from
+  converted by `python -m modeling_vkood.convert_meter` inside the rehearsal and given as `--init_from`; the BLIP
+  recipes' Salesforce/blip-vqa-base is a tiny `BlipForQuestionAnswering` saved in its format (tests/utils/tiny_blip.py),
+  and their 480 px (BLIP's resize of its 384 px checkpoints) is the tiny model's 32 px resized to 48. Runs from
   backbones (`--vision_model` / `--text_model`) use tiny local checkpoints saved in the formats of
   openai/clip-vit-base-patch16 and FacebookAI/roberta-base (tests/utils/rehearsal_fixtures.py);
 - the data: `--dataset_root` / `--image_root` at official annotation files made of real records of
@@ -51,6 +53,7 @@ from tests.utils.rehearsal_fixtures import (
     write_okvqa,
     write_vqav2,
 )
+from tests.utils.tiny_blip import save_tiny_blip
 from tests.utils.without_package import run_without_package
 
 pytestmark = [
@@ -92,10 +95,17 @@ CASES = {
     "nlvr2": Case("nlvr2", write_nlvr2, 16, "nlvr2", "nlvr2/images", 2),
     "coco_retrieval": Case("coco_retrieval", write_coco_karpathy, 16, "coco_karpathy", "coco", 2),
     "flickr30k_zeroshot": Case("flickr30k_zeroshot", write_flickr30k, 16, "flickr30k", "flickr30k/images", 0),
+    # the BLIP recipes on the same data as vqav2 / okvqa
+    "vqav2_blip": Case("vqav2_blip", write_vqav2, 24, "vqav2", "coco", 3),
+    "okvqa_blip": Case("okvqa_blip", write_okvqa, 16, "okvqa", "coco", 2),
 }
 # The converted METER checkpoint each recipe starts from (its YAML's `init_from`).
 START = {"vqav2": "pretrain", "okvqa": "pretrain", "nlvr2": "pretrain_nlvr2", "coco_retrieval": "pretrain"}
+# The recipes that start from Salesforce/blip-vqa-base (the tiny BLIP here), and the image size they run at.
+BLIP_CASES = ("vqav2_blip", "okvqa_blip")
+BLIP_IMAGE_SIZE = 48
 AUTO_CLASS = {
+    "blip_vqa": "AutoModelForVisualQuestionAnswering",
     "vqa": "AutoModelForVisualQuestionAnswering",
     "nlvr2": "AutoModelForSequenceClassification",
     "retrieval": "AutoModelForZeroShotImageClassification",
@@ -148,11 +158,11 @@ def shipped(config: str) -> dict:
 
 def write_data(case: Case, root: Path) -> tuple[Path, Path, dict[str, int]]:
     data_root, image_root = root / "data" / case.dataset_root, root / "data" / case.image_root
+    counts_file = data_root.parent / f"{case.dataset_root}_counts.json"  # the configs of one dataset share its files
     if data_root.exists():
-        counts = json.loads((data_root.parent / f"{case.config}_counts.json").read_text())
-        return data_root, image_root, counts
+        return data_root, image_root, json.loads(counts_file.read_text())
     counts = case.writer(REFDATA, data_root, image_root, case.rows_per_split)
-    (data_root.parent / f"{case.config}_counts.json").write_text(json.dumps(counts))
+    counts_file.write_text(json.dumps(counts))
     return data_root, image_root, counts
 
 
@@ -267,7 +277,24 @@ def fixed_batch_code(folder: Path, task: str, images: list[Path], out: Path, rem
     if task == "retrieval":
         call, fields = ", return_loss=False", ("logits_per_image", "itm_logits")
     trust = ", trust_remote_code=True" if remote else ""
-    return textwrap.dedent(f"""
+    if task == "blip_vqa":  # answers are texts: the encoding, BLIP's rank inference over the answer list, generate
+        run = textwrap.dedent(f"""
+            with torch.no_grad():
+                encoding = model.encode(**batch)
+                candidates = processor.answer_candidates(model.config.answer_list)
+                _, log_likelihoods = model.rank_answers(**candidates, memory=encoding)
+                generated = model.generate(memory=encoding, max_new_tokens=4)
+            torch.save({{"question_embeds": encoding.question_embeds, "ood_gate": encoding.ood_gate,
+                        "log_likelihoods": log_likelihoods, "generated": generated}}, {str(out)!r})
+        """)
+    else:
+        run = textwrap.dedent(f"""
+            with torch.no_grad():
+                outputs = model(**batch{call})
+            torch.save({{name: getattr(outputs, name) for name in {fields!r}}}, {str(out)!r})
+        """)
+    return (
+        textwrap.dedent(f"""
         import PIL.Image, torch
         import transformers
         {"" if remote else "import modeling_vkood"}
@@ -280,10 +307,9 @@ def fixed_batch_code(folder: Path, task: str, images: list[Path], out: Path, rem
         processor = transformers.AutoProcessor.from_pretrained({str(folder)!r}{trust})
         assert type(model).__module__.startswith("transformers_modules") == {remote}, type(model).__module__
         batch = processor(images=images, text=spec["text"], knowledge=spec["knowledge"])
-        with torch.no_grad():
-            outputs = model(**batch{call})
-        torch.save({{name: getattr(outputs, name) for name in {fields!r}}}, {str(out)!r})
     """)
+        + run
+    )
 
 
 def card_snippets(output: Path) -> str:
@@ -358,15 +384,24 @@ def read_results(output: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- the launches
 
 
+@pytest.fixture(scope="session")
+def tiny_blip(rehearsal_root, minilm_path) -> Path:
+    """The BLIP recipes' Salesforce/blip-vqa-base: a tiny BLIP VQA model with a BLIP tokenizer, in its format."""
+    return save_tiny_blip(rehearsal_root / "tiny_blip", minilm_path)
+
+
 @pytest.fixture(scope="module")
-def runs(rehearsal_root, backbones, meter):
+def runs(rehearsal_root, backbones, meter, tiny_blip):
     """Launches shared by the tests of this module, each started the first time a test asks for it; a recipe that
-    starts from a converted METER checkpoint gets it unless `extra` names another `--init_from`."""
+    starts from a converted METER checkpoint gets it unless `extra` names another `--init_from`, a BLIP recipe the
+    tiny BLIP at `BLIP_IMAGE_SIZE`."""
     done = {}
 
     def get(name: str, case: str, *extra: str):
         if name not in done:
             start = meter(START[case]) if case in START and "--init_from" not in extra else None
+            if case in BLIP_CASES:
+                start, extra = tiny_blip, ("--image_size", str(BLIP_IMAGE_SIZE), *extra)
             done[name] = launch(CASES[case], rehearsal_root, backbones, start, name, *extra)
         return done[name]
 
@@ -534,3 +569,49 @@ def test_flickr30k_zeroshot_evaluates_the_coco_checkpoint_on_two_processes(runs,
     config = json.loads((output / "config.json").read_text())
     assert config["k_test"] == shipped("flickr30k_zeroshot")["vkood_config"]["k_test"]
     assert_reloads_without_the_package(output, "retrieval", as_a_user)
+
+
+# ---------------------------------------------------------------------------------------------- VK-OOD-BLIP
+
+
+def assert_blip_folder(output: Path, inference: str) -> dict:
+    """The saved VK-OOD-BLIP: its family, inference, the builder's answer vocabulary as its answer list, the recipe's
+    image size (the position table resized), BLIP's weights adapted in full and the VK-OOD modules beside them."""
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "vkood_blip" and config["inference"] == inference
+    assert config["vision_config"]["image_size"] == BLIP_IMAGE_SIZE and config["k_test"] == 128
+    assert config["pretrained_backbones"] == ["vision_model", "text_encoder", "text_decoder"]
+    assert config["answer_list"] and config["ood_config"]["score"] == "log_likelihood"
+    return config
+
+
+def test_vqav2_blip_from_a_blip_checkpoint_trains_ranks_writes_the_server_file_and_reloads(
+    runs, rehearsal_root, as_a_user
+):
+    recipe = shipped("vqav2_blip")
+    assert recipe["task"] == "blip_vqa" and recipe["init_from"] == "Salesforce/blip-vqa-base"
+    output, proc = runs("vqav2_blip", "vqav2_blip", "--predict_split", "test_dev")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["vqav2_blip"], rows(rehearsal_root, "vqav2", "train"))
+    results = read_results(output)
+    assert 0.0 <= results["eval_vqa_accuracy"] <= 100.0 and {"eval_vqa_accuracy_yes_no", "train_loss"} <= set(results)
+    config = assert_blip_folder(output, "rank")
+    assert {"yes", "no"} <= set(config["answer_list"])
+    predictions = json.loads((output / "predictions_test_dev.json").read_text())
+    assert len(predictions) == rows(rehearsal_root, "vqav2", "test_dev")  # the official question list, checked
+    assert {entry["answer"] for entry in predictions} <= set(config["answer_list"])  # ranked over the list
+    assert_reloads_without_the_package(output, "blip_vqa", as_a_user)
+    assert_card_snippets_run(output, "blip_vqa", as_a_user)
+
+
+def test_okvqa_blip_from_a_blip_checkpoint_trains_generates_and_reloads(runs, rehearsal_root, as_a_user):
+    assert shipped("okvqa_blip")["knowledge"] == shipped("okvqa")["knowledge"]  # retrieved ConceptNet items
+    output, proc = runs("okvqa_blip", "okvqa_blip")
+    assert_succeeded(proc)
+    assert_trained_on_two_processes(output, CASES["okvqa_blip"], rows(rehearsal_root, "okvqa", "train"))
+    assert 0.0 <= read_results(output)["eval_vqa_accuracy"] <= 100.0
+    assert_blip_folder(output, "generate")
+    processor = json.loads((output / "processor_config.json").read_text())
+    assert processor["knowledge_source"] and (output / "knowledge_index.sqlite").is_file()  # retrieves as training did
+    assert_reloads_without_the_package(output, "blip_vqa", as_a_user)
+    assert_card_snippets_run(output, "blip_vqa", as_a_user)

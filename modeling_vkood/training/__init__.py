@@ -11,6 +11,7 @@ from .arguments import (
     resolve_model_path,
 )
 from .collators import (
+    BlipVQACollator,
     GenerativeVQACollator,
     NLVR2Collator,
     PixelCache,
@@ -29,6 +30,7 @@ from .trainer import VKOODTrainer, collect_ood_scores
 
 __all__ = [
     "PACKAGE_SCHEME",
+    "BlipVQACollator",
     "BuiltModel",
     "CardArguments",
     "GenerativeVQACollator",

@@ -21,11 +21,16 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from data_scripts.image_check import IMAGE_CHECKS
+from modeling_vkood.processing_vkood import KNOWLEDGE_PADDING
 
 from .ood_objectives import OOD_ALIGNMENTS, OODAlignmentLoss
 
-TASKS = ("vqa", "nlvr2", "retrieval", "generative_vqa")
-VQA_TASKS = ("vqa", "generative_vqa")  # the tasks that read VQA datasets
+# "blip_vqa": VK-OOD-BLIP (`VKOODBlipForQuestionAnswering`), a VQA model of its own family: BLIP's weights from
+# `init_from` (e.g. Salesforce/blip-vqa-base) or from `vision_config` / `text_config`, answers generated or ranked.
+TASKS = ("vqa", "nlvr2", "retrieval", "generative_vqa", "blip_vqa")
+VQA_TASKS = ("vqa", "generative_vqa", "blip_vqa")  # the tasks that read VQA datasets
+# The tasks whose answers are texts the model writes or ranks (evaluated and predicted through `generate_texts`).
+TEXT_ANSWER_TASKS = ("generative_vqa", "blip_vqa")
 # What the generative head learns to write: the answer to the question, or (the SelTDA teacher) a question and its
 # answer for the image alone.
 GENERATION_TARGETS = ("answer", "question_answer")
@@ -268,7 +273,8 @@ class DataArguments:
         },
     )
     max_answer_length: int = field(
-        default=32, metadata={"help": "generative_vqa: tokens of a target text, start and end tokens included"}
+        default=32,
+        metadata={"help": "generative_vqa, blip_vqa: tokens of a target text, start and end tokens included"},
     )
 
     def __post_init__(self):
@@ -367,6 +373,14 @@ class VKOODTrainingArguments(TrainingArguments):
         },
     )
 
+    knowledge_padding: str | None = field(
+        default=None,
+        metadata={
+            "help": "how batches pad their knowledge items (VKOODProcessor's knowledge_padding): longest, max_length "
+            "or bucket (item length to a multiple of 8, the item count at the cap: few shapes for torch.compile); "
+            "None: bucket under FSDP (every process must encode as many item rows), else longest"
+        },
+    )
     cache_frozen_text_blocks: bool = field(
         default=False,
         metadata={
@@ -405,10 +419,11 @@ class VKOODTrainingArguments(TrainingArguments):
         },
     )
     generation_max_new_tokens: int = field(
-        default=16, metadata={"help": "generative_vqa evaluation: most tokens generated per answer"}
+        default=16, metadata={"help": "generative_vqa, blip_vqa evaluation: most tokens generated per answer"}
     )
     generation_num_beams: int = field(
-        default=1, metadata={"help": "generative_vqa evaluation: beams of the beam search (1: greedy decoding)"}
+        default=1,
+        metadata={"help": "generative_vqa, blip_vqa evaluation: beams of the beam search (1: greedy decoding)"},
     )
     ood_plot_examples: int = field(default=512, metadata={"help": "eval examples whose OOD scores are plotted"})
 
@@ -476,10 +491,20 @@ def parse_arguments(argv: list[str] | None = None):
     parser.set_defaults(**{**machine, **values, **reset})
     parsed = parser.parse_args_into_dataclasses(args=argv)
     training_args = parsed[-1]
-    if training_args.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    # accelerate applies an FSDP config on accelerator devices only (`AcceleratorState` enters FSDP from the
+    # multi-GPU/XPU/NPU/... types): in its CPU mode it runs plain data parallel, and with use_cpu=False on a machine
+    # without a device every process trains alone. The FSDP code paths themselves run on CPU (tests/test_fsdp.py).
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and (training_args.use_cpu or not torch.accelerator.is_available()):
         raise ValueError(
             "FSDP needs an accelerator device: on CPU accelerate ignores the FSDP config and would run "
             "plain data parallel; use configuration/accelerate/ddp.yaml on CPU"
+        )
+    if training_args.knowledge_padding is None:
+        training_args.knowledge_padding = "bucket" if fsdp else "longest"
+    if training_args.knowledge_padding not in KNOWLEDGE_PADDING:
+        raise ValueError(
+            f"--knowledge_padding must be one of {KNOWLEDGE_PADDING}, got {training_args.knowledge_padding!r}"
         )
     if training_args.dataloader_num_workers == 0:
         # Persistent workers need workers (torch's DataLoader raises otherwise): a YAML that keeps its 8 workers

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import datasets
 import torch
 
+from modeling_vkood.evaluation import normalize_answer
+
 
 class PixelCache:
     """Pixel values per image through the processor, memoised for at most `capacity` images (LRU; 0 = off).
@@ -108,13 +110,56 @@ class VQACollator:
             [r["label_ids"] for r in rows], [r["label_scores"] for r in rows], self.num_labels
         )
         if self.knowledge_relevance and "knowledge_mask" in batch:
-            relevance = torch.zeros(batch["knowledge_mask"].shape, dtype=torch.float32)
-            # the sentences of the encoded slots, in slot order (the processor's cut of each row's items)
-            sentences = self.processor.knowledge_sentences([r["knowledge"] for r in rows])
-            for row, (r, texts) in enumerate(zip(rows, sentences)):
-                for position, text in enumerate(texts):
-                    relevance[row, position] = float(states_answer(text, r["answers"]))
-            batch["knowledge_relevance"] = relevance
+            batch["knowledge_relevance"] = knowledge_relevance(self.processor, rows, batch["knowledge_mask"])
+        return batch
+
+
+def knowledge_relevance(processor, rows: list[dict], knowledge_mask: torch.Tensor) -> torch.Tensor:
+    """(B, M) 1 for the encoded item slots whose text states one of the row's answers (`states_answer`)."""
+    relevance = torch.zeros(knowledge_mask.shape, dtype=torch.float32)
+    # the sentences of the encoded slots, in slot order (the processor's cut of each row's items)
+    sentences = processor.knowledge_sentences([r["knowledge"] for r in rows])
+    for row, (r, texts) in enumerate(zip(rows, sentences)):
+        for position, text in enumerate(texts):
+            relevance[row, position] = float(states_answer(text, r["answers"]))
+    return relevance
+
+
+def answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
+    """BLIP's VQA training targets of one question: each distinct human answer (normalised as the official metric
+    normalises it, so the texts are those the answer list and the metric hold) with the share of the annotators who
+    gave it as its weight (BLIP's `vqa_dataset`: `answer_weight[answer] += 1 / len(answers)`)."""
+    normalised = [text for text in map(normalize_answer, answers) if text] or list(answers)  # "a" normalises to ""
+    counts = Counter(normalised)
+    return list(counts), [count / len(normalised) for count in counts.values()]
+
+
+class BlipVQACollator:
+    """VQA rows -> inputs of `VKOODBlipForQuestionAnswering`, with BLIP's VQA training targets: every distinct human
+    answer of a question, weighted by its share of the annotators (`answer_weights`), as `decoder_input_ids` /
+    `labels` (B, A, T) and `answer_weights` (B, A) (`VKOODBlipProcessor.answer_targets`). `with_targets=False` leaves
+    them out (the inputs of `generate` and `rank_answers`; rows to predict may have no answers).
+    `knowledge_relevance=True` adds the relevance labels as `VQACollator` does."""
+
+    def __init__(
+        self,
+        processor,
+        pixels: PixelCache,
+        max_answer_length: int = 32,
+        knowledge_relevance: bool = False,
+        with_targets: bool = True,
+    ):
+        self.processor, self.pixels, self.max_answer_length = processor, pixels, max_answer_length
+        self.knowledge_relevance, self.with_targets = knowledge_relevance, with_targets
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = dict(self.processor(text=[r["question"] for r in rows], knowledge=[r["knowledge"] for r in rows]))
+        batch["pixel_values"] = self.pixels([r["image"] for r in rows])
+        if self.with_targets:
+            texts, weights = zip(*(answer_weights(r["answers"]) for r in rows))
+            batch.update(self.processor.answer_targets(list(texts), list(weights), self.max_answer_length))
+        if self.knowledge_relevance and "knowledge_mask" in batch:
+            batch["knowledge_relevance"] = knowledge_relevance(self.processor, rows, batch["knowledge_mask"])
         return batch
 
 

@@ -17,10 +17,15 @@ from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     AutoTokenizer,
+    BlipImageProcessorPil,
     CLIPImageProcessorPil,
+    PretrainedConfig,
 )
 
 from modeling_vkood import (
+    VKOODBlipConfig,
+    VKOODBlipForQuestionAnswering,
+    VKOODBlipProcessor,
     VKOODConfig,
     VKOODForConditionalGeneration,
     VKOODForImagesAndTextClassification,
@@ -91,8 +96,20 @@ def max_knowledge_items(model_args) -> int:
     if "max_knowledge_items" in model_args.vkood_config:
         return model_args.vkood_config["max_knowledge_items"]
     if model_args.init_from is not None:
-        return VKOODConfig.from_pretrained(model_args.init_from).max_knowledge_items
+        return checkpoint_config(model_args.init_from).max_knowledge_items
     return VKOODConfig.max_knowledge_items  # the field's default, without building a config
+
+
+def checkpoint_model_type(name_or_path: str) -> str | None:
+    """The `model_type` a checkpoint's config.json names (BLIP's "blip", "vkood_blip", "vkood", ...)."""
+    return PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+
+
+def checkpoint_config(name_or_path: str):
+    """The config of an `--init_from` checkpoint: a `VKOODBlipConfig` for a BLIP (`Salesforce/blip-vqa-*`) or
+    VK-OOD-BLIP checkpoint (a BLIP config reads as one, with VK-OOD's defaults), else a `VKOODConfig`."""
+    blip = checkpoint_model_type(name_or_path) in ("blip", VKOODBlipConfig.model_type)
+    return (VKOODBlipConfig if blip else VKOODConfig).from_pretrained(name_or_path)
 
 
 def checkpoint_answers(model_args) -> list[str] | None:
@@ -103,7 +120,9 @@ def checkpoint_answers(model_args) -> list[str] | None:
     (`answer_{i}`: converted without the annotation files) cannot say which answer an output stands for."""
     if model_args.init_from is None:
         return None
-    config = VKOODConfig.from_pretrained(model_args.init_from)
+    config = checkpoint_config(model_args.init_from)
+    if isinstance(config, VKOODBlipConfig):  # VK-OOD-BLIP ranks over its answer list (a BLIP checkpoint has none)
+        return config.answer_list
     if "VKOODForQuestionAnswering" not in (config.architectures or []):
         return None
     answers = [config.id2label[index] for index in range(len(config.id2label))]
@@ -200,6 +219,50 @@ def _decoder(model_args, text_config, tokenizer) -> tuple[dict, nn.Module | None
     return config, decoder
 
 
+def build_blip_model(model_args, answer_list: list[str] | None = None) -> BuiltModel:
+    """VK-OOD-BLIP and its processor: from a BLIP or VK-OOD-BLIP checkpoint (`init_from`, e.g.
+    Salesforce/blip-vqa-base: every BLIP weight loaded as it is, the VK-OOD modules new) or built from
+    `vision_config` / `text_config` (BLIP's sub-configs; trained from scratch, `tokenizer_name` needed).
+
+    `vkood_config` sets `VKOODBlipConfig` fields (ood_config, knowledge caps, inference, k_test); `answer_list` (the
+    dataset's answer vocabulary) becomes the candidates of rank inference. `image_size` makes that the vision tower's
+    size as BLIP fine-tunes at 480 px from its 384 px checkpoints (`resize_image_size`); `backbone_dropout` sets
+    every dropout of BLIP's sub-configs."""
+    settings = dict(model_args.vkood_config)
+    if answer_list is not None:
+        settings["answer_list"] = list(answer_list)
+    if model_args.init_from is not None:
+        config = VKOODBlipConfig.from_pretrained(model_args.init_from, **settings)
+    else:
+        if model_args.tokenizer_name is None:
+            raise ValueError("a VK-OOD-BLIP built from configs needs --tokenizer_name")
+        config = VKOODBlipConfig(
+            vision_config=model_args.vision_config,
+            text_config=model_args.text_config,
+            pretrained_backbones=[],
+            **settings,
+        )
+    if model_args.backbone_dropout is not None:
+        _override_dropout(config.vision_config, model_args.backbone_dropout)
+        _override_dropout(config.text_config, model_args.backbone_dropout)
+    if model_args.init_from is None:
+        model = VKOODBlipForQuestionAnswering(config)
+        size = config.vision_config.image_size
+        image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
+        processor = VKOODBlipProcessor.from_model_config(image_processor, tokenizer, config)
+    else:
+        model = VKOODBlipForQuestionAnswering.from_pretrained(model_args.init_from, config=config)
+        if checkpoint_model_type(model_args.init_from) == VKOODBlipConfig.model_type:
+            processor = VKOODBlipProcessor.from_pretrained(model_args.init_from)  # its knowledge source with it
+        else:
+            processor = VKOODBlipProcessor.from_blip_pretrained(model_args.init_from, config)
+    if model_args.image_size is not None:
+        model.resize_image_size(model_args.image_size)
+        processor.image_processor.size = {"height": model_args.image_size, "width": model_args.image_size}
+    return BuiltModel(model, processor)
+
+
 def apply_finetuning(built: BuiltModel, model_args) -> nn.Module:
     """Full fine-tuning (model unchanged) or a PeftModel with LoRA on the pretrained backbones' attention."""
     model = built.model
@@ -220,7 +283,9 @@ def new_parameter_names(model: nn.Module, pretrained_backbones: tuple[str, ...])
     """Trainable parameters that start from a random initialisation (they get `new_modules_learning_rate`)."""
     if isinstance(model, PeftModel):
         return {name for name, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in name}
-    inside_backbone = tuple(f"{model.base_model_prefix}.{name}." for name in pretrained_backbones)
+    # A VK-OOD head holds its backbones inside its base model; VK-OOD-BLIP holds them itself, as BLIP's heads do.
+    prefix = f"{model.base_model_prefix}." if hasattr(model, model.base_model_prefix) else ""
+    inside_backbone = tuple(f"{prefix}{name}." for name in pretrained_backbones)
     return {name for name, p in model.named_parameters() if p.requires_grad and not name.startswith(inside_backbone)}
 
 

@@ -15,10 +15,10 @@ import numpy as np
 
 from data_scripts import nlvr2, okvqa, vqav2
 from modeling_vkood.evaluation.submission import official_question_ids, write_nlvr2_predictions, write_vqa_results
-from modeling_vkood.training.arguments import VQA_TASKS
+from modeling_vkood.training.arguments import TEXT_ANSWER_TASKS, VQA_TASKS
 
 logger = logging.getLogger(__name__)
-SUFFIX = {"vqa": ".json", "generative_vqa": ".json", "nlvr2": ".csv"}
+SUFFIX = {"vqa": ".json", "generative_vqa": ".json", "blip_vqa": ".json", "nlvr2": ".csv"}
 
 
 def predictions_path(data_args, output_dir: str) -> Path:
@@ -61,7 +61,7 @@ def export_predictions(trainer, dataset, data_args, id2label: dict[int, str], ou
     """Predict `dataset[data_args.predict_split]` and write the submission file (main process); returns its path."""
     split = data_args.predict_split
     rows = dataset[split]
-    if data_args.task == "generative_vqa":
+    if data_args.task in TEXT_ANSWER_TASKS:  # generated (or, VK-OOD-BLIP, ranked) as the evaluation answers
         labels = trainer.generate_answers(rows, description="predicting")
     else:
         labels = [id2label[int(label)] for label in predicted_classes(trainer, rows)]
