@@ -22,7 +22,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipT
 from transformers.utils import ModelOutput
 
 from .configuration_blip_vkood import VKOODBlipConfig
-from .modeling_vkood import check_inputs, knowledge_item_mask
+from .modeling_vkood import check_inputs, knowledge_item_mask, lora_target_regex
 from .ood_vkood import ImplicitOODLayer
 
 
@@ -459,15 +459,7 @@ class VKOODBlipForQuestionAnswering(VKOODBlipPreTrainedModel, GenerationMixin):
         the vision tower, the question encoder and the answer decoder (`config.pretrained_backbones`), in every
         block or only in blocks `layers` (`layers.N` in the vision tower, `layer.N` in the text modules); the
         VK-OOD modules are never adapted."""
-        if not self.config.pretrained_backbones:
-            raise ValueError(
-                "LoRA needs pretrained BLIP weights, and this model was built from a config "
-                "(config.pretrained_backbones is empty): fine-tune it in full"
-            )
-        backbones = "|".join(self.config.pretrained_backbones)
-        projections = "|".join(projections or self.lora_projections)
-        blocks = "" if layers is None else r"layers?\.(" + "|".join(str(layer) for layer in layers) + r")\..*"
-        return rf"(.*\.)?({backbones})\..*{blocks}\.({projections})"
+        return lora_target_regex(self.config.pretrained_backbones, projections or self.lora_projections, layers)
 
     def modules_to_save(self):
         """PEFT `modules_to_save`: the VK-OOD modules, trained in full next to the adapters."""

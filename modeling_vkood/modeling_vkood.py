@@ -152,6 +152,18 @@ def transformer_blocks(encoder: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(encoder).__name__} has no list of transformer blocks")
 
 
+def lora_target_regex(backbones, projections, layers=None) -> str:
+    """PEFT `target_modules` regex of the attention `projections` inside the modules named `backbones`, in every
+    transformer block or only in blocks `layers` (`layer.N` in BERT-style modules, `layers.N` in CLIP/ViT-style)."""
+    if not backbones:
+        raise ValueError(
+            "LoRA needs pretrained backbones, and this model has none (config.pretrained_backbones is empty, e.g. "
+            "it was built from configs): fine-tune it in full"
+        )
+    blocks = "" if layers is None else r"layers?\.(" + "|".join(str(layer) for layer in layers) + r")\..*"
+    return rf"(.*\.)?({'|'.join(backbones)})\..*{blocks}\.({'|'.join(projections)})"
+
+
 def check_knowledge_encoder(encoder: nn.Module, layers: int | None):
     """Refuse `knowledge_encoder_layers` for a text encoder whose first blocks cannot be run alone: the knowledge path
     calls its `embeddings`, builds the mask as transformers' bidirectional encoders do and calls the blocks."""
@@ -228,15 +240,7 @@ class VKOODPreTrainedModel(PreTrainedModel):
         """PEFT `target_modules` regex: the attention `projections` (default `lora_projections`) of the backbones
         that hold pretrained weights (`config.pretrained_backbones`), in every transformer block or only in blocks
         `layers` (numbered `layer.N` in BERT/RoBERTa, `layers.N` in CLIP/ViT)."""
-        if not self.config.pretrained_backbones:
-            raise ValueError(
-                "LoRA needs a pretrained backbone, and this model has none (config.pretrained_backbones "
-                "is empty): fine-tune it in full"
-            )
-        backbones = "|".join(self.config.pretrained_backbones)
-        projections = "|".join(projections or self.lora_projections)
-        blocks = "" if layers is None else r"layers?\.(" + "|".join(str(layer) for layer in layers) + r")\..*"
-        return rf"(.*\.)?({backbones})\..*{blocks}\.({projections})"
+        return lora_target_regex(self.config.pretrained_backbones, projections or self.lora_projections, layers)
 
     def modules_to_save(self):
         """PEFT `modules_to_save`: all that VK-OOD adds to the backbones (projections, OOD layer, fusion layers,
