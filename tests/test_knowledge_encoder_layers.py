@@ -132,7 +132,14 @@ def test_the_frozen_block_cache_serves_items_and_questions_alike(minilm_path):
             cache.remove()
 
 
-@pytest.mark.parametrize("layers", [0, 3])
-def test_a_count_outside_the_text_encoders_blocks_is_refused(layers):
-    with pytest.raises(StrictDataclassClassValidationError, match="knowledge_encoder_layers must be None or in 1..2"):
-        tiny_vkood_config(knowledge_encoder_layers=layers)
+def test_a_count_below_one_is_refused_and_one_above_the_encoders_depth_means_every_block():
+    with pytest.raises(StrictDataclassClassValidationError, match="knowledge_encoder_layers must be None or positive"):
+        tiny_vkood_config(knowledge_encoder_layers=0)
+    torch.manual_seed(0)
+    deep = VKOODModel(tiny_vkood_config(text_config=text_config(3), knowledge_encoder_layers=8)).eval()
+    every = VKOODModel(tiny_vkood_config(text_config=text_config(3))).eval()
+    every.load_state_dict(deep.state_dict())
+    batch = padded_items()
+    item_args = (batch["knowledge_input_ids"], batch["knowledge_attention_mask"], batch["knowledge_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(deep.encode_knowledge(*item_args), every.encode_knowledge(*item_args))
