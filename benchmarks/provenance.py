@@ -98,14 +98,16 @@ def record(folder, run: dict, outputs, inputs=(), extends: bool = False, **extra
     folder.mkdir(parents=True, exist_ok=True)
 
     def relative(paths):
-        return sorted({str(Path(p).resolve().relative_to(folder.resolve())) for p in map(Path, paths)})
+        """Names within `folder` of paths given absolute, relative to the working directory, or relative to `folder`."""
+        located = (p if p.is_absolute() or p.exists() else folder / p for p in map(Path, paths))
+        return sorted({str(path.resolve().relative_to(folder.resolve())) for path in located})
 
     entry = {
         **run,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
-        "outputs": relative(folder / p for p in outputs),
-        "inputs": relative(folder / p for p in inputs),
+        "outputs": relative(outputs),
+        "inputs": relative(inputs),
         "extends_earlier_runs": extends,
         **_jsonable(extra),
     }

@@ -148,9 +148,10 @@ class VKOODConfig(PreTrainedConfig):
             the training collators and the dataset builders of `train.py` read it; knowledge_max_length: tokens per
             item (Lk).
         knowledge_encoder_layers: how many of the text encoder's blocks a knowledge item goes through before it is
-            mean-pooled (None, or more than the encoder has: all). Items are short sentences ("cat is a type of animal") and there are 16 per
-            question: through a few blocks they cost a fraction of the step (benchmarks/knowledge_cost.py) while
-            the question still goes through all of them. BERT-family encoders (embeddings + a block list).
+            mean-pooled (None, or more than the encoder has: all). Items are short sentences ("cat is a type of
+            animal") and there are 16 per question: through a few blocks they cost a fraction of the step
+            (benchmarks/knowledge_cost.py) while the question still goes through all of them. BERT-family encoders
+            (embeddings + a block list).
         ood_config: the implicit OOD layer (`ImplicitOODConfig`, dict or instance; default: its defaults).
         projection_dim, k_test: retrieval ITC embedding width and ITM re-ranking depth.
         classifier_dropout: dropout before task classifiers.
