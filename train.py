@@ -14,6 +14,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the collator tokenises inside dataloader workers
 
+import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from data_scripts.common import answer_vocabulary, open_knowledge  # noqa: E402
@@ -378,5 +379,14 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def leave_process_group() -> None:
+    """Every process leaves the process group together and closes it: a process whose gloo threads are still alive
+    when its interpreter exits can abort ("terminate called without an active exception") after its work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    leave_process_group()
